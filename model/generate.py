@@ -52,6 +52,11 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     context_tokens: int = 0  # tokens the KV cache holds after this turn
     finish_reason: str = ""  # "stop" | "length" | "cancelled"
+    # With a memory budget (experts streamed from disk; None otherwise), over the decode steps:
+    expert_hit_rate: float | None = None  # share of routed experts found in the expert cache
+    bytes_read_per_token: float | None = None  # expert bytes read from disk per decoded token
+    load_seconds: float | None = None  # time decoding waited for expert reads
+    compute_seconds: float | None = None  # the rest of the decode time
 
 
 @dataclass
@@ -72,11 +77,26 @@ class Engine:
         self._cancel = threading.Event()
         self._cache: list | None = None
         self._cache_tokens: list[int] = []  # the tokens whose keys/values the cache holds
+        from .offload import runtime_of
+
+        self.offload = runtime_of(model)  # experts streamed under a memory budget, or None
 
     @classmethod
-    def load(cls, model: str | Path | None = None, *, dtype: str | None = None) -> Engine:
-        """Load a model by path, cached repo id, or None for the embedded default model."""
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        dtype: str | None = None,
+        memory_budget: int | str | None = None,
+    ) -> Engine:
+        """Load a model by path, cached repo id, or None for the embedded default model.
+
+        `memory_budget`: bytes, a size ("12GB") or "auto"; None reads MIXCHAT_MEMORY_BUDGET.
+        Below what the model needs, experts are read on demand into a cache within it."""
+        import os
+
         from . import registry, weights
+        from .budget import resolve_budget
         from .info import model_info
         from .tokenizer import load_tokenizer
 
@@ -85,7 +105,10 @@ class Engine:
         tokenizer = load_tokenizer(
             checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
         )
-        built = weights.build_model(checkpoint, dtype=dtype)
+        if memory_budget is None:
+            memory_budget = os.environ.get("MIXCHAT_MEMORY_BUDGET") or None
+        budget = resolve_budget(memory_budget)
+        built = weights.build_model(checkpoint, dtype=dtype, memory_budget=budget)
         name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
         compute_bytes = built.model.norm.weight.dtype.size
         return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))
@@ -137,13 +160,17 @@ class Engine:
             pending = pending[PREFILL_CHUNK:]
         y, routing = self._step(mx.array(pending)[None], sampler)
         mx.async_eval(y)
+        # Streaming experts syncs every layer: queuing step t+1 before reading token t gains
+        # nothing and would count a decode step as prompt time.
+        pipelined = self.offload is None
+        offload_start = self.offload.snapshot() if self.offload else None
 
         stats = GenerationStats(prompt_tokens=len(ids) - cached)
         detokenizer = self.tokenizer.detokenizer()
         eos = self.tokenizer.eos_ids
         first_token_time = 0.0
         while True:
-            if len(generated) + 1 < max_tokens:
+            if pipelined and len(generated) + 1 < max_tokens:
                 next_y, next_routing = self._step(y[None], sampler)
                 mx.async_eval(next_y)
             token = y.item()
@@ -164,13 +191,26 @@ class Engine:
             if self._cancel.is_set():
                 stats.finish_reason = "cancelled"
                 break
+            if not pipelined:
+                next_y, next_routing = self._step(y[None], sampler)
+                mx.async_eval(next_y)
             y, routing = next_y, next_routing
         elapsed = time.perf_counter() - first_token_time
         stats.generation_tokens = len(generated)
         stats.generation_tps = (len(generated) - 1) / elapsed if len(generated) > 1 else 0.0
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         stats.context_tokens = min(self._cache[0].offset, len(ids) + len(generated))
+        if self.offload is not None and offload_start is not None:
+            self._offload_stats(stats, offload_start, elapsed, len(generated) - 1)
         yield Chunk(detokenizer.finish(), stats)
+
+    def _offload_stats(self, stats: GenerationStats, start, elapsed: float, steps: int) -> None:
+        """Expert cache statistics over the decode steps (after the prompt's pass)."""
+        delta = self.offload.snapshot().minus(start)
+        stats.expert_hit_rate = delta.hit_rate
+        stats.bytes_read_per_token = delta.bytes_read / steps if steps > 0 else None
+        stats.load_seconds = delta.load_seconds
+        stats.compute_seconds = max(0.0, elapsed - delta.load_seconds)
 
     def _step(self, tokens: mx.array, sampler) -> tuple[mx.array, list | None]:
         """Queue one forward pass over `tokens` [1, T]; returns the sampled next token [1]."""

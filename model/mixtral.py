@@ -11,6 +11,7 @@ one `gather_qmm`/`gather_mm` call per projection.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import mlx.core as mx
@@ -22,6 +23,65 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .config import ModelArgs
 from .errors import CheckpointError
+
+# Matrix products are split across this many streams of the default device. On MLX's CPU
+# backend each stream runs on its own thread, so two streams use two cores (one token: the two
+# experts it picks and halves of each weight; a prompt: halves of its tokens). A GPU needs one.
+# Streams belong to the thread that made them, so they are made lazily in each thread.
+_stream_count = 1
+_thread_streams = threading.local()
+MIN_SPLIT_ELEMENTS = 1 << 18  # smaller weights are not worth a split (measured: BENCHMARKS.md)
+
+
+def use_parallel_streams(count: int) -> None:
+    """Split matrix products across `count` streams (1 = everything on the default stream)."""
+    global _stream_count
+    _stream_count = max(1, count)
+
+
+def compute_streams() -> list[mx.Stream]:
+    streams = getattr(_thread_streams, "streams", None)
+    if streams is None or len(streams) != _stream_count:
+        device = mx.default_device()
+        streams = [mx.default_stream(device)]
+        streams += [mx.new_stream(device) for _ in range(_stream_count - 1)]
+        _thread_streams.streams = streams
+    return streams
+
+
+def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    cuts = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def linear(x: mx.array, layer: nn.Module) -> mx.array:
+    """layer(x) for a Linear or an Embedding used as LM head (quantized or not), split across
+    the compute streams: by output rows for one token, by tokens for several."""
+    weight = layer["weight"]
+    as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
+    streams = compute_streams()
+    if len(streams) == 1 or weight.size < MIN_SPLIT_ELEMENTS:
+        return layer.as_linear(x) if as_head else layer(x)
+    if x.size == x.shape[-1]:  # one token: each stream computes a slice of the outputs
+        scales, biases = layer.get("scales"), layer.get("biases")
+        parts = []
+        for stream, (a, b) in zip(streams, _bounds(weight.shape[0], len(streams))):
+            with mx.stream(stream):
+                if scales is None:
+                    parts.append(x @ weight[a:b].T)
+                else:
+                    parts.append(mx.quantized_matmul(
+                        x, weight[a:b], scales[a:b], None if biases is None else biases[a:b],
+                        transpose=True, group_size=layer.group_size, bits=layer.bits,
+                        mode=layer.mode,
+                    ))
+        return mx.concatenate(parts, axis=-1)
+    rows = x.reshape(-1, x.shape[-1])  # several tokens: each stream takes a slice of them
+    parts = []
+    for stream, (a, b) in zip(streams, _bounds(rows.shape[0], len(streams))):
+        with mx.stream(stream):
+            parts.append(layer.as_linear(rows[a:b]) if as_head else layer(rows[a:b]))
+    return mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], -1)
 
 
 class Attention(nn.Module):
@@ -46,16 +106,16 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
         B, L, _ = x.shape  # x: [B, L, hidden]
-        q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = linear(x, self.q_proj).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = linear(x, self.k_proj).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = linear(x, self.v_proj).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)  # [B, heads, L, head_dim]
         k = self.rope(k, offset=offset)  # [B, kv_heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return linear(out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -68,7 +128,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(nn.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
 
 def expert_matmul(x: mx.array, proj: nn.Module, inds: mx.array, sorted_inds: bool) -> mx.array:
@@ -101,15 +161,25 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x: [N, hidden], inds: [N, k] -> [N, k, hidden] (each token through its k experts)."""
         N, k = inds.shape
+        streams = compute_streams()
         if N * k >= 64:
-            # Prefill: group rows by expert so each expert's weights are read once.
+            # Prefill: rows grouped by expert so each expert's weights are read once per
+            # stream; each stream takes a contiguous slice of the sorted rows.
             flat = inds.flatten()
             order = mx.argsort(flat)
-            rows = x[order // k][:, None]  # [N*k, 1, hidden]
-            y = self._swiglu(rows, flat[order], sorted_inds=True)
+            rows, experts = x[order // k][:, None], flat[order]  # [N*k, 1, hidden], [N*k]
+            parts = []
+            for stream, (a, b) in zip(streams, _bounds(N * k, len(streams))):
+                with mx.stream(stream):
+                    parts.append(self._swiglu(rows[a:b], experts[a:b], sorted_inds=True))
+            y = mx.concatenate(parts, axis=0)
             return y[mx.argsort(order)].reshape(N, k, -1)
-        y = self._swiglu(x[:, None, None], inds, sorted_inds=False)  # [N, k, 1, hidden]
-        return y.squeeze(-2)
+        # Decode: the j-th chosen expert of every token on stream j (its own CPU core).
+        parts = []
+        for j in range(k):
+            with mx.stream(streams[j % len(streams)]):
+                parts.append(self._swiglu(x[:, None, None], inds[:, j : j + 1], False))
+        return mx.concatenate(parts, axis=1).squeeze(-2)  # [N, k, hidden]
 
     def _swiglu(self, x: mx.array, inds: mx.array, sorted_inds: bool) -> mx.array:
         gate = expert_matmul(x, self.gate_proj, inds, sorted_inds)
@@ -201,9 +271,8 @@ class Model(nn.Module):
 
     def logits(self, h: mx.array) -> mx.array:
         """Hidden states [..., hidden] -> logits [..., vocab]."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        return linear(h, head)
 
     def make_cache(self) -> list:
         """One KV cache per layer; a rolling one of `sliding_window` entries when configured."""

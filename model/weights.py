@@ -16,8 +16,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
-from .errors import CheckpointError, UnsupportedModelError
-from .mixtral import Model
+from .errors import CheckpointError, MixchatError, UnsupportedModelError
+from .mixtral import Model, use_parallel_streams
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
@@ -245,9 +245,37 @@ def _quantization_predicate(args: ModelArgs, weights: dict[str, mx.array]):
     return predicate
 
 
-def build_model(checkpoint: Checkpoint, dtype: str | None = None, lazy: bool = False) -> Model:
-    """Instantiate the model and load the checkpoint into it, after checking every tensor."""
+def stream_count() -> int:
+    """Streams to split matrix products across: MIXCHAT_STREAMS, else one per core (at most 2)
+    on MLX's CPU backend, one on a GPU (which parallelises within each kernel)."""
+    if value := os.environ.get("MIXCHAT_STREAMS"):
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise MixchatError(f"MIXCHAT_STREAMS must be a number, not '{value}'") from None
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return min(2, os.cpu_count() or 1)
+    return 1
+
+
+def build_model(
+    checkpoint: Checkpoint,
+    dtype: str | None = None,
+    lazy: bool = False,
+    memory_budget: int | None = None,
+) -> Model:
+    """Instantiate the model and load the checkpoint into it, after checking every tensor.
+
+    With `memory_budget` (bytes) below what the whole model needs, the experts are left unread
+    and streamed from the checkpoint into a cache within the budget (model/offload.py)."""
+    use_parallel_streams(stream_count())
     args = checkpoint.args
+    offload = False
+    if memory_budget is not None:
+        from .budget import check_budget, memory_plan
+
+        plan = memory_plan(checkpoint, compute_dtype(checkpoint, dtype).size)
+        offload = check_budget(plan, memory_budget, checkpoint.path.name)
     model = Model(args)
     weights = model.sanitize(read_weights(checkpoint))
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
@@ -271,6 +299,11 @@ def build_model(checkpoint: Checkpoint, dtype: str | None = None, lazy: bool = F
         name: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w
         for name, w in weights.items()
     }
+    if offload:  # experts stay unread: the offload runtime reads them on demand
+        from .offload import attach
+
+        weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
+        attach(model, checkpoint, plan.cache_bytes(memory_budget), target)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
     if not lazy:

@@ -226,3 +226,21 @@ def test_locate_reads_headers_only(tiny_mixtral):
     spec = checkpoint.tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
     assert spec.shape == (96, 64) and spec.dtype == "F32"
     assert checkpoint.args.num_local_experts == 4
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_parallel_streams_change_nothing_but_speed(tiny_mixtral, streams, monkeypatch):
+    """Splitting matrix products across streams (tokens, output rows, experts) is exact."""
+    from model import mixtral
+
+    monkeypatch.setenv("MIXCHAT_STREAMS", str(streams))
+    monkeypatch.setattr(mixtral, "MIN_SPLIT_ELEMENTS", 0)  # split even the tiny weights
+    model, _ = load(tiny_mixtral)
+    ids = random_ids((1, 40), seed=6)  # 80 expert rows: the sorted prefill path
+    full = np.array(model(mx.array(ids)))
+    cache = model.make_cache()
+    model(mx.array(ids[:, :39]), cache=cache)
+    last = np.array(model(mx.array(ids[:, 39:]), cache=cache))  # one token: row splits
+    reference = reference_logits(tiny_mixtral, ids)
+    assert np.abs(full - reference).max() <= TOLERANCE
+    assert np.abs(last[0, -1] - reference[0, -1]).max() <= TOLERANCE

@@ -120,6 +120,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    from model.registry import remember
+
+    remember(Path(result.dst))  # so `mixchat models` lists it
     if not args.quiet:
         print(
             f"Wrote {result.dst} ({fmt_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} "

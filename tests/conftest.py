@@ -3,9 +3,17 @@ reference definition), and the embedded default model."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.checkpoints import build_hf_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_dir(tmp_path_factory):
+    """No test reads or writes the user's real mixchat data directory (subprocesses too)."""
+    os.environ["MIXCHAT_HOME"] = str(tmp_path_factory.mktemp("mixchat-home"))
 
 
 @pytest.fixture(scope="session")

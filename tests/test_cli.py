@@ -124,3 +124,15 @@ def test_info_counts_parameters_like_transformers(tiny_mixtral):
     assert info["size_bytes"] == (tiny_mixtral / "model.safetensors").stat().st_size
     text = mixchat("info").stdout.decode()  # the default model, human-readable
     assert "GGUF Q4_1" in text and "dense" in text
+
+
+def test_quantized_model_is_listed_and_runs(tiny_mixtral, tmp_path):
+    dst = tmp_path / "tiny-q4"
+    result = mixchat("quantize", str(tiny_mixtral), str(dst), "--group-size", "32", "--no-eval",
+                     "--quiet")
+    assert result.returncode == 0, result.stderr.decode()
+    listed = json.loads(mixchat("models", "--json").stdout)
+    assert {"name": "tiny-q4", "source": "quantized", "path": str(dst.resolve())} in listed
+    answer = mixchat("ask", "--model", str(dst), "--json", "--max-tokens", "3", "Ciao")
+    assert answer.returncode == 0, answer.stderr.decode()
+    assert "4-bit" in mixchat("info", str(dst)).stdout.decode()

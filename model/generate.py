@@ -114,7 +114,8 @@ class Engine:
         return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))
 
     def cancel(self) -> None:
-        """Stop the running stream at the next token (thread-safe)."""
+        """Stop the running stream at its next token, or the next stream at its first one
+        (so a cancel sent just before a stream starts is not lost). Thread-safe."""
         self._cancel.set()
 
     def reset(self) -> None:
@@ -127,6 +128,8 @@ class Engine:
     def stream(
         self, messages: list[dict], settings: GenerationSettings | None = None
     ) -> Iterator[Chunk]:
+        """Start a reply: settings, messages and the context are checked now (MixchatError),
+        and a cancel() from now on stops this stream; tokens come as the iterator is read."""
         settings = settings or GenerationSettings()
         settings.validate()
         ids = self.tokenizer.encode_chat(messages)
@@ -134,14 +137,19 @@ class Engine:
             raise MixchatError(
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
             )
-        max_tokens = min(settings.max_tokens, self.context_length - len(ids))
         self._cancel.clear()
+        return self._stream(ids, settings)
+
+    def _stream(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
+        max_tokens = min(settings.max_tokens, self.context_length - len(ids))
         if settings.seed is not None:
             mx.random.seed(settings.seed)
         sampler = make_sampler(settings.temperature, settings.top_p, settings.min_p)
         generated: list[int] = []
         try:
             yield from self._generate(ids, generated, max_tokens, sampler)
+        except GeneratorExit:  # the reader stopped early: the cache is still consistent
+            raise
         except BaseException:
             self.reset()  # the cache's state is unknown after a failure mid-step
             raise

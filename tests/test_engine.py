@@ -142,3 +142,17 @@ def test_bad_settings_and_oversized_prompts(engine):
     # the engine still works afterwards
     text, stats = run(engine, [{"role": "user", "content": "ok"}])
     assert stats.generation_tokens > 0
+
+
+def test_cancel_applies_to_the_stream_started_last(engine):
+    messages = [{"role": "user", "content": "Écris un long texte."}]
+    settings = GenerationSettings(max_tokens=50, temperature=1.0, seed=1)
+    engine.reset()
+    stream = engine.stream(messages, settings)
+    engine.cancel()  # before the first token is read: still honoured
+    chunks = list(stream)
+    assert chunks[-1].stats.finish_reason == "cancelled"
+    assert chunks[-1].stats.generation_tokens == 1
+    engine.cancel()  # with no stream running: does not cancel the next one
+    chunks = list(engine.stream(messages, GenerationSettings(max_tokens=5, temperature=0)))
+    assert chunks[-1].stats.finish_reason in ("length", "stop")

@@ -1,0 +1,38 @@
+"""mixchat's terminal interface. ``run_chat`` is what ``mixchat`` (app/cli.py) calls."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_chat(model: str | None = None, lang: str | None = None) -> int:
+    """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
+
+    The window opens at once; the model loads in a thread behind a visible loading state.
+    ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
+    """
+    from app.store import ConversationStore
+    from app.tui.app import MixchatApp
+
+    try:
+        store = ConversationStore.open_default()
+    except Exception as error:  # an unwritable data directory, a broken database
+        print(f"mixchat: cannot open the conversation store: {error}", file=sys.stderr)
+        return 1
+
+    def load_engine():
+        from model import Engine
+
+        return Engine.load(model)
+
+    app = MixchatApp(store=store, engine_loader=load_engine, lang=lang)
+    try:
+        app.run()
+    finally:
+        store.close()
+    if app.return_code is not None:
+        return app.return_code
+    return 0
+
+
+__all__ = ["run_chat"]

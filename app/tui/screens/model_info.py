@@ -1,0 +1,133 @@
+"""What the loaded model is: every attribute ``engine.info`` has, in a table."""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Label
+
+from app.tui.i18n import Strings
+
+# Shown first when present, in this order; anything else the info object has follows.
+PREFERRED_ORDER = (
+    "architecture",
+    "model_type",
+    "num_layers",
+    "num_hidden_layers",
+    "num_experts",
+    "num_local_experts",
+    "experts_per_token",
+    "num_experts_per_tok",
+    "hidden_size",
+    "vocab_size",
+    "total_params",
+    "active_params",
+    "quantization",
+    "bits",
+    "group_size",
+    "size_bytes",
+    "size_gb",
+)
+
+
+def info_attributes(info: Any) -> list[tuple[str, Any]]:
+    """(name, value) pairs of an info object: dataclass fields, else public attributes."""
+    if info is None:
+        return []
+    if isinstance(info, dict):
+        items = dict(info)
+    elif is_dataclass(info) and not isinstance(info, type):
+        items = {field.name: getattr(info, field.name) for field in fields(info)}
+    else:
+        items = {
+            name: value
+            for name, value in vars(info).items()
+            if not name.startswith("_") and not callable(value)
+        }
+    ordered = [name for name in PREFERRED_ORDER if name in items]
+    ordered += [name for name in items if name not in ordered]
+    return [(name, items[name]) for name in ordered if items[name] is not None]
+
+
+def format_value(name: str, value: Any, strings: Strings | None = None) -> str:
+    """Readable values: parameter counts in billions/millions, sizes in GB."""
+    if isinstance(value, bool):
+        if strings is not None:
+            return strings("model.yes" if value else "model.no")
+        return "yes" if value else "no"
+    if isinstance(value, int) and "param" in name:
+        if value >= 1_000_000_000:
+            return f"{value / 1e9:.2f} B"
+        if value >= 1_000_000:
+            return f"{value / 1e6:.1f} M"
+        return f"{value:,}"
+    if isinstance(value, int) and "bytes" in name:
+        return human_bytes(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.2f}" + (" GB" if name.endswith("_gb") else "")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def human_bytes(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{size} B"
+
+
+def label_for(name: str, strings: Strings | None = None) -> str:
+    """The field's name in the interface language, else the attribute name made readable."""
+    key = f"model.field.{name}"
+    if strings is not None and strings.has(key):
+        return strings(key)
+    return name.replace("_", " ").capitalize()
+
+
+class ModelInfoScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,f3", "close", "Close", show=False)]
+
+    def __init__(
+        self, strings: Strings, name: str | None, info: Any, context_length: int | None
+    ) -> None:
+        super().__init__(classes="dialog-screen")
+        self.strings = strings
+        self.model_name = name
+        self.info = info
+        self.context_length = context_length
+
+    def compose(self) -> ComposeResult:
+        t = self.strings
+        with Vertical(id="model-dialog", classes="dialog"):
+            yield Label(t("model.title"), classes="dialog-title")
+            if self.model_name is None:
+                yield Label(t("model.not_loaded"))
+            else:
+                table: DataTable = DataTable(id="model-table", show_header=False, cursor_type="row")
+                table.add_columns("name", "value")
+                table.add_row(t("model.name"), self.model_name)
+                if self.context_length:
+                    table.add_row(t("model.context_length"), f"{self.context_length:,}")
+                for name, value in info_attributes(self.info):
+                    if name in ("name", "context_length"):
+                        continue  # already in the first rows
+                    table.add_row(label_for(name, t), format_value(name, value, t))
+                yield table
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(t("model.close"), variant="primary", id="close")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#close")
+    def _close_pressed(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,121 @@
+"""Per-chat settings: system prompt, sampling, reply length, reply language, safe mode."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Switch, TextArea
+
+from app.store import ChatSettings
+from app.tui.i18n import REPLY_LANGUAGES, Strings
+
+
+class SettingsScreen(ModalScreen[ChatSettings | None]):
+    """Dismisses with the edited settings, or None when cancelled."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+s", "save", "Save", priority=True),
+    ]
+
+    def __init__(self, settings: ChatSettings, strings: Strings) -> None:
+        super().__init__(classes="dialog-screen")
+        self.settings = settings
+        self.strings = strings
+
+    def compose(self) -> ComposeResult:
+        t = self.strings
+        settings = self.settings
+        language_options = [(t("settings.reply_language.any"), "")] + [
+            (native, code) for code, (_english, native) in REPLY_LANGUAGES.items()
+        ]
+        with Vertical(id="settings-dialog", classes="dialog"):
+            yield Label(t("settings.title"), classes="dialog-title")
+            with VerticalScroll(classes="dialog-body"):
+                yield Label(t("settings.system_prompt"), classes="field-label")
+                yield TextArea(settings.system_prompt, id="system-prompt", soft_wrap=True)
+                with Horizontal(classes="field-row"):
+                    with Vertical(classes="field"):
+                        yield Label(t("settings.temperature"), classes="field-label")
+                        yield Input(str(settings.temperature), id="temperature", type="number")
+                    with Vertical(classes="field"):
+                        yield Label(t("settings.top_p"), classes="field-label")
+                        yield Input(str(settings.top_p), id="top-p", type="number")
+                    with Vertical(classes="field"):
+                        yield Label(t("settings.max_tokens"), classes="field-label")
+                        yield Input(str(settings.max_tokens), id="max-tokens", type="integer")
+                with Horizontal(classes="field-row"):
+                    with Vertical(classes="field wide-field"):
+                        yield Label(t("settings.reply_language"), classes="field-label")
+                        yield Select(
+                            language_options,
+                            value=settings.reply_language
+                            if settings.reply_language in REPLY_LANGUAGES
+                            else "",
+                            allow_blank=False,
+                            id="reply-language",
+                        )
+                    with Vertical(classes="field"):
+                        yield Label(t("settings.safe_mode"), classes="field-label")
+                        yield Switch(settings.safe_mode, id="safe-mode")
+            yield Label("", id="settings-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(t("settings.save"), variant="primary", id="save")
+                yield Button(t("settings.cancel"), id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#system-prompt", TextArea).focus()
+
+    def read_settings(self) -> ChatSettings | str:
+        """The settings in the form, or the label of the first invalid field."""
+        t = self.strings
+        try:
+            temperature = float(self.query_one("#temperature", Input).value)
+            if not 0.0 <= temperature <= 2.0:
+                raise ValueError
+        except ValueError:
+            return t("settings.temperature")
+        try:
+            top_p = float(self.query_one("#top-p", Input).value)
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError
+        except ValueError:
+            return t("settings.top_p")
+        try:
+            max_tokens = int(self.query_one("#max-tokens", Input).value)
+            if max_tokens < 1:
+                raise ValueError
+        except ValueError:
+            return t("settings.max_tokens")
+        language = self.query_one("#reply-language", Select).value
+        return ChatSettings(
+            system_prompt=self.query_one("#system-prompt", TextArea).text,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            reply_language=language if isinstance(language, str) else "",
+            safe_mode=self.query_one("#safe-mode", Switch).value,
+        )
+
+    def action_save(self) -> None:
+        result = self.read_settings()
+        if isinstance(result, str):
+            self.query_one("#settings-error", Label).update(
+                self.strings("settings.invalid", field=result)
+            )
+            return
+        self.dismiss(result)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#save")
+    def _save_pressed(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()

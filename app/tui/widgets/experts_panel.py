@@ -1,0 +1,65 @@
+"""The side panel of the experts view: a title, the routing heatmap (or a note), a legend."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Label
+
+from app.tui.i18n import Strings
+from app.tui.streaming import RoutingAccumulator
+from app.tui.widgets.experts_heatmap import ExpertsHeatmap
+
+
+class ExpertsPanel(VerticalScroll):
+    """Hidden until toggled. Draws what a ``RoutingAccumulator`` holds when told to refresh."""
+
+    def __init__(self, strings: Strings, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._strings = strings
+        self._drawn_version = -1
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._strings("experts.title"), classes="panel-title")
+        yield ExpertsHeatmap(id="experts")
+        yield Label(self._strings("experts.legend"), classes="panel-hint")
+
+    @property
+    def shown(self) -> bool:
+        return self.has_class("-visible")
+
+    def toggle(self) -> bool:
+        """Show or hide the panel; returns whether it is now shown."""
+        self.toggle_class("-visible")
+        return self.shown
+
+    def refresh_from(
+        self,
+        routing: RoutingAccumulator,
+        model_has_experts: bool | None,
+        loaded: bool,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Redraw if shown and something changed (``force``: even if the counts did not).
+        ``model_has_experts``: False for a dense model, None when the model does not say.
+        Returns True when it drew."""
+        if not self.shown:
+            return False
+        heatmap = self.query_one(ExpertsHeatmap)
+        t = self._strings
+        if not loaded:
+            return heatmap.show_note(t("experts.no_model"))
+        if model_has_experts is False:
+            return heatmap.show_note(t("experts.dense"))
+        version = routing.version
+        if version == self._drawn_version and not force:
+            return False
+        self._drawn_version = version
+        counts, tokens = routing.snapshot()
+        if counts is None:
+            return heatmap.show_note(t("experts.waiting"))
+        heatmap.show_counts(
+            counts, tokens, t("experts.total", tokens=tokens), t("experts.layer_short")
+        )
+        return True

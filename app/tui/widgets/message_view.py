@@ -1,0 +1,99 @@
+"""One message of the chat: who wrote it, its text, and a line about how it was written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+from app.tui.i18n import Strings
+
+# A user message longer than this shows its beginning only: laying out hundreds of kilobytes of
+# wrapped text would stall the UI, and the model gets the whole text anyway.
+USER_DISPLAY_LIMIT = 20_000
+
+
+class MessageView(Vertical, can_focus=True):
+    """A user prompt (plain text, shown as typed) or an assistant reply (Markdown, streamed)."""
+
+    def __init__(
+        self,
+        role: str,
+        content: str = "",
+        *,
+        role_label: str,
+        message_id: int | None = None,
+        display_cut_note: str = "",
+    ) -> None:
+        super().__init__(classes=f"message -{role}")
+        self.role = role
+        self.message_id = message_id
+        self._content = content
+        self._role_label = role_label
+        self._display_cut_note = display_cut_note
+
+    @property
+    def content(self) -> str:
+        """The message's full text (what the user typed or what the model wrote so far)."""
+        if self.role == "assistant" and self.is_mounted:
+            return self.query_one(Markdown).source
+        return self._content
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._role_label, classes="message-role")
+        if self.role == "assistant":
+            yield Markdown(self._content, classes="message-body")
+        else:
+            text = self._content
+            if len(text) > USER_DISPLAY_LIMIT:
+                hidden = len(text) - USER_DISPLAY_LIMIT
+                text = text[:USER_DISPLAY_LIMIT]
+                yield Static(Text(text), classes="message-body")
+                yield Label(
+                    self._display_cut_note.format(chars=f"{hidden:,}"), classes="message-note"
+                )
+            else:
+                yield Static(Text(text), classes="message-body")
+        yield Label("", classes="message-info -empty")
+
+    def get_stream(self) -> MarkdownStream:
+        """A stream that appends Markdown to this reply (assistant messages only)."""
+        return Markdown.get_stream(self.query_one(Markdown))
+
+    def set_streaming(self, streaming: bool) -> None:
+        self.set_class(streaming, "-streaming")
+
+    def show_info(self, info: str, *, warning: bool = False) -> None:
+        """The line under the message: token count and speed, or why it stopped."""
+        label = self.query_one(".message-info", Label)
+        label.update(info)
+        label.set_class(not info, "-empty")
+        label.set_class(warning, "-warning")
+
+
+def stats_line(
+    stats: dict[str, Any] | None, strings: Strings, finish_reason: str = ""
+) -> tuple[str, bool]:
+    """The info line for a reply from its stats; True when the reply did not end normally."""
+    parts: list[str] = []
+    if stats:
+        tokens = int(stats.get("generation_tokens", 0) or 0)
+        tps = float(stats.get("generation_tps", 0.0) or 0.0)
+        if tokens:
+            parts.append(strings("message.stats", tokens=tokens, tps=tps))
+        finish_reason = finish_reason or str(stats.get("finish_reason", "") or "")
+    warning = False
+    if finish_reason == "cancelled":
+        parts.append(strings("message.stopped"))
+        warning = True
+    elif finish_reason == "length":
+        parts.append(strings("message.truncated"))
+        warning = True
+    elif finish_reason == "interrupted":
+        parts.append(strings("message.interrupted"))
+        warning = True
+    return " · ".join(parts), warning

@@ -1,0 +1,101 @@
+"""The multi-line box where the user writes: Enter sends, Shift+Enter or Ctrl+J adds a line.
+
+A huge paste (more than ``LARGE_PASTE_CHARS``) is not laid out in the box, where every keystroke
+would rewrap it: the box shows a short marker instead and puts the text back when sending.
+"""
+
+from __future__ import annotations
+
+import re
+
+from textual import events
+from textual.message import Message
+from textual.widgets import TextArea
+
+LARGE_PASTE_CHARS = 8_000
+_MARKER = re.compile(r"⟦paste (\d+): [\d,]+ chars⟧")
+
+
+class PromptBox(TextArea):
+    """A TextArea that sends its text on Enter instead of inserting a newline."""
+
+    NEWLINE_KEYS = ("shift+enter", "ctrl+j", "alt+enter")
+
+    class Submitted(Message):
+        """The user pressed Enter: ``text`` is what the box held, pastes included."""
+
+        def __init__(self, prompt_box: PromptBox, text: str) -> None:
+            super().__init__()
+            self.prompt_box = prompt_box
+            self.text = text
+
+        @property
+        def control(self) -> PromptBox:
+            return self.prompt_box
+
+    def __init__(self, *, placeholder: str = "", id: str | None = None) -> None:
+        super().__init__(
+            "",
+            id=id,
+            soft_wrap=True,
+            tab_behavior="focus",
+            show_line_numbers=False,
+            highlight_cursor_line=False,
+            placeholder=placeholder,
+        )
+        self._large_pastes: dict[int, str] = {}
+
+    @property
+    def prompt_text(self) -> str:
+        """The text to send: the box's text with paste markers replaced by what was pasted."""
+        return _MARKER.sub(self._expand_marker, self.text)
+
+    def _expand_marker(self, match: re.Match[str]) -> str:
+        return self._large_pastes.get(int(match.group(1)), match.group(0))
+
+    def _marker_for(self, text: str) -> str:
+        number = len(self._large_pastes) + 1
+        self._large_pastes[number] = text
+        return f"⟦paste {number}: {len(text):,} chars⟧"
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.submit()
+            return
+        if event.key in self.NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            start, end = self.selection
+            self._replace_via_keyboard("\n", start, end)
+            return
+        await super()._on_key(event)
+
+    async def _on_paste(self, event: events.Paste) -> None:
+        if len(event.text) > LARGE_PASTE_CHARS and not self.read_only:
+            event.stop()
+            event.prevent_default()
+            start, end = self.selection
+            if result := self._replace_via_keyboard(self._marker_for(event.text), start, end):
+                self.move_cursor(result.end_location)
+            return
+        await super()._on_paste(event)
+
+    def submit(self) -> None:
+        """Post the text and clear the box; an empty (blank) box posts nothing."""
+        text = self.prompt_text
+        if not text.strip():
+            return
+        self.clear_prompt()
+        self.post_message(self.Submitted(self, text))
+
+    def clear_prompt(self) -> None:
+        self.clear()
+        self._large_pastes.clear()
+
+    def set_prompt(self, text: str) -> None:
+        """Replace the box's text (a huge text shows as a marker) and put the cursor at its end."""
+        self._large_pastes.clear()
+        self.load_text(self._marker_for(text) if len(text) > LARGE_PASTE_CHARS else text)
+        self.move_cursor(self.document.end)

@@ -32,6 +32,7 @@ def build_parser() -> Parser:
     chat = commands.add_parser("chat", help="open the chat app (the default)")
     add_model_option(chat)
     chat.add_argument("--lang", help="interface language (en, fr); default from LANG")
+    add_budget_option(chat)
     chat.set_defaults(func=cmd_chat)
 
     ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
@@ -48,6 +49,7 @@ def build_parser() -> Parser:
     ask.add_argument("--seed", type=int, metavar="N")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    add_budget_option(ask)
     ask.set_defaults(func=cmd_ask)
 
     models = commands.add_parser("models", help="list the models mixchat can find")
@@ -57,6 +59,7 @@ def build_parser() -> Parser:
     info = commands.add_parser("info", help="describe a model without loading it")
     info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
     info.add_argument("--json", action="store_true")
+    add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
     try:
@@ -75,6 +78,24 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype override"
     )
+
+
+def memory_size(text: str) -> int | str:
+    """argparse type of --memory-budget: bytes, or "auto" (resolved when used)."""
+    from model.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--memory-budget", type=memory_size, metavar="SIZE",
+        help="most memory the model may use, e.g. 12GB, 800MB, or auto (a safe share of this "
+        "machine's memory); experts that do not fit are read from disk on demand",
+    )  # fmt: skip
 
 
 def clean_text(text: str) -> str:
@@ -119,9 +140,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     messages.append({"role": "user", "content": prompt})
     if sys.stderr.isatty() and not args.quiet:
         print(f"Loading {args.model or 'the default model'}…", file=sys.stderr, end="\r")
-    engine = Engine.load(args.model, dtype=args.dtype)
+    engine = Engine.load(args.model, dtype=args.dtype, memory_budget=args.memory_budget)
     if sys.stderr.isatty() and not args.quiet:
         print(" " * 60, file=sys.stderr, end="\r")
+    if engine.offload is not None and not args.quiet and not args.json:
+        print(f"[{engine.offload.describe()}; `mixchat info` predicts the speed]", file=sys.stderr)
     text, stats = [], None
     for chunk in engine.stream(messages, settings):
         text.append(chunk.text)
@@ -140,6 +163,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "peak_memory_gb": stats.peak_memory_gb,
             "finish_reason": stats.finish_reason,
             "model": engine.name,
+            "expert_hit_rate": stats.expert_hit_rate,
+            "bytes_read_per_token": stats.bytes_read_per_token,
+            "load_seconds": stats.load_seconds,
+            "compute_seconds": stats.compute_seconds,
         }
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -152,6 +179,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 f"peak memory {stats.peak_memory_gb:.2f} GB | {stats.finish_reason}]",
                 file=sys.stderr,
             )
+            if stats.expert_hit_rate is not None:
+                print(
+                    f"[experts: {stats.expert_hit_rate:.0%} cache hits, "
+                    f"{format_bytes(stats.bytes_read_per_token or 0)} read per token, "
+                    f"{stats.load_seconds:.2f} s loading, {stats.compute_seconds:.2f} s computing]",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -160,7 +194,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.dtype:
         os.environ["MIXCHAT_DTYPE"] = args.dtype
+    if args.memory_budget is not None:
+        check_memory_budget(args.model, args.memory_budget, args.dtype)  # before the UI opens
+        os.environ["MIXCHAT_MEMORY_BUDGET"] = str(args.memory_budget)  # read by Engine.load
     return run_chat(args.model, lang=args.lang)
+
+
+def check_memory_budget(model: str | None, budget: int | str, dtype: str | None) -> None:
+    """Raise the one-line BudgetError a budget too small for `model` gets, without loading it."""
+    from model import registry, weights
+    from model.budget import check_budget, memory_plan, resolve_budget
+
+    checkpoint = weights.locate(registry.resolve(model))
+    plan = memory_plan(checkpoint, weights.compute_dtype(checkpoint, dtype).size)
+    check_budget(plan, resolve_budget(budget), checkpoint.path.name)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -193,6 +240,7 @@ def format_bytes(n: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from model import registry, weights
+    from model.budget import fit_report
     from model.info import model_info
 
     path = registry.resolve(args.model)
@@ -200,8 +248,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     name = registry.DEFAULT_MODEL if args.model is None else args.model
     compute_bytes = weights.compute_dtype(checkpoint).size
     info = model_info(checkpoint, name, compute_bytes)
+    fit = fit_report(checkpoint, compute_bytes, args.memory_budget, args.model)
     if args.json:
-        print(json.dumps(info.as_dict(), ensure_ascii=False, indent=1))
+        print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
         return 0
     experts = (
         f"{info.num_experts} per layer, {info.experts_per_token} used per token"
@@ -222,6 +271,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context", f"{info.context_length} tokens"
                     + (f", sliding window {info.sliding_window}" if info.sliding_window else "")),
     ]
+    rows += fit.rows()
     for key, value in rows:
         print(f"{key:<14} {value}")
     return 0

@@ -166,11 +166,17 @@ class MemoryPlan:
     @property
     def minimum_budget(self) -> int:
         """Resident weights + reserve + top-k experts per MoE layer."""
-        return self.resident_bytes + self.reserve_bytes + self.moe_layers * self.top_k * self.expert_bytes
+        return (
+            self.resident_bytes
+            + self.reserve_bytes
+            + self.moe_layers * self.top_k * self.expert_bytes
+        )
 
     def cache_bytes(self, budget: int) -> int:
         """Bytes the expert cache may hold under `budget`."""
-        return max(0, min(budget - self.resident_bytes - self.reserve_bytes, self.total_expert_bytes))
+        return max(
+            0, min(budget - self.resident_bytes - self.reserve_bytes, self.total_expert_bytes)
+        )
 
     def cached_fraction(self, budget: int) -> float:
         if not self.total_expert_bytes:
@@ -257,8 +263,14 @@ def reserve_bytes(args, compute_bytes: int, expert_disk_bytes: int = 0) -> int:
         tokens = min(tokens, args.sliding_window)
     kv = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * compute_bytes
     k = args.num_experts_per_tok if args.is_moe else 1
-    activations = PREFILL_CHUNK * compute_bytes * (
-        12 * args.hidden_size + args.num_attention_heads * tokens + 3 * k * args.intermediate_size
+    activations = (
+        PREFILL_CHUNK
+        * compute_bytes
+        * (
+            12 * args.hidden_size
+            + args.num_attention_heads * tokens
+            + 3 * k * args.intermediate_size
+        )
     )
     return kv * tokens + activations + 2 * expert_disk_bytes
 
@@ -337,8 +349,14 @@ def predict(plan: MemoryPlan, budget: int, disk_bw: float, memory_bw: float) -> 
     )
 
 
-def estimate_plan(args, compute_bytes: int = 4, bits: int = 4, expert_bits: int | None = None,
-                  group_size: int = 64, scale_bytes: int = 2) -> MemoryPlan:
+def estimate_plan(
+    args,
+    compute_bytes: int = 4,
+    bits: int = 4,
+    expert_bits: int | None = None,
+    group_size: int = 64,
+    scale_bytes: int = 2,
+) -> MemoryPlan:
     """The plan of this architecture after `mixchat quantize --bits B --expert-bits EB`
     (router and norms unquantized, scales and biases stored at `scale_bytes`), from arithmetic."""
     h, hd, V = args.hidden_size, args.head_dim, args.vocab_size
@@ -353,7 +371,9 @@ def estimate_plan(args, compute_bytes: int = 4, bits: int = 4, expert_bits: int 
     embeddings = V * h * (1 if args.tie_word_embeddings else 2)
     small = (2 * h + h * E) * args.num_hidden_layers + h  # norms, routers
     layers = args.num_hidden_layers
-    resident = quantized(attention * layers + embeddings, bits, compute_bytes) + small * compute_bytes
+    resident = (
+        quantized(attention * layers + embeddings, bits, compute_bytes) + small * compute_bytes
+    )
     embed_row = 0 if args.tie_word_embeddings else quantized(V * h, bits, compute_bytes)
     expert_params = 3 * h * args.intermediate_size
     expert_mem = quantized(expert_params, expert_bits, compute_bytes)
@@ -560,13 +580,20 @@ class FitReport:
             rows.append(("fits", f"no: needs {format_bytes(plan.full_bytes)} ({parts}), and "
                                  f"{plan.why_not}"))  # fmt: skip
         if plan.offloadable:
-            rows.append(("minimum budget", f"{format_bytes(plan.minimum_budget)} "
-                         f"(resident weights, KV cache, {plan.top_k} experts per layer)"))
+            rows.append(
+                (
+                    "minimum budget",
+                    f"{format_bytes(plan.minimum_budget)} "
+                    f"(resident weights, KV cache, {plan.top_k} experts per layer)",
+                )
+            )
         if p.feasible:
             rows.append(("decode speed", f"≈ {p.tps:.1f} tok/s at most, {self._why(p)}"))
         if self.disk_bandwidth is not None:
             rows.append(("disk read", f"{format_bytes(self.disk_bandwidth)}/s: {self.disk_method}"))
-        rows.append(("memory speed", f"{format_bytes(self.memory_bandwidth)}/s: {self.memory_method}"))
+        rows.append(
+            ("memory speed", f"{format_bytes(self.memory_bandwidth)}/s: {self.memory_method}")
+        )
         for option in self.options:
             rows.append(("option", f"{option['option']}: {option['detail']}"))
         return rows
@@ -600,9 +627,8 @@ def fit_report(checkpoint, compute_bytes: int, budget: int | str | None = None,
     else:
         source = "--memory-budget"
     memory_bw, memory_method = measure_memory_bandwidth()
-    streams = budget < plan.full_bytes and plan.moe_layers > 0
     quantized = checkpoint.args.quantization is not None or checkpoint.format == "gguf"
-    if streams or (not quantized and plan.moe_layers > 0):
+    if budget < plan.full_bytes and plan.moe_layers > 0:  # experts would stream from disk
         disk_bw, disk_method = measure_disk_bandwidth(expert_regions(checkpoint))
     else:
         disk_bw, disk_method = None, ""
@@ -640,7 +666,9 @@ def fit_report(checkpoint, compute_bytes: int, budget: int | str | None = None,
                 est = estimate_plan(args, compute_bytes, q.get("bits", 4), bits, group)
                 candidate = replace_experts(plan, est)
                 add(
-                    f"mixchat quantize SRC DST --expert-bits {bits}", candidate, budget,
+                    f"mixchat quantize SRC DST --expert-bits {bits}",
+                    candidate,
+                    budget,
                     f"re-quantized from the original checkpoint, experts "
                     f"{format_bytes(candidate.total_expert_disk_bytes)} on disk; ",
                 )
@@ -652,7 +680,9 @@ def fit_report(checkpoint, compute_bytes: int, budget: int | str | None = None,
                 est = estimate_plan(args, compute_bytes, bits, expert_bits, 64)
                 flag = f" --expert-bits {expert_bits}" if expert_bits else ""
                 add(
-                    f"mixchat quantize {src} DST{flag}", est, budget,
+                    f"mixchat quantize {src} DST{flag}",
+                    est,
+                    budget,
                     f"{format_bytes(est.resident_bytes + est.total_expert_disk_bytes)} on disk; ",
                 )
                 if p_fits(est, budget):

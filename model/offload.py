@@ -4,17 +4,21 @@ After `weights.build_model` has built a model with its expert tensors left unrea
 swaps each MoE layer's `switch_mlp` for an `OffloadedExperts`. Per layer, per forward pass:
 
 1. the router's choices are evaluated (one sync per layer, inherent to choosing what to read);
-   with prefetch on, the *next* layer's router is applied to this layer's hidden state in the
-   same sync, to guess which of its experts to read in the background;
+   with prefetch on (MIXCHAT_OFFLOAD_PREFETCH=1; off by default: on the benchmark model its
+   guesses evicted more useful experts than they supplied, see benchmarks/bench_offload.py),
+   the *next* layer's router is applied to this layer's hidden state in the same sync, and the
+   experts it picks are read in the background, entering the cache as least recently used;
 2. experts not in the cache are read with positioned reads of their byte ranges (expert e of a
    stacked [E, ...] safetensors tensor is one contiguous slice) into numpy, then `mx.array`;
 3. each chosen expert is applied to its tokens with `mx.gather_qmm` on the cached arrays (the
    same kernel and shapes as `mixtral.Experts`, so greedy tokens are identical).
 
 The cache (`ExpertCache`) counts bytes exactly (the arrays' `nbytes`), reserves them before a
-read starts, and never holds more than its capacity: LRU or LFU, over all layers or with an
-equal quota per layer. Experts in use by the layer being computed are pinned until the next
-sync, so an eviction always frees memory.
+read starts, and never holds more than its capacity: LRU (the default) or LFU, over all layers
+or with an equal quota per layer (MIXCHAT_OFFLOAD_POLICY; all four hit within ~2 points of each
+other on the benchmark, so the simplest won). Experts in use by the layer being computed are
+pinned until the next sync, so an eviction always frees memory. When a layer needs more experts
+than the cache can hold (a long prompt under a small budget), they are computed in groups.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +117,9 @@ class ExpertStore:
                         raise CheckpointError(f"tensor {name} has unsupported dtype {dt}")
                     experts = shape[0]
                     if (stop - start) % experts:
-                        raise CheckpointError(f"tensor {name} does not split into {experts} experts")
+                        raise CheckpointError(
+                            f"tensor {name} does not split into {experts} experts"
+                        )
                     stride = (stop - start) // experts
                     parts[proj][part] = _Slice(fd, start, stride, dt, (1, *shape[1:]))
                     self.max_stride = max(self.max_stride, stride)
@@ -171,23 +177,29 @@ class ExpertStore:
         return buf
 
     def _to_array(self, raw: np.ndarray, s: _Slice) -> mx.array:
-        """Bytes -> mx.array (a copy), floating tensors converted to the compute dtype exactly
-        as `astype` does when the model is loaded whole."""
+        """Bytes -> mx.array (a copy), floating tensors converted to the compute dtype with
+        the same rounding `astype` applies when the model is loaded whole. Conversions are done
+        in numpy so that no MLX operation is created on this (I/O) thread: bfloat16 is kept as
+        its uint16 bits, viewed as bfloat16 where it is used (`_as_float`)."""
         if s.dtype not in ("F32", "F16", "BF16"):
             return mx.array(raw.view(_NP_DTYPES[s.dtype]).reshape(s.shape))
         target = self.dtype
+        if s.dtype == "BF16" and target == mx.bfloat16:
+            return mx.array(raw.view(np.uint16).reshape(s.shape))
+        if (s.dtype, target) in (("F16", mx.float16), ("F32", mx.float32)):
+            return mx.array(raw.view(_NP_DTYPES[s.dtype]).reshape(s.shape))
         if s.dtype == "BF16":
-            bits = raw.view(np.uint16).reshape(s.shape)
-            if target == mx.bfloat16:
-                return mx.array(bits).view(mx.bfloat16)
-            values = (bits.astype(np.uint32) << 16).view(np.float32)
+            values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
-            values = raw.view(_NP_DTYPES[s.dtype]).reshape(s.shape)
-            if (s.dtype == "F16" and target == mx.float16) or (s.dtype == "F32" and target == mx.float32):
-                return mx.array(values)
+            values = raw.view(_NP_DTYPES[s.dtype]).astype(np.float32)
+        values = values.reshape(s.shape)
         if target == mx.float32:
-            return mx.array(values.astype(np.float32, copy=False))
-        return mx.array(values).astype(target)
+            return mx.array(values)
+        if target == mx.float16:
+            return mx.array(values.astype(np.float16))
+        bits = values.view(np.uint32)  # float32 -> bfloat16 bits, rounding to nearest even
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return mx.array(np.where(np.isnan(values), 0x7FC0, rounded).astype(np.uint16))
 
     def close(self) -> None:
         for fd in self._fds:
@@ -219,7 +231,9 @@ class ExpertCache:
 
     def __init__(self, capacity: int, policy: str = DEFAULT_POLICY, layers: Iterable[int] = (0,)):
         if policy not in POLICIES:
-            raise MixchatError(f"unknown expert cache policy {policy!r} (one of {', '.join(POLICIES)})")
+            raise MixchatError(
+                f"unknown expert cache policy {policy!r} (one of {', '.join(POLICIES)})"
+            )
         self.capacity = int(capacity)
         self.policy = policy
         self.lfu = policy.startswith("lfu")
@@ -296,12 +310,17 @@ class ExpertCache:
                     break
                 self._evict(victim)
             self._entries[key] = _Entry(None, nbytes, prefetched)
+            if prefetched:  # a guess goes in cold: evicted first unless demanded (then touched)
+                self._entries.move_to_end(key, last=False)
             self._add(layer, nbytes)
             return True
 
     def fill(self, key: Key, value: Any) -> None:
         with self.lock:
-            self._entries[key].value = value
+            entry = self._entries[key]
+            entry.value = value
+            if not entry.prefetched:  # demanded (maybe while a prefetch read it): most recent
+                self._entries.move_to_end(key)
 
     def discard(self, key: Key) -> None:
         with self.lock:
@@ -387,6 +406,7 @@ class OffloadRuntime:
         self.store = store
         self.cache = cache
         self.top_k = top_k
+        self.num_experts = 0
         self.prefetch_enabled = prefetch
         self.counters = OffloadCounters()
         self.gates: dict[int, nn.Module] = {}  # layer -> router, for prefetch guesses
@@ -396,6 +416,17 @@ class OffloadRuntime:
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="mixchat-experts")
         self._futures: dict[Key, Future] = {}
         self._pinned: list[Key] = []
+
+    def describe(self) -> str:
+        """One line for the user: how much of the experts the cache holds."""
+        from .budget import format_bytes
+
+        total = sum(self.store.memory_bytes[layer] * self.num_experts for layer in self.specs)
+        share = self.cache.capacity / total if total else 1.0
+        return (
+            f"experts stream from disk: a {format_bytes(self.cache.capacity)} cache holds "
+            f"{min(share, 1):.0%} of their {format_bytes(total)}"
+        )
 
     def snapshot(self) -> OffloadCounters:
         with self.cache.lock:
@@ -448,30 +479,35 @@ class OffloadRuntime:
         cache = self.cache
         with cache.lock:
             self._cancel_prefetches(keep={(layer, e) for e in experts})
-            for e in experts:
+            missing = []
+            for e in experts:  # hits first: pinned before any miss makes room
                 key = (layer, e)
                 self.counters.demanded += 1
                 was_prefetched = cache.record_demand(key)
                 value = cache.get(key)
-                if value is not None:
-                    self.counters.hits += 1
-                    self.counters.prefetch_hits += was_prefetched
-                    found[e] = value
-                elif key in self._futures:  # a prefetch is reading it
-                    self.counters.misses += 1
-                    waits[e] = self._futures[key]
-                else:
-                    self.counters.misses += 1
+                if value is None:
+                    missing.append(e)
+                    continue
+                self.counters.hits += 1
+                self.counters.prefetch_hits += was_prefetched
+                found[e] = value
+                cache.pin(key)
+                self._pinned.append(key)
+            for e in missing:
+                key = (layer, e)
+                self.counters.misses += 1
+                future = self._futures.get(key)  # a prefetch may be reading it
+                if future is None:
                     future = self._submit(key, prefetched=False)
-                    if future is None:  # only running prefetches hold the room: let them land
-                        self._drain()
-                        future = self._submit(key, prefetched=False)
-                    if future is None:
-                        raise MixchatError(
-                            f"expert cache of {self.cache.capacity} bytes cannot hold the experts "
-                            f"layer {layer} needs"
-                        )
-                    waits[e] = future
+                if future is None:  # only reads in flight hold the room: let them land
+                    self._drain()
+                    future = self._submit(key, prefetched=False)
+                if future is None:
+                    raise MixchatError(
+                        f"expert cache of {self.cache.capacity} bytes cannot hold the experts "
+                        f"layer {layer} needs"
+                    )
+                waits[e] = future
                 cache.pin(key)
                 self._pinned.append(key)
             if prefetch is not None and self.prefetch_enabled:
@@ -509,10 +545,15 @@ class OffloadRuntime:
         self.store.close()
 
 
-def _expert_matmul(x: mx.array, arrays: tuple, spec: tuple | None) -> mx.array:
-    """x [n, 1, in] @ W.T for one expert's arrays ([1, out, in...]), as mixtral.expert_matmul."""
-    weight, scales, biases = arrays
-    zeros = mx.zeros((x.shape[0],), dtype=mx.uint32)
+def _as_float(a: mx.array | None) -> mx.array | None:
+    """bfloat16 tensors are cached as their uint16 bits (see ExpertStore._to_array)."""
+    return a.view(mx.bfloat16) if a is not None and a.dtype == mx.uint16 else a
+
+
+def _expert_matmul(x: mx.array, arrays: tuple, spec: tuple | None, zeros: mx.array) -> mx.array:
+    """x [n, 1, in] @ W.T for one expert's arrays ([1, out, in...]), as mixtral.expert_matmul
+    (`zeros`: [n] expert indices into the single expert)."""
+    weight, scales, biases = (_as_float(a) for a in arrays)
     if spec is not None:
         group_size, bits, mode = spec
         return mx.gather_qmm(
@@ -550,7 +591,11 @@ class OffloadedExperts(nn.Module):
         experts, starts = np.unique(sorted_experts, return_index=True)
         bounds = [*starts.tolist(), len(flat)]
         rows = x[mx.array(order // k)][:, None]  # [N*k, 1, hidden], grouped by expert
-        prefetch = (next_layer, sorted(set(np.array(guess).reshape(-1).tolist()))) if guess is not None else None
+        prefetch = (
+            (next_layer, sorted(set(np.array(guess).reshape(-1).tolist())))
+            if guess is not None
+            else None
+        )
         group = rt.group_size(self.layer)
         specs = rt.specs[self.layer]
         streams = _compute_streams()  # expert j of this layer on stream j % len(streams)
@@ -579,9 +624,10 @@ class OffloadedExperts(nn.Module):
 
     @staticmethod
     def _swiglu(rows: mx.array, w: ExpertWeights, specs: dict) -> mx.array:
-        gate = _expert_matmul(rows, w["gate_proj"], specs["gate_proj"])
-        up = _expert_matmul(rows, w["up_proj"], specs["up_proj"])
-        return _expert_matmul(nn.silu(gate) * up, w["down_proj"], specs["down_proj"])
+        zeros = mx.zeros((rows.shape[0],), dtype=mx.uint32)
+        gate = _expert_matmul(rows, w["gate_proj"], specs["gate_proj"], zeros)
+        up = _expert_matmul(rows, w["up_proj"], specs["up_proj"], zeros)
+        return _expert_matmul(nn.silu(gate) * up, w["down_proj"], specs["down_proj"], zeros)
 
 
 def _compute_streams() -> list:
@@ -602,7 +648,6 @@ class OffloadOptions:
     prefetch: bool = False
     io_threads: int = 2
     drop_page_cache: bool = False  # read experts past the page cache (benchmarks of cold reads)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> OffloadOptions:
@@ -642,6 +687,7 @@ def attach(model, checkpoint, capacity: int, dtype: mx.Dtype, options: OffloadOp
             )
     runtime = OffloadRuntime(store, cache, top_k, prefetch=options.prefetch,
                              io_threads=options.io_threads)  # fmt: skip
+    runtime.num_experts = model.args.num_local_experts
     for i, layer in enumerate(layers):
         moe = model.layers[layer].block_sparse_moe
         old = moe.switch_mlp
@@ -662,6 +708,8 @@ def attach(model, checkpoint, capacity: int, dtype: mx.Dtype, options: OffloadOp
 def runtime_of(model) -> OffloadRuntime | None:
     """The OffloadRuntime of a model whose experts are offloaded, else None."""
     for layer in getattr(model, "layers", []):
-        if "block_sparse_moe" in layer and isinstance(layer.block_sparse_moe.switch_mlp, OffloadedExperts):
+        if "block_sparse_moe" in layer and isinstance(
+            layer.block_sparse_moe.switch_mlp, OffloadedExperts
+        ):
             return layer.block_sparse_moe.switch_mlp.runtime
     return None

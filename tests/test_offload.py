@@ -1,0 +1,280 @@
+"""Experts streamed under a memory budget: same greedy tokens, exact byte accounting within the
+budget, eviction policies on scripted accesses, prefetch."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from model import Engine, GenerationSettings, weights
+from model.budget import memory_plan
+from model.offload import (
+    POLICIES,
+    ExpertCache,
+    OffloadedExperts,
+    OffloadRuntime,
+    runtime_of,
+)
+from tests.checkpoints import build_hf_checkpoint
+
+# Long enough (> 32 tokens) that the unbudgeted model takes its prefill (sorted gather) path.
+MESSAGES = [{"role": "user", "content": "Explique la différence entre un modèle dense et un "
+             "mélange d'experts, puis donne trois exemples concrets en Python, s'il te plaît."}]  # fmt: skip
+GREEDY = GenerationSettings(max_tokens=16, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    """A 4-layer, 8-expert top-2 Mixtral quantized to 4 bits by `mixchat quantize`."""
+    from quantize.convert import Settings, convert
+    from quantize.sources import open_source
+
+    root = tmp_path_factory.mktemp("offload")
+    src = build_hf_checkpoint(root / "hf", "mixtral", num_experts=8, num_layers=4,
+                              intermediate_size=128)  # fmt: skip
+    dst = root / "q4"
+    convert(open_source(str(src)), dst, Settings(bits=4, group_size=32, dtype="float16"),
+            quiet=True)  # fmt: skip
+    if not (dst / "tokenizer.model").exists():
+        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_q4):
+    return memory_plan(weights.locate(tiny_q4), 4)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_q4):
+    engine = Engine.load(str(tiny_q4))
+    chunks = list(engine.stream(MESSAGES, GREEDY))
+    assert len(engine.tokenizer.encode_chat(MESSAGES)) * 2 >= 64
+    return "".join(c.text for c in chunks), chunks[-1].stats
+
+
+def run(engine: Engine):
+    chunks = list(engine.stream(MESSAGES, GREEDY))
+    return "".join(c.text for c in chunks), chunks[-1].stats
+
+
+def cached_array_bytes(cache: ExpertCache) -> int:
+    total = 0
+    for key in cache.keys():
+        value = cache.get(key)
+        for arrays in value.values():
+            total += sum(a.nbytes for a in arrays if a is not None)
+    return total
+
+
+def test_greedy_tokens_identical_and_cache_within_budget(tiny_q4, plan, reference, monkeypatch):
+    monkeypatch.setenv("MIXCHAT_OFFLOAD_POLICY", "lru")
+    budget = plan.minimum_budget + 4 * plan.expert_bytes  # 12 of 32 experts
+    engine = Engine.load(str(tiny_q4), memory_budget=budget)
+    runtime = runtime_of(engine.model)
+    assert runtime is not None and engine.offload is runtime
+    # The experts are neither parameters of the model nor ever read whole.
+    names = [n for n, _ in __import__("mlx.utils").utils.tree_flatten(engine.model.parameters())]
+    assert names and not any(".switch_mlp." in n for n in names)
+    assert runtime.cache.capacity == budget - plan.resident_bytes - plan.reserve_bytes
+    text, stats = run(engine)
+    assert text == reference[0]
+    assert runtime.cache.peak <= runtime.cache.capacity
+    assert runtime.cache.used == cached_array_bytes(runtime.cache)  # bytes counted exactly
+    assert 0 < stats.expert_hit_rate < 1
+    assert stats.bytes_read_per_token > 0 and stats.load_seconds >= 0
+    assert stats.compute_seconds > 0
+    assert stats.generation_tokens == reference[1].generation_tokens
+    # A second turn reuses the KV cache and still matches.
+    engine.reset()
+    assert run(engine)[0] == reference[0]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_and_prefetch_gives_the_same_tokens(tiny_q4, plan, reference, monkeypatch,
+                                                         policy):  # fmt: skip
+    monkeypatch.setenv("MIXCHAT_OFFLOAD_POLICY", policy)
+    monkeypatch.setenv("MIXCHAT_OFFLOAD_PREFETCH", "1" if policy == "lru" else "0")
+    budget = plan.minimum_budget  # per layer: a quota of 2 experts, so prefill goes in groups
+    engine = Engine.load(str(tiny_q4), memory_budget=budget)
+    runtime = runtime_of(engine.model)
+    seen = []
+    original = runtime.cache._add
+
+    def spy(layer, nbytes):
+        original(layer, nbytes)
+        seen.append(runtime.cache.used)
+        if runtime.cache.per_layer:
+            assert runtime.cache.scope_used(layer) <= runtime.cache.quota
+
+    runtime.cache._add = spy
+    text, stats = run(engine)
+    assert text == reference[0]
+    assert seen and max(seen) <= runtime.cache.capacity
+    assert runtime.cache.used == cached_array_bytes(runtime.cache)
+    if policy == "lru":
+        assert runtime.snapshot().prefetch_reads > 0
+
+
+def test_budget_that_holds_everything_loads_normally(tiny_q4, plan, reference):
+    engine = Engine.load(str(tiny_q4), memory_budget=plan.full_bytes)
+    assert engine.offload is None
+    text, stats = run(engine)
+    assert text == reference[0] and stats.expert_hit_rate is None
+
+
+def test_offloaded_experts_match_stacked_experts(tiny_q4, plan):
+    """Prefill-sized batches (sorted path) and decode-sized ones, against `mixtral.Experts`."""
+    full = weights.build_model(weights.locate(tiny_q4))
+    small = weights.build_model(weights.locate(tiny_q4), memory_budget=plan.minimum_budget)
+    reference = full.layers[1].block_sparse_moe.switch_mlp
+    offloaded = small.layers[1].block_sparse_moe.switch_mlp
+    assert isinstance(offloaded, OffloadedExperts)
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 40):
+        x = mx.array(rng.standard_normal((n, 64)).astype(np.float32))
+        inds = mx.array(np.stack([rng.choice(8, 2, replace=False) for _ in range(n)]))
+        expected = np.array(reference(x, inds))
+        assert np.array_equal(np.array(offloaded(x, inds)), expected)
+
+
+@pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("target", [mx.float32, mx.float16, mx.bfloat16])
+def test_expert_reads_convert_like_astype(stored, target):
+    from model.offload import ExpertStore, _as_float, _Slice
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(4096) * rng.choice([1e-3, 1, 1e3], 4096)).astype(np.float32)
+    reference = {"F32": mx.array(values), "F16": mx.array(values.astype(np.float16)),
+                 "BF16": mx.array(values).astype(mx.bfloat16)}[stored]  # fmt: skip
+    raw = np.array(reference.view(mx.uint16) if stored == "BF16" else reference).view(np.uint8)
+    store = ExpertStore.__new__(ExpertStore)
+    store.dtype = target
+    converted = _as_float(store._to_array(raw.reshape(-1), _Slice(0, 0, raw.size, stored, (4096,))))
+    assert converted.dtype == target
+    expected = reference.astype(target)
+    assert np.array_equal(
+        np.array(converted.astype(mx.float32)), np.array(expected.astype(mx.float32))
+    )
+
+
+# --- the cache, on scripted access sequences ---------------------------------------------------
+
+
+def access(cache: ExpertCache, keys) -> list[bool]:
+    return [cache.access(k, 10) for k in keys]
+
+
+def test_lru_evicts_the_least_recently_used():
+    cache = ExpertCache(30, "lru", layers=[0])
+    a, b, c, d = (0, 0), (0, 1), (0, 2), (0, 3)
+    assert access(cache, [a, b, c, a, d]) == [False, False, False, True, False]
+    assert set(cache.keys()) == {a, c, d}  # b was the least recently used
+    assert access(cache, [a, b]) == [True, False]  # b evicts c now
+    assert set(cache.keys()) == {a, d, b} and cache.used == 30 and cache.evictions == 2
+
+
+def test_lfu_evicts_the_least_frequently_used_then_the_oldest():
+    cache = ExpertCache(30, "lfu", layers=[0])
+    a, b, c, d, e = ((0, i) for i in range(5))
+    access(cache, [a, a, b, b, c, d])  # c (1 use, older than d's) goes
+    assert set(cache.keys()) == {a, b, d}
+    access(cache, [e])  # d and e have 1 use each; d is older
+    assert set(cache.keys()) == {a, b, e}
+    # Frequencies survive eviction: c comes back with 2 uses and outlives e.
+    access(cache, [c])
+    access(cache, [c])
+    assert (0, 2) in cache.keys() and cache.frequency[(0, 2)] == 3
+
+
+def test_per_layer_quota_evicts_within_the_layer():
+    cache = ExpertCache(40, "lru-layer", layers=[0, 1])  # 20 bytes per layer
+    access(cache, [(0, 0), (0, 1), (1, 0)])
+    access(cache, [(0, 2)])  # layer 0 is full: its LRU goes, layer 1 untouched
+    assert set(cache.keys()) == {(0, 1), (0, 2), (1, 0)}
+    global_cache = ExpertCache(40, "lru", layers=[0, 1])  # one pool: any layer's LRU goes
+    access(global_cache, [(0, 0), (1, 0), (0, 1), (0, 2), (0, 3)])
+    assert set(global_cache.keys()) == {(1, 0), (0, 1), (0, 2), (0, 3)}
+    access(global_cache, [(0, 4)])
+    assert (1, 0) not in global_cache and global_cache.used == 40
+
+
+def test_pinned_and_loading_entries_are_never_evicted():
+    cache = ExpertCache(20, "lru", layers=[0])
+    assert cache.reserve((0, 0), 10) and cache.reserve((0, 1), 10)  # both still loading
+    assert not cache.reserve((0, 2), 10) and cache.used == 20
+    cache.fill((0, 0), "x")
+    cache.fill((0, 1), "y")
+    cache.pin((0, 0))
+    cache.pin((0, 1))
+    assert not cache.reserve((0, 2), 10)  # all pinned: refused, nothing evicted
+    assert cache.evictions == 0
+    cache.unpin((0, 0))
+    assert cache.reserve((0, 2), 10) and (0, 0) not in cache and cache.used == 20
+    assert not cache.reserve((0, 3), 30)  # larger than the capacity
+    assert cache.peak <= cache.capacity
+
+
+# --- prefetch ---------------------------------------------------------------------------------
+
+
+class FakeStore:
+    """Reads that block until released, counting what was read."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.read_keys: list = []
+
+    def expert_bytes(self, layer: int) -> int:
+        return 10
+
+    def read(self, layer: int, expert: int):
+        self.gate.wait(5)
+        self.read_keys.append((layer, expert))
+        return {"expert": (layer, expert)}, 8
+
+    def close(self) -> None:
+        pass
+
+
+def test_prefetch_reads_in_the_background_and_counts_hits():
+    store = FakeStore()
+    cache = ExpertCache(100, "lru", layers=[0, 1])
+    runtime = OffloadRuntime(store, cache, top_k=2, prefetch=True, io_threads=1)
+    store.gate.set()
+    got = runtime.demand(0, [0, 1], prefetch=(1, [2, 3]))
+    assert got[0] == {"expert": (0, 0)} and got[1] == {"expert": (0, 1)}
+    runtime._pool.submit(lambda: None).result()  # the single I/O thread has drained its queue
+    assert (1, 2) in cache and (1, 3) in cache
+    runtime.release()
+    runtime.demand(1, [2, 5])
+    c = runtime.snapshot()
+    assert c.demanded == 4 and c.hits == 1 and c.prefetch_hits == 1 and c.misses == 3
+    assert c.prefetch_reads == 2 and c.reads == 5 and c.bytes_read == 40
+    runtime.release()
+    assert cache.used == 50
+
+
+def test_wrong_guesses_not_yet_read_are_cancelled():
+    store = FakeStore()
+    cache = ExpertCache(100, "lru", layers=[0, 1])
+    runtime = OffloadRuntime(store, cache, top_k=2, prefetch=True, io_threads=1)
+    store.gate.set()
+    runtime.demand(0, [0])
+    runtime.release()
+    store.gate.clear()
+    blocker = runtime._pool.submit(store.gate.wait, 5)  # the I/O thread is busy
+    runtime.demand(0, [0], prefetch=(1, [6, 7]))  # queued behind the blocker
+    runtime.release()
+    assert cache.used == 30  # two placeholders hold their bytes
+    threading.Timer(0.2, store.gate.set).start()
+    runtime.demand(1, [6])  # cancels the wrong guess 7 (not started yet), then waits for 6
+    blocker.result()
+    runtime._pool.submit(lambda: None).result()
+    assert (1, 6) in cache and (1, 7) not in cache and (1, 7) not in store.read_keys
+    assert cache.used == 20
+    runtime.close()

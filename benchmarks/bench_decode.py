@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_quantize import mlx_lm_command
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = (
     "Explique la différence entre un modèle dense et un mélange d'experts, puis donne trois "
@@ -34,18 +36,7 @@ def convert(src: Path, dst: Path, extra: list[str]) -> Path:
     if not (dst / "config.json").exists():
         if dst.exists():
             shutil.rmtree(dst)
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlx_lm",
-            "convert",
-            "--hf-path",
-            str(src),
-            "--mlx-path",
-            str(dst),
-            "-q",
-            *extra,
-        ]
+        cmd = mlx_lm_command(src, dst, *extra)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         # transformers 5 no longer writes tokenizer.model; Mistral chat encoding needs it.
         shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")

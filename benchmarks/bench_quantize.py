@@ -32,18 +32,10 @@ def mixchat_command(src: Path, dst: Path) -> list[str]:
     return [*base, "quantize", str(src), str(dst), "--no-eval", "--quiet"]
 
 
-def mlx_lm_command(src: Path, dst: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlx_lm",
-        "convert",
-        "--hf-path",
-        str(src),
-        "--mlx-path",
-        str(dst),
-        "-q",
-    ]
+def mlx_lm_command(src: Path, dst: Path, *extra: str) -> list[str]:
+    """`mlx_lm.convert` to 4 bits with its defaults (plus `extra` options)."""
+    return [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src),
+            "--mlx-path", str(dst), "-q", *extra]  # fmt: skip
 
 
 def measure(cmd: list[str], dst: Path) -> tuple[float, int]:

@@ -23,9 +23,7 @@ than the cache can hold (a long prompt under a small budget), they are computed 
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import sys
 import threading
 import time
@@ -41,6 +39,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CheckpointError, MixchatError
+from .weights import read_safetensors_header
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer")
@@ -54,16 +53,10 @@ Key = tuple[int, int]  # (layer, expert)
 
 def tensor_locations(file: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
     """name -> (absolute start, stop, dtype, shape) of each tensor in a safetensors file."""
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    base = 8 + header_len
     return {
-        name: (base + info["data_offsets"][0], base + info["data_offsets"][1], info["dtype"],
-               tuple(info["shape"]))
-        for name, info in header.items()
-    }  # fmt: skip
+        name: (spec.offset, spec.offset + spec.nbytes, spec.dtype, spec.shape)
+        for name, spec in read_safetensors_header(file).items()
+    }
 
 
 # --- reading experts --------------------------------------------------------------------------

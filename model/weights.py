@@ -33,6 +33,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str  # safetensors spelling: "F32", "BF16", "U32", ...
     nbytes: int
+    offset: int = 0  # absolute byte offset of the data in its safetensors file
 
 
 @dataclass
@@ -62,7 +63,8 @@ class Checkpoint:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
-    """Shapes and dtypes from a safetensors header; checks the file is not truncated."""
+    """Shapes, dtypes and byte ranges from a safetensors header, without reading any tensor;
+    checks that the header is well-formed and the file is not truncated."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -73,17 +75,24 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
             if header_len > min(size - 8, 256 * 1024 * 1024):
                 raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} is not a safetensors file (bad header)")
     header.pop("__metadata__", None)
-    specs, end = {}, 0
+    specs, end, base = {}, 0, 8 + header_len
     for name, info in header.items():
-        start, stop = info["data_offsets"]
+        try:
+            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: malformed entry for tensor {name}") from None
         end = max(end, stop)
-        specs[name] = TensorSpec(tuple(info["shape"]), info["dtype"], stop - start)
-    if 8 + header_len + end > size:
+        specs[name] = TensorSpec(shape, dtype, stop - start, base + start)
+    if base + end > size:
         raise CheckpointError(
-            f"{path.name} is truncated: {size} bytes on disk, its header needs {8 + header_len + end}"
+            f"{path.name} is truncated: {size:,} bytes on disk, its header needs {base + end:,}"
         )
     return specs
 

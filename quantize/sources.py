@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import CheckpointError, UnsupportedModelError
+from model.weights import read_safetensors_header
 
 SUPPORTED_TYPES = ("mixtral", "mistral", "llama")
 # safetensors dtype -> (MLX dtype name, bytes per element)
@@ -164,45 +164,19 @@ def resolve_source(src: str) -> Path:
 
 
 def read_header(path: Path) -> dict[str, TensorRef]:
-    """Parse a safetensors header and check that the file holds all the bytes it announces."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path.name} is not a safetensors file (bad header)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} is not a safetensors file (bad header)")
-    header.pop("__metadata__", None)
+    """Parse a safetensors header (model.weights checks it is well-formed and not truncated);
+    every tensor must be a float one with consistent byte offsets."""
     tensors: dict[str, TensorRef] = {}
-    end = 0
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: malformed entry for tensor {name}") from None
-        if dtype not in FLOAT_DTYPES:
+    for name, spec in read_safetensors_header(path).items():
+        if spec.dtype not in FLOAT_DTYPES:
             raise UnsupportedModelError(
-                f"{path.name}: tensor {name} has dtype {dtype}; mixchat quantizes float16, "
+                f"{path.name}: tensor {name} has dtype {spec.dtype}; mixchat quantizes float16, "
                 "bfloat16 or float32 checkpoints (is this one already quantized?)"
             )
-        ref = TensorRef(path, name, dtype, shape)
-        if stop - start != ref.nbytes:
+        ref = TensorRef(path, name, spec.dtype, spec.shape)
+        if spec.nbytes != ref.nbytes:
             raise CheckpointError(f"{path.name}: tensor {name} has inconsistent byte offsets")
-        end = max(end, stop)
         tensors[name] = ref
-    if size < 8 + n + end:
-        raise CheckpointError(
-            f"{path.name} is truncated: {size:,} bytes, its header needs {8 + n + end:,}"
-        )
     return tensors
 
 

@@ -40,3 +40,9 @@ def default_model_path():
     from model.registry import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture
+def anyio_backend():
+    """Pilot tests (`App.run_test`) run on asyncio."""
+    return "asyncio"

@@ -26,11 +26,6 @@ from tests.test_tui_helpers import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_send_streams_markdown_reply_and_saves_both_messages(tmp_path):
     engine = FakeEngine()
     app = make_app(tmp_path, engine)

@@ -32,11 +32,6 @@ from tests.test_tui_helpers import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_new_chat_clears_the_view_and_keeps_the_old_chat_in_the_sidebar(tmp_path):
     engine = FakeEngine(["first reply", "second reply"])
     app = make_app(tmp_path, engine)

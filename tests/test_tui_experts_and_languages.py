@@ -20,11 +20,6 @@ from tests.test_tui_helpers import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def test_experts_heatmap_fills_in_live_and_costs_nothing_when_hidden(tmp_path):
     engine = FakeEngine("a b c d e f g h i j", pause_after_tokens=4, token_delay=0)
     app = make_app(tmp_path, engine)

@@ -19,11 +19,6 @@ except ImportError as error:  # pragma: no cover - model/ is part of the project
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.skipif(Engine is None, reason=f"model.Engine cannot be imported: {IMPORT_ERROR}")
 async def test_chat_turn_with_the_embedded_default_model(tmp_path):
     app = MixchatApp(

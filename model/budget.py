@@ -589,6 +589,11 @@ class FitReport:
             )
         if p.feasible:
             rows.append(("decode speed", f"≈ {p.tps:.1f} tok/s at most, {self._why(p)}"))
+            import mlx.core as mx
+
+            if mx.default_device().type == mx.DeviceType.cpu:
+                rows.append(("note", "a bandwidth bound: on MLX's CPU backend the quantized "
+                                     "kernels are compute-bound far below it (BENCHMARKS.md)"))  # fmt: skip
         if self.disk_bandwidth is not None:
             rows.append(("disk read", f"{format_bytes(self.disk_bandwidth)}/s: {self.disk_method}"))
         rows.append(

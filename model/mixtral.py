@@ -30,7 +30,7 @@ from .errors import CheckpointError
 # Streams belong to the thread that made them, so they are made lazily in each thread.
 _stream_count = 1
 _thread_streams = threading.local()
-MIN_SPLIT_ELEMENTS = 1 << 18  # smaller weights are not worth a split (measured: BENCHMARKS.md)
+MIN_SPLIT_ELEMENTS = 1 << 16  # weights of fewer (logical) elements are not worth a split
 
 
 def use_parallel_streams(count: int) -> None:
@@ -57,10 +57,10 @@ def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
     """layer(x) for a Linear or an Embedding used as LM head (quantized or not), split across
     the compute streams: by output rows for one token, by tokens for several."""
-    weight = layer["weight"]
+    weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
     streams = compute_streams()
-    if len(streams) == 1 or weight.size < MIN_SPLIT_ELEMENTS:
+    if len(streams) == 1 or weight.shape[0] * x.shape[-1] < MIN_SPLIT_ELEMENTS:
         return layer.as_linear(x) if as_head else layer(x)
     if x.size == x.shape[-1]:  # one token: each stream computes a slice of the outputs
         scales, biases = layer.get("scales"), layer.get("biases")

@@ -53,11 +53,11 @@ def worker(tool: str, path: str, max_tokens: int, short: bool = False) -> dict:
     messages = [{"role": "user", "content": "Bonjour !" if short else PROMPT}]
     if tool == "mixchat-1-stream":  # ablation: everything on the default stream
         os.environ["MIXCHAT_STREAMS"] = "1"
-    prompt = load_tokenizer(Path(path)).encode_chat(messages)
     t_load = time.perf_counter()
     token_times = []
     if tool.startswith("mixchat"):
         engine = Engine.load(path)
+        prompt = engine.tokenizer.encode_chat(messages)
         t_start = time.perf_counter()
         stream = engine.stream(messages, GenerationSettings(max_tokens=max_tokens, temperature=0))
         tokens = 0
@@ -67,6 +67,7 @@ def worker(tool: str, path: str, max_tokens: int, short: bool = False) -> dict:
     else:
         from mlx_lm import load, stream_generate
 
+        prompt = load_tokenizer(Path(path)).encode_chat(messages)  # the ids mixchat feeds
         model, tokenizer = load(path)
         t_start = time.perf_counter()
         tokens = 0
@@ -122,12 +123,12 @@ def bytes_per_token(path: Path) -> float:
 
     checkpoint = weights.locate(path)
     args = checkpoint.args
-    share = args.num_experts_per_tok / args.num_local_experts
+    share = args.num_experts_per_tok / args.num_local_experts if args.is_moe else 1.0
     total = 0.0
     for name, spec in checkpoint.tensors.items():
         size = spec.nbytes * (2 if spec.dtype in ("F16", "BF16") else 1)
-        if name == "model.embed_tokens.weight" or name.startswith("model.embed_tokens."):
-            size = size / args.vocab_size  # one row is read
+        if name.startswith("model.embed_tokens.") and not args.tie_word_embeddings:
+            size = size / args.vocab_size  # one row is read (a tied one is the LM head too)
         total += size * (share if ".switch_mlp." in name else 1)
     return total
 
@@ -141,6 +142,8 @@ def main() -> None:
         help="tokens for mlx-lm on the float16-scale file (~0.15 tok/s; a short prompt); 0: skip",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    parser.add_argument("--default-model", action="store_true",
+                        help="also time the embedded default model, with one and two streams")
     parser.add_argument(
         "--worker", nargs=3, metavar=("TOOL", "PATH", "TOKENS"), help=argparse.SUPPRESS
     )
@@ -175,10 +178,21 @@ def main() -> None:
             )
     if args.slow_tokens:  # a short prompt: mlx-lm's float16 CPU kernels are ~40x slower
         results.append(run_worker("mlx-lm", q4_default, args.slow_tokens, short=True))
+    default_model = None
+    if args.default_model:  # the embedded GGUF: mlx-lm does not run GGUF, so no peer row
+        from model.registry import default_model_path
+
+        default_model = default_model_path()
+        for _ in range(args.rounds):
+            for tool in ("mixchat", "mixchat-1-stream"):
+                results.append(run_worker(tool, default_model, args.max_tokens))
 
     bandwidth = memory_bandwidth_gbs()
     per_token = bytes_per_token(q4_default)
     bound = bandwidth * 1e9 / per_token
+    bounds = {q4_default.name: bound, q4_f32.name: bandwidth * 1e9 / bytes_per_token(q4_f32)}
+    if default_model is not None:
+        bounds[default_model.name] = bandwidth * 1e9 / bytes_per_token(default_model)
 
     def median(tool: str, ckpt: str, key: str) -> float:
         values = [r[key] for r in results if r["tool"] == tool and r["checkpoint"] == ckpt]
@@ -192,6 +206,8 @@ def main() -> None:
     ]
     if args.slow_tokens:
         rows.append(("mlx-lm", q4_default.name))
+    if default_model is not None:
+        rows += [("mixchat", default_model.name), ("mixchat-1-stream", default_model.name)]
     best_peer = median("mlx-lm", q4_f32.name, "generation_tps")
     print(
         f"\nmemory bandwidth {bandwidth:.1f} GB/s; weights read per token "
@@ -204,9 +220,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for tool, ckpt in rows:
         decode = median(tool, ckpt, "generation_tps")
+        vs_peer = f"{decode / best_peer:.2f}x" if ckpt != getattr(default_model, "name", "") else "—"
         print(
             f"| {tool} | {ckpt} | {median(tool, ckpt, 'prompt_tps'):.2f} | {decode:.2f} | "
-            f"{decode / best_peer:.2f}x | {decode / bound:.1%} | "
+            f"{vs_peer} | {decode / bounds[ckpt]:.1%} | "
             f"{median(tool, ckpt, 'peak_mlx_gb'):.2f} GB | {median(tool, ckpt, 'max_rss_gb'):.2f} GB |"
         )
     (args.out / "bench_decode.json").write_text(

@@ -39,7 +39,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CheckpointError, MixchatError
-from .weights import read_safetensors_header
+from .safetensors_header import read_safetensors_header
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer")

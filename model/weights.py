@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ModelArgs
 from .errors import CheckpointError, MixchatError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
+from .safetensors_header import TensorSpec, read_safetensors_header
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
@@ -26,14 +26,6 @@ _DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.ui
                 mx.int32: "I32", mx.uint8: "U8"}
 HALF_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "float16": mx.float16,
                "bfloat16": mx.bfloat16}
-
-
-@dataclass
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: str  # safetensors spelling: "F32", "BF16", "U32", ...
-    nbytes: int
-    offset: int = 0  # absolute byte offset of the data in its safetensors file
 
 
 @dataclass
@@ -60,41 +52,6 @@ class Checkpoint:
             if spec.dtype in ("F32", "F16", "BF16"):
                 counts[spec.dtype] = counts.get(spec.dtype, 0) + spec.nbytes
         return max(counts, key=counts.get) if counts else "F32"
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
-    """Shapes, dtypes and byte ranges from a safetensors header, without reading any tensor;
-    checks that the header is well-formed and the file is not truncated."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
-            header_len = struct.unpack("<Q", raw)[0]
-            if header_len > min(size - 8, 256 * 1024 * 1024):
-                raise CheckpointError(f"{path.name} is truncated or not a safetensors file")
-            header = json.loads(f.read(header_len))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path.name} is not a safetensors file (bad header)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} is not a safetensors file (bad header)")
-    header.pop("__metadata__", None)
-    specs, end, base = {}, 0, 8 + header_len
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: malformed entry for tensor {name}") from None
-        end = max(end, stop)
-        specs[name] = TensorSpec(shape, dtype, stop - start, base + start)
-    if base + end > size:
-        raise CheckpointError(
-            f"{path.name} is truncated: {size:,} bytes on disk, its header needs {base + end:,}"
-        )
-    return specs
 
 
 def locate(path: Path) -> Checkpoint:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import CheckpointError, UnsupportedModelError
-from model.weights import read_safetensors_header
+from model.safetensors_header import read_safetensors_header
 
 SUPPORTED_TYPES = ("mixtral", "mistral", "llama")
 # safetensors dtype -> (MLX dtype name, bytes per element)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
+# Pickled checkpoint formats: refused, never opened (unpickling can run arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
+
 
 @dataclass
 class TensorSpec:

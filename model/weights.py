@@ -17,9 +17,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ModelArgs
 from .errors import CheckpointError, MixchatError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
-from .safetensors_header import TensorSpec, read_safetensors_header
+from .safetensors_header import PICKLE_SUFFIXES, TensorSpec, read_safetensors_header
 
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import CheckpointError, MixchatError
+from model.safetensors_header import PICKLE_SUFFIXES
 
 from .progress import byte_progress, fmt_bytes, stderr_console
 
@@ -31,7 +32,6 @@ TOKENIZER_FILES = (
 )
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 MISTRAL_FILES = ("params.json", "consolidated.safetensors.index.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def _offline() -> bool:

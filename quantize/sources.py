@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import CheckpointError, UnsupportedModelError
-from model.safetensors_header import read_safetensors_header
+from model.safetensors_header import PICKLE_SUFFIXES, read_safetensors_header
 
 SUPPORTED_TYPES = ("mixtral", "mistral", "llama")
 # safetensors dtype -> (MLX dtype name, bytes per element)
 FLOAT_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tokenizer and generation files copied next to the quantized weights.
 HF_EXTRA_FILES = (
     "tokenizer.model",

@@ -16,23 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass
-class FakeGenerationStats:
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
-    context_tokens: int = 0
-    finish_reason: str = ""
-    expert_hit_rate: float | None = None  # set when experts stream from disk (memory budget)
-
-
-@dataclass
-class FakeChunk:
-    text: str
-    stats: FakeGenerationStats | None = None
+from model.generate import Chunk, GenerationStats  # the contract's own types, not copies
 
 
 @dataclass
@@ -136,7 +120,7 @@ class FakeEngine:
     def reset(self) -> None:
         self.resets += 1
 
-    def stream(self, messages: list[dict], settings=None) -> Iterator[FakeChunk]:
+    def stream(self, messages: list[dict], settings=None) -> Iterator[Chunk]:
         self._cancelled.clear()
         self.release.clear()
         self.paused.clear()
@@ -168,10 +152,10 @@ class FakeEngine:
             if observer is not None and self.info.num_experts:
                 observer(self._routing_counts(generated))
                 self.observed_tokens += 1
-            yield FakeChunk(token)
-        yield FakeChunk(
+            yield Chunk(token)
+        yield Chunk(
             "",
-            FakeGenerationStats(
+            GenerationStats(
                 prompt_tokens=prompt_tokens,
                 prompt_tps=1000.0,
                 generation_tokens=generated,

@@ -1,4 +1,4 @@
-"""`mixchat download` and `mixchat quantize`: `register(subparsers)` adds both to mixchat's CLI."""
+"""`mixchat download`, `quantize` and `compare`: `register(subparsers)` adds them to mixchat's CLI."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     q.set_defaults(func=run_quantize)
 
+    from .compare import register as register_compare
+
+    register_compare(subparsers)
+
 
 def run_download(args: argparse.Namespace) -> int:
     from .download import download
@@ -92,7 +96,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from .convert import Settings, convert
-    from .report import format_report, quality_report, save_report, source_fits
+    from .report import format_report, quality_report, save_report
     from .sources import open_source
 
     console = stderr_console()
@@ -130,13 +134,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         )
     if args.no_eval:
         return 0
-    fits, why = source_fits(source)
-    if not fits:
-        say(f"Quality report skipped: {why} (--no-eval skips it silently)")
-        return 0
-    say("Comparing with the source on the built-in multilingual text…")
+    say("Comparing with the source on the built-in multilingual text, layer by layer…")
     try:
-        report = quality_report(source, Path(args.dst), settings=asdict(settings))
+        report = quality_report(source, Path(args.dst), settings=asdict(settings), quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"mixchat: quality report interrupted; {args.dst} is complete", file=sys.stderr)
         return 130

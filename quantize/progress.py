@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -73,3 +76,28 @@ def byte_progress(quiet: bool) -> Progress | None:
         console=stderr_console(),
         transient=False,
     )
+
+
+@contextmanager
+def step_progress(description: str, quiet: bool) -> Iterator[Callable[[str, int], None]]:
+    """A steps-done bar on stderr; yields `advance(what, total)`, a no-op when quiet or when
+    stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda what, total: None
+        return
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[what]}"),
+        TimeRemainingColumn(),
+        console=stderr_console(),
+        transient=False,
+    )
+    task = progress.add_task(description, total=None, what="")
+
+    def advance(what: str, total: int) -> None:
+        progress.update(task, total=total, advance=1, what=what)
+
+    with progress:
+        yield advance

@@ -101,6 +101,16 @@ class Target:
         # A fresh mx.load per tensor: no dictionary keeps evaluated tensors alive afterwards.
         return self.assemble([mx.load(str(r.file))[r.name] for r in self.refs])
 
+    def load_expert(self, expert: int) -> Any:
+        """Expert `expert` of an "experts" target, [1, out, in], lazily; where the source stores
+        experts separately only that expert's tensor is read."""
+        import mlx.core as mx
+
+        if self.assemble is _stack:
+            ref = self.refs[expert]
+            return mx.load(str(ref.file))[ref.name][None]
+        return self.load()[expert : expert + 1]
+
 
 @dataclass
 class Source:

@@ -1,0 +1,512 @@
+"""Streamed evaluation of two models over the same tokens, one layer at a time.
+
+Both models are advanced together: the embedding rows of the tokens, then for each layer i the
+reference's layer i is read, the reference's hidden states [1, T, hidden] go through it, it is
+freed, and the same for the candidate. MoE experts are applied one at a time (a Mixtral-8x7B
+layer's experts are 5.6 GB in float32; one expert is 0.7 GB), and each layer's router choices
+are compared as they come. The final norm and LM head run in slices of the vocabulary, with the
+log-softmax statistics accumulated online (running max and sum of exponentials), so the [T, vocab]
+logits of the two models never exist whole. Memory: one layer of one model (one expert of it),
+each model's LM head as stored, the hidden states of both, and one [T, slice] block of logits.
+
+Weights come in through `Weights`: `SourceWeights` for what `mixchat quantize` reads (Hugging
+Face and Mistral float checkpoints, quantize/sources.py) and `CheckpointWeights` for what
+mixchat's loader reads (MLX-quantized directories, GGUF files, model/weights.py). Quantized
+tensors are dequantized into the compute dtype (float32 on the CPU) module by module, which gives
+the numbers of the whole model loaded and dequantized in memory (quantize/report.py's old way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from model.config import ModelArgs
+from model.errors import CheckpointError, MixchatError
+from model.mixtral import Block, Experts, create_attention_mask
+from model.safetensors_header import read_safetensors_header
+from model.weights import Checkpoint, _quantization_predicate, compute_dtype
+
+# Logits are computed in [T, rows] blocks of at most this many elements (16 MB in float32).
+SLICE_ELEMENTS = 1 << 22
+EXPERT_PROJECTIONS = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+PARTS = ("weight", "scales", "biases")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class Weights:
+    """One model's tensors under mlx-lm's names, read lazily and only when asked for."""
+
+    name: str
+    args: ModelArgs
+    dtype: mx.Dtype  # compute dtype
+
+    def take(self, prefix: str) -> dict[str, mx.array]:
+        """Every tensor of module `prefix` and its children, MoE experts excepted (lazy)."""
+        raise NotImplementedError
+
+    def take_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
+        """Expert `expert` of layer `layer`: `...switch_mlp.{proj}.{part}` with a leading 1."""
+        raise NotImplementedError
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+class SourceWeights(Weights):
+    """A float checkpoint as `mixchat quantize` reads it (quantize.sources.Source)."""
+
+    def __init__(self, source: Any, dtype: str | None = None):
+        self.name = str(source.path)
+        self.args = ModelArgs.from_hf_config(source.config)
+        self.targets = {t.module: t for t in source.targets}
+        self.dtype = compute_dtype(SimpleNamespace(source_dtype=source.dtype), dtype)
+
+    def take(self, prefix: str) -> dict[str, mx.array]:
+        return {
+            f"{m}.weight": t.load()
+            for m, t in self.targets.items()
+            if (m == prefix or _under(m, prefix)) and t.kind != "experts"
+        }
+
+    def take_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
+        base = f"model.layers.{layer}.block_sparse_moe.switch_mlp"
+        return {
+            f"{base}.{proj}.weight": self.targets[f"{base}.{proj}"].load_expert(expert)
+            for proj, _ in EXPERT_PROJECTIONS
+        }
+
+
+class CheckpointWeights(Weights):
+    """A checkpoint as mixchat's loader reads it (model.weights.Checkpoint): HF or MLX
+    (quantized) safetensors, or GGUF. Each tensor comes from a fresh lazy `mx.load`, so nothing
+    read stays referenced once its module is freed."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str | None = None):
+        self.name = str(checkpoint.path)
+        self.args = checkpoint.args
+        self.checkpoint = checkpoint
+        self.dtype = compute_dtype(checkpoint, dtype)
+        self.files: dict[str, Path] = {}
+        if checkpoint.gguf_arrays is None:
+            for file in checkpoint.files:
+                self.files.update(dict.fromkeys(read_safetensors_header(file), file))
+            names = self.files
+        else:
+            names = checkpoint.gguf_arrays
+        self.names = {n for n in names if "rotary_emb.inv_freq" not in n}
+        if self.args.tie_word_embeddings:
+            self.names = {n for n in self.names if not n.startswith("lm_head.")}
+
+    def _read(self, name: str) -> mx.array:
+        if self.checkpoint.gguf_arrays is not None:
+            return self.checkpoint.gguf_arrays[name]
+        try:
+            return mx.load(str(self.files[name]))[name]
+        except Exception as e:
+            raise CheckpointError(f"cannot read {self.files[name].name}: {e}") from None
+
+    def take(self, prefix: str) -> dict[str, mx.array]:
+        return {
+            n: self._read(n)
+            for n in sorted(self.names)
+            if _under(n, prefix)
+            and ".block_sparse_moe.experts." not in n
+            and ".block_sparse_moe.switch_mlp." not in n
+        }
+
+    def take_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
+        moe = f"model.layers.{layer}.block_sparse_moe"
+        out = {}
+        for proj, hf in EXPERT_PROJECTIONS:
+            for part in PARTS:
+                single = f"{moe}.experts.{expert}.{hf}.{part}"  # Hugging Face: one per expert
+                stacked = f"{moe}.switch_mlp.{proj}.{part}"  # mlx-lm, GGUF: [E, out, in]
+                if single in self.names:
+                    out[f"{moe}.switch_mlp.{proj}.{part}"] = self._read(single)[None]
+                elif stacked in self.names:
+                    out[stacked] = self._read(stacked)[expert : expert + 1]
+        return out
+
+
+def open_weights(spec: str, dtype: str | None = None) -> tuple[Weights, Any]:
+    """A model argument (path or cached repo id) -> (its Weights, its tokenizer).
+
+    Float Hugging Face and Mistral-format checkpoints are read as `mixchat quantize` reads them
+    (every tensor's name and shape checked first); quantized directories and GGUF files as
+    mixchat's loader reads them."""
+    from model.registry import resolve
+    from model.tokenizer import load_tokenizer
+    from model.weights import locate
+
+    from .sources import open_source
+
+    path = resolve(spec)
+    if path.is_dir() and not _is_quantized_dir(path):
+        source = open_source(path)
+        return SourceWeights(source, dtype), load_tokenizer(path)
+    checkpoint = locate(path)
+    tokenizer = load_tokenizer(
+        checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
+    )
+    return CheckpointWeights(checkpoint, dtype), tokenizer
+
+
+def _is_quantized_dir(path: Path) -> bool:
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return not (path / "params.json").is_file()  # a GGUF directory, or an error from locate
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False  # open_source gives the one-line error
+    return isinstance(data, dict) and bool(
+        data.get("quantization") or data.get("quantization_config")
+    )
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _as_compute(
+    weights: dict[str, mx.array], module: nn.Module, prefix: str, args: ModelArgs, dtype: mx.Dtype
+) -> dict[str, mx.array]:
+    """`weights` (full names) for `module` rooted at `prefix`, with quantized matrices
+    dequantized and every floating tensor in `dtype` (still lazy)."""
+    predicate = _quantization_predicate(args, weights)
+    out: dict[str, mx.array] = {}
+    for rel, sub in module.named_modules():
+        full = ".".join(p for p in (prefix, rel) if p)
+        if f"{full}.scales" not in weights:
+            continue
+        q = predicate(full, sub)
+        if not isinstance(q, dict):
+            raise CheckpointError(f"{full} has quantization scales but cannot be quantized")
+        biases = weights.get(f"{full}.biases")
+        out[f"{full}.weight"] = mx.dequantize(
+            weights[f"{full}.weight"],
+            weights[f"{full}.scales"].astype(dtype),
+            None if biases is None else biases.astype(dtype),
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+        )
+    for name, w in weights.items():
+        if name in out or (
+            name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in out
+        ):
+            continue
+        out[name] = w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+    return out
+
+
+def _load(
+    module: nn.Module, prefix: str, weights: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype
+) -> nn.Module:
+    """Fill `module` (rooted at `prefix`) from `weights`, checking names and shapes; evaluated."""
+    ready = _as_compute(weights, module, prefix, args, dtype)
+    weights.clear()
+    strip = len(prefix) + 1 if prefix else 0
+    expected = dict(tree_flatten(module.parameters()))
+    for rel, param in expected.items():
+        full = ".".join(p for p in (prefix, rel) if p)
+        if full not in ready:
+            raise CheckpointError(
+                f"checkpoint lacks tensor {full} (expected shape {tuple(param.shape)})"
+            )
+        if tuple(ready[full].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor {full} has shape {tuple(ready[full].shape)}, but the config implies "
+                f"{tuple(param.shape)}"
+            )
+    unexpected = sorted(n for n in ready if n[strip:] not in expected)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}")
+    module.update(tree_unflatten([(n[strip:], w) for n, w in ready.items()]))
+    try:
+        mx.eval(module.parameters())
+    except Exception as e:
+        raise CheckpointError(f"cannot read weights of {prefix or 'the model'}: {e}") from None
+    return module
+
+
+def _rows(w: Weights, prefix: str, rows: slice | mx.array, in_dims: int) -> mx.array:
+    """Rows of a [vocab, hidden] matrix (embedding or LM head), dequantized, in compute dtype."""
+    tensors = w.take(prefix)
+    table = {n: a[rows] for n, a in tensors.items()}
+    n_rows = next(iter(table.values())).shape[0]
+    like = nn.Linear(in_dims, n_rows, bias=False)
+    return _as_compute(table, like, prefix, w.args, w.dtype)[f"{prefix}.weight"]
+
+
+class _Head:
+    """A model's LM head kept as stored (quantized or half), dequantized one slice at a time."""
+
+    def __init__(self, w: Weights):
+        args = w.args
+        self.prefix = "model.embed_tokens" if args.tie_word_embeddings else "lm_head"
+        self.tensors = w.take(self.prefix)
+        if f"{self.prefix}.weight" not in self.tensors:
+            raise CheckpointError(f"checkpoint lacks tensor {self.prefix}.weight")
+        mx.eval(self.tensors)
+        self.w = w
+
+    def logits(self, h: mx.array, a: int, b: int) -> mx.array:
+        """h [N, hidden] -> logits [N, b - a] for vocabulary entries a..b-1 (float32)."""
+        table = {n: t[a:b] for n, t in self.tensors.items()}
+        like = nn.Linear(self.w.args.hidden_size, b - a, bias=False)
+        weight = _as_compute(table, like, self.prefix, self.w.args, self.w.dtype)[
+            f"{self.prefix}.weight"
+        ]
+        if weight.shape != (b - a, self.w.args.hidden_size):
+            raise CheckpointError(f"tensor {self.prefix}.weight has the wrong shape")
+        return (h @ weight.T).astype(mx.float32)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _route(moe: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
+    """The router's top-k experts and their weights, as model.mixtral.SparseMoE computes them."""
+    logits = moe.gate(x)
+    inds = mx.argpartition(-logits, kth=moe.top_k - 1, axis=-1)[..., : moe.top_k]
+    weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
+    return inds, weights
+
+
+def run_layer(
+    w: Weights, i: int, h: mx.array, mask: Any, step: Callable[[], None] | None = None
+) -> tuple[mx.array, np.ndarray | None]:
+    """h [1, T, hidden] through layer i of `w` -> (new h, expert choices [T, k] or None)."""
+    args = w.args
+    prefix = f"model.layers.{i}"
+    block = Block(args)
+    if args.is_moe:
+        del block.block_sparse_moe["switch_mlp"]  # applied one expert at a time below
+    _load(block, prefix, w.take(prefix), args, w.dtype)
+    h = h + block.self_attn(block.input_layernorm(h), mask, None)
+    x = block.post_attention_layernorm(h)
+    if not args.is_moe:
+        out = h + block.mlp(x)
+        mx.eval(out)
+        return out, None
+    T, H = x.shape[1], x.shape[2]
+    x = x.reshape(T, H)
+    inds, gates = _route(block.block_sparse_moe, x)  # [T, k] each
+    mx.eval(h, x, inds, gates)
+    del block
+    mx.clear_cache()
+    choices = np.array(inds)
+    y = mx.zeros((T, H), dtype=h.dtype)
+    for e in range(args.num_local_experts):
+        tokens, slots = np.nonzero(choices == e)
+        if len(tokens):
+            experts = Experts(H, args.intermediate_size, 1)
+            _load(
+                experts, f"{prefix}.block_sparse_moe.switch_mlp", w.take_expert(i, e), args, w.dtype
+            )
+            rows, slot = mx.array(tokens), mx.array(slots)
+            out = experts(x[rows], mx.zeros((len(tokens), 1), dtype=mx.uint32))[:, 0]  # [n, H]
+            y = y.at[rows].add(out * gates[rows, slot][:, None])
+            mx.eval(y)
+            del experts, out
+            mx.clear_cache()
+        if step:
+            step()
+    return h + y[None], choices
+
+
+@dataclass
+class Comparison:
+    """Next-token statistics of a candidate model against a reference on the same tokens."""
+
+    tokens: int
+    perplexity_reference: float
+    perplexity_candidate: float
+    kl_divergence: float  # mean KL(reference || candidate), nats per predicted token
+    top1_agreement: float  # share of positions where both models' most likely token is the same
+    router_agreement: float | None  # share of token x layer expert sets unchanged; None: dense
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LogSoftmaxStats:
+    """Per-position running max, sum of exp, target logit and argmax over vocabulary slices."""
+
+    def __init__(self, n: int):
+        self.max = np.full(n, -np.inf)
+        self.sum = np.zeros(n)
+        self.target = np.zeros(n)
+        self.best = np.full(n, -np.inf)
+        self.argmax = np.zeros(n, dtype=np.int64)
+
+    def add(self, logits: np.ndarray, a: int, targets: np.ndarray) -> np.ndarray:
+        """Fold in logits [n, rows] of vocabulary a..; returns the rescale factor of `sum`."""
+        m = np.maximum(self.max, logits.max(axis=1))
+        scale = np.exp(self.max - m)
+        self.sum = self.sum * scale + np.exp(logits - m[:, None]).sum(axis=1)
+        self.max = m
+        inside = (targets >= a) & (targets < a + logits.shape[1])
+        self.target[inside] = logits[inside, targets[inside] - a]
+        arg = logits.argmax(axis=1)
+        val = logits[np.arange(len(arg)), arg]
+        better = val > self.best
+        self.best[better], self.argmax[better] = val[better], arg[better] + a
+        return scale
+
+    @property
+    def logsumexp(self) -> np.ndarray:
+        return self.max + np.log(self.sum)
+
+
+def vocabulary_slices(vocab: int, hidden: int, positions: int) -> list[tuple[int, int]]:
+    """Vocabulary ranges whose [positions, rows] float32 logits stay under SLICE_ELEMENTS and
+    under a quarter of the LM head's own size."""
+    rows = max(1, min(SLICE_ELEMENTS, vocab * hidden // 4) // max(positions, 1))
+    return [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)]
+
+
+def token_statistics(
+    blocks: Iterable[tuple[int, np.ndarray, np.ndarray]], targets: np.ndarray
+) -> tuple[float, float, float, float]:
+    """(perplexity of p, perplexity of q, mean KL(p || q), top-1 agreement) from blocks
+    (a, logits_p [n, rows], logits_q [n, rows]) covering the vocabulary from entry a on, in
+    order; `targets` [n] the next tokens. Nothing of size [n, vocab] is kept:
+    KL = sum_v exp(lp_v - m_p) (lp_v - lq_v) / Z_p - logsumexp(lp) + logsumexp(lq)."""
+    n = len(targets)
+    p, q = _LogSoftmaxStats(n), _LogSoftmaxStats(n)
+    cross = np.zeros(n)  # sum of exp(lp_v - p.max) * (lp_v - lq_v), rescaled as p.max grows
+    for a, lp, lq in blocks:
+        scale = p.add(lp, a, targets)
+        q.add(lq, a, targets)
+        cross = cross * scale + (np.exp(lp - p.max[:, None]) * (lp - lq)).sum(axis=1)
+    lse_p, lse_q = p.logsumexp, q.logsumexp
+    kl = cross / p.sum - lse_p + lse_q
+    return (
+        float(np.exp((lse_p - p.target).mean())),
+        float(np.exp((lse_q - q.target).mean())),
+        float(kl.mean()),
+        float((p.argmax == q.argmax).mean()),
+    )
+
+
+def evaluate(
+    reference: Weights,
+    candidate: Weights,
+    ids: list[int],
+    progress: Callable[[str, int], None] | None = None,
+) -> Comparison:
+    """Stream both models over `ids` (see the module docstring). `progress(what, total)` is
+    called once per step (a model's embedding, layer, expert or head), `total` the step count."""
+    check_compatible(reference, candidate)
+    args = reference.args
+    if len(ids) < 2:
+        raise MixchatError("the evaluation text needs at least 2 tokens")
+    if max(ids) >= args.vocab_size or min(ids) < 0:
+        raise MixchatError(f"token id {max(ids)} is outside the vocabulary of {args.vocab_size}")
+    per_layer = 1 + (args.num_local_experts if args.is_moe else 0)
+    total = 2 * (2 + args.num_hidden_layers * per_layer)
+
+    def step(what: str) -> Callable[[], None]:
+        return lambda: progress(what, total) if progress else None
+
+    models = (reference, candidate)
+    tokens = mx.array(ids)
+    hidden = []
+    for w in models:
+        h = _rows(w, "model.embed_tokens", tokens, args.hidden_size)[None]  # [1, T, hidden]
+        mx.eval(h)
+        hidden.append(h)
+        step("embedding")()
+    masks = [
+        create_attention_mask(h, None, window_size=w.args.sliding_window)
+        for h, w in zip(hidden, models)
+    ]
+    same = 0
+    for i in range(args.num_hidden_layers):
+        routes = []
+        for k, w in enumerate(models):
+            on_expert = step(f"layer {i + 1}/{args.num_hidden_layers}")
+            hidden[k], choice = run_layer(w, i, hidden[k], masks[k], on_expert)
+            routes.append(choice)
+            on_expert()
+            mx.clear_cache()
+        if routes[0] is not None:
+            same += int(np.all(np.sort(routes[0], -1) == np.sort(routes[1], -1), axis=-1).sum())
+    # Next-token predictions: positions 0..T-2 predict ids[1:].
+    n = len(ids) - 1
+    targets = np.asarray(ids[1:])
+    normed, heads = [], []
+    for k, w in enumerate(models):
+        norm = _load(
+            nn.RMSNorm(args.hidden_size, eps=w.args.rms_norm_eps),
+            "model.norm",
+            w.take("model.norm"),
+            w.args,
+            w.dtype,
+        )
+        normed.append(norm(hidden[k][0, :n]))
+        heads.append(_Head(w))
+        mx.eval(normed[-1])
+    hidden.clear()
+
+    def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for a, b in vocabulary_slices(args.vocab_size, args.hidden_size, n):
+            lp = np.array(heads[0].logits(normed[0], a, b), dtype=np.float64)
+            lq = np.array(heads[1].logits(normed[1], a, b), dtype=np.float64)
+            mx.clear_cache()
+            yield a, lp, lq
+
+    ppl_p, ppl_q, kl, top1 = token_statistics(blocks(), targets)
+    for _ in models:
+        step("LM head")()
+    positions = len(ids) * args.num_hidden_layers
+    return Comparison(
+        tokens=len(ids),
+        perplexity_reference=ppl_p,
+        perplexity_candidate=ppl_q,
+        kl_divergence=kl,
+        top1_agreement=top1,
+        router_agreement=same / positions if args.is_moe else None,
+    )
+
+
+def check_compatible(reference: Weights, candidate: Weights) -> None:
+    """One-line errors when the two models cannot be compared token for token."""
+    a, b = reference.args, candidate.args
+    if a.vocab_size != b.vocab_size:
+        raise MixchatError(
+            f"different vocabularies: {reference.name} has {a.vocab_size} tokens, "
+            f"{candidate.name} has {b.vocab_size}"
+        )
+    fields = (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "num_local_experts",
+    )
+    if a.is_moe:
+        fields += ("num_experts_per_tok",)
+    for f in fields:
+        if getattr(a, f) != getattr(b, f):
+            raise MixchatError(
+                f"different architectures: {f} is {getattr(a, f)} in {reference.name} and "
+                f"{getattr(b, f)} in {candidate.name}"
+            )

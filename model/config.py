@@ -45,6 +45,10 @@ class ModelArgs:
                 f"unsupported architecture '{self.model_type}' "
                 f"(mixchat runs {', '.join(SUPPORTED_TYPES)})"
             )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise CheckpointError(f"{name} must be positive (got {getattr(self, name)})")
         if not self.head_dim:
             if self.hidden_size % self.num_attention_heads:
                 raise CheckpointError(
@@ -181,6 +185,38 @@ class ModelArgs:
             )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"GGUF metadata is incomplete: {e}") from None
+
+
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every weight of model.mixtral's definition for `args`, under mlx-lm's names, with its
+    unquantized shape, in layer order: experts stacked [E, out, in], no lm_head when tied. The
+    one place parameter counts and tensor shapes come from (info, quantize)."""
+    H, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    E = args.num_local_experts
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (H,)
+        shapes[f"{p}.self_attn.q_proj.weight"] = (q, H)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv, H)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv, H)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (H, q)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (H,)
+        if args.is_moe:
+            moe = f"{p}.block_sparse_moe"
+            shapes[f"{moe}.gate.weight"] = (E, H)
+            shapes[f"{moe}.switch_mlp.gate_proj.weight"] = (E, F, H)
+            shapes[f"{moe}.switch_mlp.up_proj.weight"] = (E, F, H)
+            shapes[f"{moe}.switch_mlp.down_proj.weight"] = (E, H, F)
+        else:
+            shapes[f"{p}.mlp.gate_proj.weight"] = (F, H)
+            shapes[f"{p}.mlp.up_proj.weight"] = (F, H)
+            shapes[f"{p}.mlp.down_proj.weight"] = (H, F)
+    shapes["model.norm.weight"] = (H,)
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    return shapes
 
 
 def _scalar(value: Any) -> Any:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
-from .config import ModelArgs
+from .config import ModelArgs, parameter_shapes
 from .weights import Checkpoint
 
 GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16"}
@@ -34,20 +35,13 @@ class ModelInfo:
 
 
 def parameter_counts(args: ModelArgs) -> tuple[int, int]:
-    """(total, active per token) parameter counts, from the architecture alone."""
-    h, hd = args.hidden_size, args.head_dim
-    attention = h * args.num_attention_heads * hd * 2 + h * args.num_key_value_heads * hd * 2
-    expert = 3 * h * args.intermediate_size
-    embeddings = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
-    if args.is_moe:
-        router = h * args.num_local_experts
-        per_layer = attention + 2 * h + router
-        total = per_layer + expert * args.num_local_experts
-        active = per_layer + expert * args.num_experts_per_tok
-    else:
-        total = active = attention + 2 * h + expert
-    layers = args.num_hidden_layers
-    return embeddings + h + layers * total, embeddings + h + layers * active
+    """(total, active per token) parameter counts, from the model definition's shapes."""
+    total = active = 0
+    for name, shape in parameter_shapes(args).items():
+        n = math.prod(shape)
+        total += n
+        active += n * args.num_experts_per_tok // shape[0] if ".switch_mlp." in name else n
+    return total, active
 
 
 def describe_quantization(checkpoint: Checkpoint) -> str:

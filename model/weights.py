@@ -17,7 +17,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ModelArgs
 from .errors import CheckpointError, MixchatError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
-from .safetensors_header import PICKLE_SUFFIXES, TensorSpec, read_safetensors_header
+from .safetensors_header import (
+    PICKLE_SUFFIXES,
+    TensorSpec,
+    dominant_dtype,
+    read_safetensors_header,
+    safetensors_shards,
+)
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -46,11 +52,7 @@ class Checkpoint:
     @property
     def source_dtype(self) -> str:
         """The dtype most floating tensors are stored in ("BF16", "F16", "F32")."""
-        counts: dict[str, int] = {}
-        for spec in self.tensors.values():
-            if spec.dtype in ("F32", "F16", "BF16"):
-                counts[spec.dtype] = counts.get(spec.dtype, 0) + spec.nbytes
-        return max(counts, key=counts.get) if counts else "F32"
+        return dominant_dtype(self.tensors.values()) or "F32"
 
 
 def locate(path: Path) -> Checkpoint:
@@ -64,7 +66,7 @@ def locate(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path.name} is a pickled checkpoint; mixchat never unpickles weights")
         raise UnsupportedModelError(f"{path.name}: expected a model directory or a .gguf file")
     config_file = path / "config.json"
-    safetensors = _safetensors_files(path)
+    safetensors = safetensors_shards(path)
     if not safetensors:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -90,22 +92,6 @@ def locate(path: Path) -> Checkpoint:
     for file in safetensors:
         tensors.update(read_safetensors_header(file))
     return Checkpoint(path, "hf", args, safetensors, tensors)
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"cannot parse {index}: {e}") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.exists():
-                raise CheckpointError(f"shard {file.name} listed in {index.name} is missing")
-        return files
-    files = sorted(path.glob("model*.safetensors"))
-    return files or sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("consolidated"))
 
 
 def _locate_gguf(path: Path) -> Checkpoint:

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from model.config import ModelArgs
 from model.errors import CheckpointError, MixchatError
-from model.mixtral import Block, Experts, create_attention_mask
+from model.mixtral import MLP, Block, create_attention_mask
 from model.safetensors_header import read_safetensors_header
 from model.weights import Checkpoint, _quantization_predicate, compute_dtype
 
@@ -69,7 +69,7 @@ class SourceWeights(Weights):
 
     def __init__(self, source: Any, dtype: str | None = None):
         self.name = str(source.path)
-        self.args = ModelArgs.from_hf_config(source.config)
+        self.args = source.args
         self.targets = {t.module: t for t in source.targets}
         self.dtype = compute_dtype(SimpleNamespace(source_dtype=source.dtype), dtype)
 
@@ -314,15 +314,16 @@ def run_layer(
     for e in range(args.num_local_experts):
         tokens, slots = np.nonzero(choices == e)
         if len(tokens):
-            experts = Experts(H, args.intermediate_size, 1)
-            _load(
-                experts, f"{prefix}.block_sparse_moe.switch_mlp", w.take_expert(i, e), args, w.dtype
-            )
+            # One expert is the model's dense SwiGLU (MLP) with that expert's weights: plain
+            # matrix products over its tokens (MLX's CPU gather_mm goes row by row).
+            expert = MLP(H, args.intermediate_size)
+            weights = {n: a[0] for n, a in w.take_expert(i, e).items()}
+            _load(expert, f"{prefix}.block_sparse_moe.switch_mlp", weights, args, w.dtype)
             rows, slot = mx.array(tokens), mx.array(slots)
-            out = experts(x[rows], mx.zeros((len(tokens), 1), dtype=mx.uint32))[:, 0]  # [n, H]
+            out = expert(x[rows])  # [n, H]
             y = y.at[rows].add(out * gates[rows, slot][:, None])
             mx.eval(y)
-            del experts, out
+            del expert, out
             mx.clear_cache()
         if step:
             step()

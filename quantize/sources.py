@@ -17,12 +17,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from model.errors import CheckpointError, UnsupportedModelError
-from model.safetensors_header import PICKLE_SUFFIXES, read_safetensors_header
+from model.config import SUPPORTED_TYPES, ModelArgs, parameter_shapes
+from model.errors import CheckpointError, MixchatError, UnsupportedModelError
+from model.safetensors_header import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_FLOATS,
+    dominant_dtype,
+    read_safetensors_header,
+    safetensors_shards,
+)
 
-SUPPORTED_TYPES = ("mixtral", "mistral", "llama")
-# safetensors dtype -> (MLX dtype name, bytes per element)
-FLOAT_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
 # Tokenizer and generation files copied next to the quantized weights.
 HF_EXTRA_FILES = (
     "tokenizer.model",
@@ -35,8 +39,43 @@ HF_EXTRA_FILES = (
     "generation_config.json",
 )
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-SHARD_NAME = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
+
+# One name-mapping table per source format: mlx-lm module name -> source tensor name, without
+# ".weight" ({e}: expert index; {moe}: where a Mistral checkpoint keeps its MoE layers). The first
+# matching pattern wins.
+HF_NAMES = [
+    (r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.gate_proj", r"\1.experts.{e}.w1"),
+    (r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.up_proj", r"\1.experts.{e}.w3"),
+    (r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.down_proj", r"\1.experts.{e}.w2"),
+    (r"(.*)", r"\1"),
+]
+MISTRAL_NAMES = [
+    (r"model\.embed_tokens", "tok_embeddings"),
+    (r"model\.norm", "norm"),
+    (r"lm_head", "output"),
+    (r"model\.layers\.(\d+)\.input_layernorm", r"layers.\1.attention_norm"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm", r"layers.\1.ffn_norm"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj", r"layers.\1.attention.wq"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj", r"layers.\1.attention.wk"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj", r"layers.\1.attention.wv"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj", r"layers.\1.attention.wo"),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate", r"layers.\1.{moe}.gate"),
+    (
+        r"model\.layers\.(\d+)\.block_sparse_moe\.switch_mlp\.gate_proj",
+        r"layers.\1.{moe}.experts.{e}.w1",
+    ),
+    (
+        r"model\.layers\.(\d+)\.block_sparse_moe\.switch_mlp\.up_proj",
+        r"layers.\1.{moe}.experts.{e}.w3",
+    ),
+    (
+        r"model\.layers\.(\d+)\.block_sparse_moe\.switch_mlp\.down_proj",
+        r"layers.\1.{moe}.experts.{e}.w2",
+    ),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj", r"layers.\1.feed_forward.w1"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj", r"layers.\1.feed_forward.w3"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj", r"layers.\1.feed_forward.w2"),
+]
 
 
 @dataclass(frozen=True)
@@ -50,7 +89,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        size = FLOAT_DTYPES[self.dtype][1]
+        size = SAFETENSORS_FLOATS[self.dtype][1]
         for d in self.shape:
             size *= d
         return size
@@ -120,6 +159,7 @@ class Source:
     dtype: str  # dominant floating dtype of the weights: "bfloat16" | "float16" | "float32"
     shards: list[Path]
     targets: list[Target]
+    args: ModelArgs
     extra_files: dict[str, Path] = field(default_factory=dict)  # name in DST -> source file
 
     @property
@@ -145,28 +185,16 @@ class Source:
 
 
 def resolve_source(src: str) -> Path:
-    """A local directory, or a repo id already in the local Hugging Face cache."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{src} is a file; SRC must be a model directory or a repo id")
-        return path
-    if not REPO_ID.match(src):
-        raise CheckpointError(f"{src}: no such directory")
-    from huggingface_hub import snapshot_download
+    """A local directory, or a repo id already in the local Hugging Face cache (model.registry)."""
+    from model.registry import resolve
 
     try:
-        return Path(snapshot_download(src, local_files_only=True))
-    except Exception as e:  # LocalEntryNotFoundError, IncompleteSnapshotError, bad repo id, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "incomplete" in reason.lower():
-            raise CheckpointError(
-                f"{src}: the cached copy is incomplete; run `mixchat download {src}` to finish it"
-            ) from None
-        raise CheckpointError(
-            f"{src}: no such directory, and not in the local Hugging Face cache "
-            f"(run `mixchat download {src}` first)"
-        ) from None
+        path = resolve(src)
+    except MixchatError as e:
+        raise CheckpointError(str(e)) from None
+    if not path.is_dir():
+        raise CheckpointError(f"{src} is a file; SRC must be a model directory or a repo id")
+    return path
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -177,7 +205,7 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     every tensor must be a float one with consistent byte offsets."""
     tensors: dict[str, TensorRef] = {}
     for name, spec in read_safetensors_header(path).items():
-        if spec.dtype not in FLOAT_DTYPES:
+        if spec.dtype not in SAFETENSORS_FLOATS:
             raise UnsupportedModelError(
                 f"{path.name}: tensor {name} has dtype {spec.dtype}; mixchat quantizes float16, "
                 "bfloat16 or float32 checkpoints (is this one already quantized?)"
@@ -187,33 +215,6 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             raise CheckpointError(f"{path.name}: tensor {name} has inconsistent byte offsets")
         tensors[name] = ref
     return tensors
-
-
-def _shard_files(path: Path, index_name: str, pattern: str) -> list[Path]:
-    """Shard files from an index's weight_map if there is one, else by glob; all must exist."""
-    index = path / index_name
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{index_name} is unreadable or has no weight_map") from None
-        names = sorted(set(weight_map.values()))
-    else:
-        names = sorted(p.name for p in path.glob(pattern))
-        # "model-00002-of-00004.safetensors": all four parts must be there.
-        for m in [SHARD_NAME.match(n) for n in names]:
-            if m:
-                prefix, width, total = m.group(1), len(m.group(2)), m.group(3)
-                names += [
-                    f"{prefix}-{i:0{width}d}-of-{total}.safetensors"
-                    for i in range(1, int(total) + 1)
-                ]
-        names = sorted(set(names))
-    missing = [n for n in names if not (path / n).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"missing shard {missing[0]}{more} in {path}")
-    return [path / n for n in names]
 
 
 def _index_tensors(shards: list[Path]) -> dict[str, TensorRef]:
@@ -229,10 +230,7 @@ def _index_tensors(shards: list[Path]) -> dict[str, TensorRef]:
 
 
 def _dominant_dtype(tensors: dict[str, TensorRef]) -> str:
-    by_dtype: dict[str, int] = {}
-    for ref in tensors.values():
-        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + ref.nbytes
-    return FLOAT_DTYPES[max(by_dtype, key=by_dtype.__getitem__)][0]
+    return SAFETENSORS_FLOATS[dominant_dtype(tensors.values()) or "F32"][0]
 
 
 def _refuse_pickles(path: Path) -> None:
@@ -270,44 +268,17 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-@dataclass
-class Dims:
-    vocab: int
-    hidden: int
-    ffn: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int  # 0 for dense
-    top_k: int
-    tie: bool
-
-
-def _int(config: dict, key: str, file: str, default: Any = None) -> int:
-    value = config.get(key)
-    if value is None:
-        value = default
-    if value is None:
-        raise CheckpointError(f"{file} lacks required field '{key}'")
+def _args(make: Callable[[], ModelArgs], file: str) -> ModelArgs:
+    """ModelArgs from a config file; its one-line errors name the file."""
     try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{file}: '{key}' is not an integer ({value!r})") from None
-    if value <= 0:
-        raise CheckpointError(f"{file}: '{key}' must be positive (got {value})")
-    return value
-
-
-def _check_dims(d: Dims, file: str) -> None:
-    if d.heads % d.kv_heads:
-        raise CheckpointError(
-            f"{file}: {d.heads} attention heads is not a multiple of {d.kv_heads} KV heads"
-        )
-    if d.head_dim % 2:
-        raise CheckpointError(f"{file}: head dimension {d.head_dim} is odd")
-    if d.experts and not 0 < d.top_k <= d.experts:
-        raise CheckpointError(f"{file}: {d.top_k} experts per token but only {d.experts} experts")
+        args = make()
+    except MixchatError as e:
+        raise type(e)(str(e).replace("config.json", file)) from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{file} has a malformed field: {e}") from None
+    if args.head_dim % 2:
+        raise CheckpointError(f"{file}: head dimension {args.head_dim} is odd")
+    return args
 
 
 def _open_hf(path: Path) -> Source:
@@ -321,42 +292,24 @@ def _open_hf(path: Path) -> Source:
         )
     if config.get("quantization") or config.get("quantization_config"):
         raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights")
-    heads = _int(config, "num_attention_heads", "config.json")
-    hidden = _int(config, "hidden_size", "config.json")
-    d = Dims(
-        vocab=_int(config, "vocab_size", "config.json"),
-        hidden=hidden,
-        ffn=_int(config, "intermediate_size", "config.json"),
-        layers=_int(config, "num_hidden_layers", "config.json"),
-        heads=heads,
-        kv_heads=_int(config, "num_key_value_heads", "config.json", heads),
-        head_dim=_int(config, "head_dim", "config.json", hidden // heads),
-        experts=_int(config, "num_local_experts", "config.json") if model_type == "mixtral" else 0,
-        top_k=_int(config, "num_experts_per_tok", "config.json", 2)
-        if model_type == "mixtral"
-        else 0,
-        tie=bool(config.get("tie_word_embeddings", False)),
-    )
-    _check_dims(d, "config.json")
+    args = _args(lambda: ModelArgs.from_hf_config(config), "config.json")
     if not any(path.glob("*.safetensors")):
         _refuse_pickles(path)
         raise CheckpointError(f"no safetensors weights in {path}")
-    shards = _shard_files(path, "model.safetensors.index.json", "model*.safetensors")
-    if not shards:
-        shards = sorted(
-            p for p in path.glob("*.safetensors") if not p.name.startswith("consolidated")
-        )
+    shards = safetensors_shards(path)
     if not shards:
         raise CheckpointError(f"no model*.safetensors weights in {path}")
     tensors = _index_tensors(shards)
-    targets = _hf_targets(d, _Lookup(tensors, "config.json"))
+    get = _Lookup(tensors, "config.json")
+    targets = _targets(args, HF_NAMES, get)
+    get.check_unused(lambda n: args.tie_word_embeddings and n == "lm_head.weight")
     out = dict(config)
     rope = out.get("rope_parameters") or {}
     if "rope_theta" not in out and "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]  # mlx-lm reads the top-level key
     extra = {n: path / n for n in HF_EXTRA_FILES if (path / n).is_file()}
     _require_tokenizer(path, extra)
-    return Source(path, "hf", out, _dominant_dtype(tensors), shards, targets, extra)
+    return Source(path, "hf", out, _dominant_dtype(tensors), shards, targets, args, extra)
 
 
 def _require_tokenizer(path: Path, extra: dict[str, Path]) -> None:
@@ -400,70 +353,63 @@ class _Lookup:
             )
 
 
-def _hf_targets(d: Dims, get: _Lookup) -> list[Target]:
-    H, F = d.hidden, d.ffn
-    q_dim, kv_dim = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    targets = [
-        Target(
-            "model.embed_tokens",
-            "embed",
-            (d.vocab, H),
-            [get("model.embed_tokens.weight", (d.vocab, H))],
-        )
-    ]
-    for i in range(d.layers):
-        p = f"model.layers.{i}"
-        targets.append(
-            Target(f"{p}.input_layernorm", "norm", (H,), [get(f"{p}.input_layernorm.weight", (H,))])
-        )
-        for proj, shape in (
-            ("q_proj", (q_dim, H)),
-            ("k_proj", (kv_dim, H)),
-            ("v_proj", (kv_dim, H)),
-            ("o_proj", (H, q_dim)),
-        ):
-            targets.append(
-                Target(
-                    f"{p}.self_attn.{proj}",
-                    "attn",
-                    shape,
-                    [get(f"{p}.self_attn.{proj}.weight", shape)],
-                )
-            )
-        targets.append(
-            Target(
-                f"{p}.post_attention_layernorm",
-                "norm",
-                (H,),
-                [get(f"{p}.post_attention_layernorm.weight", (H,))],
-            )
-        )
-        if d.experts:
-            moe = f"{p}.block_sparse_moe"
-            E = d.experts
-            targets.append(
-                Target(f"{moe}.gate", "router", (E, H), [get(f"{moe}.gate.weight", (E, H))])
-            )
-            for w, proj, shape in (
-                ("w1", "gate_proj", (F, H)),
-                ("w3", "up_proj", (F, H)),
-                ("w2", "down_proj", (H, F)),
-            ):
-                refs = [get(f"{moe}.experts.{e}.{w}.weight", shape) for e in range(E)]
-                targets.append(
-                    Target(f"{moe}.switch_mlp.{proj}", "experts", (E, *shape), refs, _stack)
-                )
+def _kind(module: str) -> str:
+    """What a module is, for the quantization recipe (quantize.convert.Settings.bits_for)."""
+    if module == "model.embed_tokens":
+        return "embed"
+    if module == "lm_head":
+        return "head"
+    if module.endswith("norm"):
+        return "norm"
+    if ".self_attn." in module:
+        return "attn"
+    if module.endswith(".block_sparse_moe.gate"):
+        return "router"
+    return "experts" if ".switch_mlp." in module else "mlp"
+
+
+def _source_name(table: list[tuple[str, str]], module: str) -> str:
+    for pattern, replacement in table:
+        if re.fullmatch(pattern, module):
+            return re.sub(f"^{pattern}$", replacement, module)
+    raise CheckpointError(f"internal error: no source name for {module}")
+
+
+def _targets(
+    args: ModelArgs,
+    table: list[tuple[str, str]],
+    get: _Lookup,
+    moe: str = "",
+    stacked: bool = False,
+    permute: bool = False,
+) -> list[Target]:
+    """One Target per weight of the model definition (model.config.parameter_shapes), its
+    source tensors found through `table`. `permute`: Mistral's interleaved RoPE layout of Q/K;
+    `stacked`: the first Mixtral release's experts concatenated along rows."""
+    heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}
+    targets = []
+    for weight, shape in parameter_shapes(args).items():
+        module = weight.removesuffix(".weight")
+        kind = _kind(module)
+        name = _source_name(table, module).replace("{moe}", moe)
+        if kind == "experts" and stacked:
+            E, rows, cols = shape
+            w = name.rsplit(".experts.", 1)[0] + "." + name.rsplit(".", 1)[1]  # ...moe.w1
+            transpose = w.endswith(".w2")
+            ref = get(w, (E * cols, rows) if transpose else (E * rows, cols))
+            split = partial(_split_experts, experts=E, transpose=transpose)
+            targets.append(Target(module, kind, shape, [ref], split))
+        elif kind == "experts":
+            refs = [
+                get(name.replace("{e}", str(e)) + ".weight", shape[1:]) for e in range(shape[0])
+            ]
+            targets.append(Target(module, kind, shape, refs, _stack))
         else:
-            for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
-                targets.append(
-                    Target(f"{p}.mlp.{proj}", "mlp", shape, [get(f"{p}.mlp.{proj}.weight", shape)])
-                )
-    targets.append(Target("model.norm", "norm", (H,), [get("model.norm.weight", (H,))]))
-    if not d.tie:
-        targets.append(
-            Target("lm_head", "head", (d.vocab, H), [get("lm_head.weight", (d.vocab, H))])
-        )
-    get.check_unused(lambda n: d.tie and n == "lm_head.weight")
+            proj = module.rsplit(".", 1)[-1]
+            assemble = (
+                partial(_permute_rope, heads=heads[proj]) if permute and proj in heads else _single
+            )
+            targets.append(Target(module, kind, shape, [get(name + ".weight", shape)], assemble))
     return targets
 
 
@@ -475,58 +421,52 @@ def _open_mistral(path: Path) -> Source:
     if not any(path.glob("*.safetensors")):
         _refuse_pickles(path)
         raise CheckpointError(f"no safetensors weights in {path}")
-    shards = _shard_files(path, "consolidated.safetensors.index.json", "consolidated*.safetensors")
+    shards = safetensors_shards(path, "consolidated")
     if not shards:
         raise CheckpointError(f"no consolidated*.safetensors weights in {path}")
     tensors = _index_tensors(shards)
-    moe = params.get("moe") or {}
-    heads = _int(params, "n_heads", "params.json")
-    dim = _int(params, "dim", "params.json")
     vocab = params.get("vocab_size")
     if not isinstance(vocab, int) or vocab <= 0:  # some early params.json files say -1
         if "tok_embeddings.weight" not in tensors:
             raise CheckpointError("checkpoint lacks tensor tok_embeddings.weight")
-        vocab = tensors["tok_embeddings.weight"].shape[0]
-    d = Dims(
-        vocab=vocab,
-        hidden=dim,
-        ffn=_int(params, "hidden_dim", "params.json"),
-        layers=_int(params, "n_layers", "params.json"),
-        heads=heads,
-        kv_heads=_int(params, "n_kv_heads", "params.json", heads),
-        head_dim=_int(params, "head_dim", "params.json", dim // heads),
-        experts=_int(moe, "num_experts", "params.json") if moe else 0,
-        top_k=_int(moe, "num_experts_per_tok", "params.json", 2) if moe else 0,
-        tie=False,
-    )
-    _check_dims(d, "params.json")
-    targets = _mistral_targets(d, _Lookup(tensors, "params.json"))
+        params = {**params, "vocab_size": tensors["tok_embeddings.weight"].shape[0]}
+    args = _args(lambda: ModelArgs.from_mistral_params(params), "params.json")
+    # Which of Mistral's MoE layouts: per-expert modules under feed_forward or block_sparse_moe,
+    # or the first release's experts stacked along rows in block_sparse_moe.w1/w2/w3.
+    moe, stacked = "feed_forward", False
+    if "layers.0.block_sparse_moe.w1" in tensors:
+        moe, stacked = "block_sparse_moe", True
+    elif "layers.0.block_sparse_moe.experts.0.w1.weight" in tensors:
+        moe = "block_sparse_moe"
+    get = _Lookup(tensors, "params.json")
+    targets = _targets(args, MISTRAL_NAMES, get, moe=moe, stacked=stacked, permute=True)
+    get.check_unused()
     dtype = _dominant_dtype(tensors)
     config: dict[str, Any] = {
-        "architectures": ["MixtralForCausalLM" if d.experts else "MistralForCausalLM"],
-        "model_type": "mixtral" if d.experts else "mistral",
-        "vocab_size": d.vocab,
-        "hidden_size": d.hidden,
-        "intermediate_size": d.ffn,
-        "num_hidden_layers": d.layers,
-        "num_attention_heads": d.heads,
-        "num_key_value_heads": d.kv_heads,
-        "head_dim": d.head_dim,
+        "architectures": ["MixtralForCausalLM" if args.is_moe else "MistralForCausalLM"],
+        "model_type": args.model_type,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(params.get("norm_eps", 1e-5)),
-        "rope_theta": float(params.get("rope_theta", 10000.0)),
+        "rms_norm_eps": args.rms_norm_eps,
+        "rope_theta": args.rope_theta,
         "max_position_embeddings": int(
             params.get("max_seq_len") or params.get("max_position_embeddings") or 32768
         ),
-        "sliding_window": params.get("sliding_window"),
+        "sliding_window": args.sliding_window,
         "tie_word_embeddings": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": dtype,
     }
-    if d.experts:
-        config["num_local_experts"] = d.experts
-        config["num_experts_per_tok"] = d.top_k
+    if args.is_moe:
+        config["num_local_experts"] = args.num_local_experts
+        config["num_experts_per_tok"] = args.num_experts_per_tok
     extra: dict[str, Path] = {}
     sp = sorted(path.glob("tokenizer.model*"))  # tokenizer.model, tokenizer.model.v3, ...
     if sp:
@@ -534,88 +474,4 @@ def _open_mistral(path: Path) -> Source:
     if (path / "tekken.json").is_file():
         extra["tekken.json"] = path / "tekken.json"
     _require_tokenizer(path, extra)
-    return Source(path, "mistral", config, dtype, shards, targets, extra)
-
-
-def _mistral_targets(d: Dims, get: _Lookup) -> list[Target]:
-    H, F, E = d.hidden, d.ffn, d.experts
-    q_dim, kv_dim = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    targets = [
-        Target(
-            "model.embed_tokens",
-            "embed",
-            (d.vocab, H),
-            [get("tok_embeddings.weight", (d.vocab, H))],
-        )
-    ]
-    # Which of Mistral's MoE layouts: per-expert modules under feed_forward or block_sparse_moe,
-    # or the first release's experts stacked along rows in block_sparse_moe.w1/w2/w3.
-    moe_prefix = "feed_forward"
-    stacked = False
-    if E:
-        if "layers.0.block_sparse_moe.w1" in get:
-            moe_prefix, stacked = "block_sparse_moe", True
-        elif "layers.0.block_sparse_moe.experts.0.w1.weight" in get:
-            moe_prefix = "block_sparse_moe"
-    for i in range(d.layers):
-        p = f"layers.{i}"
-        out = f"model.layers.{i}"
-        targets.append(
-            Target(
-                f"{out}.input_layernorm", "norm", (H,), [get(f"{p}.attention_norm.weight", (H,))]
-            )
-        )
-        for w, proj, shape, heads in (
-            ("wq", "q_proj", (q_dim, H), d.heads),
-            ("wk", "k_proj", (kv_dim, H), d.kv_heads),
-            ("wv", "v_proj", (kv_dim, H), 0),
-            ("wo", "o_proj", (H, q_dim), 0),
-        ):
-            assemble = partial(_permute_rope, heads=heads) if heads else _single
-            ref = get(f"{p}.attention.{w}.weight", shape)
-            targets.append(Target(f"{out}.self_attn.{proj}", "attn", shape, [ref], assemble))
-        targets.append(
-            Target(
-                f"{out}.post_attention_layernorm", "norm", (H,), [get(f"{p}.ffn_norm.weight", (H,))]
-            )
-        )
-        if E:
-            moe = f"{p}.{moe_prefix}"
-            dst = f"{out}.block_sparse_moe"
-            targets.append(
-                Target(f"{dst}.gate", "router", (E, H), [get(f"{moe}.gate.weight", (E, H))])
-            )
-            for w, proj, shape in (
-                ("w1", "gate_proj", (F, H)),
-                ("w3", "up_proj", (F, H)),
-                ("w2", "down_proj", (H, F)),
-            ):
-                if stacked:
-                    ref = get(f"{moe}.{w}", (E * F, H))
-                    assemble = partial(_split_experts, experts=E, transpose=w == "w2")
-                    targets.append(
-                        Target(f"{dst}.switch_mlp.{proj}", "experts", (E, *shape), [ref], assemble)
-                    )
-                else:
-                    refs = [get(f"{moe}.experts.{e}.{w}.weight", shape) for e in range(E)]
-                    targets.append(
-                        Target(f"{dst}.switch_mlp.{proj}", "experts", (E, *shape), refs, _stack)
-                    )
-        else:
-            for w, proj, shape in (
-                ("w1", "gate_proj", (F, H)),
-                ("w3", "up_proj", (F, H)),
-                ("w2", "down_proj", (H, F)),
-            ):
-                targets.append(
-                    Target(
-                        f"{out}.mlp.{proj}",
-                        "mlp",
-                        shape,
-                        [get(f"{p}.feed_forward.{w}.weight", shape)],
-                    )
-                )
-    targets.append(Target("model.norm", "norm", (H,), [get("norm.weight", (H,))]))
-    targets.append(Target("lm_head", "head", (d.vocab, H), [get("output.weight", (d.vocab, H))]))
-    get.check_unused()
-    return targets
+    return Source(path, "mistral", config, dtype, shards, targets, args, extra)

@@ -242,3 +242,16 @@ def test_token_statistics_known_numbers():
     assert ppl_q == pytest.approx(1 / np.sqrt(0.75 * 0.5))
     assert kl == pytest.approx((0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)) / 2)
     assert top1 == 0.5  # position 0: p ties (first entry), q prefers entry 1
+
+
+@pytest.mark.parametrize("layout", ["stacked", "block_sparse_moe"])
+def test_mistral_format_source_equals_its_hf_original(moe_src, tmp_path, layout):
+    """Mistral's own layout (renamed tensors, interleaved-RoPE Q/K, experts stacked along rows
+    in the first release) streams to exactly the model its HF original is."""
+    from tests.test_quantize import to_mistral_format
+
+    mistral = to_mistral_format(moe_src, tmp_path / "mistral", layout=layout, shards=2)
+    got = json.loads(_compare_json(moe_src, mistral, "--max-tokens", "48"))
+    assert got["tokens"] == 48
+    assert got["kl_divergence"] == pytest.approx(0, abs=1e-9)
+    assert got["top1_agreement"] == 1 and got["router_agreement"] == 1

@@ -559,6 +559,33 @@ def test_quality_report_matches_numpy(hf_src, tmp_path, capsys):
     assert 0 < report["kl_divergence"] and 0 < report["router_agreement"] < 1
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+        dict(model_type="mistral"),
+        dict(model_type="llama", tie_word_embeddings=True),
+    ],
+)
+def test_parameter_shapes_are_the_model_definition(kw):
+    """Quantize's tensor shapes and info's counts come from model.config.parameter_shapes,
+    which must be exactly model.mixtral's parameters."""
+    from mlx.utils import tree_flatten
+
+    from model import Model
+    from model.config import ModelArgs, parameter_shapes
+    from model.info import parameter_counts
+
+    args = ModelArgs(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, **kw)  # fmt: skip
+    shapes = parameter_shapes(args)
+    assert shapes == {n: tuple(p.shape) for n, p in tree_flatten(Model(args).parameters())}
+    total, active = parameter_counts(args)
+    assert total == sum(int(np.prod(s)) for s in shapes.values())
+    experts = sum(int(np.prod(s)) for n, s in shapes.items() if ".switch_mlp." in n)
+    assert active == total - experts // 2 * (args.is_moe)
+
+
 def test_through_the_mixchat_command(hf_src, tmp_path, capsys):
     """The same subcommands, reached through `mixchat` itself (app/cli.py registers them)."""
     cli = pytest.importorskip("app.cli")
@@ -567,4 +594,4 @@ def test_through_the_mixchat_command(hf_src, tmp_path, capsys):
     assert cli.main(["quantize", str(hf_src), str(tmp_path / "q5"), "--bits", "5"]) == 2
     assert "invalid choice: 5" in capsys.readouterr().err
     assert cli.main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "q6")]) == 1
-    assert capsys.readouterr().err == f"mixchat: error: {tmp_path / 'nowhere'}: no such directory\n"
+    assert capsys.readouterr().err == f"mixchat: error: no model at '{tmp_path / 'nowhere'}'\n"

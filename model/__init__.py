@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from .generate import Chunk, Engine, GenerationSettings, GenerationStats
     from .mixtral import Model
 
-_LAZY = {"Engine": "generate", "GenerationSettings": "generate", "GenerationStats": "generate",
-         "Chunk": "generate", "Model": "mixtral"}
+_LAZY = {"Engine": "generate", "GenerationSettings": "generation_settings",
+         "GenerationStats": "generate", "Chunk": "generate", "Model": "mixtral"}
 
 
 def __getattr__(name: str):
@@ -32,10 +32,15 @@ def __getattr__(name: str):
 
 
 def load(
-    path_or_repo_id: str | Path | None = None, *, dtype: str | None = None, lazy: bool = False
+    path_or_repo_id: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    lazy: bool = False,
+    streams: int | None = None,
 ):
     """Load a model and its tokenizer: a HF or MLX-quantized directory, a GGUF file, or a repo
-    id already in the local Hugging Face cache (never downloads). Returns (model, tokenizer)."""
+    id already in the local Hugging Face cache (never downloads). Returns (model, tokenizer).
+    `streams`: CPU streams to split matrix products across (None: one per core, at most 2)."""
     from . import registry, weights
     from .tokenizer import load_tokenizer
 
@@ -44,7 +49,7 @@ def load(
     tokenizer = load_tokenizer(
         checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
     )
-    return weights.build_model(checkpoint, dtype=dtype, lazy=lazy), tokenizer
+    return weights.build_model(checkpoint, dtype=dtype, lazy=lazy, streams=streams), tokenizer
 
 
 __all__ = [

@@ -15,32 +15,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from .errors import MixchatError
+from .generation_settings import GenerationSettings
 from .mixtral import Model
+from .mlx_lm_parts import can_trim_prompt_cache, make_sampler, trim_prompt_cache
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass; bounds activation memory
-
-
-@dataclass
-class GenerationSettings:
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise MixchatError(f"max tokens must be at least 1, not {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise MixchatError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MixchatError(f"top-p must be in (0, 1], not {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise MixchatError(f"min-p must be in [0, 1), not {self.min_p}")
 
 
 @dataclass
@@ -88,13 +69,13 @@ class Engine:
         *,
         dtype: str | None = None,
         memory_budget: int | str | None = None,
+        streams: int | None = None,
     ) -> Engine:
         """Load a model by path, cached repo id, or None for the embedded default model.
 
-        `memory_budget`: bytes, a size ("12GB") or "auto"; None reads MIXCHAT_MEMORY_BUDGET.
-        Below what the model needs, experts are read on demand into a cache within it."""
-        import os
-
+        `memory_budget`: bytes, a size ("12GB") or "auto"; None: no budget. Below what the
+        model needs, experts are read on demand into a cache within it. `streams`: CPU streams
+        to split matrix products across (None: one per core, at most 2)."""
         from . import registry, weights
         from .budget import resolve_budget
         from .info import model_info
@@ -105,10 +86,8 @@ class Engine:
         tokenizer = load_tokenizer(
             checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
         )
-        if memory_budget is None:
-            memory_budget = os.environ.get("MIXCHAT_MEMORY_BUDGET") or None
         budget = resolve_budget(memory_budget)
-        built = weights.build_model(checkpoint, dtype=dtype, memory_budget=budget)
+        built = weights.build_model(checkpoint, dtype=dtype, memory_budget=budget, streams=streams)
         name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
         compute_bytes = built.model.norm.weight.dtype.size
         return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))

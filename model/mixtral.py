@@ -16,13 +16,17 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
-from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .config import ModelArgs
 from .errors import CheckpointError
+from .mlx_lm_parts import (
+    KVCache,
+    QuantizedSwitchLinear,
+    RotatingKVCache,
+    SwitchLinear,
+    create_attention_mask,
+    initialize_rope,
+)
 
 # Matrix products are split across this many streams of the default device. On MLX's CPU
 # backend each stream runs on its own thread, so two streams use two cores (one token: the two

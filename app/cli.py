@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from app.settings import LANGUAGES, Settings, SettingsError, read_settings
+from app.prompts import system_prompt
+from app.settings import DTYPES, LANGUAGES, Settings, SettingsError, read_settings
 from model.errors import MixchatError
 from model.generation_settings import GenerationSettings
 from model.sizes import format_bytes, format_count, format_number
@@ -101,9 +102,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", "-m", help="model directory, .gguf file or cached HF repo id (default: embedded)"
     )
-    parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype override"
-    )
+    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype override")
 
 
 def memory_size(text: str) -> int | str:
@@ -164,8 +163,6 @@ def read_prompt(argument: str | None, stdin: TextIO) -> str:
 def ask_messages(prompt: str, system: str | None, safe: bool) -> list[dict]:
     """The conversation `ask` sends: the system prompt (safe-mode guardrail first), then the
     prompt."""
-    from app.prompts import system_prompt
-
     text = system_prompt(safe_mode=safe, system=clean_text(system or ""))
     return ([{"role": "system", "content": text}] if text else []) + [
         {"role": "user", "content": prompt}
@@ -192,8 +189,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     strings = STRINGS.get(settings.lang, STRINGS["en"])
     show_progress = sys.stderr.isatty() and not args.quiet
     if show_progress:
-        model = settings.model or strings["default_model"]
-        print(strings["loading"].format(model=model), file=sys.stderr, end="\r")
+        key = "loading" if settings.model else "loading_default"
+        print(strings[key].format(model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now
 
     engine = Engine.load(
@@ -203,7 +200,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         streams=settings.streams,
     )
     if show_progress:
-        print(" " * 60, file=sys.stderr, end="\r")
+        print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.offload is not None and not args.quiet and not args.json:
         print(f"[{engine.offload.describe()}; `mixchat info` predicts the speed]", file=sys.stderr)
     text, stats = [], None
@@ -243,7 +240,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 STRINGS = {
     "en": {
         "loading": "Loading {model}…",
-        "default_model": "the default model",
+        "loading_default": "Loading the default model…",
         "stats": "[prompt {prompt} tokens, {prompt_tps} tok/s | reply {reply} tokens, "
         "{reply_tps} tok/s | peak memory {memory} | {reason}]",
         "experts": "[experts: {hits} cache hits, {read} read per token, {load} s loading, "
@@ -255,7 +252,7 @@ STRINGS = {
     },
     "fr": {
         "loading": "Chargement de {model}…",
-        "default_model": "du modèle par défaut",
+        "loading_default": "Chargement du modèle par défaut…",
         "stats": "[invite {prompt} jetons, {prompt_tps} jetons/s | réponse {reply} jetons, "
         "{reply_tps} jetons/s | mémoire max {memory} | {reason}]",
         "experts": "[experts : {hits} trouvés en cache, {read} lus par jeton, {load} s de "

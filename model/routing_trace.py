@@ -60,7 +60,9 @@ def default_profile(num_layers: int, top_k: int = 2) -> list[LayerLocality]:
     profile = []
     for x in depth:
         first = float(np.interp(x, xs, firsts))
-        profile.append(LayerLocality(first if top_k == 1 else float(np.interp(x, xs, shares)), first))
+        profile.append(
+            LayerLocality(first if top_k == 1 else float(np.interp(x, xs, shares)), first)
+        )
     return profile
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -51,7 +51,8 @@ def test_default_profile_spans_the_published_ranges():
     shares = [p.share for p in profile]
     firsts = [p.same_first for p in profile]
     assert (shares[0], firsts[0]) == (pytest.approx(0.45), pytest.approx(0.14))  # layer 0: low
-    assert max(shares) == pytest.approx(0.67, abs=0.01) and max(firsts) == pytest.approx(0.28, abs=0.01)
+    assert max(shares) == pytest.approx(0.67, abs=0.01)
+    assert max(firsts) == pytest.approx(0.28, abs=0.01)
     assert np.argmax(shares) in (15, 16)  # the middle layers are the most local
     assert shares[-1] > shares[0] and firsts[-1] > firsts[0]
 
@@ -177,7 +178,7 @@ def test_belady_bounds_every_policy():
 def optimal_hits(keys: list[int], capacity: int) -> int:
     """The most hits any demand-paging cache of `capacity` gets on `keys`: exhaustive search."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(i: int, cached: frozenset) -> int:
         if i == len(keys):
             return 0

@@ -126,32 +126,43 @@ class RoutingProcess:
 
     def decode(self) -> np.ndarray:
         """The next token's experts, [layers, top_k] int32."""
-        L, E, k = self.num_layers, self.num_experts, self.top_k
-        rng, rows = self.rng, self._rows
-        if self.state is None:  # the stationary (uniform) distribution
-            keys = rng.gumbel(size=(L, E))
-            self.state = np.argsort(-keys, axis=1)[:, :k].astype(np.int32)
-            return self.state.copy()
-        prev = self.state
-        log_w = np.zeros((L, E))
-        log_w[rows[:, None], prev] = self.log_theta[:, None]
-        # first choice: keep the previous one, or draw (Gumbel-max) among the others
-        keys = log_w + rng.gumbel(size=(L, E))
-        keys[rows, prev[:, 0]] = -np.inf
-        keep = rng.random(L) < self.same_first
-        first = np.where(keep, prev[:, 0], np.argmax(keys, axis=1))
-        # the others: weighted draws without replacement (Gumbel top-k), in draw order
-        keys = log_w + rng.gumbel(size=(L, E))
-        keys[rows, first] = -np.inf
-        rest = np.argsort(-keys, axis=1)[:, : k - 1]
-        self.state = np.concatenate([first[:, None], rest], axis=1).astype(np.int32)
-        return self.state.copy()
+        return self.prompt(1)[0]
 
     def prompt(self, tokens: int) -> np.ndarray:
-        """`tokens` consecutive tokens' experts, [tokens, layers, top_k] int32."""
-        if tokens == 0:
-            return np.zeros((0, self.num_layers, self.top_k), np.int32)
-        return np.stack([self.decode() for _ in range(tokens)])
+        """`tokens` consecutive tokens' experts, [tokens, layers, top_k] int32 (the random
+        numbers of all tokens drawn at once: the same ones `tokens` decode() calls draw)."""
+        L, E = self.num_layers, self.num_experts
+        uniform = self.rng.random((tokens, L, 2 * E + 1))
+        with np.errstate(divide="ignore"):
+            gumbel = -np.log(-np.log(uniform[..., : 2 * E]))  # two keys per expert
+        keep = uniform[..., 2 * E] < self.same_first
+        out = np.empty((tokens, L, self.top_k), np.int32)
+        for t in range(tokens):
+            out[t] = self.state = self._step(gumbel[t], keep[t])
+        return out
+
+    def _step(self, gumbel: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """One token [layers, k] from Gumbel keys [layers, 2 E] and keep-first draws [layers]."""
+        E, k, rows, prev = self.num_experts, self.top_k, self._rows, self.state
+        if prev is None:  # the stationary (uniform) distribution
+            return np.argsort(-gumbel[:, :E], axis=1)[:, :k]
+        # first choice: keep the previous one, or draw (Gumbel-max) among the others, the
+        # previous token's experts weighing theta
+        keys = gumbel[:, :E].copy()
+        keys[rows[:, None], prev] += self.log_theta[:, None]
+        keys[rows, prev[:, 0]] = -np.inf
+        first = np.where(keep, prev[:, 0], np.argmax(keys, axis=1))
+        # the others: weighted draws without replacement (Gumbel top-k), in draw order
+        keys = gumbel[:, E:].copy()
+        keys[rows[:, None], prev] += self.log_theta[:, None]
+        keys[rows, first] = -np.inf
+        out = np.empty((self.num_layers, k), np.int32)
+        out[:, 0] = first
+        if k == 2:
+            out[:, 1] = np.argmax(keys, axis=1)
+        elif k > 2:
+            out[:, 1:] = np.argsort(-keys, axis=1)[:, : k - 1]
+        return out
 
 
 @dataclass(frozen=True)
@@ -231,27 +242,43 @@ class ReplayResult:
 def demand_steps(trace: Trace) -> list[tuple[int, int, list[int]]]:
     """(pass index, layer, distinct experts in id order) in the order the runtime demands them."""
     steps = []
-    start = 0
-    for index, n in enumerate(trace.passes):
-        block = trace.routes[start : start + n]
-        start += n
-        if n == 1:
-            for layer, experts in enumerate(np.sort(block[0], axis=1).tolist()):
-                steps.append((index, layer, experts))
-        else:
-            for layer in range(trace.num_layers):
-                steps.append((index, layer, np.unique(block[:, layer]).tolist()))
+    starts = np.cumsum((0, *trace.passes))
+    index = 0
+    while index < len(trace.passes):
+        end = index  # a run of one-token passes: sorted all at once
+        while end < len(trace.passes) and trace.passes[end] == 1:
+            end += 1
+        if end > index:
+            tokens = np.sort(trace.routes[starts[index] : starts[end]], axis=2).tolist()
+            for offset, layers in enumerate(tokens):
+                steps += [(index + offset, layer, e) for layer, e in enumerate(layers)]
+            index = end
+            continue
+        block = trace.routes[starts[index] : starts[index + 1]]
+        steps += [
+            (index, layer, np.unique(block[:, layer]).tolist()) for layer in range(trace.num_layers)
+        ]
+        index += 1
     return steps
 
 
-def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int = 0
-           ) -> ReplayResult:  # fmt: skip
+def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int = 0,
+           spread_quota: bool = False) -> ReplayResult:  # fmt: skip
     """Hits and misses per layer of a cache of `capacity_experts` experts under `policy`,
-    counted from pass `warmup_passes` on (the cache is warmed by the passes before)."""
+    counted from pass `warmup_passes` on (the cache is warmed by the passes before).
+
+    Per-layer policies get capacity // layers experts each, as ExpertCache's quota (the rest
+    unused); with `spread_quota` (not in ExpertCache: what a balanced quota would give) the
+    first capacity % layers layers get one more."""
     L, k, E = trace.num_layers, trace.top_k, trace.num_experts
     if policy not in REPLAY_POLICIES:
         raise MixchatError(f"unknown policy {policy!r} (one of {', '.join(REPLAY_POLICIES)})")
-    limit = capacity_experts // L if policy.endswith("-layer") else capacity_experts
+    if policy.endswith("-layer"):
+        extra = capacity_experts % L if spread_quota else 0
+        limits = [capacity_experts // L + (layer < extra) for layer in range(L)]
+    else:
+        limits = [capacity_experts] * L
+    limit = min(limits)
     if limit < k:
         scope = "each layer's share" if policy.endswith("-layer") else "it"
         raise MixchatError(
@@ -261,39 +288,43 @@ def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int 
     if policy == "belady" and warmup_passes:
         raise MixchatError("Belady's bound is over the whole trace (warmup_passes=0)")
     steps = demand_steps(trace)
-    hits, misses = np.zeros(L, np.int64), np.zeros(L, np.int64)
+    hits, misses = [0] * L, [0] * L
     if policy == "belady":
         _replay_belady(steps, E, capacity_experts, hits, misses)
     elif policy == "static":
         _replay_static(steps, E, capacity_experts, k, warmup_passes, hits, misses)
     else:
-        _replay_cache(steps, L, E, policy, limit, warmup_passes, hits, misses)
-    return ReplayResult(policy, capacity_experts, hits, misses)
+        _replay_cache(steps, L, E, policy, limits, warmup_passes, hits, misses)
+    return ReplayResult(policy, capacity_experts, np.array(hits), np.array(misses))
 
 
-def _replay_cache(steps, L, E, policy, limit, warmup, hits, misses) -> None:
-    """ExpertCache's policies, with OffloadRuntime.demand's order of operations."""
+def _replay_cache(steps, L, E, policy, limits, warmup, hits, misses) -> None:
+    """ExpertCache's policies, with OffloadRuntime.demand's order of operations (limits: the
+    experts each layer's scope holds)."""
     lfu, per_layer = policy.startswith("lfu"), policy.endswith("-layer")
     pools = [_Pool(lfu) for _ in range(L)] if per_layer else [_Pool(lfu)] * L
-    frequency = np.zeros(L * E, np.int64)
+    frequency = [0] * (L * E)
     for index, layer, experts in steps:
         pool = pools[layer]
-        counted = index >= warmup
+        entries = pool.entries
+        base = layer * E
+        limit = limits[layer]
         for g in range(0, len(experts), limit):  # groups, released in between
-            group = [layer * E + e for e in experts[g : g + limit]]
-            for key in group:
-                frequency[key] += 1
+            group = [base + e for e in experts[g : g + limit]]
             missing = []
+            if lfu:
+                for key in group:
+                    frequency[key] += 1
             for key in group:
-                if key in pool.entries:
+                if key in entries:
                     pool.touch(key, frequency[key])
                 else:
                     missing.append(key)
-            if counted:
+            if index >= warmup:
                 hits[layer] += len(group) - len(missing)
                 misses[layer] += len(missing)
             for key in missing:
-                if len(pool.entries) >= limit:
+                if len(entries) >= limit:
                     pool.evict(pinned=group)
                 pool.touch(key, frequency[key])
 
@@ -303,16 +334,19 @@ class _Pool:
 
     def __init__(self, lfu: bool):
         self.lfu = lfu
-        self.entries: OrderedDict[int, tuple[int, int]] = OrderedDict()  # key -> (freq, tick)
-        self.heap: list[tuple[int, int, int]] = []
+        self.entries: OrderedDict[int, tuple[int, int] | None] = OrderedDict()  # LRU first
+        self.heap: list[tuple[int, int, int]] = []  # LFU: (freq, tick, key), stale ones too
         self.tick = 0
 
     def touch(self, key: int, freq: int) -> None:
+        if not self.lfu:
+            self.entries[key] = None
+            self.entries.move_to_end(key)
+            return
         self.tick += 1
-        self.entries[key] = (int(freq), self.tick)
+        self.entries[key] = (freq, self.tick)
         self.entries.move_to_end(key)
-        if self.lfu:
-            heapq.heappush(self.heap, (int(freq), self.tick, key))
+        heapq.heappush(self.heap, (freq, self.tick, key))
 
     def evict(self, pinned: list[int]) -> None:
         if not self.lfu:  # least recently used first, pinned ones skipped
@@ -408,7 +442,7 @@ def _replay_static(steps, E, capacity, k, warmup, hits, misses) -> None:
 
 ESTIMATE_PROMPT = 64  # tokens prefilled in one pass: warms the cache
 ESTIMATE_WARMUP = 16  # decoded tokens not counted either
-ESTIMATE_DECODE = 160  # decoded tokens counted
+ESTIMATE_DECODE = 128  # decoded tokens counted
 
 
 @lru_cache(maxsize=16)
@@ -426,7 +460,7 @@ def _estimate(num_experts: int, top_k: int, num_layers: int, policy: str, capaci
 def expected_hit_rate(cached_share: float, num_experts: int, top_k: int, num_layers: int,
                       policy: str = "lru") -> float:  # fmt: skip
     """Decode hit rate of an expert cache holding `cached_share` of a model's experts, replayed
-    on a Mixtral-like trace (a 64-token prompt, then 176 decoded tokens, the last 160 counted).
+    on a Mixtral-like trace (a 64-token prompt, then 144 decoded tokens, the last 128 counted).
     Raises MixchatError for a cache that cannot hold top_k experts per layer."""
     if policy not in CACHE_POLICIES:
         raise MixchatError(f"unknown expert cache policy {policy!r}")

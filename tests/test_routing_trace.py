@@ -68,6 +68,15 @@ def test_load_is_near_uniform(mixtral_like):
     assert np.abs(load - 1 / 8).max() <= 5 * math.sqrt(2 * p * (1 - p) / TOKENS) / 2
 
 
+def test_measure_locality_by_hand():
+    # pairs: (0 1 -> 1 2) share, other first; (1 2 -> 3 4) nothing; (3 4 -> 3 0) both
+    routes = np.array([[0, 1], [1, 2], [3, 4], [3, 0]]).reshape(4, 1, 2)
+    got = measure_locality(routes, 5)
+    assert got.share.tolist() == [pytest.approx(2 / 3)]
+    assert got.same_first.tolist() == [pytest.approx(1 / 3)]
+    assert got.load.tolist() == [[2 / 8, 2 / 8, 1 / 8, 2 / 8, 1 / 8]]
+
+
 def test_routes_are_distinct_valid_expert_ids(mixtral_like):
     _, routes = mixtral_like
     assert routes.shape == (TOKENS, 8, 2) and routes.dtype == np.int32
@@ -164,6 +173,17 @@ def test_replay_counts_as_expert_cache(policy):
         assert result.hits.tolist() == hits.tolist(), capacity
         assert result.misses.tolist() == misses.tolist(), capacity
         assert 0 < result.hit_rate < 1
+
+
+def test_spread_quota_gives_the_remainder_to_the_first_layers():
+    """Per-layer scopes are independent: with 5 experts over 2 layers spread as 3 + 2, layer 0
+    counts as ExpertCache's per-layer LRU with 3 per layer, layer 1 as with 2 per layer."""
+    trace = generate_trace(8, 2, 2, decode_tokens=200, prompt_tokens=16, seed=2)
+    spread = replay(trace, "lru-layer", 5, spread_quota=True)
+    assert spread.hits[0] == expert_cache_counts(trace, "lru-layer", 6)[0][0]
+    assert spread.hits[1] == expert_cache_counts(trace, "lru-layer", 4)[0][1]
+    assert replay(trace, "lru-layer", 5).hits[0] == expert_cache_counts(trace, "lru-layer", 4)[0][0]
+    assert spread.hits[0] > replay(trace, "lru-layer", 5).hits[0]
 
 
 def test_belady_bounds_every_policy():

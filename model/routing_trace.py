@@ -22,6 +22,9 @@ cache holds fewer). Policies "lru", "lfu", "lru-layer", "lfu-layer" as `ExpertCa
 (MIN: evict what is needed farthest in the future; an upper bound on every policy's hits) and
 "static" (pin the most demanded experts of the whole trace, stream the rest through top_k
 slots). Capacities are counted in experts (every expert the same size).
+
+`expected_hit_rate` is the decode hit rate `mixchat info` shows for a cached share of the
+experts: a replay on a short generated trace, cached per shape, policy and capacity.
 """
 
 from __future__ import annotations
@@ -464,6 +467,8 @@ def expected_hit_rate(cached_share: float, num_experts: int, top_k: int, num_lay
     Raises MixchatError for a cache that cannot hold top_k experts per layer."""
     if policy not in CACHE_POLICIES:
         raise MixchatError(f"unknown expert cache policy {policy!r}")
+    if not math.isfinite(cached_share):
+        raise MixchatError(f"cached share {cached_share} is not a number")
     total = num_experts * num_layers
     capacity = min(total, int(round(cached_share * total)))
     if capacity <= 0:

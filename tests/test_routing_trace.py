@@ -249,6 +249,15 @@ def test_expected_hit_rate_grows_with_the_cache_and_reaches_one(policy):
     assert expected_hit_rate(0.0, 8, 2, 32, policy) == 0.0
 
 
+def test_expected_hit_rate_refuses_what_the_runtime_refuses():
+    with pytest.raises(MixchatError, match="cannot hold the 2 experts"):
+        expected_hit_rate(0.2, 8, 2, 32, "lru-layer")  # 1 expert per layer
+    with pytest.raises(MixchatError, match="not a number"):
+        expected_hit_rate(float("nan"), 8, 2, 32)
+    with pytest.raises(MixchatError, match="unknown expert cache policy"):
+        expected_hit_rate(0.5, 8, 2, 32, "fifo")
+
+
 def test_expected_hit_rate_is_near_the_cached_share_per_layer():
     """Real Mixtral's per-layer LRU hits the cached share plus a few points; random models'
     repeated routing gave 96% at 50% cached."""

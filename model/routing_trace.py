@@ -42,8 +42,9 @@ from .errors import MixchatError
 CACHE_POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer")  # model.offload.POLICIES
 REPLAY_POLICIES = (*CACHE_POLICIES, "static", "belady")
 
-# Published ranges, by relative depth (0 = first MoE layer, 1 = last): layer 0 at the low end,
-# the middle layers at the high end, the last layers in between; linear between the anchors.
+# Within the published ranges, by relative depth (0 = first MoE layer, 1 = last): layer 0 at the
+# low end, the middle layers at the high end, the last layers in between (anchors chosen, not
+# the paper's per-layer values); linear between the anchors.
 PROFILE_ANCHORS = ((0.0, 0.45, 0.14), (0.5, 0.67, 0.28), (1.0, 0.56, 0.22))
 
 

@@ -3,11 +3,12 @@
 For Mixtral 8x7B (8 experts top-2, 32 layers) and 8x22B (8 experts top-2, 56 layers): a trace
 from model/routing_trace.py (per-layer locality interpolating the published ranges) of one
 prompt chunk then decoded tokens, replayed for caches holding 10%..90% of the experts under
-each of mixchat's policies (lru = today's default, lfu, lru-layer, lfu-layer; per-layer ones
-get capacity // layers experts per layer, as ExpertCache), per-layer LRU with the remainder
+each of mixchat's policies (lru, lfu, lru-layer, lfu-layer: per-layer ones get capacity //
+layers experts per layer, as ExpertCache; next-use: evict what the forward pass reaches last;
+auto, the default: next-use below top_k x layers experts, else lru), per-layer LRU with the remainder
 spread over the layers (not in ExpertCache: what a balanced quota gives), "static" (pin
 the most demanded experts of the whole trace), Belady's MIN (the upper bound on any policy),
-and the default and per-layer LRU on uniformly random routing (the no-locality reference).
+and LRU and next-use on uniformly random routing (the no-locality reference).
 Every access of the trace is counted, the prompt pass's cold reads included (< 0.3% of them).
 It also prints the locality the traces measure against their targets, per-layer hit rates,
 and how long `expected_hit_rate` takes on its first call (what `mixchat info` pays).
@@ -28,7 +29,8 @@ from model import routing_trace as rt
 MODELS = (("Mixtral 8x7B", 8, 2, 32), ("Mixtral 8x22B", 8, 2, 56))
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPREAD = "lru-layer, spread"  # per-layer LRU whose quotas use the whole capacity
-COLUMNS = (*rt.CACHE_POLICIES, SPREAD, "static", "belady")
+COLUMNS = (*rt.CACHE_POLICIES, rt.DEFAULT_POLICY, SPREAD, "static", "belady")
+RANDOM_COLUMNS = ("lru", "next-use")  # replayed on random routing too
 
 
 def rate(trace: rt.Trace, policy: str, capacity: int) -> float | None:
@@ -78,7 +80,7 @@ def bench_model(name: str, E: int, k: int, L: int, args) -> dict[str, list[float
     print(f"| random routing, all layers | {rand.share.mean():.1%} | {rand.same_first.mean():.1%}"
           f" | {rand.load.min():.1%}–{rand.load.max():.1%} |\n")  # fmt: skip
 
-    header = ["cached share", "experts", *COLUMNS, "random: lru", "random: lru-layer"]
+    header = ["cached share", "experts", *COLUMNS, *(f"random: {c}" for c in RANDOM_COLUMNS)]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table: dict[str, list[float | None]] = {c: [] for c in COLUMNS}
@@ -91,14 +93,14 @@ def bench_model(name: str, E: int, k: int, L: int, args) -> dict[str, list[float
         quota = capacity // L
         experts = f"{capacity} ({quota}/layer = {quota / E:.1%})"
         cells = [cell(row[c]) for c in COLUMNS]
-        cells += [cell(rate(random, "lru", capacity)), cell(rate(random, "lru-layer", capacity))]
+        cells += [cell(rate(random, c, capacity)) for c in RANDOM_COLUMNS]
         print(f"| {share:.0%} | {experts} | " + " | ".join(cells) + " |")
 
     capacity = round(0.5 * E * L)
     print(f"\nPer-layer hit rate at 50% cached ({capacity} experts):\n")
     print("| policy | layer 0 | layer " + str(L // 2) + f" | layer {L - 1} | all |")
     print("|---|---|---|---|---|")
-    for policy in ("lru", "lru-layer", "belady"):
+    for policy in ("lru", "lru-layer", "next-use", "belady"):
         r = rt.replay(trace, policy, capacity)
         per = r.layer_hit_rates
         print(f"| {policy} | {per[0]:.1%} | {per[L // 2]:.1%} | {per[L - 1]:.1%} | "
@@ -127,7 +129,9 @@ def main() -> None:
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     print("| " + " | ".join(f"{np.mean(totals[c]):.1%}" for c in COLUMNS) + " |")
-    ranked = sorted((*rt.CACHE_POLICIES, SPREAD), key=lambda c: -np.mean(totals[c]))
+    ranked = sorted(
+        (*rt.CACHE_POLICIES, rt.DEFAULT_POLICY, SPREAD), key=lambda c: -np.mean(totals[c])
+    )
     print("\nCache policies by mean hit rate: " + ", ".join(
         f"{c} {np.mean(totals[c]):.1%}" for c in ranked))  # fmt: skip
 

@@ -18,10 +18,14 @@ uniform and each statistic is, token after token, an independent Bernoulli draw.
 Replays mirror mixchat's runtime (model/offload.py): per forward pass and layer the distinct
 experts the pass routes to are demanded in id order, all counted for LFU, hits touched first,
 then misses loaded; the layer's experts are pinned while it runs (computed in groups when the
-cache holds fewer). Policies "lru", "lfu", "lru-layer", "lfu-layer" as `ExpertCache`; "belady"
+cache holds fewer). Policies "lru", "lfu", "lru-layer", "lfu-layer", "next-use" (evict what the
+forward pass reaches last) and "auto" (next-use below top_k x layers experts, else lru) as
+`ExpertCache`; "belady"
 (MIN: evict what is needed farthest in the future; an upper bound on every policy's hits) and
 "static" (pin the most demanded experts of the whole trace, stream the rest through top_k
-slots). Capacities are counted in experts (every expert the same size).
+slots). Capacities are counted in experts (every expert the same size) and fixed (the runtime's
+cache shrinks as the KV cache grows); the runtime's read-ahead of the next layer's experts
+during long prompts is not replayed (it moves hits within a prompt pass, not decode's).
 
 `expected_hit_rate` is the decode hit rate `mixchat info` shows for a cached share of the
 experts: a replay on a short generated trace, cached per shape, policy and capacity.
@@ -39,8 +43,9 @@ import numpy as np
 
 from .errors import MixchatError
 
-CACHE_POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer")  # model.offload.POLICIES
-REPLAY_POLICIES = (*CACHE_POLICIES, "static", "belady")
+CACHE_POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")  # model.offload.POLICIES
+DEFAULT_POLICY = "auto"  # model.offload's: next-use below one token's experts (top_k x layers)
+REPLAY_POLICIES = (*CACHE_POLICIES, DEFAULT_POLICY, "static", "belady")
 
 # Within the published ranges, by relative depth (0 = first MoE layer, 1 = last): layer 0 at the
 # low end, the middle layers at the high end, the last layers in between (anchors chosen, not
@@ -291,6 +296,9 @@ def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int 
         )
     if policy == "belady" and warmup_passes:
         raise MixchatError("Belady's bound is over the whole trace (warmup_passes=0)")
+    name = policy
+    if policy == DEFAULT_POLICY:
+        policy = "next-use" if capacity_experts < k * L else "lru"
     steps = demand_steps(trace)
     hits, misses = [0] * L, [0] * L
     if policy == "belady":
@@ -299,14 +307,15 @@ def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int 
         _replay_static(steps, E, capacity_experts, k, warmup_passes, hits, misses)
     else:
         _replay_cache(steps, L, E, policy, limits, warmup_passes, hits, misses)
-    return ReplayResult(policy, capacity_experts, np.array(hits), np.array(misses))
+    return ReplayResult(name, capacity_experts, np.array(hits), np.array(misses))
 
 
 def _replay_cache(steps, L, E, policy, limits, warmup, hits, misses) -> None:
     """ExpertCache's policies, with OffloadRuntime.demand's order of operations (limits: the
     experts each layer's scope holds)."""
     lfu, per_layer = policy.startswith("lfu"), policy.endswith("-layer")
-    pools = [_Pool(lfu) for _ in range(L)] if per_layer else [_Pool(lfu)] * L
+    mode = policy.removesuffix("-layer")
+    pools = [_Pool(mode, E, L) for _ in range(L)] if per_layer else [_Pool(mode, E, L)] * L
     frequency = [0] * (L * E)
     for index, layer, experts in steps:
         pool = pools[layer]
@@ -329,46 +338,62 @@ def _replay_cache(steps, L, E, policy, limits, warmup, hits, misses) -> None:
                 misses[layer] += len(missing)
             for key in missing:
                 if len(entries) >= limit:
-                    pool.evict(pinned=group)
+                    pool.evict(group, layer)
                 pool.touch(key, frequency[key])
 
 
 class _Pool:
-    """One scope of an ExpertCache: LRU order, or (demands, recency) for LFU."""
+    """One scope of an ExpertCache: "lru" order, "lfu" (demands, recency), or "next-use" (the
+    layer the forward pass reaches last first: this layer's others, then the layers just
+    computed; least recent among equals)."""
 
-    def __init__(self, lfu: bool):
-        self.lfu = lfu
+    def __init__(self, mode: str, num_experts: int, num_layers: int):
+        self.mode, self.num_experts, self.num_layers = mode, num_experts, num_layers
         self.entries: OrderedDict[int, tuple[int, int] | None] = OrderedDict()  # LRU first
-        self.heap: list[tuple[int, int, int]] = []  # LFU: (freq, tick, key), stale ones too
+        self.heap: list[tuple[int, int, int]] = []  # lfu: (freq, tick, key), stale ones too
         self.tick = 0
+        self.by_layer: list[OrderedDict[int, None]] = (
+            [OrderedDict() for _ in range(num_layers)] if mode == "next-use" else []
+        )
 
     def touch(self, key: int, freq: int) -> None:
-        if not self.lfu:
+        if self.mode == "lfu":
+            self.tick += 1
+            self.entries[key] = (freq, self.tick)
+            heapq.heappush(self.heap, (freq, self.tick, key))
+        else:
             self.entries[key] = None
-            self.entries.move_to_end(key)
-            return
-        self.tick += 1
-        self.entries[key] = (freq, self.tick)
         self.entries.move_to_end(key)
-        heapq.heappush(self.heap, (freq, self.tick, key))
+        if self.mode == "next-use":
+            layer = self.by_layer[key // self.num_experts]
+            layer[key] = None
+            layer.move_to_end(key)
 
-    def evict(self, pinned: list[int]) -> None:
-        if not self.lfu:  # least recently used first, pinned ones skipped
+    def evict(self, pinned: list[int], layer: int) -> None:
+        """Evict one unpinned entry, for a miss of `layer`."""
+        if self.mode == "lru":
             victim = next(key for key in self.entries if key not in pinned)
-            del self.entries[victim]
-            return
-        held = []
-        while True:
-            freq, tick, key = heapq.heappop(self.heap)
-            if self.entries.get(key) != (freq, tick):
-                continue  # stale: touched since, or evicted
-            if key in pinned:
-                held.append((freq, tick, key))
-                continue
-            del self.entries[key]
-            break
-        for item in held:
-            heapq.heappush(self.heap, item)
+        elif self.mode == "next-use":
+            victim = None
+            for ahead in range(self.num_layers - 1, -1, -1):  # reached last first
+                scope = self.by_layer[(layer + 1 + ahead) % self.num_layers]
+                victim = next((key for key in scope if key not in pinned), None)
+                if victim is not None:
+                    del scope[victim]
+                    break
+        else:
+            held = []
+            while True:
+                freq, tick, victim = heapq.heappop(self.heap)
+                if self.entries.get(victim) != (freq, tick):
+                    continue  # stale: touched since, or evicted
+                if victim in pinned:
+                    held.append((freq, tick, victim))
+                    continue
+                break
+            for item in held:
+                heapq.heappush(self.heap, item)
+        del self.entries[victim]
 
 
 def _flat_accesses(steps) -> tuple[list[int], list[int], list[int]]:
@@ -462,11 +487,11 @@ def _estimate(num_experts: int, top_k: int, num_layers: int, policy: str, capaci
 
 
 def expected_hit_rate(cached_share: float, num_experts: int, top_k: int, num_layers: int,
-                      policy: str = "lru") -> float:  # fmt: skip
+                      policy: str = DEFAULT_POLICY) -> float:  # fmt: skip
     """Decode hit rate of an expert cache holding `cached_share` of a model's experts, replayed
     on a Mixtral-like trace (a 64-token prompt, then 144 decoded tokens, the last 128 counted).
     Raises MixchatError for a cache that cannot hold top_k experts per layer."""
-    if policy not in CACHE_POLICIES:
+    if policy not in (*CACHE_POLICIES, DEFAULT_POLICY):
         raise MixchatError(f"unknown expert cache policy {policy!r}")
     if not math.isfinite(cached_share):
         raise MixchatError(f"cached share {cached_share} is not a number")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.errors import MixchatError
-from model.offload import POLICIES, ExpertCache
+from model.offload import DEFAULT_POLICY, POLICIES, ExpertCache
 from model.routing_trace import (
     CACHE_POLICIES,
     LayerLocality,
@@ -119,6 +119,7 @@ def expert_cache_counts(trace: Trace, policy: str, capacity_experts: int, nbytes
     groups the cache can pin, hits pinned first, then misses reserved, pinned and filled."""
     L = trace.num_layers
     cache = ExpertCache(capacity_experts * nbytes, policy, layers=range(L))
+    cache.working_set = trace.top_k * L * nbytes  # as `attach` sets it
     hits, misses = np.zeros(L, int), np.zeros(L, int)
     pinned: list = []
 
@@ -160,19 +161,41 @@ def expert_cache_counts(trace: Trace, policy: str, capacity_experts: int, nbytes
 
 
 def test_policy_names_are_the_caches():
-    assert CACHE_POLICIES == POLICIES
+    assert CACHE_POLICIES == POLICIES and rt_default_policy() == DEFAULT_POLICY
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+def rt_default_policy() -> str:
+    from model.routing_trace import DEFAULT_POLICY as default
+
+    return default
+
+
+@pytest.mark.parametrize("policy", (*POLICIES, DEFAULT_POLICY))
 def test_replay_counts_as_expert_cache(policy):
-    # prompt chunks touch more experts than the smallest caches hold: grouped demands
+    # prompt chunks touch more experts than the smallest caches hold: grouped demands; "auto"
+    # is next-use below 2 x 3 = 6 experts, LRU from 6 on
     trace = generate_trace(8, 2, 3, decode_tokens=150, prompt_tokens=40, prompt_chunk=20, seed=5)
-    for capacity in (6, 9, 13, 20):
+    for capacity in (4, 5, 6, 9, 13, 20):
+        if policy.endswith("-layer") and capacity < 6:
+            continue  # fewer than 2 per layer: refused (below)
         result = replay(trace, policy, capacity)
         hits, misses = expert_cache_counts(trace, policy, capacity)
         assert result.hits.tolist() == hits.tolist(), capacity
         assert result.misses.tolist() == misses.tolist(), capacity
-        assert 0 < result.hit_rate < 1
+        assert result.hit_rate < 1
+
+
+def test_lru_gets_no_hits_below_one_tokens_experts():
+    """Layers are demanded in a cycle: between two demands of an expert one token apart come
+    the 2 experts of each of the L - 1 other layers, so LRU over all layers holding 2 (L - 1)
+    experts always evicts it first; next-use and LFU keep some."""
+    trace = generate_trace(8, 2, 4, decode_tokens=400, seed=1)
+    assert replay(trace, "lru", 6).hits.sum() == 0
+    assert replay(trace, "lru", 7).hits.sum() > 0
+    assert replay(trace, "next-use", 6).hit_rate > 0.1
+    assert replay(trace, "lfu", 6).hit_rate > 0.1
+    assert replay(trace, "auto", 6).hits.tolist() == replay(trace, "next-use", 6).hits.tolist()
+    assert replay(trace, "auto", 8).hits.tolist() == replay(trace, "lru", 8).hits.tolist()
 
 
 def test_spread_quota_gives_the_remainder_to_the_first_layers():
@@ -190,7 +213,7 @@ def test_belady_bounds_every_policy():
     trace = generate_trace(8, 2, 6, decode_tokens=300, prompt_tokens=32, seed=8)
     for capacity in (12, 18, 24, 36):
         best = replay(trace, "belady", capacity)
-        for policy in (*POLICIES, "static"):
+        for policy in (*POLICIES, DEFAULT_POLICY, "static"):
             assert best.hits.sum() >= replay(trace, policy, capacity).hits.sum(), (policy, capacity)
         assert best.hits.sum() > replay(trace, "lru", capacity).hits.sum()
 
@@ -240,7 +263,7 @@ def test_replay_refuses_what_the_runtime_refuses():
 # --- the figure `mixchat info` shows ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", (*POLICIES, DEFAULT_POLICY))
 def test_expected_hit_rate_grows_with_the_cache_and_reaches_one(policy):
     shares = [0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     rates = [expected_hit_rate(s, 8, 2, 32, policy) for s in shares]

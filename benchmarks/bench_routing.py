@@ -64,7 +64,7 @@ def bench_model(name: str, E: int, k: int, L: int, args) -> dict[str, list[float
                                profile=random_profile)  # fmt: skip
     decoded = trace.routes[args.prompt_tokens :]
     measured = rt.measure_locality(decoded, E)
-    targets = rt.default_profile(L, k)
+    targets = rt.default_profile(L, E, k)
     accesses = sum(len(s[2]) for s in rt.demand_steps(trace))
     print(f"\n### {name}: {E} experts top-{k}, {L} layers\n")
     print(f"Trace: {args.prompt_tokens}-token prompt in one pass, {args.decode_tokens} decoded "

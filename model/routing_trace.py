@@ -61,17 +61,24 @@ class LayerLocality:
     same_first: float
 
 
-def default_profile(num_layers: int, top_k: int = 2) -> list[LayerLocality]:
-    """Mixtral-like targets per layer, interpolated along depth through PROFILE_ANCHORS (top-1
-    routing: both statistics are the same one, the same-first target)."""
+def default_profile(num_layers: int, num_experts: int = 8, top_k: int = 2
+                    ) -> list[LayerLocality]:  # fmt: skip
+    """Mixtral-like targets per layer, interpolated along depth through PROFILE_ANCHORS (for 8
+    experts top-2). Other shapes keep the same share of the way from random routing to
+    certainty (x' = r' + (x - r) (1 - r') / (1 - r), r and r' the random statistics); top-1
+    routing has one statistic, the same-first one."""
     depth = [i / (num_layers - 1) if num_layers > 1 else 0.0 for i in range(num_layers)]
     xs, shares, firsts = zip(*PROFILE_ANCHORS)
+    mixtral, here = random_locality(8, 2), random_locality(num_experts, top_k)
+
+    def rescale(x: float, r: float, r_here: float) -> float:
+        return r_here + (x - r) * (1 - r_here) / (1 - r)
+
     profile = []
     for x in depth:
-        first = float(np.interp(x, xs, firsts))
-        profile.append(
-            LayerLocality(first if top_k == 1 else float(np.interp(x, xs, shares)), first)
-        )
+        first = rescale(float(np.interp(x, xs, firsts)), mixtral.same_first, here.same_first)
+        share = rescale(float(np.interp(x, xs, shares)), mixtral.share, here.share)
+        profile.append(LayerLocality(first if top_k == 1 else share, first))
     return profile
 
 
@@ -122,7 +129,9 @@ class RoutingProcess:
                 f"routing needs 1 <= top_k < experts and >= 1 layer "
                 f"(got {num_experts} experts, top-{top_k}, {num_layers} layers)"
             )
-        profile = default_profile(num_layers, top_k) if profile is None else list(profile)
+        if profile is None:
+            profile = default_profile(num_layers, num_experts, top_k)
+        profile = list(profile)
         if len(profile) != num_layers:
             raise MixchatError(f"locality profile has {len(profile)} layers, not {num_layers}")
         self.num_experts, self.top_k, self.num_layers = num_experts, top_k, num_layers

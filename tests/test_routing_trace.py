@@ -57,6 +57,27 @@ def test_default_profile_spans_the_published_ranges():
     assert shares[-1] > shares[0] and firsts[-1] > firsts[0]
 
 
+@pytest.mark.parametrize("experts, top_k", [(3, 2), (4, 2), (8, 1), (64, 6)])
+def test_other_shapes_get_reachable_targets(experts, top_k):
+    """Other shapes keep Mixtral's share of the way from random routing to certainty; every
+    target stays reachable (3 experts top-2 always share one: P(share) = 1). 0.04 is 3.5
+    standard deviations of a mean of 1,999 Bernoulli draws."""
+    process = RoutingProcess(experts, top_k, 3, seed=1)
+    measured = measure_locality(process.prompt(2000), experts)
+    for layer, target in enumerate(process.profile):
+        assert abs(measured.same_first[layer] - target.same_first) < 0.04
+        assert abs(measured.share[layer] - target.share) < 0.04
+
+
+def test_four_experts_middle_layer_by_hand():
+    """The middle layer: 67% against random 13/28 is 38.5% of the way to 1; for 4 experts
+    top-2 (random 5/6) that is 5/6 + 0.385 / 6 = 89.7%; same first: (28% - 1/8) / (7/8) =
+    17.7% of the way, 1/4 + 0.177 * 3/4 = 38.3%."""
+    middle = default_profile(3, 4, 2)[1]
+    assert middle.share == pytest.approx(0.897, abs=5e-4)
+    assert middle.same_first == pytest.approx(0.383, abs=5e-4)
+
+
 def test_load_is_near_uniform(mixtral_like):
     """Expert e's load is the mean of TOKENS indicators with p = k/E = 1/4, correlated from
     token to token; with a variance inflation of at most 2 (lag-1 correlation ~0.2 at the most
@@ -266,10 +287,10 @@ def test_replay_refuses_what_the_runtime_refuses():
 @pytest.mark.parametrize("policy", (*POLICIES, DEFAULT_POLICY))
 def test_expected_hit_rate_grows_with_the_cache_and_reaches_one(policy):
     shares = [0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    rates = [expected_hit_rate(s, 8, 2, 32, policy) for s in shares]
+    rates = [expected_hit_rate(s, 8, 2, 8, policy) for s in shares]
     assert all(a <= b for a, b in zip(rates, rates[1:])), rates
     assert rates[0] < 0.4 and rates[-1] == 1.0
-    assert expected_hit_rate(0.0, 8, 2, 32, policy) == 0.0
+    assert expected_hit_rate(0.0, 8, 2, 8, policy) == 0.0
 
 
 def test_expected_hit_rate_refuses_what_the_runtime_refuses():

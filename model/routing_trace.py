@@ -20,12 +20,12 @@ experts the pass routes to are demanded in id order, all counted for LFU, hits t
 then misses loaded; the layer's experts are pinned while it runs (computed in groups when the
 cache holds fewer). Policies "lru", "lfu", "lru-layer", "lfu-layer", "next-use" (evict what the
 forward pass reaches last) and "auto" (next-use below top_k x layers experts, else lru) as
-`ExpertCache`; "belady"
-(MIN: evict what is needed farthest in the future; an upper bound on every policy's hits) and
-"static" (pin the most demanded experts of the whole trace, stream the rest through top_k
-slots). Capacities are counted in experts (every expert the same size) and fixed (the runtime's
-cache shrinks as the KV cache grows); the runtime's read-ahead of the next layer's experts
-during long prompts is not replayed (it moves hits within a prompt pass, not decode's).
+`ExpertCache`; "belady" (MIN: evict what is needed farthest in the future; an upper bound on
+every policy's hits) and "static" (pin the most demanded experts of the whole trace, stream
+the rest through top_k slots). Capacities are counted in experts (every expert the same size)
+and stay fixed (the runtime's cache shrinks as the KV cache grows); the runtime's read-ahead
+of the next layer's experts during long prompts is not replayed (it moves hits within a prompt
+pass, not decode's).
 
 `expected_hit_rate` is the decode hit rate `mixchat info` shows for a cached share of the
 experts: a replay on a short generated trace, cached per shape, policy and capacity.

@@ -89,6 +89,11 @@ def build_parser() -> Parser:
     info = commands.add_parser("info", help="describe a model without loading it")
     info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                      help="compute dtype override")  # fmt: skip
+    info.add_argument("--remeasure", action="store_true",
+                      help="measure this machine's disk, memory and kernel speed again "
+                      "(they are kept in the data directory)")  # fmt: skip
     add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
@@ -107,7 +112,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 
 def memory_size(text: str) -> int | str:
     """argparse type of --memory-budget: bytes, or "auto" (resolved when used)."""
-    from model.budget import parse_budget
+    from model.memory_plan import parse_budget
 
     try:
         return parse_budget(text)
@@ -115,11 +120,33 @@ def memory_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def context_size(text: str) -> int:
+    """argparse type of --max-context: a positive number of tokens (8192, 32k)."""
+    s = text.strip().lower()
+    try:
+        value = int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the context must be at least 1 token, not {text}")
+    return value
+
+
 def add_budget_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-budget", type=memory_size, metavar="SIZE",
-        help="most memory the model may use, e.g. 12GB, 800MB, or auto (a safe share of this "
-        "machine's memory); experts that do not fit are read from disk on demand",
+        help="most memory the model may use, e.g. 12GB, 800MB, auto (a safe share of this "
+        "machine's memory) or none (load everything); experts that do not fit are read from "
+        "disk on demand. Default: everything in memory when it fits, else auto",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-context", type=context_size, metavar="TOKENS",
+        help="longest conversation, in tokens (e.g. 8192 or 32k); the KV cache is planned for "
+        "it. Default: the model's, or under a budget the longest that leaves room for experts",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-bits", type=int, choices=(8, 4), metavar="BITS",
+        help="store the KV cache in 8 (or 4) bits: a long context in less memory",
     )  # fmt: skip
 
 
@@ -197,12 +224,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
         settings.model,
         dtype=settings.dtype,
         memory_budget=settings.memory_budget,
+        max_context=args.max_context,
+        kv_bits=args.kv_bits,
         streams=settings.streams,
     )
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
-    if engine.offload is not None and not args.quiet and not args.json:
-        print(f"[{engine.offload.describe()}; `mixchat info` predicts the speed]", file=sys.stderr)
+    if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
+        print(f"mixchat: {engine.memory_notice}", file=sys.stderr)
     text, stats = [], None
     for chunk in engine.stream(messages, generation):
         text.append(chunk.text)
@@ -223,6 +252,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "model": engine.name,
             "expert_hit_rate": stats.expert_hit_rate,
             "bytes_read_per_token": stats.bytes_read_per_token,
+            "prompt_bytes_read_per_token": stats.prompt_bytes_read_per_token,
             "load_seconds": stats.load_seconds,
             "compute_seconds": stats.compute_seconds,
         }
@@ -297,27 +327,29 @@ def stats_lines(stats, lang: str) -> list[str]:
 def cmd_chat(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     if settings.memory_budget is not None:
-        check_memory_budget(settings)  # before the UI opens
+        check_memory_budget(args)  # a budget that cannot work fails before the UI opens
     from app.tui import run_chat
 
     return run_chat(
         model=settings.model,
         lang=settings.lang,
+        data_dir=settings.data_dir,
         dtype=settings.dtype,
         memory_budget=settings.memory_budget,
-        data_dir=settings.data_dir,
+        max_context=args.max_context,
+        kv_bits=args.kv_bits,
         streams=settings.streams,
     )
 
 
-def check_memory_budget(settings: Settings) -> None:
-    """Raise the one-line BudgetError a budget too small for the model gets, without loading it."""
+def check_memory_budget(args: argparse.Namespace) -> None:
+    """Raise the one-line BudgetError a budget too small for the model gets, without loading."""
     from model import registry, weights
-    from model.budget import check_budget, memory_plan, resolve_budget
 
+    settings: Settings = args.settings
     checkpoint = weights.locate(registry.resolve(settings.model))
-    plan = memory_plan(checkpoint, weights.compute_dtype(checkpoint, settings.dtype).size)
-    check_budget(plan, resolve_budget(settings.memory_budget), checkpoint.path.name)
+    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, args.max_context,
+                        args.kv_bits)  # fmt: skip
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -336,16 +368,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from model import registry, weights
-    from model.budget import fit_report
     from model.info import model_info
+    from model.machine import CACHE_FILE, MeasurementCache
+    from model.predict import fit_report
 
     path = registry.resolve(args.model)
     checkpoint = weights.locate(path)
     name = registry.DEFAULT_MODEL if args.model is None else args.model
     settings: Settings = args.settings
-    compute_bytes = weights.compute_dtype(checkpoint, settings.dtype).size
-    info = model_info(checkpoint, name, compute_bytes)
-    fit = fit_report(checkpoint, compute_bytes, settings.memory_budget, args.model)
+    dtype = weights.compute_dtype(checkpoint, settings.dtype)
+    info = model_info(checkpoint, name, dtype.size)
+    fit = fit_report(
+        checkpoint, dtype, settings.memory_budget, args.model, args.max_context, args.kv_bits,
+        MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
+        weights.stream_count(settings.streams),
+    )
     if args.json:
         print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
         return 0

@@ -72,7 +72,7 @@ def _budget(given: int | str | None, environ: Mapping[str, str]) -> int | str | 
     value = environ.get("MIXCHAT_MEMORY_BUDGET", "").strip()
     if not value:
         return None
-    from model.budget import parse_budget
+    from model.memory_plan import parse_budget
 
     try:
         return parse_budget(value)

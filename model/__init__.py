@@ -36,11 +36,18 @@ def load(
     *,
     dtype: str | None = None,
     lazy: bool = False,
+    memory_budget: int | str | None = None,
+    max_context: int | None = None,
+    kv_bits: int | None = None,
     streams: int | None = None,
 ):
     """Load a model and its tokenizer: a HF or MLX-quantized directory, a GGUF file, or a repo
     id already in the local Hugging Face cache (never downloads). Returns (model, tokenizer).
-    `streams`: CPU streams to split matrix products across (None: one per core, at most 2)."""
+
+    `memory_budget`: None chooses (loads whole when it fits in what is available, else streams
+    experts under the automatic budget: `model.memory.notice` says so); "auto", "none" (load
+    whole regardless) or bytes. `streams`: CPU streams to split matrix products across (None:
+    one per core, at most 2)."""
     from . import registry, weights
     from .tokenizer import load_tokenizer
 
@@ -49,7 +56,9 @@ def load(
     tokenizer = load_tokenizer(
         checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
     )
-    return weights.build_model(checkpoint, dtype=dtype, lazy=lazy, streams=streams), tokenizer
+    memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
+    model = weights.build_model(checkpoint, dtype=dtype, lazy=lazy, memory=memory, streams=streams)
+    return model, tokenizer
 
 
 __all__ = [

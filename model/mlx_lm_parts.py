@@ -1,5 +1,5 @@
-"""The parts of mlx-lm mixchat runs on (KV caches, samplers, attention mask, RoPE, switch
-layers), imported without mlx-lm's package `__init__`.
+"""The parts of mlx-lm mixchat runs on (KV caches, samplers, attention, RoPE, switch layers),
+imported without mlx-lm's package `__init__`.
 
 `import mlx_lm.models.cache` first runs `mlx_lm/__init__.py`, which imports mlx-lm's whole
 command line (convert, generate, load) and with it transformers and torch: ~2 s of every
@@ -37,25 +37,27 @@ def _import_parts() -> None:
 
 _import_parts()
 
-from mlx_lm.models.base import create_attention_mask  # noqa: E402
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import (  # noqa: E402
     KVCache,
+    QuantizedKVCache,
     RotatingKVCache,
     can_trim_prompt_cache,
     trim_prompt_cache,
 )
 from mlx_lm.models.rope_utils import initialize_rope  # noqa: E402
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear  # noqa: E402
+from mlx_lm.models.switch_layers import SwitchLinear  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 __all__ = [
     "KVCache",
-    "QuantizedSwitchLinear",
+    "QuantizedKVCache",
     "RotatingKVCache",
     "SwitchLinear",
     "can_trim_prompt_cache",
     "create_attention_mask",
     "initialize_rope",
     "make_sampler",
+    "scaled_dot_product_attention",
     "trim_prompt_cache",
 ]

@@ -10,17 +10,16 @@ def run_chat(
     model: str | None = None,
     lang: str | None = None,
     *,
-    dtype: str | None = None,
-    memory_budget: int | str | None = None,
     data_dir: Path | None = None,
-    streams: int | None = None,
+    **engine_options,
 ) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
 
     The window opens at once; the model loads in a thread behind a visible loading state.
-    ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG;
-    ``dtype``, ``memory_budget`` and ``streams`` go to ``Engine.load``; the chats live in
-    ``data_dir`` (None: the default data directory). app/settings.py reads them all.
+    ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
+    ``engine_options`` (dtype, memory_budget, max_context, kv_bits, streams) go to
+    ``Engine.load``; the chats live in ``data_dir`` (None: the default data directory).
+    app/settings.py reads them all once.
     """
     from app.store import DATABASE_NAME, ConversationStore
     from app.tui.app import MixchatApp
@@ -35,7 +34,7 @@ def run_chat(
     def load_engine():
         from model import Engine
 
-        return Engine.load(model, dtype=dtype, memory_budget=memory_budget, streams=streams)
+        return Engine.load(model, **engine_options)
 
     app = MixchatApp(store=store, engine_loader=load_engine, lang=lang)
     try:

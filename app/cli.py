@@ -89,8 +89,7 @@ def build_parser() -> Parser:
     info = commands.add_parser("info", help="describe a model without loading it")
     info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
     info.add_argument("--json", action="store_true")
-    info.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                      help="compute dtype override")  # fmt: skip
+    info.add_argument("--dtype", choices=DTYPES, help="compute dtype override")
     info.add_argument("--remeasure", action="store_true",
                       help="measure this machine's disk, memory and kernel speed again "
                       "(they are kept in the data directory)")  # fmt: skip

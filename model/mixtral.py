@@ -273,7 +273,13 @@ class Model(nn.Module):
                 )
             return [RotatingKVCache(max_size=self.args.sliding_window) for _ in self.layers]
         if kv_bits:
-            return [QuantizedKVCache(group_size=64, bits=kv_bits) for _ in self.layers]
+            group = self.args.kv_group_size
+            if group is None:
+                raise CheckpointError(
+                    "a quantized KV cache needs a head dimension divisible by 32, not "
+                    f"{self.args.head_dim}"
+                )
+            return [QuantizedKVCache(group_size=group, bits=kv_bits) for _ in self.layers]
         return [KVCache() for _ in self.layers]
 
     def prefill_layerwise(self, inputs: mx.array, cache: list, chunk: int) -> mx.array:

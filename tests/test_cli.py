@@ -243,7 +243,7 @@ def test_bad_values_exit_2_with_one_line_before_mlx_is_imported():
     assert all(heavy == [] for _, _, heavy in results), results  # no MLX, no UI library
 
 
-def test_seed_minus_one_through_the_command():
+def test_bad_seed_and_bad_environment_through_the_command():
     assert_one_line_error(mixchat("ask", "--seed", "-1", "hi"), 2, "seed must be")
     assert_one_line_error(mixchat("ask", "hi", env={"MIXCHAT_DTYPE": "half"}), 2, "MIXCHAT_DTYPE")
 

@@ -277,6 +277,7 @@ def measure_decode_step(args, bits: int | None, group_size: int, dtype, streams:
 
     import mlx.core as mx
     import mlx.nn as nn
+
     from .mixtral import Block, compute_streams, linear, use_parallel_streams
     from .mlx_lm_parts import KVCache, create_attention_mask
 

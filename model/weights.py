@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
-from .errors import CheckpointError, MixchatError, UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
 from .safetensors_header import (
     PICKLE_SUFFIXES,
@@ -143,8 +143,7 @@ def _gguf_to_hf_name(name: str) -> str:
 
 def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dtype:
     """float32 on MLX's CPU backend (its half-precision kernels are ~40x slower and gather_mm
-    rejects bf16); the checkpoint's half precision on a GPU. `requested` or MIXCHAT_DTYPE wins."""
-    requested = requested or os.environ.get("MIXCHAT_DTYPE")
+    rejects bf16); the checkpoint's half precision on a GPU. `requested` (--dtype) wins."""
     if requested:
         try:
             return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[requested]
@@ -196,37 +195,44 @@ def _quantization_predicate(args: ModelArgs, weights: dict[str, mx.array]):
     return predicate
 
 
-def stream_count() -> int:
-    """Streams to split matrix products across: MIXCHAT_STREAMS, else one per core (at most 2)
-    on MLX's CPU backend, one on a GPU (which parallelises within each kernel)."""
-    if value := os.environ.get("MIXCHAT_STREAMS"):
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise MixchatError(f"MIXCHAT_STREAMS must be a number, not '{value}'") from None
+def stream_count(requested: int | None = None) -> int:
+    """Streams to split matrix products across: `requested` (MIXCHAT_STREAMS, read by
+    app/settings.py), else one per core (at most 2) on MLX's CPU backend, one on a GPU (which
+    parallelises within each kernel)."""
+    if requested is not None:
+        return max(1, requested)
     if mx.default_device().type == mx.DeviceType.cpu:
         return min(2, os.cpu_count() or 1)
     return 1
+
+
+def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
+                memory_budget: int | str | None = None, max_context: int | None = None,
+                kv_bits: int | None = None):  # fmt: skip
+    """How `checkpoint` will be loaded (`memory_plan.decide`): whole, or with experts streamed
+    under a budget; None as `memory_budget` chooses by what this machine has available."""
+    from .memory_plan import decide
+
+    return decide(checkpoint, compute_dtype(checkpoint, dtype).size, memory_budget,
+                  max_context, kv_bits)  # fmt: skip
 
 
 def build_model(
     checkpoint: Checkpoint,
     dtype: str | None = None,
     lazy: bool = False,
-    memory_budget: int | None = None,
+    memory=None,
+    streams: int | None = None,
 ) -> Model:
     """Instantiate the model and load the checkpoint into it, after checking every tensor.
 
-    With `memory_budget` (bytes) below what the whole model needs, the experts are left unread
-    and streamed from the checkpoint into a cache within the budget (model/offload.py)."""
-    use_parallel_streams(stream_count())
+    `memory` (a `memory_plan.MemoryDecision`, from `plan_memory`): when it streams experts, the
+    experts are left unread and read on demand into a cache within the budget
+    (model/offload.py). None loads everything. `streams`: CPU streams to split matrix products
+    across (None: one per core, at most 2)."""
+    use_parallel_streams(stream_count(streams))
     args = checkpoint.args
-    offload = False
-    if memory_budget is not None:
-        from .budget import check_budget, memory_plan
-
-        plan = memory_plan(checkpoint, compute_dtype(checkpoint, dtype).size)
-        offload = check_budget(plan, memory_budget, checkpoint.path.name)
+    offload = memory is not None and memory.offload
     model = Model(args)
     weights = model.sanitize(read_weights(checkpoint))
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
@@ -254,9 +260,10 @@ def build_model(
         from .offload import attach
 
         weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
-        attach(model, checkpoint, plan.cache_bytes(memory_budget), target)
+        attach(model, checkpoint, memory.cache_bytes, target)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
+    model.memory = memory
     if not lazy:
         try:
             mx.eval(model.parameters())

@@ -31,7 +31,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from model.config import ModelArgs
 from model.errors import CheckpointError, MixchatError
-from model.mixtral import MLP, Block, create_attention_mask
+from model.experts import PROJECTIONS, Projection, swiglu
+from model.mixtral import Block, Experts, create_attention_mask
 from model.safetensors_header import read_safetensors_header
 from model.weights import Checkpoint, _quantization_predicate, compute_dtype
 
@@ -314,16 +315,19 @@ def run_layer(
     for e in range(args.num_local_experts):
         tokens, slots = np.nonzero(choices == e)
         if len(tokens):
-            # One expert is the model's dense SwiGLU (MLP) with that expert's weights: plain
-            # matrix products over its tokens (MLX's CPU gather_mm goes row by row).
-            expert = MLP(H, args.intermediate_size)
-            weights = {n: a[0] for n, a in w.take_expert(i, e).items()}
-            _load(expert, f"{prefix}.block_sparse_moe.switch_mlp", weights, args, w.dtype)
+            # Through model.experts.swiglu, the one way experts are applied, with [1, out, in]
+            # weights: the same kernels as the whole model's.
+            experts = Experts(H, args.intermediate_size, 1)
+            _load(
+                experts, f"{prefix}.block_sparse_moe.switch_mlp", w.take_expert(i, e), args, w.dtype
+            )
+            weights = {p: Projection.of(experts[p]) for p in PROJECTIONS}
             rows, slot = mx.array(tokens), mx.array(slots)
-            out = expert(x[rows])  # [n, H]
+            zeros = mx.zeros((len(tokens),), dtype=mx.uint32)
+            out = swiglu(x[rows][:, None], weights, zeros, True)[:, 0]  # [n, H]
             y = y.at[rows].add(out * gates[rows, slot][:, None])
             mx.eval(y)
-            del expert, out
+            del experts, weights, out
             mx.clear_cache()
         if step:
             step()

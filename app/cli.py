@@ -60,6 +60,8 @@ def build_parser() -> Parser:
     info = commands.add_parser("info", help="describe a model without loading it")
     info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--hosts", metavar="HOSTFILE", help="memory per rank and speed over a "
+                      "hostfile's machines (mlx.launch's or the ring backend's)")  # fmt: skip
     add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
@@ -236,8 +238,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     compute_bytes = weights.compute_dtype(checkpoint).size
     info = model_info(checkpoint, name, compute_bytes)
     fit = fit_report(checkpoint, compute_bytes, args.memory_budget, args.model)
+    hosts = None
+    if args.hosts:
+        from model.distributed import hosts_report
+
+        hosts = hosts_report(checkpoint, compute_bytes, args.hosts)
     if args.json:
-        print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
+        extra = {"memory": fit.as_dict()} | ({"hosts": hosts[1]} if hosts else {})
+        print(json.dumps(info.as_dict() | extra, ensure_ascii=False, indent=1))
         return 0
     experts = (
         f"{info.num_experts} per layer, {info.experts_per_token} used per token"
@@ -258,7 +266,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context", f"{info.context_length} tokens"
                     + (f", sliding window {info.sliding_window}" if info.sliding_window else "")),
     ]
-    rows += fit.rows()
+    rows += fit.rows() + (hosts[0] if hosts else [])
     for key, value in rows:
         print(f"{key:<14} {value}")
     return 0
@@ -275,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(encoding="utf-8", errors="replace")
     try:
         args = parser.parse_args(argv)
+        if args.command in ("ask", "chat"):
+            from model import distributed
+
+            if distributed.launched() and not distributed.world().leader:  # rank 0 leads
+                return distributed.follow(args.model, args.dtype, args.memory_budget)
         return args.func(args)
     except UsageError as e:
         print(f"mixchat: usage error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from . import distributed
 from .errors import MixchatError
 from .mixtral import Model
 
@@ -80,6 +81,7 @@ class Engine:
         from .offload import runtime_of
 
         self.offload = runtime_of(model)  # experts streamed under a memory budget, or None
+        self.peers = distributed.leader_of(model)  # rank 0 of several: the others follow it
 
     @classmethod
     def load(
@@ -121,6 +123,8 @@ class Engine:
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
         self._cache, self._cache_tokens = None, []
+        if self.peers is not None:
+            self.peers.reset()
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.tokenizer.encode_chat(messages))
@@ -138,6 +142,8 @@ class Engine:
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
             )
         self._cancel.clear()
+        if self.peers is not None:  # the other ranks run the same reply (and the same seed)
+            settings = self.peers.start_stream(messages, settings)
         return self._stream(ids, settings)
 
     def _stream(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
@@ -196,7 +202,7 @@ class Engine:
             if len(generated) >= max_tokens:
                 stats.finish_reason = "length"
                 break
-            if self._cancel.is_set():
+            if distributed.agree_stop(self.model, self._cancel.is_set()):  # same token on all ranks
                 stats.finish_reason = "cancelled"
                 break
             if not pipelined:

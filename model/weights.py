@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed
 from .config import ModelArgs
 from .errors import CheckpointError, MixchatError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
@@ -236,13 +237,20 @@ def build_model(
     use_parallel_streams(stream_count())
     args = checkpoint.args
     offload = False
+    world = distributed.world()
+    if memory_budget is not None and world.size > 1:  # the budget applies per rank
+        distributed.check_rank_budget(checkpoint, memory_budget, world, compute_dtype(checkpoint, dtype).size)
+        memory_budget = None
     if memory_budget is not None:
         from .budget import check_budget, memory_plan
 
         plan = memory_plan(checkpoint, compute_dtype(checkpoint, dtype).size)
         offload = check_budget(plan, memory_budget, checkpoint.path.name)
     model = Model(args)
-    weights = model.sanitize(read_weights(checkpoint))
+    weights = read_weights(checkpoint)
+    if world.size > 1:  # this rank's share of the experts only
+        weights = distributed.take_share(checkpoint, weights, model, world)
+    weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))
     for name, param in expected.items():

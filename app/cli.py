@@ -304,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, unless debugging
         if os.environ.get("MIXCHAT_DEBUG"):
             raise
+        if distributed := sys.modules.get("model.distributed"):
+            distributed.after_failure(e)  # a lost rank: one line from the watchdog
         print(f"mixchat: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

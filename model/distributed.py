@@ -100,6 +100,7 @@ def world() -> World:
 
 def _join() -> World:
     timeout = timeout_seconds()
+    _save_terminal()
     _filter_ring_messages()
     # Joining blocks until every rank is up: bounded, so a rank that never starts is an error.
     guard = threading.Timer(
@@ -132,14 +133,42 @@ def fatal(message: str) -> None:
     line = f"mixchat: error: {where}{message}\n"
     fd = _real_stderr if _real_stderr is not None else 2
     try:
-        if rank == 0 and os.isatty(1):
-            os.write(1, b"\x1b[?1049l\x1b[?25h")  # leave a full-screen UI's alternate screen
+        if rank == 0 and _saved_tty is not None:  # a full-screen UI may be running: undo it
+            import termios
+
+            os.write(1, b"\x1b[?1000l\x1b[?1003l\x1b[?1006l\x1b[?1049l\x1b[?25h")
+            termios.tcsetattr(0, termios.TCSADRAIN, _saved_tty)
+    except Exception:  # the terminal is gone: the message still goes out
+        pass
+    try:
         os.write(fd, line.encode())
     finally:
         os._exit(1)
 
 
+def after_failure(error: BaseException) -> None:
+    """An exception escaped on a rank of several: if a collective failed because a rank or the
+    network went away, the watchdog is about to say so in one line and exit; let it. Another
+    failure comes back to the caller."""
+    if _world is None or _world.size == 1 or "[ring]" not in str(error):
+        return
+    time.sleep(3 * PING_SECONDS)
+    fatal(f"lost the connection to another rank ({str(error).removeprefix('[ring] ')})")
+
+
 _real_stderr: int | None = None
+_saved_tty: list | None = None  # the terminal's modes before any UI changed them (rank 0)
+
+
+def _save_terminal() -> None:
+    global _saved_tty
+    try:
+        import termios
+
+        if os.isatty(0) and os.isatty(1):
+            _saved_tty = termios.tcgetattr(0)
+    except (ImportError, OSError):
+        pass
 
 
 def _filter_ring_messages() -> None:
@@ -206,6 +235,7 @@ class Control:
         self.timeout = timeout
         self.requests: queue.Queue = queue.Queue()
         self.closing = False
+        self.departed: set[int] = set()  # ranks that said they are done
         self._send_lock = threading.Lock()
         for peer, sock in peers.items():
             sock.settimeout(timeout)
@@ -254,6 +284,8 @@ class Control:
         data = (json.dumps(message) + "\n").encode()
         with self._send_lock:
             for peer, sock in self.peers.items():
+                if peer in self.departed:
+                    continue
                 try:
                     sock.sendall(data)
                 except OSError:
@@ -284,6 +316,7 @@ class Control:
             for line in lines:
                 message = json.loads(line)
                 if message["op"] == "bye":  # that end is done (rank 0: every rank ends too)
+                    self.departed.add(peer)
                     if self.rank != 0:
                         self.closing = True
                         self.requests.put(message)
@@ -295,7 +328,7 @@ class Control:
                     self.requests.put(message)
 
     def _lost(self, peer: int, why: str) -> None:
-        if self.closing:
+        if self.closing or peer in self.departed:
             return
         if self.rank == 0:
             fatal(f"rank {peer} stopped responding: {why}")

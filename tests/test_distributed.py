@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import main
 from model import Engine, GenerationSettings, distributed, weights
 from model.budget import memory_plan
 
@@ -157,14 +158,13 @@ def test_each_rank_reads_and_holds_half_of_the_experts(wide, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     models = [str(m) for m in wide]  # stacked (MLX) and per-expert (HF) layouts
-    single = subprocess.run([sys.executable, str(script), *models], capture_output=True,
-                            timeout=TIMEOUT)  # fmt: skip
-    assert single.returncode == 0, single.stderr.decode()
-    whole = json.loads(single.stdout)
-    results = finish(start_ranks([sys.executable, str(script), *models], tmp_path))
+    command = [sys.executable, str(script), *models]
+    ranks = start_ranks(command, tmp_path)
+    single = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    results = finish([single, *ranks])
     for code, _, err in results:
         assert code == 0, err
-    ranks = [json.loads(out) for _, out, _ in results]
+    whole, *ranks = [json.loads(out) for _, out, _ in results]
     for i, path in enumerate(models):
         on_disk = memory_plan(weights.locate(Path(path)), 4).total_expert_disk_bytes
         assert whole[i]["experts_per_tensor"] == [4]
@@ -269,14 +269,12 @@ def test_a_follower_that_cannot_load_is_reported_by_rank_0(tiny_q4, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("mixchat: error: rank 1: no model at"), lines
 
 
-def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path):
+def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, capsys):
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps({"hosts": [{"ssh": "mac-a", "ips": ["10.0.0.1"]},
                                            {"ssh": "mac-b", "ips": ["10.0.0.2"]}]}))  # fmt: skip
-    result = subprocess.run([MIXCHAT, "info", str(tiny_q4), "--hosts", str(hosts), "--json"],
-                            capture_output=True, timeout=TIMEOUT)  # fmt: skip
-    assert result.returncode == 0, result.stderr.decode()
-    got = json.loads(result.stdout)["hosts"]
+    assert main(["info", str(tiny_q4), "--hosts", str(hosts), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["hosts"]
     checkpoint = weights.locate(tiny_q4)
     args = checkpoint.args
     experts = sum(s.nbytes for k, s in checkpoint.tensors.items() if ".switch_mlp." in k)
@@ -289,22 +287,22 @@ def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path):
     # and one 4-byte all_sum agreeing on stopping.
     assert got["allsum_bytes_per_token"] == args.num_hidden_layers * args.hidden_size * 4 + 4
     assert got["allsums_per_token"] == args.num_hidden_layers + 1
-    text = subprocess.run([MIXCHAT, "info", str(tiny_q4), "--hosts", str(hosts)],
-                          capture_output=True, timeout=TIMEOUT).stdout.decode()  # fmt: skip
+    assert main(["info", str(tiny_q4), "--hosts", str(hosts)]) == 0
+    text = capsys.readouterr().out
     assert "2 of 4 experts per layer" in text and "10 Gb/s Ethernet" in text
 
 
-def test_bad_hostfile_and_dense_model_are_one_line_errors(tiny_q4, tiny_mistral_windowed, tmp_path):
+def test_bad_hostfile_and_dense_model_are_one_line_errors(tiny_q4, tiny_mistral_windowed, tmp_path,
+                                                         capsys):
     bad, good = tmp_path / "bad.json", tmp_path / "good.json"
     bad.write_text('{"hosts": 3}')
     good.write_text('[["10.0.0.1:5000"], ["10.0.0.2:5000"]]')
     for model, hosts, message in ((tiny_q4, bad, "expected a list of hosts"),
                                   (tiny_q4, tmp_path / "none.json", "cannot read hostfile"),
                                   (tiny_mistral_windowed, good, "dense model")):  # fmt: skip
-        result = subprocess.run([MIXCHAT, "info", str(model), "--hosts", str(hosts)],
-                                capture_output=True, timeout=TIMEOUT)  # fmt: skip
-        lines = result.stderr.decode().strip().splitlines()
-        assert result.returncode == 1 and len(lines) == 1, lines
+        assert main(["info", str(model), "--hosts", str(hosts)]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
         assert lines[0].startswith("mixchat: error:") and message in lines[0]
     dense = weights.locate(tiny_mistral_windowed)
     model = weights.Model(dense.args)

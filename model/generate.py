@@ -198,7 +198,11 @@ class Engine:
                 stats.finish_reason = "stop"
                 break
             if text := detokenizer.add(token):
-                yield Chunk(text)
+                try:
+                    yield Chunk(text)
+                except GeneratorExit:  # the reader left: other ranks stop at this token too
+                    distributed.agree_stop(self.model, True)
+                    raise
             if len(generated) >= max_tokens:
                 stats.finish_reason = "length"
                 break

@@ -133,7 +133,7 @@ def main() -> None:
     from benchmarks.bench_decode import convert
     from benchmarks.make_checkpoint import make_checkpoint
     from model import distributed, weights
-    from model.budget import memory_plan
+    from model.memory_plan import memory_plan
 
     src = make_checkpoint(args.out / "mixtral-790m-f16")
     path = convert(src, args.out / "mixtral-790m-q4", [])

@@ -22,6 +22,7 @@ group. Then:
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import queue
@@ -380,10 +381,12 @@ class ExpertShard:
         return mx.distributed.all_sum(y, group=self.group)
 
 
-def take_share(checkpoint, weights: dict[str, mx.array], model, world: World) -> dict:
+def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
+               settings: str = "") -> dict:  # fmt: skip
     """Replace the expert tensors of `weights` (lazy, as `weights.read_weights` returns them) by
     this rank's share, read from disk with one positioned read each; shrink `model`'s expert
-    layers to that share and give each MoE layer its `ExpertShard`."""
+    layers to that share and give each MoE layer its `ExpertShard`. `settings` (what changes
+    the numbers: dtype, KV cache bits) must be the same on every rank, as must the model."""
     args = checkpoint.args
     if not args.is_moe:
         raise DistributedError(
@@ -398,6 +401,7 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World) ->
     E = args.num_local_experts
     if world.size > E:
         raise DistributedError(f"{world.size} ranks for {E} experts per layer: use at most {E}")
+    check_same_everywhere(f"{args}|{checkpoint.size_bytes}|{settings}", world)
     lo, hi = expert_range(E, world.rank, world.size)
     share = {k: v for k, v in weights.items() if EXPERT_MARK not in k and PER_EXPERT_MARK not in k}
     share.update(_stack_per_expert(weights, lo, hi))  # Hugging Face layout: lazily, local only
@@ -412,6 +416,21 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World) ->
             linear.weight = linear.weight[lo:hi]  # the unread init values: shapes only
         moe.shard = ExpertShard(lo, hi, world.group)
     return share
+
+
+def check_same_everywhere(text: str, world: World) -> None:
+    """Raise (on every rank) unless every rank passes the same `text`: ranks with different
+    models or settings would add up wrong numbers."""
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int32)  # 2 values
+    rows = np.zeros((world.size, 2), np.int32)
+    rows[world.rank] = digest
+    everyone = np.array(mx.distributed.all_sum(mx.array(rows), group=world.group))
+    differ = [r for r in range(world.size) if not np.array_equal(everyone[r], everyone[0])]
+    if differ:
+        raise DistributedError(
+            f"rank {differ[0]} loaded another model or other settings than rank 0 (dtype, "
+            "--kv-bits): start every rank with the same command"
+        )
 
 
 def _stack_per_expert(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, mx.array]:
@@ -521,14 +540,15 @@ def leader_of(model) -> Leader | None:
     return Leader(w.control) if w.leader and w.control is not None else None
 
 
-def follow(model: str | None, dtype: str | None = None, memory_budget=None) -> int:
-    """A rank other than 0: load this rank's share and run rank 0's requests until it ends."""
+def follow(model: str | None, **engine_options) -> int:
+    """A rank other than 0: load this rank's share (`Engine.load(model, **engine_options)`) and
+    run rank 0's requests until it ends."""
     from .generate import Engine, GenerationSettings
 
     w = world()
     assert w.control is not None
     try:
-        engine = Engine.load(model, dtype=dtype, memory_budget=memory_budget)
+        engine = Engine.load(model, **engine_options)
     except MixchatError as e:  # rank 0 says it, in one line
         w.control.send({"op": "error", "message": str(e)})
         w.control.close()
@@ -593,7 +613,7 @@ class RankPlan:
     experts_per_rank: int  # of each layer, the most any rank holds
     resident_bytes: int  # replicated weights (attention, embeddings, routers, norms)
     expert_bytes: int  # this share of the experts, the largest rank's
-    reserve_bytes: int
+    reserve_bytes: int  # KV cache for the whole context + prefill activations
     allsum_bytes_per_token: int  # bytes each rank sends per decoded token (ring all-reduce)
     allsums_per_token: int
 
@@ -606,7 +626,7 @@ class RankPlan:
 
 
 def rank_plan(plan, args, ranks: int, compute_bytes: int) -> RankPlan:
-    """Per-rank memory and per-token traffic of `plan` (a budget.MemoryPlan) over `ranks`."""
+    """Per-rank memory and per-token traffic of `plan` (a memory_plan.MemoryPlan) over `ranks`."""
     E = max(plan.num_experts, 1)
     per_rank = max(hi - lo for lo, hi in (expert_range(E, r, ranks) for r in range(ranks)))
     # Each MoE layer sums one [hidden] vector per token; a ring all-reduce sends 2(n-1)/n of
@@ -618,7 +638,7 @@ def rank_plan(plan, args, ranks: int, compute_bytes: int) -> RankPlan:
         experts_per_rank=per_rank,
         resident_bytes=plan.resident_bytes,
         expert_bytes=plan.total_expert_bytes * per_rank // E,
-        reserve_bytes=plan.reserve_bytes,
+        reserve_bytes=plan.kv_bytes + plan.full_activation_bytes,
         allsum_bytes_per_token=plan.moe_layers * per_layer + (4 if ranks > 1 else 0),
         allsums_per_token=plan.moe_layers + 1 if ranks > 1 else 0,
     )
@@ -627,7 +647,9 @@ def rank_plan(plan, args, ranks: int, compute_bytes: int) -> RankPlan:
 def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[list, dict]:
     """`mixchat info --hosts`: (rows, JSON dict) of memory per rank, network traffic per token
     and tok/s bounds, with this machine's memory bandwidth standing for every host's."""
-    from .budget import measure_memory_bandwidth, memory_plan
+    from . import registry
+    from .machine import CACHE_FILE, MeasurementCache, memory_bandwidth
+    from .memory_plan import memory_plan
 
     hosts = read_hostfile(Path(hostfile))
     args = checkpoint.args
@@ -636,7 +658,7 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
             f"{checkpoint.path.name} is a dense model: several ranks split a Mixture-of-Experts "
             "model's experts; run it on one machine"
         )
-    memory_bw, _ = measure_memory_bandwidth()
+    memory_bw = memory_bandwidth(MeasurementCache(registry.data_dir() / CACHE_FILE)).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
     rp = rank_plan(plan, args, len(hosts), compute_bytes)
     # Per token every rank reads its replicated weights and at most k experts per MoE layer
@@ -669,16 +691,55 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
     return rows, data
 
 
-def check_rank_budget(checkpoint, budget: int, world_: World, compute_bytes: int) -> None:
-    """`--memory-budget` applies per rank: refuse, in one line, a budget this rank's share
-    does not fit (streaming experts from disk on a rank is not supported)."""
-    from .budget import memory_plan
+def rank_memory(checkpoint, compute_bytes: int, requested: int | str | None,
+                max_context: int | None, kv_bits: int | None, world_: World):  # fmt: skip
+    """The memory decision of one rank of several (`memory_plan.decide`'s counterpart): the
+    plan counts this rank's share of the experts, and the budget (`--memory-budget`, else what
+    this machine has available) applies to it. Experts never stream from disk on a rank: a
+    share that does not fit is refused in one line."""
+    from dataclasses import replace
 
-    plan = memory_plan(checkpoint, compute_bytes)
-    need = rank_plan(plan, checkpoint.args, world_.size, compute_bytes).rank_bytes
-    if budget < need:
-        raise DistributedError(
-            f"rank {world_.rank}'s share of {checkpoint.path.name} needs {format_bytes(need)}, "
-            f"over its --memory-budget of {format_bytes(budget)}; use more ranks (streaming "
-            "experts from disk is not available with several ranks)"
-        )
+    from .memory_plan import (
+        CONTEXT_STEPS,
+        BudgetError,
+        MemoryDecision,
+        _room,
+        auto_budget,
+        memory_plan,
+        with_context,
+    )
+
+    args = checkpoint.args
+    full_context = min(max_context or args.context_length, args.context_length)
+    whole = memory_plan(checkpoint, compute_bytes, full_context, kv_bits)
+    E = max(whole.num_experts, 1)
+    lo, hi = expert_range(E, world_.rank, world_.size)
+    plan = replace(
+        whole,
+        total_expert_bytes=whole.total_expert_bytes * (hi - lo) // E,
+        total_expert_disk_bytes=whole.total_expert_disk_bytes * (hi - lo) // E,
+        offloadable=False,
+        why_not="experts do not stream from disk with several ranks",
+    )
+    if requested == "none":
+        return MemoryDecision(plan, None, False, full_context)
+    if requested is None:
+        budget, source = _room(), "what this machine has available"
+    elif requested == "auto":
+        budget, why = auto_budget()
+        source = f"the automatic budget ({why})"
+    else:
+        budget, source = int(requested), "its --memory-budget"
+    if plan.full_bytes <= budget:
+        return MemoryDecision(plan, None, False, full_context)
+    if max_context is None:  # a shorter context may be all it takes
+        for context in CONTEXT_STEPS:
+            p = with_context(plan, min(context, full_context), args, compute_bytes)
+            if p.full_bytes <= budget:
+                notice = f"context {p.context:,} tokens: what fits this rank's memory"
+                return MemoryDecision(p, None, False, p.context, notice)
+    raise BudgetError(
+        f"rank {world_.rank}'s share of {checkpoint.path.name} ({hi - lo} of {E} experts per "
+        f"layer) needs {format_bytes(plan.full_bytes)}, over {source} ({format_bytes(budget)}): "
+        "use more ranks, fewer expert bits or a shorter --max-context"
+    )

@@ -224,32 +224,41 @@ def stream_count() -> int:
     return 1
 
 
+def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
+                memory_budget: int | str | None = None, max_context: int | None = None,
+                kv_bits: int | None = None):  # fmt: skip
+    """How `checkpoint` will be loaded (`memory_plan.decide`): whole, or with experts streamed
+    under a budget; None as `memory_budget` chooses by what this machine has available."""
+    from .memory_plan import decide
+
+    if (world := distributed.world()).size > 1:  # the budget applies to this rank's share
+        return distributed.rank_memory(checkpoint, compute_dtype(checkpoint, dtype).size,
+                                       memory_budget, max_context, kv_bits, world)  # fmt: skip
+    return decide(checkpoint, compute_dtype(checkpoint, dtype).size, memory_budget,
+                  max_context, kv_bits)  # fmt: skip
+
+
 def build_model(
     checkpoint: Checkpoint,
     dtype: str | None = None,
     lazy: bool = False,
-    memory_budget: int | None = None,
+    memory=None,
 ) -> Model:
     """Instantiate the model and load the checkpoint into it, after checking every tensor.
 
-    With `memory_budget` (bytes) below what the whole model needs, the experts are left unread
-    and streamed from the checkpoint into a cache within the budget (model/offload.py)."""
+    `memory` (a `memory_plan.MemoryDecision`, from `plan_memory`): when it streams experts, the
+    experts are left unread and read on demand into a cache within the budget
+    (model/offload.py). None loads everything."""
     use_parallel_streams(stream_count())
     args = checkpoint.args
-    offload = False
+    offload = memory is not None and memory.offload
     world = distributed.world()
-    if memory_budget is not None and world.size > 1:  # the budget applies per rank
-        distributed.check_rank_budget(checkpoint, memory_budget, world, compute_dtype(checkpoint, dtype).size)
-        memory_budget = None
-    if memory_budget is not None:
-        from .budget import check_budget, memory_plan
-
-        plan = memory_plan(checkpoint, compute_dtype(checkpoint, dtype).size)
-        offload = check_budget(plan, memory_budget, checkpoint.path.name)
     model = Model(args)
     weights = read_weights(checkpoint)
     if world.size > 1:  # this rank's share of the experts only
-        weights = distributed.take_share(checkpoint, weights, model, world)
+        kv_bits = memory.plan.kv_bits if memory is not None else None
+        weights = distributed.take_share(checkpoint, weights, model, world,
+                                         f"{compute_dtype(checkpoint, dtype)}|{kv_bits}")
     weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))
@@ -276,9 +285,10 @@ def build_model(
         from .offload import attach
 
         weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
-        attach(model, checkpoint, plan.cache_bytes(memory_budget), target)
+        attach(model, checkpoint, memory.cache_bytes, target)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
+    model.memory = memory
     if not lazy:
         try:
             mx.eval(model.parameters())

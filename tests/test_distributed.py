@@ -19,7 +19,7 @@ import pytest
 
 from app.cli import main
 from model import Engine, GenerationSettings, distributed, weights
-from model.budget import memory_plan
+from model.memory_plan import memory_plan
 
 BIN = Path(sys.executable).parent
 MIXCHAT = str(BIN / "mixchat")
@@ -282,7 +282,8 @@ def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, caps
     assert got["hosts"] == ["mac-a", "mac-b"]
     assert got["experts_per_rank"] == 2
     assert got["expert_bytes"] == experts // 2  # 4-bit packed: stored as loaded
-    assert got["rank_bytes"] == plan.resident_bytes + experts // 2 + plan.reserve_bytes
+    assert got["rank_bytes"] == (plan.resident_bytes + experts // 2 + plan.kv_bytes
+                                 + plan.full_activation_bytes)
     # Per token: one float32 [hidden] all_sum per MoE layer (a 2-rank ring sends it once),
     # and one 4-byte all_sum agreeing on stopping.
     assert got["allsum_bytes_per_token"] == args.num_hidden_layers * args.hidden_size * 4 + 4

@@ -81,6 +81,7 @@ class Engine:
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
         self._cancel = threading.Event()
+        self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
         self._cache_tokens: list[int] = []  # the tokens whose keys/values the cache holds
         from .offload import runtime_of
@@ -188,18 +189,17 @@ class Engine:
         if self.offload is not None:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
-            while len(pending) > 1:
-                window = pending[: min(LAYERWISE_WINDOW, len(pending) - 1)]
+            while len(pending) > LAYERWISE_WINDOW:
+                window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
                 self._track_kv(len(window))
                 self.model.prefill_layerwise(mx.array(window)[None], cache, self._chunk)
-                pending = pending[len(window) :]
         else:
             while len(pending) > self._chunk:
                 self.model.hidden_states(mx.array(pending[: self._chunk])[None], cache=cache)
                 mx.eval([c.state for c in cache])
                 pending = pending[self._chunk :]
         self._track_kv(len(pending))
-        y, routing = self._step(mx.array(pending)[None], sampler)
+        y, routing = self._step(mx.array(pending)[None], sampler, self.offload is not None)
         mx.async_eval(y)
         # Streaming experts syncs every layer: queuing step t+1 before reading token t gains
         # nothing and would count a decode step as prompt time.
@@ -258,7 +258,7 @@ class Engine:
         """Prompt tokens per attention pass (fewer for long contexts: bounded scores)."""
         from .memory_plan import prefill_chunk
 
-        return prefill_chunk(self.model.args, self.context_length)
+        return self._chunk_override or prefill_chunk(self.model.args, self.context_length)
 
     def _track_kv(self, upcoming: int) -> None:
         """Before `upcoming` tokens enter the KV cache, give the expert cache what the KV cache
@@ -279,11 +279,16 @@ class Engine:
         stats.load_seconds = delta.load_seconds
         stats.compute_seconds = max(0.0, elapsed - delta.load_seconds)
 
-    def _step(self, tokens: mx.array, sampler) -> tuple[mx.array, list | None]:
-        """Queue one forward pass over `tokens` [1, T]; returns the sampled next token [1]."""
+    def _step(self, tokens: mx.array, sampler, layerwise: bool = False
+              ) -> tuple[mx.array, list | None]:  # fmt: skip
+        """Queue one forward pass over `tokens` [1, T] (layer by layer over all of them when
+        `layerwise`); returns the sampled next token [1]."""
         observe = self.routing_observer is not None and self.model.args.is_moe
         self.model.routing = [] if observe else None
-        hidden = self.model.hidden_states(tokens, cache=self._cache)
+        if layerwise and tokens.shape[1] > 1:
+            hidden = self.model.prefill_layerwise(tokens, self._cache, self._chunk)
+        else:
+            hidden = self.model.hidden_states(tokens, cache=self._cache)
         logits = self.model.logits(hidden[:, -1, :])  # only the last position is sampled
         routing, self.model.routing = self.model.routing, None
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

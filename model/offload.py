@@ -4,21 +4,26 @@ After `weights.build_model` has built a model with its expert tensors left unrea
 swaps each MoE layer's `switch_mlp` for an `OffloadedExperts`. Per layer, per forward pass:
 
 1. the router's choices are evaluated (one sync per layer, inherent to choosing what to read);
-   with prefetch on (MIXCHAT_OFFLOAD_PREFETCH=1; off by default: on the benchmark model its
-   guesses evicted more useful experts than they supplied, see benchmarks/bench_offload.py),
-   the *next* layer's router is applied to this layer's hidden state in the same sync, and the
-   experts it picks are read in the background, entering the cache as least recently used;
+   a prompt (>= PREFILL_PREFETCH_TOKENS tokens, which use nearly every expert) queues the next
+   layer's experts to be read while this layer computes; during decode, guessing the next
+   layer's experts from this layer's hidden state is off by default (MIXCHAT_OFFLOAD_PREFETCH=1:
+   its wrong guesses evicted more useful experts than they supplied);
 2. experts not in the cache are read with positioned reads of their byte ranges (expert e of a
-   stacked [E, ...] safetensors tensor is one contiguous slice) into numpy, then `mx.array`;
-3. each chosen expert is applied to its tokens with `mx.gather_qmm` on the cached arrays (the
-   same kernel and shapes as `mixtral.Experts`, so greedy tokens are identical).
+   stacked [E, ...] safetensors tensor is one contiguous slice), several in flight, past the
+   page cache (O_DIRECT, F_NOCACHE) so their bytes are not held twice;
+3. each chosen expert is applied to its tokens by `experts.swiglu` on the cached arrays (the
+   same kernels and shapes as `mixtral.Experts`, so greedy tokens are identical).
+
+Under a budget the engine runs a prompt layer by layer over whole windows of tokens
+(`Model.prefill_layerwise`), so each expert is read at most once per layer per window.
 
 The cache (`ExpertCache`) counts bytes exactly (the arrays' `nbytes`), reserves them before a
-read starts, and never holds more than its capacity: LRU (the default) or LFU, over all layers
-or with an equal quota per layer (MIXCHAT_OFFLOAD_POLICY; all four hit within ~2 points of each
-other on the benchmark, so the simplest won). Experts in use by the layer being computed are
-pinned until the next sync, so an eviction always frees memory. When a layer needs more experts
-than the cache can hold (a long prompt under a small budget), they are computed in groups.
+read starts, and never holds more than its capacity, which shrinks as the KV cache grows
+(`OffloadRuntime.set_kv_bytes`). Eviction (MIXCHAT_OFFLOAD_POLICY): "auto" is LRU while the
+cache holds at least one token's experts (layers x top-k) and next-use below that, where LRU
+would evict exactly the expert the cyclic layer order needs next. Experts in use by the layer
+being computed are pinned until the next sync, so an eviction always frees memory. When a
+layer needs more experts than the cache can hold, they are computed in groups.
 """
 
 from __future__ import annotations

@@ -310,3 +310,48 @@ def test_wrong_guesses_not_yet_read_are_cancelled():
     assert (1, 6) in cache and (1, 7) not in cache and (1, 7) not in store.read_keys
     assert cache.used == 20
     runtime.close()
+
+
+# --- prompts under a budget, and the automatic budget -------------------------------------------
+
+
+def test_a_prompt_reads_each_expert_at_most_once_per_layer(tiny_q4, plan, reference):
+    """Layer by layer over the whole prompt: however many chunks the prompt spans, every expert
+    of a layer is read once (the cache holds them all here, but not the rest of the model)."""
+    budget = plan.full_bytes - 1
+    engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
+    runtime = engine.offload
+    assert runtime is not None and runtime.capacity >= plan.total_expert_bytes
+    read = []
+    original = runtime.store.read
+
+    def spy(layer, expert):
+        read.append((layer, expert))
+        return original(layer, expert)
+
+    runtime.store.read = spy
+    engine._chunk_override = 8  # many attention chunks per prompt
+    chunks = list(engine.stream(MESSAGES, GenerationSettings(max_tokens=1, temperature=0.0)))
+    prompt_tokens = chunks[-1].stats.prompt_tokens
+    assert prompt_tokens > 5 * 8
+    assert len(read) == len(set(read)) <= plan.moe_layers * plan.num_experts
+    assert chunks[-1].stats.prompt_bytes_read_per_token == pytest.approx(
+        len(read) * plan.expert_disk_bytes / prompt_tokens
+    )
+    assert "".join(c.text for c in chunks) == reference[0][: len(chunks[0].text)]
+
+
+def test_no_budget_on_a_small_machine_streams_experts(tiny_q4, plan, reference, monkeypatch):
+    """With no --memory-budget, a model that does not fit what this machine has available gets
+    the automatic budget, says so in one line, and answers the same."""
+    from model import memory_plan as P
+
+    # A busy machine: what is available now is not enough room to load the model whole.
+    monkeypatch.setattr(P, "physical_memory", lambda: 2 * plan.full_bytes)
+    monkeypatch.setattr(P, "available_memory", lambda: int(1.1 * plan.full_bytes))
+    engine = Engine.load(str(tiny_q4), max_context=CONTEXT)
+    assert engine.offload is not None
+    assert "automatic budget" in engine.memory_notice and "\n" not in engine.memory_notice
+    assert run(engine)[0] == reference[0]
+    forced = Engine.load(str(tiny_q4), memory_budget="none", max_context=CONTEXT)
+    assert forced.offload is None and forced.memory_notice.startswith("warning:")

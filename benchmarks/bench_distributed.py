@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "Explique la différence entre un modèle dense et un mélange d'experts, en trois phrases."
+PROMPT = "Explique la différence entre un modèle dense et un mélange d'experts, en 3 phrases."
 
 
 def peak_rss_bytes() -> int:
@@ -157,17 +157,24 @@ def main() -> None:
         loaded0 = statistics.median(r[0]["peak_rss_loaded"] for r in runs)
         rss1 = statistics.median(r[1]["peak_rss"] for r in runs) if len(runs[0]) > 1 else None
         same = all(r[0]["text"] == reference for r in runs)
-        print(f"| {name} | {tps:.2f} | {tps / base:.2f}x | {sent:,.0f} B | {loaded0 / 1e9:.2f} / {rss0 / 1e9:.2f} GB | "
-              f"{'-' if rss1 is None else f'{rss1 / 1e9:.2f} GB'} | {'yes' if same else 'NO'} |")
-    print(f"\npredicted per token and rank: {predicted.allsum_bytes_per_token:,} B in "
-          f"{predicted.allsums_per_token} all_sums; per rank in memory "
-          f"{predicted.resident_bytes / 1e9:.2f} GB replicated + "
-          f"{predicted.expert_bytes / 1e9:.2f} GB experts (one process: "
-          f"{plan.total_expert_bytes / 1e9:.2f} GB experts)")
+        print(
+            f"| {name} | {tps:.2f} | {tps / base:.2f}x | {sent:,.0f} B | "
+            f"{loaded0 / 1e9:.2f} / {rss0 / 1e9:.2f} GB | "
+            f"{'-' if rss1 is None else f'{rss1 / 1e9:.2f} GB'} | {'yes' if same else 'NO'} |"
+        )
+    print(
+        f"\npredicted per token and rank: {predicted.allsum_bytes_per_token:,} B in "
+        f"{predicted.allsums_per_token} all_sums; per rank in memory "
+        f"{predicted.resident_bytes / 1e9:.2f} GB replicated + "
+        f"{predicted.expert_bytes / 1e9:.2f} GB experts (one process: "
+        f"{plan.total_expert_bytes / 1e9:.2f} GB experts)"
+    )
     for name, runs in results.items():
         for i, r in enumerate(runs):
-            print(f"round {i + 1}: {name}: " + json.dumps([{k: v for k, v in x.items()
-                                                            if k != "text"} for x in r]))
+            print(
+                f"round {i + 1}: {name}: "
+                + json.dumps([{k: v for k, v in x.items() if k != "text"} for x in r])
+            )
 
 
 if __name__ == "__main__":

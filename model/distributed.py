@@ -106,7 +106,8 @@ def _join() -> World:
     # Joining blocks until every rank is up: bounded, so a rank that never starts is an error.
     guard = threading.Timer(
         max(60.0, 3 * timeout),
-        fatal, (f"the other ranks did not join within {max(60.0, 3 * timeout):.0f} s",),
+        fatal,
+        (f"the other ranks did not join within {max(60.0, 3 * timeout):.0f} s",),
     )
     guard.daemon = True
     guard.start()
@@ -593,8 +594,8 @@ def read_hostfile(path: Path) -> list[str]:
                 break
     if len(names) < 1:
         raise DistributedError(
-            f"hostfile {path}: expected a list of hosts ({{\"ssh\": ..., \"ips\": [...]}} as "
-            "mlx.launch reads, or [\"ip:port\"] per rank as the ring backend reads)"
+            f'hostfile {path}: expected a list of hosts ({{"ssh": ..., "ips": [...]}} as '
+            'mlx.launch reads, or ["ip:port"] per rank as the ring backend reads)'
         )
     return names
 
@@ -658,7 +659,9 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
             f"{checkpoint.path.name} is a dense model: several ranks split a Mixture-of-Experts "
             "model's experts; run it on one machine"
         )
-    memory_bw = memory_bandwidth(MeasurementCache(registry.data_dir() / CACHE_FILE)).bytes_per_second
+    memory_bw = memory_bandwidth(
+        MeasurementCache(registry.data_dir() / CACHE_FILE)
+    ).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
     rp = rank_plan(plan, args, len(hosts), compute_bytes)
     # Per token every rank reads its replicated weights and at most k experts per MoE layer
@@ -666,15 +669,27 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
     mem_bytes = plan.resident_active_bytes + plan.moe_layers * plan.top_k * plan.expert_bytes
     compute_s = mem_bytes / memory_bw
     rows = [
-        ("hosts", f"{len(hosts)} ranks ({', '.join(hosts)}), {rp.experts_per_rank} of "
-                  f"{plan.num_experts} experts per layer on each"),
-        ("per rank", f"{format_bytes(rp.rank_bytes)} ({format_bytes(rp.resident_bytes)} "
-                     f"replicated + {format_bytes(rp.expert_bytes)} experts + "
-                     f"{format_bytes(rp.reserve_bytes)} KV cache and buffers)"),
-        ("network", f"{format_bytes(rp.allsum_bytes_per_token)} sent by each rank per token, "
-                    f"in {rp.allsums_per_token} all_sums"),
-        ("memory bound", f"{1 / compute_s:.1f} tok/s per rank at {memory_bw / 1e9:.0f} GB/s "
-                         f"({format_bytes(mem_bytes)} read per token)"),
+        (
+            "hosts",
+            f"{len(hosts)} ranks ({', '.join(hosts)}), {rp.experts_per_rank} of "
+            f"{plan.num_experts} experts per layer on each",
+        ),
+        (
+            "per rank",
+            f"{format_bytes(rp.rank_bytes)} ({format_bytes(rp.resident_bytes)} "
+            f"replicated + {format_bytes(rp.expert_bytes)} experts + "
+            f"{format_bytes(rp.reserve_bytes)} KV cache and buffers)",
+        ),
+        (
+            "network",
+            f"{format_bytes(rp.allsum_bytes_per_token)} sent by each rank per token, "
+            f"in {rp.allsums_per_token} all_sums",
+        ),
+        (
+            "memory bound",
+            f"{1 / compute_s:.1f} tok/s per rank at {memory_bw / 1e9:.0f} GB/s "
+            f"({format_bytes(mem_bytes)} read per token)",
+        ),
     ]
     links = {}
     for name, bandwidth, latency in LINKS:

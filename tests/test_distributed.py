@@ -181,25 +181,29 @@ def test_each_rank_reads_and_holds_half_of_the_experts(wide, tmp_path):
 
 LEADER = textwrap.dedent("""
     import json, sys
+    from concurrent.futures import ThreadPoolExecutor
     from model import Engine, GenerationSettings, distributed
 
-    engine = Engine.load(sys.argv[1])
+    def turns():
+        greedy = GenerationSettings(max_tokens=12, temperature=0.0)
+        first = [{"role": "user", "content": "Bonjour, qui es-tu ?"}]
+        replies = ["".join(c.text for c in engine.stream(first, greedy))]
+        second = first + [{"role": "assistant", "content": replies[0]},
+                          {"role": "user", "content": "Et ensuite ?"}]
+        replies.append("".join(c.text for c in engine.stream(second, greedy)))  # cache reused
+        stream = engine.stream(first, GenerationSettings(max_tokens=200, temperature=0.0))
+        next(stream)
+        engine.cancel()
+        finish = [c.stats.finish_reason for c in stream if c.stats][0]
+        engine.reset()
+        sampled = GenerationSettings(max_tokens=12, temperature=0.9, seed=7)
+        replies.append("".join(c.text for c in engine.stream(first, sampled)))
+        return {"replies": replies, "cancelled": finish}
+
+    # As the chat app does: the model loads in one thread, replies stream in another.
+    engine = ThreadPoolExecutor(1).submit(Engine.load, sys.argv[1]).result()
     assert distributed.world().size == 2 and engine.peers is not None
-    greedy = GenerationSettings(max_tokens=12, temperature=0.0)
-    first = [{"role": "user", "content": "Bonjour, qui es-tu ?"}]
-    replies = []
-    replies.append("".join(c.text for c in engine.stream(first, greedy)))
-    second = first + [{"role": "assistant", "content": replies[0]},
-                      {"role": "user", "content": "Et ensuite ?"}]
-    replies.append("".join(c.text for c in engine.stream(second, greedy)))  # reuses the cache
-    stream = engine.stream(first, GenerationSettings(max_tokens=200, temperature=0.0))
-    next(stream)
-    engine.cancel()
-    finish = [c.stats.finish_reason for c in stream if c.stats][0]
-    engine.reset()
-    sampled = GenerationSettings(max_tokens=12, temperature=0.9, seed=7)
-    replies.append("".join(c.text for c in engine.stream(first, sampled)))
-    print(json.dumps({"replies": replies, "cancelled": finish}))
+    print(json.dumps(ThreadPoolExecutor(1).submit(turns).result()))
 """)
 
 
@@ -282,8 +286,9 @@ def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, caps
     assert got["hosts"] == ["mac-a", "mac-b"]
     assert got["experts_per_rank"] == 2
     assert got["expert_bytes"] == experts // 2  # 4-bit packed: stored as loaded
-    assert got["rank_bytes"] == (plan.resident_bytes + experts // 2 + plan.kv_bytes
-                                 + plan.full_activation_bytes)
+    assert got["rank_bytes"] == (
+        plan.resident_bytes + experts // 2 + plan.kv_bytes + plan.full_activation_bytes
+    )
     # Per token: one float32 [hidden] all_sum per MoE layer (a 2-rank ring sends it once),
     # and one 4-byte all_sum agreeing on stopping.
     assert got["allsum_bytes_per_token"] == args.num_hidden_layers * args.hidden_size * 4 + 4
@@ -293,8 +298,9 @@ def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, caps
     assert "2 of 4 experts per layer" in text and "10 Gb/s Ethernet" in text
 
 
-def test_bad_hostfile_and_dense_model_are_one_line_errors(tiny_q4, tiny_mistral_windowed, tmp_path,
-                                                         capsys):
+def test_bad_hostfile_and_dense_model_are_one_line_errors(
+    tiny_q4, tiny_mistral_windowed, tmp_path, capsys
+):
     bad, good = tmp_path / "bad.json", tmp_path / "good.json"
     bad.write_text('{"hosts": 3}')
     good.write_text('[["10.0.0.1:5000"], ["10.0.0.2:5000"]]')

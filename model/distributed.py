@@ -39,6 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError, MixchatError
+from .experts import SORTED_MIN_ROWS
 from .safetensors_header import read_safetensors_header
 from .sizes import format_bytes
 
@@ -360,25 +361,36 @@ def expert_range(num_experts: int, rank: int, size: int) -> tuple[int, int]:
 
 class ExpertShard:
     """This rank's experts [lo, hi) of one MoE layer, and the group the outputs are summed over.
-    Set on `mixtral.SparseMoE.shard`."""
+    Set on `mixtral.SparseMoE.shard`, which hands it the layer's experts and routing."""
 
     def __init__(self, lo: int, hi: int, group: Any):
         self.lo, self.hi, self.group = lo, hi, group
 
-    def local_indices(self, inds: mx.array) -> mx.array:
-        """Global expert ids [..., k] -> ids into the local slice. A choice held elsewhere is
-        pointed at a local expert the same token chose (else the first): its output is masked
-        to zero, and reusing weights already read costs little memory traffic."""
+    def __call__(self, experts, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """x [N, hidden], the router's global expert ids and weights [N, k] -> [N, hidden]: the
+        router-weighted sum of every token's chosen experts, over all ranks.
+
+        Each rank adds the weighted outputs of the chosen experts it holds (a choice held
+        elsewhere counts zero), then one all_sum adds the ranks' sums: the one-process sum of
+        k = 2 terms, a + b, becomes (a + 0) + (0 + b) or (a + b) + 0, the same float. Decoding
+        (fewer rows than the sorted path takes), the router's choices are read back (one sync
+        per layer) and only the slots holding a local expert for some token are computed, so
+        a rank reads none of the experts it was not asked for. Longer prompts go through the
+        sorted path with the other ranks' choices pointed at a local expert and masked."""
+        N, k = inds.shape
         held = (inds >= self.lo) & (inds < self.hi)
         local = inds - self.lo
         fallback = mx.max(mx.where(held, local, 0), axis=-1, keepdims=True)
-        return mx.where(held, local, fallback).astype(inds.dtype)
-
-    def combine(self, weighted: mx.array, inds: mx.array) -> mx.array:
-        """weighted: [N, k, D] router-weighted outputs of `local_indices(inds)`; inds: [N, k]
-        -> [N, D], the sum over the chosen experts of all ranks."""
-        held = (inds >= self.lo) & (inds < self.hi)
-        y = mx.where(held[..., None], weighted, mx.zeros_like(weighted)).sum(axis=-2)
+        local = mx.where(held, local, fallback).astype(inds.dtype)
+        if N * k < SORTED_MIN_ROWS:
+            slots = [j for j in range(k) if np.asarray(held[:, j]).any()]
+            if not slots:
+                y = mx.zeros((N, x.shape[-1]), dtype=x.dtype)
+                return mx.distributed.all_sum(y, group=self.group)
+            cols = mx.array(slots)
+            local, weights, held = local[:, cols], weights[:, cols], held[:, cols]
+        y = experts(x, local) * weights[..., None]  # [N, slots, hidden]
+        y = mx.where(held[..., None], y, mx.zeros_like(y)).sum(axis=-2)
         return mx.distributed.all_sum(y, group=self.group)
 
 
@@ -664,9 +676,10 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
     ).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
     rp = rank_plan(plan, args, len(hosts), compute_bytes)
-    # Per token every rank reads its replicated weights and at most k experts per MoE layer
-    # (a choice held elsewhere reuses a local expert's weights; see ExpertShard).
-    mem_bytes = plan.resident_active_bytes + plan.moe_layers * plan.top_k * plan.expert_bytes
+    # Per decoded token every rank reads its replicated weights and the chosen experts it
+    # holds: k * (its share) per MoE layer on average (ExpertShard skips the others).
+    experts_read = plan.top_k * rp.experts_per_rank / max(plan.num_experts, 1)
+    mem_bytes = plan.resident_active_bytes + int(plan.moe_layers * experts_read * plan.expert_bytes)
     compute_s = mem_bytes / memory_bw
     rows = [
         (

@@ -188,10 +188,12 @@ class SparseMoE(nn.Module):
         weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
         if routing is not None:
             routing.append(inds)  # [B, L, k]
-        inds = inds.reshape(B * L, -1)
-        local = inds if self.shard is None else self.shard.local_indices(inds)
-        y = self.switch_mlp(x.reshape(B * L, D), local) * weights.reshape(B * L, -1, 1)
-        y = y.sum(axis=-2) if self.shard is None else self.shard.combine(y, inds)  # [B*L, D]
+        if self.shard is not None:  # this rank's experts, summed over the ranks
+            y = self.shard(self.switch_mlp, x.reshape(B * L, D), inds.reshape(B * L, -1),
+                           weights.reshape(B * L, -1))  # fmt: skip
+            return y.reshape(B, L, D)
+        y = self.switch_mlp(x.reshape(B * L, D), inds.reshape(B * L, -1))  # [B*L, k, D]
+        y = (y * weights.reshape(B * L, -1, 1)).sum(axis=-2)
         return y.reshape(B, L, D)
 
 

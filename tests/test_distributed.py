@@ -23,7 +23,11 @@ from model.memory_plan import memory_plan
 
 BIN = Path(sys.executable).parent
 MIXCHAT = str(BIN / "mixchat")
-PROMPT = "Tell me about mixtures of experts, at length."
+# Over 32 tokens: the prompt takes the sorted (prefill) expert path, decoding the other one.
+PROMPT = (
+    "Tell me about mixtures of experts, at length: how a router picks two experts per "
+    "token, why only a quarter of the weights work for each token, and what that means."
+)
 TIMEOUT = 90  # every subprocess; a hang fails the test instead of blocking the suite
 
 
@@ -106,6 +110,12 @@ def finish(procs: list) -> list[tuple[int, str, str]]:
     return results
 
 
+def prompt_ids(model: Path, prompt: str) -> list[int]:
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(model).encode_chat([{"role": "user", "content": prompt}])
+
+
 def one_process(model: Path, messages, settings) -> str:
     engine = Engine.load(str(model))
     return "".join(c.text for c in engine.stream(messages, settings))
@@ -114,6 +124,7 @@ def one_process(model: Path, messages, settings) -> str:
 def test_two_ranks_under_mlx_launch_give_the_tokens_of_one_process(tiny_q4):
     greedy = GenerationSettings(max_tokens=24, temperature=0.0)
     expected = one_process(tiny_q4, [{"role": "user", "content": PROMPT}], greedy)
+    assert len(prompt_ids(tiny_q4, PROMPT)) * 2 >= 64
     args = ["ask", "-m", str(tiny_q4), "--json", "--max-tokens", "24", PROMPT]
     launch = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)),
               "--python", sys.executable, MIXCHAT, *args]  # fmt: skip

@@ -86,6 +86,25 @@ def worker(path: str, max_tokens: int) -> dict:
     }
 
 
+def allsum_worker(hidden: int, repeats: int) -> dict:
+    """Seconds per all_sum of one float32 [hidden] vector between the ranks, each evaluated
+    before the next (as a decode step's MoE layers are: one after the other)."""
+    import time
+
+    import mlx.core as mx
+
+    from model import distributed
+
+    group = distributed.world().group
+    x = mx.ones((1, hidden))
+    for _ in range(20):  # warm-up
+        mx.eval(mx.distributed.all_sum(x, group=group))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(mx.distributed.all_sum(x, group=group))
+    return {"rank": distributed.world().rank, "seconds": (time.perf_counter() - start) / repeats}
+
+
 def free_port_pair() -> int:
     while True:
         with socket.socket() as s:
@@ -98,9 +117,11 @@ def free_port_pair() -> int:
             continue
 
 
-def run(path: Path, max_tokens: int, ranks: int) -> list[dict]:
+def run(path: Path, max_tokens: int, ranks: int, allsum: int | None = None) -> list[dict]:
     cmd = [sys.executable, "-m", "benchmarks.bench_distributed", "--worker", str(path),
            str(max_tokens)]  # fmt: skip
+    if allsum:
+        cmd = [sys.executable, "-m", "benchmarks.bench_distributed", "--allsum", str(allsum)]
     envs = [dict(os.environ)]
     if ranks > 1:
         base = free_port_pair()
@@ -125,7 +146,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--allsum", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.allsum:
+        print(json.dumps(allsum_worker(args.allsum, 500)))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
@@ -145,6 +170,10 @@ def main() -> None:
     for _ in range(args.rounds):
         results["1 process"].append(run(path, args.max_tokens, 1))
         results["2 ranks"].append(run(path, args.max_tokens, 2))
+    latency = statistics.median(
+        max(r["seconds"] for r in run(path, 0, 2, checkpoint.args.hidden_size))
+        for _ in range(args.rounds)
+    )
     reference = results["1 process"][0][0]["text"]
     print("| run | decode tok/s | vs 1 process | sent per token (rank 0) | rank 0 peak RSS "
           "loaded / end | rank 1 peak RSS | same text |")  # fmt: skip
@@ -169,6 +198,8 @@ def main() -> None:
         f"{predicted.expert_bytes / 1e9:.2f} GB experts (one process: "
         f"{plan.total_expert_bytes / 1e9:.2f} GB experts)"
     )
+    print(f"one all_sum of a float32 [{checkpoint.args.hidden_size}] vector over 127.0.0.1: "
+          f"{latency * 1e6:.0f} µs (median of {args.rounds} runs of 500)")  # fmt: skip
     for name, runs in results.items():
         for i, r in enumerate(runs):
             print(

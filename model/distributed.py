@@ -657,6 +657,23 @@ def rank_plan(plan, args, ranks: int, compute_bytes: int) -> RankPlan:
     )
 
 
+def critical_experts(num_experts: int, top_k: int, ranks: int) -> float:
+    """Expected experts per MoE layer the busiest rank applies for one token, the k chosen
+    uniformly among E (1.43 for top-2 of 8 on 2 ranks; k on one rank)."""
+    from itertools import combinations
+
+    E = max(num_experts, 1)
+    owner = [next(r for r in range(ranks) if e < expert_range(E, r, ranks)[1]) for e in range(E)]
+    choices = list(combinations(range(E), min(top_k, E)))
+    if len(choices) > 200_000:  # many experts: sample the choices instead
+        rng = np.random.default_rng(0)
+        choices = [tuple(rng.choice(E, top_k, replace=False)) for _ in range(20_000)]
+    total = 0
+    for chosen in choices:
+        total += np.bincount([owner[e] for e in chosen], minlength=ranks).max()
+    return float(total / len(choices))
+
+
 def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[list, dict]:
     """`mixchat info --hosts`: (rows, JSON dict) of memory per rank, network traffic per token
     and tok/s bounds, with this machine's memory bandwidth standing for every host's."""
@@ -677,8 +694,8 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
     plan = memory_plan(checkpoint, compute_bytes)
     rp = rank_plan(plan, args, len(hosts), compute_bytes)
     # Per decoded token every rank reads its replicated weights and the chosen experts it
-    # holds: k * (its share) per MoE layer on average (ExpertShard skips the others).
-    experts_read = plan.top_k * rp.experts_per_rank / max(plan.num_experts, 1)
+    # holds (ExpertShard skips the others); each layer waits for the rank holding the most.
+    experts_read = critical_experts(plan.num_experts, plan.top_k, len(hosts))
     mem_bytes = plan.resident_active_bytes + int(plan.moe_layers * experts_read * plan.expert_bytes)
     compute_s = mem_bytes / memory_bw
     rows = [
@@ -700,8 +717,9 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
         ),
         (
             "memory bound",
-            f"{1 / compute_s:.1f} tok/s per rank at {memory_bw / 1e9:.0f} GB/s "
-            f"({format_bytes(mem_bytes)} read per token)",
+            f"{1 / compute_s:.1f} tok/s at {memory_bw / 1e9:.0f} GB/s ({format_bytes(mem_bytes)} "
+            f"read per token by the busiest rank: {experts_read:.2f} experts per layer, "
+            "routing taken as uniform)",
         ),
     ]
     links = {}
@@ -715,6 +733,7 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
         ))  # fmt: skip
     data = asdict(rp) | {"hosts": hosts, "rank_bytes": rp.rank_bytes,
                          "memory_bandwidth": memory_bw, "memory_bound_tps": 1 / compute_s,
+                         "critical_experts_per_layer": experts_read,
                          "links": links}  # fmt: skip
     return rows, data
 

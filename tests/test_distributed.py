@@ -304,6 +304,7 @@ def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, caps
     # and one 4-byte all_sum agreeing on stopping.
     assert got["allsum_bytes_per_token"] == args.num_hidden_layers * args.hidden_size * 4 + 4
     assert got["allsums_per_token"] == args.num_hidden_layers + 1
+    assert got["critical_experts_per_layer"] == pytest.approx((2 * 2 + 4 * 1) / 6)  # top-2 of 4
     assert main(["info", str(tiny_q4), "--hosts", str(hosts)]) == 0
     text = capsys.readouterr().out
     assert "2 of 4 experts per layer" in text and "10 Gb/s Ethernet" in text
@@ -334,6 +335,9 @@ def test_expert_ranges_cover_every_expert_once():
         assert ranges[0][0] == 0 and ranges[-1][1] == experts
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert max(hi - lo for lo, hi in ranges) - min(hi - lo for lo, hi in ranges) <= 1
+    # Top-2 of 8 on 2 ranks: 12 of the 28 pairs sit on one rank (it applies 2), 16 are split.
+    assert distributed.critical_experts(8, 2, 2) == pytest.approx((12 * 2 + 16 * 1) / 28)
+    assert distributed.critical_experts(8, 2, 1) == 2
 
 
 def test_leader_fixes_a_seed_so_every_rank_samples_alike():

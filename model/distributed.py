@@ -40,10 +40,10 @@ import numpy as np
 
 from .errors import CheckpointError, MixchatError
 from .experts import SORTED_MIN_ROWS
+from .ranks import launched
 from .safetensors_header import read_safetensors_header
 from .sizes import format_bytes
 
-LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE", "MLX_WORLD_SIZE")
 DEFAULT_TIMEOUT = 20.0  # seconds of silence on a control connection before giving up
 PING_SECONDS = 1.0
 EXPERT_MARK = ".block_sparse_moe.switch_mlp."
@@ -54,11 +54,6 @@ _NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8,
 
 class DistributedError(MixchatError):
     pass
-
-
-def launched() -> bool:
-    """Whether this process was started as one rank of several (mlx.launch or by hand)."""
-    return any(os.environ.get(name) for name in LAUNCH_ENV)
 
 
 def timeout_seconds() -> float:

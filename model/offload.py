@@ -19,9 +19,10 @@ Under a budget the engine runs a prompt layer by layer over whole windows of tok
 
 The cache (`ExpertCache`) counts bytes exactly (the arrays' `nbytes`), reserves them before a
 read starts, and never holds more than its capacity, which shrinks as the KV cache grows
-(`OffloadRuntime.set_kv_bytes`). Eviction (MIXCHAT_OFFLOAD_POLICY): "auto" is LRU while the
-cache holds at least one token's experts (layers x top-k) and next-use below that, where LRU
-would evict exactly the expert the cyclic layer order needs next. Experts in use by the layer
+(`OffloadRuntime.set_kv_bytes`). Eviction (MIXCHAT_OFFLOAD_POLICY): "next-use" by default,
+which evicts what the cyclic layer order reaches last; replayed on Mixtral-like routing
+(model/routing_trace.py) it beats LRU at every cached share, and LRU gets no hits at all once
+the cache holds less than one token's experts (it evicts exactly the expert needed next). Experts in use by the layer
 being computed are pinned until the next sync, so an eviction always frees memory. When a
 layer needs more experts than the cache can hold, they are computed in groups.
 """
@@ -49,11 +50,11 @@ from .experts import PROJECTIONS, ExpertWeights, Projection, RowGroups, swiglu
 from .safetensors_header import FLOAT_DTYPES, TensorSpec, read_safetensors_header
 
 POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")
-DEFAULT_POLICY = "auto"  # next-use below one token's working set of experts, else LRU
+DEFAULT_POLICY = "next-use"  # best at every cached share on Mixtral-like routing (BENCHMARKS.md)
 _NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
               "I16": np.int16, "F32": np.float32, "F16": np.float16}  # fmt: skip
 PREFETCH_MAX_TOKENS = 4  # guess the next layer's experts only for decode-sized batches
-PREFILL_PREFETCH_TOKENS = 16  # from this many tokens on, read the next layer's experts ahead
+PREFILL_PREFETCH_TOKENS = 8  # from this many tokens on (~7 of 8 experts used), read ahead
 ROW_SLICE = 1024  # rows one kernel call takes in a long prompt (bounds the activations)
 
 Key = tuple[int, int]  # (layer, expert)

@@ -44,8 +44,9 @@ import numpy as np
 from .errors import MixchatError
 
 CACHE_POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")  # model.offload.POLICIES
-DEFAULT_POLICY = "auto"  # model.offload's: next-use below one token's experts (top_k x layers)
-REPLAY_POLICIES = (*CACHE_POLICIES, DEFAULT_POLICY, "static", "belady")
+DEFAULT_POLICY = "next-use"  # model.offload's default
+AUTO_POLICY = "auto"  # model.offload's option: next-use below one token's experts, else lru
+REPLAY_POLICIES = (*CACHE_POLICIES, AUTO_POLICY, "static", "belady")
 
 # Within the published ranges, by relative depth (0 = first MoE layer, 1 = last): layer 0 at the
 # low end, the middle layers at the high end, the last layers in between (anchors chosen, not
@@ -306,7 +307,7 @@ def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int 
     if policy == "belady" and warmup_passes:
         raise MixchatError("Belady's bound is over the whole trace (warmup_passes=0)")
     name = policy
-    if policy == DEFAULT_POLICY:
+    if policy == AUTO_POLICY:
         policy = "next-use" if capacity_experts < k * L else "lru"
     steps = demand_steps(trace)
     hits, misses = [0] * L, [0] * L
@@ -498,9 +499,10 @@ def _estimate(num_experts: int, top_k: int, num_layers: int, policy: str, capaci
 def expected_hit_rate(cached_share: float, num_experts: int, top_k: int, num_layers: int,
                       policy: str = DEFAULT_POLICY) -> float:  # fmt: skip
     """Decode hit rate of an expert cache holding `cached_share` of a model's experts, replayed
-    on a Mixtral-like trace (a 64-token prompt, then 144 decoded tokens, the last 128 counted).
+    on a Mixtral-like trace (a 64-token prompt, then 144 decoded tokens, the last 128 counted),
+    under `policy` (default: model.offload's default, next-use).
     Raises MixchatError for a cache that cannot hold top_k experts per layer."""
-    if policy not in (*CACHE_POLICIES, DEFAULT_POLICY):
+    if policy not in (*CACHE_POLICIES, AUTO_POLICY):
         raise MixchatError(f"unknown expert cache policy {policy!r}")
     if not math.isfinite(cached_share):
         raise MixchatError(f"cached share {cached_share} is not a number")

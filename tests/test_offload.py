@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model import Engine, GenerationSettings, weights
+from model.errors import CheckpointError, MixchatError
 from model.memory_plan import memory_plan
 from model.offload import (
     POLICIES,
@@ -355,3 +356,30 @@ def test_no_budget_on_a_small_machine_streams_experts(tiny_q4, plan, reference, 
     assert run(engine)[0] == reference[0]
     forced = Engine.load(str(tiny_q4), memory_budget="none", max_context=CONTEXT)
     assert forced.offload is None and forced.memory_notice.startswith("warning:")
+
+
+def test_an_8_bit_kv_cache_is_planned_and_close_to_float(tiny_q4, tmp_path):
+    """--kv-bits 8: mlx-lm's QuantizedKVCache, the budget counts it, and the next-token
+    distribution stays close to the float cache's."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    with pytest.raises(MixchatError, match="head dimension"):  # 16: too small to quantize
+        Engine.load(str(tiny_q4), kv_bits=8)
+    with pytest.raises(CheckpointError, match="head dimension"):
+        Engine.load(str(tiny_q4)).model.make_cache(8)
+    wide = build_hf_checkpoint(tmp_path, "mixtral", hidden_size=128, num_heads=4)  # head dim 32
+    engine = Engine.load(str(wide), kv_bits=8, max_context=CONTEXT)
+    assert engine.kv_bits == 8 and engine.model.memory.plan.kv_bits == 8
+    model = engine.model
+    ids = mx.array(engine.tokenizer.encode_chat(MESSAGES))[None]
+    float_cache, eight_bit = model.make_cache(), model.make_cache(8)
+    assert isinstance(eight_bit[0], QuantizedKVCache)
+    for cache in (float_cache, eight_bit):  # prompt, then one more token through the cache
+        model(ids[:, :-1], cache=cache)
+    a = model(ids[:, -1:], cache=float_cache)[0, -1]
+    b = model(ids[:, -1:], cache=eight_bit)[0, -1]
+    pa, pb = mx.softmax(a), mx.softmax(b)
+    kl = (pa * (mx.log(pa) - mx.log(pb))).sum().item()
+    assert 0 <= kl < 5e-3 and mx.argmax(a).item() == mx.argmax(b).item()
+    per_token = engine.model.memory.plan.kv_bytes_per_token
+    assert eight_bit[0].nbytes * len(eight_bit) == per_token * 256  # one 256-token allocation

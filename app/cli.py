@@ -182,8 +182,10 @@ def read_prompt(argument: str | None, stdin: TextIO) -> str:
         prompt = decode_stdin(stdin.buffer.read())
     else:
         prompt = clean_text(argument)
-        if is_piped(stdin) and (piped := decode_stdin(stdin.buffer.read())).strip():
-            prompt = f"{prompt}\n\n{piped}"
+        # mlx.launch keeps every rank's stdin open: there the argument is the whole prompt.
+        if is_piped(stdin) and not launched():
+            if (piped := decode_stdin(stdin.buffer.read())).strip():
+                prompt = f"{prompt}\n\n{piped}"
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return prompt

@@ -261,7 +261,12 @@ class Control:
                 while len(peers) < size - 1:
                     sock, _ = listener.accept()
                     sock.settimeout(timeout)
-                    hello = sock.recv(16).split(b"\n")[0]
+                    hello = b""
+                    while not hello.endswith(b"\n"):  # byte by byte: pings follow at once
+                        byte = sock.recv(1)
+                        if not byte or len(hello) > 16:
+                            raise ValueError("no hello")
+                        hello += byte
                     peers[int(hello)] = sock
             except (OSError, ValueError):
                 raise DistributedError(
@@ -312,7 +317,12 @@ class Control:
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                    message["op"]
+                except (ValueError, TypeError, KeyError):
+                    self._lost(peer, "it sent something that is not mixchat's protocol")
+                    return
                 if message["op"] == "bye":  # that end is done (rank 0: every rank ends too)
                     self.departed.add(peer)
                     if self.rank != 0:

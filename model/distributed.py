@@ -15,7 +15,7 @@ group. Then:
   ranks over a small TCP control channel; they run the same reply and print nothing. Whether
   to stop a reply early (a cancel) is agreed each token with a one-value all_sum;
 - a watchdog: every rank pings the other end of its control connection each second. A closed
-  connection (a rank died) or `MIXCHAT_DIST_TIMEOUT` seconds of silence (a network failure)
+  connection (a rank died) or `TIMEOUT` seconds of silence (a network failure)
   makes rank 0 print one line and exit 1 and every other rank exit, never a hang.
 """
 
@@ -38,13 +38,14 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import ranks
 from .errors import CheckpointError, MixchatError
 from .experts import SORTED_MIN_ROWS
 from .ranks import launched
 from .safetensors_header import read_safetensors_header
 from .sizes import format_bytes
 
-DEFAULT_TIMEOUT = 20.0  # seconds of silence on a control connection before giving up
+TIMEOUT = 20.0  # seconds of silence on a control connection before giving up
 PING_SECONDS = 1.0
 EXPERT_MARK = ".block_sparse_moe.switch_mlp."
 PER_EXPERT_MARK = ".block_sparse_moe.experts."
@@ -56,14 +57,8 @@ class DistributedError(MixchatError):
     pass
 
 
-def timeout_seconds() -> float:
-    value = os.environ.get("MIXCHAT_DIST_TIMEOUT")
-    if not value:
-        return DEFAULT_TIMEOUT
-    try:
-        return max(1.0, float(value))
-    except ValueError:
-        raise DistributedError(f"MIXCHAT_DIST_TIMEOUT must be seconds, not {value!r}") from None
+class RankMismatch(DistributedError):
+    """The ranks loaded different models or settings (every rank finds out at once)."""
 
 
 # --- the world ---------------------------------------------------------------------------------
@@ -96,7 +91,7 @@ def world() -> World:
 
 
 def _join() -> World:
-    timeout = timeout_seconds()
+    timeout = TIMEOUT
     _save_terminal()
     _filter_ring_messages()
     # Joining blocks until every rank is up: bounded, so a rank that never starts is an error.
@@ -126,7 +121,7 @@ def _join() -> World:
 def fatal(message: str) -> None:
     """One line on the terminal, then exit at once (never waiting on a collective that will
     not complete). Called from watchdog threads: the main thread may be blocked in MLX."""
-    rank = _world.rank if _world is not None else int(os.environ.get("MLX_RANK", "0") or 0)
+    rank = _world.rank if _world is not None else ranks.rank_hint()
     where = "" if rank == 0 else f"rank {rank}: "
     line = f"mixchat: error: {where}{message}\n"
     fd = _real_stderr if _real_stderr is not None else 2
@@ -174,7 +169,7 @@ def _filter_ring_messages() -> None:
     watchdog says what happened in one line, so those lines are dropped (MLX_RING_VERBOSE=1
     keeps them)."""
     global _real_stderr
-    if _real_stderr is not None or os.environ.get("MLX_RING_VERBOSE"):
+    if _real_stderr is not None or ranks.ring_verbose():
         return
     sys.stderr.flush()
     _real_stderr = os.dup(2)
@@ -208,19 +203,19 @@ def _filter_ring_messages() -> None:
 
 
 def _leader_host() -> str:
-    """The address rank 0 is reached at: its first ring address, or MIXCHAT_CONTROL_HOST."""
-    if host := os.environ.get("MIXCHAT_CONTROL_HOST"):
-        return host
-    if coordinator := os.environ.get("MLX_JACCL_COORDINATOR"):
+    """The address rank 0 is reached at: JACCL's coordinator, or its first ring address."""
+    if coordinator := ranks.jaccl_coordinator():
         return coordinator.rsplit(":", 1)[0]
-    hostfile = os.environ.get("MLX_HOSTFILE")
+    hostfile = ranks.hostfile()
     if hostfile:
         try:
             hosts = json.loads(Path(hostfile).read_text())
             return str(hosts[0][0]).rsplit(":", 1)[0]
         except (OSError, ValueError, IndexError, KeyError, TypeError):
             raise DistributedError(f"cannot read rank 0's address from {hostfile}") from None
-    raise DistributedError("set MIXCHAT_CONTROL_HOST to rank 0's address")
+    raise DistributedError(
+        "cannot tell rank 0's address: start the ranks with the ring backend or JACCL"
+    )
 
 
 class Control:
@@ -445,7 +440,7 @@ def check_same_everywhere(text: str, world: World) -> None:
     everyone = np.array(mx.distributed.all_sum(mx.array(rows), group=world.group))
     differ = [r for r in range(world.size) if not np.array_equal(everyone[r], everyone[0])]
     if differ:
-        raise DistributedError(
+        raise RankMismatch(
             f"rank {differ[0]} loaded another model or other settings than rank 0 (dtype, "
             "--kv-bits): start every rank with the same command"
         )
@@ -567,6 +562,9 @@ def follow(model: str | None, **engine_options) -> int:
     assert w.control is not None
     try:
         engine = Engine.load(model, **engine_options)
+    except RankMismatch:  # rank 0 found out too, and says so itself
+        w.control.close()
+        raise
     except MixchatError as e:  # rank 0 says it, in one line
         w.control.send({"op": "error", "message": str(e)})
         w.control.close()

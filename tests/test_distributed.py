@@ -249,7 +249,7 @@ def test_rank_0_leads_a_chat_the_other_rank_follows(tiny_mixtral, tmp_path):
 
 def test_a_rank_killed_mid_reply_ends_rank_0_with_one_line(tiny_q4, tmp_path):
     args = [MIXCHAT, "ask", "-m", str(tiny_q4), "--max-tokens", "3000", PROMPT]
-    procs = start_ranks(args, tmp_path, {"MIXCHAT_DIST_TIMEOUT": "5"})
+    procs = start_ranks(args, tmp_path)
     try:
         assert procs[0].stdout is not None
         first = procs[0].stdout.read(8)  # rank 0 is replying
@@ -282,6 +282,22 @@ def test_a_follower_that_cannot_load_is_reported_by_rank_0(tiny_q4, tmp_path):
     assert code0 == 1 and code1 == 1
     lines = err0.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mixchat: error: rank 1: no model at"), lines
+
+
+def test_ranks_started_with_other_settings_refuse_to_run(tiny_q4, tmp_path):
+    """A rank computing in another dtype would add up other numbers: a one-line error."""
+    hosts = hostfile(tmp_path)
+    procs = []
+    for rank, extra in enumerate(([], ["--dtype", "float16"])):
+        env = os.environ | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
+        args = [MIXCHAT, "ask", "-m", str(tiny_q4), *extra, "hi"]
+        procs.append(
+            subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    (code0, out0, err0), (code1, _, _) = finish(procs)
+    assert code0 == 1 and code1 == 1 and out0 == ""
+    lines = err0.strip().splitlines()
+    assert len(lines) == 1 and "rank 1 loaded another model or other settings" in lines[0], lines
 
 
 def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, capsys):

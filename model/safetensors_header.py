@@ -63,7 +63,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
     return specs
 
 
-# Floating safetensors dtypes: MLX dtype name and bytes per element.
+# FLOAT_DTYPES with each one's MLX dtype name and bytes per element.
 SAFETENSORS_FLOATS = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
 _SHARD_NAME = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
 
@@ -104,6 +104,6 @@ def dominant_dtype(specs: Iterable[TensorSpec]) -> str | None:
     """The floating dtype ("BF16", "F16", "F32") holding the most bytes; None if none."""
     by_dtype: dict[str, int] = {}
     for spec in specs:
-        if spec.dtype in SAFETENSORS_FLOATS:
+        if spec.dtype in FLOAT_DTYPES:
             by_dtype[spec.dtype] = by_dtype.get(spec.dtype, 0) + spec.nbytes
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None

@@ -1,0 +1,279 @@
+"""GGUF files on gguf-py (llama.cpp's own reader): metadata, the tensor table with byte ranges,
+and each tensor's blocks turned into MLX affine quantization (w = scale * q + bias per group).
+
+Pure numpy, no MLX: an expert store can convert one expert's bytes on read with `to_affine`.
+
+    gguf = read_gguf(path)                                    # header only, nothing else read
+    arrays = load_tensor(gguf, gguf.tensors["blk.0.attn_q.weight"])  # {"weight", "scales", ...}
+
+Mapping (`AFFINE`): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q3_K are represented exactly
+(Q3_K's 16-wide signed sub-blocks as 8-bit groups of 32: q' = sc * q + 127 with scale d);
+Q6_K and Q2_K (16-wide sub-blocks with their own scale *and* offset) are re-quantized to 8-bit
+groups of 32 with an error far below their own (measured in tests/test_gguf.py). Scales and
+biases are float32: a K-quant group scale d * sc has up to 17 significant bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError, UnsupportedModelError
+
+GROUP_SIZE = 32
+# ggml type -> (bits, exact): how its blocks become MLX affine groups of 32.
+AFFINE: dict[str, tuple[int, bool]] = {
+    "Q4_0": (4, True),
+    "Q4_1": (4, True),
+    "Q5_0": (5, True),
+    "Q5_1": (5, True),
+    "Q8_0": (8, True),
+    "Q4_K": (4, True),
+    "Q5_K": (5, True),
+    "Q3_K": (8, True),
+    "Q6_K": (8, False),
+    "Q2_K": (8, False),
+}
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: bit pattern kept
+CHUNK_BYTES = 32 << 20  # raw bytes converted at a time: bounds the transient float32 buffers
+
+
+@dataclass
+class GGUFTensor:
+    name: str  # GGUF name, e.g. "blk.0.ffn_gate_exps.weight"
+    ggml_type: str  # "Q4_K", "F32", ...
+    shape: tuple[int, ...]  # numpy order: [..., rows, row length]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8 / max(1, int(np.prod(self.shape)))
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+
+    def type_counts(self) -> dict[str, int]:
+        """How many tensors of each ggml type, most frequent first."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def read_gguf(path: Path) -> GGUFFile:
+    """Metadata and tensor table of a GGUF file (memory-mapped header; no tensor is read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # gguf-py raises ValueError/struct.error/IndexError on bad files
+        raise CheckpointError(
+            f"cannot read GGUF file {path.name} (truncated or corrupt: {e})"
+        ) from None
+    metadata: dict[str, Any] = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        value = f.contents()
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            value = np.array(value)
+        metadata[name] = value
+    size = path.stat().st_size
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        tensor = GGUFTensor(t.name, t.tensor_type.name, shape, int(t.data_offset), int(t.n_bytes))
+        if tensor.offset + tensor.nbytes > size:
+            raise CheckpointError(f"{path.name} is truncated (tensor {t.name} ends past the file)")
+        tensors[t.name] = tensor
+    del reader
+    return GGUFFile(path, metadata, tensors)
+
+
+def check_supported(tensor: GGUFTensor) -> None:
+    if tensor.ggml_type not in AFFINE and tensor.ggml_type not in FLOAT_TYPES:
+        raise UnsupportedModelError(
+            f"GGUF tensor {tensor.name} is {tensor.ggml_type}; mixchat reads "
+            f"{', '.join([*AFFINE, *FLOAT_TYPES])}"
+        )
+    if tensor.ggml_type in AFFINE and tensor.shape[-1] % GROUP_SIZE:
+        raise UnsupportedModelError(
+            f"GGUF tensor {tensor.name} has rows of {tensor.shape[-1]}, not a multiple of 32"
+        )
+
+
+def converted_specs(tensor: GGUFTensor) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """What `load_tensor` returns, as {suffix: (shape, safetensors dtype, nbytes)}: "weight"
+    (plus "scales" and "biases" for quantized types)."""
+    check_supported(tensor)
+    *lead, cols = tensor.shape
+    n = int(np.prod(tensor.shape))
+    if tensor.ggml_type in FLOAT_TYPES:
+        size = 4 if tensor.ggml_type == "F32" else 2
+        return {"weight": (tensor.shape, tensor.ggml_type, n * size)}
+    bits, _ = AFFINE[tensor.ggml_type]
+    groups = (*lead, cols // GROUP_SIZE)
+    return {
+        "weight": ((*lead, cols * bits // 32), "U32", n * bits // 8),
+        "scales": (groups, "F32", n // GROUP_SIZE * 4),
+        "biases": (groups, "F32", n // GROUP_SIZE * 4),
+    }
+
+
+def expert_range(tensor: GGUFTensor, expert: int) -> tuple[int, int]:
+    """(absolute offset, nbytes) of expert `expert` of a stacked [E, rows, cols] tensor."""
+    experts = tensor.shape[0]
+    if len(tensor.shape) != 3 or not 0 <= expert < experts:
+        raise ValueError(f"{tensor.name} has no expert {expert} (shape {tensor.shape})")
+    stride = tensor.nbytes // experts
+    return tensor.offset + expert * stride, stride
+
+
+def read_bytes(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    """nbytes of the file at offset, as uint8 (a plain read: no mapping stays resident)."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        view, done = memoryview(out), 0
+        while done < nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{path.name} is truncated at byte {offset + done}")
+            done += got
+    return out
+
+
+def load_tensor(gguf: GGUFFile, tensor: GGUFTensor) -> dict[str, np.ndarray]:
+    """One tensor as numpy arrays: {"weight"} for float types (BF16 as uint16 bit patterns),
+    {"weight", "scales", "biases"} (MLX affine, groups of 32) for quantized ones."""
+    specs = converted_specs(tensor)
+    if tensor.ggml_type in FLOAT_TYPES:
+        raw = read_bytes(gguf.path, tensor.offset, tensor.nbytes)
+        dtype = FLOAT_TYPES[tensor.ggml_type] or np.uint16
+        return {"weight": raw.view(dtype).reshape(tensor.shape)}
+    rows = int(np.prod(tensor.shape[:-1]))
+    row_bytes = tensor.nbytes // rows
+    out = {k: np.empty((rows, shape[-1]), np.uint32 if dt == "U32" else np.float32)
+           for k, (shape, dt, _) in specs.items()}
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        raw = read_bytes(gguf.path, tensor.offset + a * row_bytes, (b - a) * row_bytes)
+        w, s, z, _, _ = to_affine(tensor.ggml_type, raw, (b - a, tensor.shape[-1]))
+        out["weight"][a:b], out["scales"][a:b], out["biases"][a:b] = w, s, z
+    return {k: v.reshape(specs[k][0]) for k, v in out.items()}
+
+
+def to_affine(
+    ggml_type: str, raw: np.ndarray, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Raw GGUF blocks (uint8) of a tensor of `shape` -> (packed uint32 weight [..., cols*bits/32],
+    float32 scales [..., cols/32], float32 biases, bits, group_size) for MLX's affine mode."""
+    import gguf
+
+    bits, exact = AFFINE[ggml_type]
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    *lead, cols = shape
+    rows = int(np.prod(lead)) if lead else 1
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, type_size)
+    if blocks.shape[0] * block_size != rows * cols:
+        raise CheckpointError(
+            f"{blocks.shape[0]} {ggml_type} blocks do not make a tensor of shape {tuple(shape)}"
+        )
+    w = gguf.quants.dequantize(blocks, qtype).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    if exact:
+        scales, biases = _group_affine(ggml_type, blocks)
+        scales = scales.reshape(rows, cols // GROUP_SIZE, 1)
+        biases = biases.reshape(rows, cols // GROUP_SIZE, 1)
+        safe = np.where(scales == 0, np.float32(1), scales)
+        q = np.rint((w - biases) / safe)
+        q = np.where(scales == 0, 0, q)
+        q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
+    elif ggml_type == "Q6_K":
+        q, scales, biases = _q6k_as_8bit(w, blocks)
+    else:
+        q, scales, biases = _requantize(w, bits)
+    packed = pack(q.reshape(rows, cols), bits)
+    return (
+        packed.reshape(*lead, -1),
+        scales.reshape(*lead, -1).astype(np.float32),
+        biases.reshape(*lead, -1).astype(np.float32),
+        bits,
+        GROUP_SIZE,
+    )
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
+
+
+def _group_affine(ggml_type: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of 32 (in element order), the scale and bias with w == scale * q + bias
+    exactly, q the group's unsigned integer codes."""
+    import gguf
+
+    if ggml_type in ("Q4_0", "Q5_0", "Q8_0"):
+        d = _f16(blocks, 0)
+        offset = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}[ggml_type]
+        return d, -offset * d
+    if ggml_type in ("Q4_1", "Q5_1"):
+        return _f16(blocks, 0), _f16(blocks, 2)
+    if ggml_type in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        sc, m = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+        return d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+    if ggml_type == "Q3_K":  # w = d * sc * q, sc in [-32, 31], q in [-4, 3]: sc*q + 127 in [3, 255]
+        d = np.repeat(_f16(blocks, 108), 8, axis=1)
+        return d, -127 * d
+    raise AssertionError(ggml_type)
+
+
+def _q6k_as_8bit(w: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q6_K (16-wide sub-blocks, w = S_j * k, k in [-32, 31]) as 8-bit groups of 32: step
+    |S|/4 for the sub-block of larger |S|, so that one is exact (4k + 128) and the other is
+    rounded to the same step min-max re-quantization would use (~|S|/4), for half the error."""
+    rows, groups, _ = w.shape
+    d = _f16(blocks, 208)  # [n_blocks, 1]
+    sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32) * d
+    sub = np.abs(sub).reshape(rows, groups, 2).max(axis=-1, keepdims=True)  # [rows, groups, 1]
+    step = sub / np.float32(4)
+    safe = np.where(step == 0, np.float32(1), step)
+    # Only a group whose sub-blocks have equal and opposite scales reaches 256 (one element
+    # at k = -32), clipped to 255: one step off there.
+    q = np.clip(np.rint(w / safe) + 128, 0, 255).astype(np.uint8)
+    return q, step, -128 * step
+
+
+def _requantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [rows, groups, 32] float32 -> (q, scale, bias) per group, min-max affine at `bits`,
+    as mx.quantize does (bias = group min, scale = range / (2^bits - 1))."""
+    lo, hi = w.min(axis=-1, keepdims=True), w.max(axis=-1, keepdims=True)
+    scale = (hi - lo) / np.float32((1 << bits) - 1)
+    safe = np.where(scale == 0, np.float32(1), scale)
+    q = np.clip(np.rint((w - lo) / safe), 0, (1 << bits) - 1).astype(np.uint8)
+    return q, scale.astype(np.float32), lo.astype(np.float32)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [rows, cols] (uint8) -> MLX's packing: a little-endian bit stream of
+    `bits`-bit codes, element 0 in the lowest bits, read as uint32 [rows, cols * bits / 32]."""
+    rows, cols = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q).view(np.uint32).reshape(rows, -1)
+    if bits == 4:
+        pairs = q.reshape(rows, -1, 2)
+        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).view(np.uint32)
+    planes = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # [rows, cols, bits]
+    stream = np.packbits(planes.reshape(rows, -1), axis=-1, bitorder="little")
+    return np.ascontiguousarray(stream).view(np.uint32).reshape(rows, -1)
+
+

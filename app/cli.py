@@ -39,6 +39,10 @@ def build_parser() -> Parser:
     add_model_option(ask)
     ask.add_argument("prompt", nargs="?", help="the prompt; '-' or absent with a pipe: stdin")
     ask.add_argument("--system", help="system prompt")
+    ask.add_argument(
+        "--raw", action="store_true",
+        help="complete the prompt as plain text (BOS, then the prompt), without the chat format",
+    )  # fmt: skip
     ask.add_argument("--max-tokens", type=int, default=512, metavar="N")
     ask.add_argument(
         "--temp", type=float, default=0.0, metavar="T",
@@ -134,6 +138,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         settings.validate()
     except MixchatError as e:
         raise UsageError(str(e)) from None
+    if args.raw and args.system:
+        raise UsageError("--system needs a chat template; a raw completion has no system prompt")
     messages = []
     if args.system:
         messages.append({"role": "system", "content": clean_text(args.system)})
@@ -145,8 +151,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(" " * 60, file=sys.stderr, end="\r")
     if engine.offload is not None and not args.quiet and not args.json:
         print(f"[{engine.offload.describe()}; `mixchat info` predicts the speed]", file=sys.stderr)
+    raw = args.raw or not engine.has_chat_template
+    if raw and not args.raw and not args.quiet:
+        print(f"[{engine.name} has no chat template: completing the prompt as plain text]",
+              file=sys.stderr)  # fmt: skip
+    if raw and args.system:
+        raise UsageError("--system needs a chat template; a raw completion has no system prompt")
+    stream = engine.stream_text(prompt, settings) if raw else engine.stream(messages, settings)
     text, stats = [], None
-    for chunk in engine.stream(messages, settings):
+    for chunk in stream:
         text.append(chunk.text)
         if not args.json and chunk.text:
             sys.stdout.write(chunk.text)

@@ -123,16 +123,48 @@ class Engine:
         self._cache, self._cache_tokens = None, []
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.encode_chat(messages))
+        return len(self._prompt_ids(messages))
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat's prompt; without a chat template, the raw completion of its user and
+        assistant texts joined by blank lines (the reply continues the text)."""
+        if self.has_chat_template:
+            return self.tokenizer.encode_chat(messages)
+        from .tokenizer import check_messages
+
+        text = "\n\n".join(c for r, c in check_messages(messages) if r != "system")
+        return self._raw_ids(text)
+
+    def _raw_ids(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_id
+        ids = ([] if bos is None else [bos]) + self.tokenizer.encode(prompt)
+        if not ids:
+            raise MixchatError("the prompt is empty")
+        return ids
 
     def stream(
         self, messages: list[dict], settings: GenerationSettings | None = None
     ) -> Iterator[Chunk]:
         """Start a reply: settings, messages and the context are checked now (MixchatError),
-        and a cancel() from now on stops this stream; tokens come as the iterator is read."""
+        and a cancel() from now on stops this stream; tokens come as the iterator is read.
+        Without a chat template (a base model), the chat is completed as raw text."""
+        return self._start(self._prompt_ids(messages), settings)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """False for a base model whose tokenizer has no chat format: use `stream_text`."""
+        return getattr(self.tokenizer, "has_chat_template", True)
+
+    def stream_text(
+        self, prompt: str, settings: GenerationSettings | None = None
+    ) -> Iterator[Chunk]:
+        """Raw completion, as mlx-lm and llama.cpp do: BOS when the tokenizer has one, then
+        `prompt` as plain text; the reply continues it. Same checks and cache reuse as stream."""
+        return self._start(self._raw_ids(prompt), settings)
+
+    def _start(self, ids: list[int], settings: GenerationSettings | None) -> Iterator[Chunk]:
         settings = settings or GenerationSettings()
         settings.validate()
-        ids = self.tokenizer.encode_chat(messages)
         if len(ids) >= self.context_length:
             raise MixchatError(
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"

@@ -60,6 +60,7 @@ class Tokenizer:
     bos_id: int | None
     eos_ids: set[int]
     vocab_size: int
+    has_chat_template: bool = True  # False: encode_chat refuses; complete raw text instead
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -264,6 +265,7 @@ class GGUFSentencePieceTokenizer(SentencePieceTokenizer):
         self.name = name
         self.mistral = mistral_format(self)
         self.chat_template = meta.get("tokenizer.chat_template")
+        self.has_chat_template = bool(self.mistral or self.chat_template)
         add_bos = _scalar(meta.get("tokenizer.ggml.add_bos_token", True))
         if not add_bos:
             self.bos_id = None
@@ -457,6 +459,7 @@ class HFTokenizer(Tokenizer):
         self.eos_ids = eos_ids
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
+        self.has_chat_template = bool(chat_template)
         self.special_tokens = special_tokens or {}
         self.name = name
         decoder = tok.decoder.__getstate__() if tok.decoder is not None else b""

@@ -20,9 +20,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from .errors import MixchatError
 from .memory_plan import LAYERWISE_WINDOW
+from .mixtral import Model
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
-from .mixtral import Model
 
 
 @dataclass

@@ -157,15 +157,21 @@ def tiny_mixtral_gguf(
     stacked: bool = True,
     chat_template: str | None = None,
     seed: int = 0,
+    with_values: bool = True,
+    vocab: int | None = None,
 ) -> tuple[Path, dict[str, np.ndarray]]:
     """A random Mixtral GGUF with the Mistral v1 vocabulary. `types` maps a role ("embd",
     "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
-    optionally "ffn_down.<layer>") to a ggml type. Returns the path and gguf-py's dequantized
-    value of every tensor (GGUF names, numpy order)."""
+    optionally "ffn_down.<layer>") to a ggml type. `vocab` keeps only the first pieces of the
+    vocabulary (a smaller, faster model; no longer Mistral's). Returns the path and gguf-py's
+    dequantized value of every tensor (GGUF names, numpy order; {} without `with_values`)."""
     from tests.checkpoints import mistral_tokenizer_file
 
     rng = np.random.default_rng(seed)
     tokenizer = sentencepiece_metadata(mistral_tokenizer_file("v1"))
+    if vocab is not None:
+        for key in ("tokens", "scores", "token_type"):
+            tokenizer[f"tokenizer.ggml.{key}"] = tokenizer[f"tokenizer.ggml.{key}"][:vocab]
     if chat_template is not None:
         tokenizer["tokenizer.chat_template"] = chat_template
     vocab = len(tokenizer["tokenizer.ggml.tokens"])
@@ -214,6 +220,8 @@ def tiny_mixtral_gguf(
         "vocab_size": vocab,
     }
     write_gguf(path, arch, tokenizer, tensors)
+    if not with_values:
+        return path, {}
     values = {name: dequantize(kind, data, _shape_of(kind, data, name, tensors)) for name, (kind, data) in tensors.items()}
     return path, values
 

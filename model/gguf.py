@@ -38,7 +38,7 @@ AFFINE: dict[str, tuple[int, bool]] = {
     "Q2_K": (8, False),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: bit pattern kept
-CHUNK_BYTES = 32 << 20  # raw bytes converted at a time: bounds the transient float32 buffers
+CHUNK_BYTES = 4 << 20  # raw bytes converted at a time: bounds the transient float32 buffers
 
 
 @dataclass
@@ -189,7 +189,21 @@ def to_affine(
         raise CheckpointError(
             f"{blocks.shape[0]} {ggml_type} blocks do not make a tensor of shape {tuple(shape)}"
         )
-    w = gguf.quants.dequantize(blocks, qtype).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    codes = _CODES.get(ggml_type)
+    if codes is not None:  # the codes read straight from the blocks (the common types: fast)
+        scales, biases = _group_affine(ggml_type, blocks)
+        q = codes(blocks)
+        packed = pack(q.reshape(rows, cols), bits)
+        return (
+            packed.reshape(*lead, -1),
+            scales.reshape(*lead, -1).astype(np.float32),
+            biases.reshape(*lead, -1).astype(np.float32),
+            bits,
+            GROUP_SIZE,
+        )
+    # one "row" of all the blocks: gguf-py then decodes them in one vectorized call
+    w = gguf.quants.dequantize(blocks.reshape(1, -1), qtype)
+    w = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
     if exact:
         scales, biases = _group_affine(ggml_type, blocks)
         scales = scales.reshape(rows, cols // GROUP_SIZE, 1)
@@ -210,6 +224,39 @@ def to_affine(
         bits,
         GROUP_SIZE,
     )
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, k, 32] bytes -> [n, k, 64] codes: the 32 low nibbles, then the 32 high ones."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _codes_q4_0(blocks: np.ndarray) -> np.ndarray:  # d, qs[16]: 0..15 low, 16..31 high
+    return _nibbles(blocks[:, None, 2:18].reshape(-1, 1, 16)).reshape(-1)
+
+
+def _codes_q4_1(blocks: np.ndarray) -> np.ndarray:  # d, m, qs[16]
+    return _nibbles(blocks[:, None, 4:20].reshape(-1, 1, 16)).reshape(-1)
+
+
+def _codes_q8_0(blocks: np.ndarray) -> np.ndarray:  # d, int8 qs[32]
+    return (blocks[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(-1)
+
+
+def _codes_q4_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin, scales[12], qs[128]
+    return _nibbles(blocks[:, 16:144].reshape(-1, 4, 32)).reshape(-1)
+
+
+def _codes_q5_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin, scales[12], qh[32], qs[128]
+    low = _nibbles(blocks[:, 48:176].reshape(-1, 4, 32))  # [n, 4, 64]
+    qh = blocks[:, 16:48]  # bit 2i: chunk i's low half, bit 2i+1: its high half
+    shifts = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+    high = ((qh[:, None, None, :] >> shifts) & 1).reshape(-1, 4, 64)
+    return (low | (high << 4)).reshape(-1)
+
+
+_CODES = {"Q4_0": _codes_q4_0, "Q4_1": _codes_q4_1, "Q8_0": _codes_q8_0, "Q4_K": _codes_q4_k,
+          "Q5_K": _codes_q5_k}
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:

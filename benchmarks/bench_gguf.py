@@ -87,9 +87,18 @@ def _rss() -> int:
 
 
 def worker(path: Path, max_tokens: int) -> dict:
+    # Everything Engine.load imports counts in the baseline, not in the load.
     import gguf  # noqa: F401
-    import mlx.core as mx  # noqa: F401  (imports count in the baseline, not in the load)
+    import jinja2  # noqa: F401
+    import mlx.core as mx  # noqa: F401
+    import mlx_lm.models.cache  # noqa: F401
+    import mlx_lm.sample_utils  # noqa: F401
+    import sentencepiece  # noqa: F401
+    import tokenizers  # noqa: F401
 
+    import model.generate  # noqa: F401
+    import model.tokenizer  # noqa: F401
+    import model.weights  # noqa: F401
     from model import Engine, GenerationSettings
 
     baseline = _rss()

@@ -189,11 +189,13 @@ def to_affine(
         raise CheckpointError(
             f"{blocks.shape[0]} {ggml_type} blocks do not make a tensor of shape {tuple(shape)}"
         )
-    codes = _CODES.get(ggml_type)
-    if codes is not None:  # the codes read straight from the blocks (the common types: fast)
+    if ggml_type in _NIBBLES or ggml_type in _CODES:  # codes straight from the blocks: fast
         scales, biases = _group_affine(ggml_type, blocks)
-        q = codes(blocks)
-        packed = pack(q.reshape(rows, cols), bits)
+        if ggml_type in _NIBBLES:  # 4-bit: the blocks' bytes re-paired, never unpacked
+            start, half = _NIBBLES[ggml_type]
+            packed = _repair_nibbles(blocks[:, start:], half).view(np.uint32).reshape(rows, -1)
+        else:
+            packed = pack(_CODES[ggml_type](blocks).reshape(rows, cols), bits)
         return (
             packed.reshape(*lead, -1),
             scales.reshape(*lead, -1).astype(np.float32),
@@ -201,6 +203,12 @@ def to_affine(
             bits,
             GROUP_SIZE,
         )
+    if ggml_type == "Q6_K":
+        q, scales, biases = _q6k_as_8bit(blocks, rows, cols)
+        return (
+            pack(q.reshape(rows, cols), bits).reshape(*lead, -1),
+            scales.reshape(*lead, -1), biases.reshape(*lead, -1), bits, GROUP_SIZE,
+        )  # fmt: skip
     # one "row" of all the blocks: gguf-py then decodes them in one vectorized call
     w = gguf.quants.dequantize(blocks.reshape(1, -1), qtype)
     w = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
@@ -212,8 +220,6 @@ def to_affine(
         q = np.rint((w - biases) / safe)
         q = np.where(scales == 0, 0, q)
         q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
-    elif ggml_type == "Q6_K":
-        q, scales, biases = _q6k_as_8bit(w, blocks)
     else:
         q, scales, biases = _requantize(w, bits)
     packed = pack(q.reshape(rows, cols), bits)
@@ -231,20 +237,8 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _codes_q4_0(blocks: np.ndarray) -> np.ndarray:  # d, qs[16]: 0..15 low, 16..31 high
-    return _nibbles(blocks[:, None, 2:18].reshape(-1, 1, 16)).reshape(-1)
-
-
-def _codes_q4_1(blocks: np.ndarray) -> np.ndarray:  # d, m, qs[16]
-    return _nibbles(blocks[:, None, 4:20].reshape(-1, 1, 16)).reshape(-1)
-
-
 def _codes_q8_0(blocks: np.ndarray) -> np.ndarray:  # d, int8 qs[32]
     return (blocks[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(-1)
-
-
-def _codes_q4_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin, scales[12], qs[128]
-    return _nibbles(blocks[:, 16:144].reshape(-1, 4, 32)).reshape(-1)
 
 
 def _codes_q5_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin, scales[12], qh[32], qs[128]
@@ -255,8 +249,20 @@ def _codes_q5_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin, scales[12], qh[32
     return (low | (high << 4)).reshape(-1)
 
 
-_CODES = {"Q4_0": _codes_q4_0, "Q4_1": _codes_q4_1, "Q8_0": _codes_q8_0, "Q4_K": _codes_q4_k,
-          "Q5_K": _codes_q5_k}
+def _repair_nibbles(qs: np.ndarray, half: int) -> np.ndarray:
+    """4-bit blocks whose runs of `half` bytes hold 2*half codes (low nibbles first, then high
+    ones) -> MLX's packing of the same codes in element order (two per byte, low first)."""
+    qs = np.ascontiguousarray(qs).reshape(-1, half // 2, 2)
+    a, b = qs[..., 0], qs[..., 1]
+    low = (a & 0x0F) | (b << 4)  # elements 2k, 2k+1 of the low half
+    high = (a >> 4) | (b & 0xF0)  # the same of the high half
+    return np.concatenate([low.reshape(-1, half // 2), high.reshape(-1, half // 2)], axis=-1)
+
+
+# 4-bit types: (offset of the code bytes in a block, bytes per low/high run)
+_NIBBLES = {"Q4_0": (2, 16), "Q4_1": (4, 16), "Q4_K": (16, 32)}
+
+_CODES = {"Q8_0": _codes_q8_0, "Q5_K": _codes_q5_k}
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -284,19 +290,28 @@ def _group_affine(ggml_type: str, blocks: np.ndarray) -> tuple[np.ndarray, np.nd
     raise AssertionError(ggml_type)
 
 
-def _q6k_as_8bit(w: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+def _q6k_as_8bit(blocks: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
     """Q6_K (16-wide sub-blocks, w = S_j * k, k in [-32, 31]) as 8-bit groups of 32: step
     |S|/4 for the sub-block of larger |S|, so that one is exact (4k + 128) and the other is
-    rounded to the same step min-max re-quantization would use (~|S|/4), for half the error."""
-    rows, groups, _ = w.shape
-    d = _f16(blocks, 208)  # [n_blocks, 1]
-    sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32) * d
-    sub = np.abs(sub).reshape(rows, groups, 2).max(axis=-1, keepdims=True)  # [rows, groups, 1]
-    step = sub / np.float32(4)
+    rounded to the same step min-max re-quantization would use (~|S|/4), for half the error.
+    w is computed as gguf-py computes it (float32 d * scale, then * k)."""
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(
+        1, 1, 4, 1
+    )
+    k = ((ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x03).reshape(n, 8, 32) << 4)).astype(np.int8)
+    k = (k - np.int8(32)).astype(np.float32).reshape(n, 16, 16)
+    sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)
+    sub = sub * _f16(blocks, 208)  # [n, 16] = d * scale_j, as gguf-py
+    w = sub[..., None] * k  # [n, 16, 16]
+    step = np.abs(sub).reshape(n, 8, 2).max(axis=-1) / np.float32(4)  # [n, 8] per group of 32
     safe = np.where(step == 0, np.float32(1), step)
     # Only a group whose sub-blocks have equal and opposite scales reaches 256 (one element
     # at k = -32), clipped to 255: one step off there.
-    q = np.clip(np.rint(w / safe) + 128, 0, 255).astype(np.uint8)
+    q = np.rint(w.reshape(n, 8, 32) / safe[..., None]) + 128
+    q = np.clip(q, 0, 255).astype(np.uint8)
+    step = step.reshape(rows, cols // GROUP_SIZE)
     return q, step, -128 * step
 
 

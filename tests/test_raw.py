@@ -86,7 +86,7 @@ def test_ask_raw_on_a_chat_model_skips_the_template(tiny_mixtral):
 
 def test_raw_with_system_is_a_usage_error(tiny_mixtral):
     result = mixchat("ask", "--raw", "--system", "be nice", "--model", str(tiny_mixtral), "hi")
-    assert result.returncode == 2 and "--system needs a chat template" in result.stderr.decode()
+    assert result.returncode == 2 and "--system and --safe need a chat template" in result.stderr.decode()
     assert len(result.stderr.decode().strip().splitlines()) == 1
 
 

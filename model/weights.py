@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
-from .errors import CheckpointError, MixchatError, UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError
 from .gguf import GGUFFile, GGUFTensor, check_supported, converted_specs, load_tensor, read_gguf
 from .mixtral import Model, use_parallel_streams
 from .safetensors_header import PICKLE_SUFFIXES, TensorSpec, read_safetensors_header

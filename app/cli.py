@@ -412,6 +412,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("parameters", f"{format_count(info.total_params)} total, "
                        f"{format_count(info.active_params)} active per token"),
         ("quantization", info.quantization),
+        *([("tensor types", info.tensor_types)] if info.tensor_types else []),
         ("size on disk", format_bytes(info.size_bytes)),
         ("memory to run", f"{format_bytes(info.memory_bytes)} weights + "
                           f"{format_bytes(info.kv_bytes_per_token * 1024)} KV cache per 1K tokens"),

@@ -29,6 +29,7 @@ class ModelInfo:
     kv_bytes_per_token: int
     context_length: int
     sliding_window: int | None
+    tensor_types: str = ""  # GGUF: tensors per stored type ("193 Q4_K, 65 F32, 33 Q6_K")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +53,7 @@ def parameter_counts(args: ModelArgs) -> tuple[int, int]:
 
 
 def describe_gguf(gguf_file: GGUFFile) -> str:
-    """"GGUF Q4_K_M: 193 Q4_K, 33 Q6_K, 65 F32; 4.87 bits/weight" (weights' bits over the file)."""
+    """"GGUF Q4_K_M, 4.87 bits/weight" (the weights' bits over the file's)."""
     import gguf
 
     file_type = gguf_file.metadata.get("general.file_type")
@@ -60,10 +61,17 @@ def describe_gguf(gguf_file: GGUFFile) -> str:
         name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
     except (TypeError, ValueError):
         name = "mixed" if file_type is None else f"type {file_type}"
-    counts = ", ".join(f"{n} {t}" for t, n in gguf_file.type_counts().items())
     elements = sum(int(np.prod(t.shape)) for t in gguf_file.tensors.values())
     bits = sum(t.nbytes for t in gguf_file.tensors.values()) * 8 / max(1, elements)
-    return f"GGUF {name}: {counts}; {bits:.2f} bits/weight"
+    return f"GGUF {name}, {bits:.2f} bits/weight"
+
+
+def tensor_types(checkpoint: Checkpoint) -> str:
+    """Tensors per stored type, most frequent first: "193 Q4_K, 65 F32, 33 Q6_K" (GGUF), else
+    ""."""
+    if checkpoint.gguf_file is None:
+        return ""
+    return ", ".join(f"{n} {t}" for t, n in checkpoint.gguf_file.type_counts().items())
 
 
 def describe_quantization(checkpoint: Checkpoint) -> str:
@@ -107,4 +115,5 @@ def model_info(checkpoint: Checkpoint, name: str, compute_bytes: int = 4) -> Mod
         kv_bytes_per_token=kv_per_token,
         context_length=args.context_length,
         sliding_window=args.sliding_window,
+        tensor_types=tensor_types(checkpoint),
     )

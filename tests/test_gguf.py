@@ -116,6 +116,14 @@ def test_truncated_gguf_is_refused(tmp_path):
 # Whole models vs transformers on gguf-py's dequantized weights
 
 
+def _file_type(path: Path) -> str:
+    """general.file_type as gguf-py names it ("mixed" when the file does not say)."""
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "mixed"
+    return gguf.LlamaFileType(field.contents()).name.removeprefix("MOSTLY_")
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -165,11 +173,22 @@ def test_full_vocabulary_gguf_chats_and_info(tmp_path):
     assert ids == _reference_tokens(reference, PROMPT)
     assert model(mx.array([ids])).shape == (1, len(ids), 32000)
     checkpoint = locate(path)
-    text = describe_quantization(checkpoint)
-    # Q4_K: embd, 2x(attn_q, attn_output, gate, up) + layer 1's down; Q6_K: output + layer 0's down
-    assert text.startswith("GGUF ") and "10 Q4_K" in text and "2 Q6_K" in text
-    assert "4 Q8_0" in text and "7 F32" in text and "bits/weight" in text
+    tensors = checkpoint.gguf_file.tensors.values()
+    elements = sum(int(np.prod(t.shape)) for t in tensors)
+    bits = sum(  # from ggml's block sizes
+        int(np.prod(t.shape)) * 8 * size / block
+        for t in tensors
+        for block, size in [gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.ggml_type]]]
+    ) / elements
+    assert describe_quantization(checkpoint) == f"GGUF {_file_type(path)}, {bits:.2f} bits/weight"
     info = model_info(checkpoint, "m", compute_bytes=4)
+    # Q4_K: embd, 2x(attn_q, attn_output, gate, up) + layer 1's down; Q6_K: output + layer 0's down
+    assert info.tensor_types == "10 Q4_K, 7 F32, 4 Q8_0, 2 Q6_K"
+    from tests.test_cli import mixchat
+
+    result = mixchat("info", str(path))
+    assert result.returncode == 0, result.stderr.decode()
+    assert "tensor types   10 Q4_K, 7 F32, 4 Q8_0, 2 Q6_K" in result.stdout.decode()
     expected = 0
     for t in checkpoint.gguf_file.tensors.values():
         n = int(np.prod(t.shape))

@@ -94,6 +94,34 @@ def test_expert_bytes_convert_alone(tmp_path):
         np.testing.assert_array_equal(b, whole["biases"][e])
 
 
+def _reader_view(path: Path) -> tuple[dict, dict]:
+    """gguf-py's GGUFReader's metadata and tensor table, in read_gguf's terms."""
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {
+        t.name: (t.tensor_type.name, tuple(reversed(t.shape.tolist())), int(t.data_offset),
+                 int(t.n_bytes))
+        for t in reader.tensors
+    }  # fmt: skip
+    return meta, tensors
+
+
+def test_header_matches_gguf_py_reader(tmp_path):
+    """read_gguf's own header parse reads what gguf.GGUFReader reads: the default model's
+    (BPE vocabulary and merges, Q4_1/Q8_0/F32) and a K-quant Mixtral's (scores, token types)."""
+    from model.registry import resolve
+
+    mixtral, _ = tiny_mixtral_gguf(tmp_path / "m.gguf", Q4_K_M, vocab=SMALL_VOCAB,
+                                   with_values=False)  # fmt: skip
+    for path in (resolve(None), mixtral):
+        meta, tensors = _reader_view(path)
+        f = read_gguf(path)
+        ours = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in f.metadata.items()}
+        assert ours == meta
+        assert {t.name: (t.ggml_type, t.shape, t.offset, t.nbytes)
+                for t in f.tensors.values()} == tensors  # fmt: skip
+
+
 def test_unsupported_type_is_refused_in_one_line(tmp_path):
     raw = np.zeros((2, 256 // 256 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL][1] * 8),
                    np.uint8)

@@ -63,6 +63,7 @@ class GenerationStats:
 class Chunk:
     text: str  # new text; never splits a multi-byte character
     stats: GenerationStats | None = None  # set on the final chunk only
+    progress: tuple[int, int] | None = None  # while reading the prompt: (tokens read, total)
 
 
 class Engine:
@@ -74,6 +75,9 @@ class Engine:
         self.context_length = model.args.context_length
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
+        # Counts [num_layers, num_experts] over the last reply's generated tokens (MoE only).
+        self.last_routing: np.ndarray | None = None
+        self._routing_steps: list[mx.array] = []
         self._cancel = threading.Event()
         self._cache: list | None = None
         self._cache_tokens: list[int] = []  # the tokens whose keys/values the cache holds
@@ -162,10 +166,17 @@ class Engine:
         cached = self._reuse_cache(ids)
         cache = self._cache
         pending = ids[cached:]
+        total, self.last_routing, self._routing_steps = len(pending), None, []
         while len(pending) > PREFILL_CHUNK:
+            if self._cancel.is_set():  # Esc while reading a long prompt: stop between chunks
+                done = total - len(pending)
+                yield Chunk("", GenerationStats(prompt_tokens=done, finish_reason="cancelled",
+                                                context_tokens=cache[0].offset))  # fmt: skip
+                return
             self.model.hidden_states(mx.array(pending[:PREFILL_CHUNK])[None], cache=cache)
             mx.eval([c.state for c in cache])
             pending = pending[PREFILL_CHUNK:]
+            yield Chunk("", progress=(total - len(pending), total))
         y, routing = self._step(mx.array(pending)[None], sampler)
         mx.async_eval(y)
         # Streaming experts syncs every layer: queuing step t+1 before reading token t gains
@@ -186,8 +197,10 @@ class Engine:
             if len(generated) == 1:
                 first_token_time = time.perf_counter()
                 stats.prompt_tps = stats.prompt_tokens / (first_token_time - start)
-            if routing is not None and self.routing_observer is not None:
-                self.routing_observer(self._count_experts(routing))
+            if routing is not None:
+                self._routing_steps.append(mx.concatenate([r.reshape(1, -1) for r in routing]))
+                if self.routing_observer is not None:
+                    self.routing_observer(self._count_experts(routing))
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -210,7 +223,18 @@ class Engine:
         stats.context_tokens = min(self._cache[0].offset, len(ids) + len(generated))
         if self.offload is not None and offload_start is not None:
             self._offload_stats(stats, offload_start, elapsed, len(generated) - 1)
+        self._keep_routing()
         yield Chunk(detokenizer.finish(), stats)
+
+    def _keep_routing(self) -> None:
+        """Sum the reply's routing (gathered lazily, one small array a token) into last_routing."""
+        steps, self._routing_steps = self._routing_steps, []
+        if steps:
+            experts = np.array(mx.stack(steps)).reshape(len(steps), len(steps[0]), -1)
+            counts = np.zeros((experts.shape[1], self.model.args.num_local_experts), np.int64)
+            for layer in range(experts.shape[1]):
+                counts[layer] = np.bincount(experts[:, layer].ravel(), minlength=counts.shape[1])
+            self.last_routing = counts
 
     def _offload_stats(self, stats: GenerationStats, start, elapsed: float, steps: int) -> None:
         """Expert cache statistics over the decode steps (after the prompt's pass)."""
@@ -222,7 +246,7 @@ class Engine:
 
     def _step(self, tokens: mx.array, sampler) -> tuple[mx.array, list | None]:
         """Queue one forward pass over `tokens` [1, T]; returns the sampled next token [1]."""
-        observe = self.routing_observer is not None and self.model.args.is_moe
+        observe = self.model.args.is_moe  # cheap: kept for last_routing (F4 after a reply)
         self.model.routing = [] if observe else None
         hidden = self.model.hidden_states(tokens, cache=self._cache)
         logits = self.model.logits(hidden[:, -1, :])  # only the last position is sampled

@@ -68,7 +68,7 @@ def test_partial_reply_is_visible_to_another_connection_at_once(store):
     store.add_message(conversation.id, "user", "q")
     reply = store.add_message(conversation.id, "assistant", "par", complete=False)
     store.update_message(reply.id, "partial re", complete=False)
-    other = ConversationStore(store.path)
+    other = ConversationStore(store.path, read_only=True)
     [_, seen] = other.messages(conversation.id)
     assert seen.content == "partial re" and not seen.complete
     store.update_message(reply.id, "partial reply", complete=True, stats={"finish_reason": "stop"})

@@ -9,7 +9,7 @@ from textual.widgets import Markdown
 from textual.widgets.markdown import MarkdownStream
 
 from app.store import ConversationStore
-from app.tui.screens import chat as chat_module
+from app.tui import reply_session
 from app.tui.widgets.message_view import MessageView
 from model.errors import MixchatError
 from tests.fake_engine import DEFAULT_REPLY, FakeEngine, split_tokens
@@ -113,7 +113,7 @@ async def test_escape_cancels_keeps_partial_text_and_saves_it(tmp_path):
 
 
 async def test_partial_reply_is_saved_while_streaming(tmp_path, monkeypatch):
-    monkeypatch.setattr(chat_module, "SAVE_INTERVAL", 0.0)
+    monkeypatch.setattr(reply_session, "SAVE_INTERVAL", 0.0)
     engine = FakeEngine("alpha beta gamma delta", pause_after_tokens=2)
     app = make_app(tmp_path, engine)
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
@@ -121,7 +121,7 @@ async def test_partial_reply_is_saved_while_streaming(tmp_path, monkeypatch):
         await wait_paused(pilot, engine)
         conversation_id = app.chat_screen.conversation.id
         # A second connection sees the partial reply: it is on disk, not only in memory.
-        other = ConversationStore(app.store.path)
+        other = ConversationStore(app.store.path, read_only=True)
         stored = other.messages(conversation_id)
         other.close()
         assert stored[-1].role == "assistant"

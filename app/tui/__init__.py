@@ -3,29 +3,43 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
-def run_chat(model: str | None = None, lang: str | None = None) -> int:
+def run_chat(
+    model: str | None = None,
+    lang: str | None = None,
+    *,
+    dtype: str | None = None,
+    memory_budget: int | str | None = None,
+    data_dir: str | Path | None = None,
+) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
 
     The window opens at once; the model loads in a thread behind a visible loading state.
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
+    ``data_dir``: where the chats live (None: MIXCHAT_HOME, else the platform's data folder).
+    A second app on the same data directory is refused with one line (exit code 1).
     """
-    from app.store import ConversationStore
+    from app.store import DATABASE_NAME, ConversationStore
     from app.tui.app import MixchatApp
+    from model.errors import MixchatError
 
     try:
-        store = ConversationStore.open_default()
+        if data_dir is not None:
+            store = ConversationStore(Path(data_dir).expanduser() / DATABASE_NAME)
+        else:
+            store = ConversationStore.open_default()
+    except MixchatError as error:  # another mixchat on this data dir, a newer schema
+        print(f"mixchat: error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:  # an unwritable data directory, a broken database
-        print(f"mixchat: cannot open the conversation store: {error}", file=sys.stderr)
+        print(f"mixchat: error: cannot open the conversation store: {error}", file=sys.stderr)
         return 1
 
-    def load_engine():
-        from model import Engine
-
-        return Engine.load(model)
-
-    app = MixchatApp(store=store, engine_loader=load_engine, lang=lang)
+    app = MixchatApp(
+        store=store, lang=lang, model=model, dtype=dtype, memory_budget=memory_budget
+    )
     try:
         app.run()
     finally:

@@ -1,0 +1,67 @@
+"""The engine's prompt reading: progress between prompt chunks, Esc between them, and the routing
+counts of the last reply kept whether or not anyone observed them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import Engine, GenerationSettings
+from model import generate as generate_module
+
+GREEDY = GenerationSettings(max_tokens=6, temperature=0.0)
+LONG = [{"role": "user", "content": "Une phrase assez longue pour plusieurs morceaux. " * 4}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_mixtral):
+    return Engine.load(str(tiny_mixtral))
+
+
+def test_a_long_prompt_reports_progress_chunk_by_chunk(engine, monkeypatch):
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 8)
+    engine.reset()
+    total = engine.count_tokens(LONG)
+    chunks = list(engine.stream(LONG, GREEDY))
+    progress = [c.progress for c in chunks if c.progress is not None]
+    expected = [(done, total) for done in range(8, total, 8)]
+    assert progress == expected and len(progress) >= 3
+    assert all(c.text == "" and c.stats is None for c in chunks if c.progress is not None)
+    assert chunks[-1].stats.prompt_tokens == total
+
+
+def test_cancel_while_reading_the_prompt_stops_before_the_next_chunk(engine, monkeypatch):
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 8)
+    engine.reset()
+    reference = "".join(c.text for c in engine.stream(LONG, GREEDY))
+    engine.reset()
+    stream = engine.stream(LONG, GREEDY)
+    first = next(stream)
+    assert first.progress == (8, engine.count_tokens(LONG))
+    engine.cancel()
+    rest = list(stream)
+    assert len(rest) == 1 and rest[0].text == "" and rest[0].progress is None
+    assert rest[0].stats.finish_reason == "cancelled" and rest[0].stats.prompt_tokens == 8
+    # The cache holds the 8 tokens read: the next turn reads the rest and says the same.
+    again = list(engine.stream(LONG, GREEDY))
+    assert "".join(c.text for c in again) == reference
+    assert again[-1].stats.prompt_tokens == engine.count_tokens(LONG) - 8
+
+
+def test_routing_of_the_last_reply_is_kept_without_an_observer(engine):
+    messages = [{"role": "user", "content": "Bonjour"}]
+    engine.reset()
+    engine.routing_observer = None
+    stats = list(engine.stream(messages, GREEDY))[-1].stats
+    kept = engine.last_routing
+    args = engine.model.args
+    assert kept.shape == (args.num_hidden_layers, args.num_local_experts)
+    assert (kept.sum(axis=1) == stats.generation_tokens * args.num_experts_per_tok).all()
+    observed: list[np.ndarray] = []
+    engine.reset()
+    engine.routing_observer = observed.append
+    try:
+        list(engine.stream(messages, GREEDY))
+    finally:
+        engine.routing_observer = None
+    assert np.array_equal(engine.last_routing, np.sum(observed, axis=0))

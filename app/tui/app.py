@@ -34,6 +34,8 @@ class MixchatApp(App[int]):
 
     CSS_PATH = "mixchat.tcss"
     TITLE = "mixchat"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (60, "-normal"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-tiny"), (16, "-short"), (30, "-tall")]
 
     def __init__(
         self,
@@ -105,6 +107,8 @@ class MixchatApp(App[int]):
 
     def get_key_display(self, binding: Binding) -> str:
         display = super().get_key_display(binding)
+        if display[:1] == "f" and display[1:].isdigit():
+            return display.upper()  # F4, as keyboards print it
         if self.strings.language == "fr":
             return {"esc": "Échap", "enter": "Entrée"}.get(display, display)
         return display

@@ -57,6 +57,8 @@ ENGLISH: dict[str, str] = {
     "({tokens} tokens, the context holds {context}). Shorten it.",
     "notice.error": "Error: {error}",
     "notice.long_prompt": "This prompt is {tokens} tokens: reading it takes about {left} more. Esc stops it.",
+    "notice.stopped_reading": "Stopped while reading the prompt ({read} of {total} tokens "
+    "read): nothing was written.",
     "notice.unknown_language": "The interface speaks English and French only: “{lang}” is not one of them, so it is in English.",
     "notify.still_loading": "The model is still loading.",
     "notify.busy": "A reply is being written: press Esc to stop it first.",
@@ -225,6 +227,8 @@ FRENCH: dict[str, str] = {
     "({tokens} jetons, le contexte en contient {context}). Raccourcissez-le.",
     "notice.error": "Erreur : {error}",
     "notice.long_prompt": "Ce prompt fait {tokens} jetons : sa lecture prend encore environ {left}. Échap l’arrête.",
+    "notice.stopped_reading": "Arrêté pendant la lecture du prompt ({read} jetons lus sur "
+    "{total}) : rien n’a été écrit.",
     "notice.unknown_language": "L’interface ne parle que l’anglais et le français : « {lang} » n’en fait pas partie, elle est donc en anglais.",
     "notify.still_loading": "Le modèle est encore en cours de chargement.",
     "notify.busy": "Une réponse est en cours : appuyez sur Échap pour l’arrêter d’abord.",

@@ -311,6 +311,11 @@ class ChatScreen(Screen[None]):
             reply.view.show_info(info, warning=warning)
         else:
             await reply.view.remove()  # nothing was written: no empty message is kept
+            if stats is not None and stats.finish_reason == "cancelled":
+                t = self.strings
+                read, total = reply.progress or (stats.prompt_tokens, stats.prompt_tokens)
+                text = t("notice.stopped_reading", read=t.number(read), total=t.number(total))
+                await self.chat_log.add_notice(text, kind="warning")
         if message.error is not None:
             text = self.strings("notice.error", error=describe_error(message.error))
             await self.chat_log.add_notice(text, kind="error")
@@ -581,7 +586,17 @@ class ChatScreen(Screen[None]):
         self._redraw_experts()
 
     def action_toggle_sidebar(self) -> None:
-        self.query_one("#sidebar").toggle_class("-hidden")
+        """Ctrl+B: hide or show the chats (on a narrow screen: lay them over the chat)."""
+        sidebar = self.query_one("#sidebar")
+        if self.has_class("-narrow"):
+            sidebar.toggle_class("-revealed")
+        else:
+            sidebar.toggle_class("-hidden")
+
+    def on_resize(self) -> None:
+        """Below 120 columns the footer leaves out the palette key, which would be drawn over
+        the last keys (Ctrl+P still works, F1 lists it)."""
+        self.query_one(Footer).show_command_palette = self.has_class("-wide")
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(self.strings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -20,7 +21,17 @@ USER_DISPLAY_LIMIT = 20_000
 def reply_parser() -> MarkdownIt:
     """Textual's Markdown parser, but a line break in a reply stays a line break (a poem, an
     address): models write plain newlines where Markdown would want two spaces."""
-    return MarkdownIt("gfm-like", {"breaks": True})
+    parser = MarkdownIt("gfm-like", {"breaks": True})
+    parser.core.ruler.push("soft_breaks_are_hard", _soft_breaks_are_hard)
+    return parser
+
+
+def _soft_breaks_are_hard(state: StateCore) -> None:
+    """Textual draws a softbreak as a space; the ``breaks`` option only changes HTML output."""
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 class MessageView(Vertical, can_focus=True):

@@ -48,9 +48,8 @@ class StatusBar(Static):
     def _refresh_text(self) -> None:
         t = self._strings
         stats = self.stats
+        # What is going on first: on a narrow screen the end of the line is what gets cut.
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(f"{self.model_name or t('status.no_model')} ", style="bold")
-        text.append("│ ", style="dim")
         text.append(self.state, style="italic")
         text.append(" │ ", style="dim")
         used = stats.context_tokens if stats is not None else None
@@ -76,4 +75,6 @@ class StatusBar(Static):
             text.append(" │ ", style="dim")
             rate = t.number(stats.expert_hit_rate * 100) + ("\u202f%" if t.language == "fr" else "%")
             text.append(t("status.expert_cache", rate=rate))
+        text.append(" │ ", style="dim")
+        text.append(self.model_name or t("status.no_model"), style="bold")
         self.update(text)

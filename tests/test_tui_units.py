@@ -226,3 +226,16 @@ def test_update_pacer_spaces_costly_updates_to_stay_within_its_cpu_budget():
     clock["cpu"] += 0.5  # very costly: capped at one update a second
     pacer.updated()
     assert pacer.interval == 1.0 and pacer.updates == 4
+
+
+def test_stats_line_says_one_token_and_no_rate_for_a_single_token():
+    from app.tui.engine import ReplyStats
+    from app.tui.widgets.message_view import stats_line
+
+    one = ReplyStats(generation_tokens=1, generation_tps=0.0, finish_reason="stop")
+    assert stats_line(one, Strings("en")) == ("1 token", False)
+    many = ReplyStats.of({"generation_tokens": 1234, "generation_tps": 6.66, "finish_reason": "length"})
+    assert stats_line(many, Strings("fr")) == (
+        "1\u202f234 jetons · 6,7 jetons/s · limite de jetons atteinte",
+        True,
+    )

@@ -109,8 +109,8 @@ class MixchatApp(App[int]):
         display = super().get_key_display(binding)
         if display[:1] == "f" and display[1:].isdigit():
             return display.upper()  # F4, as keyboards print it
-        if self.strings.language == "fr":
-            return {"esc": "Échap", "enter": "Entrée"}.get(display, display)
+        if display in ("esc", "enter"):  # Esc / Échap, as the help screen writes them
+            return self.strings.key_name(display.capitalize())
         return display
 
     # The command palette, every entry and its placeholder in the interface language

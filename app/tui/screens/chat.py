@@ -576,11 +576,12 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(SettingsScreen(self.settings, self.strings), apply)
 
     def action_toggle_experts(self) -> None:
+        """F4: the experts view. A dense model has none: one line says so, no panel takes room."""
         panel = self.experts_panel
-        panel.set_class(self._engine_has_experts is False, "-dense")  # a note needs no room
-        if panel.toggle() and self.size.width < NARROW_SCREEN_WIDTH and not panel.has_class(
-            "-dense"
-        ):
+        if self._engine_has_experts is False and not panel.shown:
+            self.notify(self.strings("experts.dense"))
+            return
+        if panel.toggle() and self.size.width < NARROW_SCREEN_WIDTH:
             self.query_one("#sidebar").add_class("-hidden")  # leave the chat room to read
         self._sync_routing_observer()
         self._redraw_experts()

@@ -100,13 +100,12 @@ def stats_line(
     parts: list[str] = []
     if stats is not None:
         if stats.generation_tokens:
-            parts.append(
-                strings(
-                    "message.stats",
-                    tokens=strings.number(stats.generation_tokens),
-                    tps=strings.number(stats.generation_tps, 1),
-                )
-            )
+            count = stats.generation_tokens
+            key = "message.tokens_one" if count == 1 else "message.tokens"
+            part = strings(key, tokens=strings.number(count))
+            if stats.generation_tps > 0:  # one token has no decode rate
+                part += " · " + strings("message.speed", tps=strings.number(stats.generation_tps, 1))
+            parts.append(part)
         finish_reason = finish_reason or stats.finish_reason
     warning = False
     if finish_reason == "cancelled":

@@ -6,7 +6,9 @@ the same tokens from the same state:
 - engine alone: ``Engine.stream`` in a loop, nothing else running;
 - UI: the Textual app (headless, full layout and Markdown rendering, no terminal output)
   streams the same reply through its worker thread, buffer, 30 Hz flush and MarkdownStream;
-- UI + experts: the same with the experts panel open (routing observer on; MoE models only).
+- UI + experts: the same with the experts panel open (routing observer on; MoE models only);
+- engine, routing not kept (MoE models only): the engine alone as it was before it kept the
+  last reply's routing counts for F4 (``_step`` without routing capture), to price that.
 
 Rates: engine-reported decode tok/s (``stats.generation_tps``), and end to end
 = (tokens - 1) / (time from the first token to the last text being in the widget). The UI's cost
@@ -80,6 +82,29 @@ async def through_the_ui(engine, chat_settings, experts: bool) -> Run:
     return _run(reply.stats, reply.buffer.first_text_at, reply.completed_at)
 
 
+def engine_without_kept_routing(engine, settings) -> Run:
+    """The engine alone with routing captured only for an observer (the code before F4 kept
+    the last reply's counts): what keeping them costs is the difference to ``engine alone``."""
+    import mlx.core as mx
+
+    from model.generate import Engine
+
+    original = Engine._step
+
+    def step(self, tokens, sampler):
+        self.model.routing = None
+        hidden = self.model.hidden_states(tokens, cache=self._cache)
+        logits = self.model.logits(hidden[:, -1, :])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), None
+
+    Engine._step = step
+    try:
+        return engine_alone(engine, settings)
+    finally:
+        Engine._step = original
+
+
 def _run(stats, first: float | None, end: float | None) -> Run:
     tokens = stats.generation_tokens if stats else 0
     elapsed = (end - first) if (first is not None and end is not None) else 0.0
@@ -133,6 +158,10 @@ def main() -> int:
         modes["UI + experts panel"] = lambda: asyncio.run(
             through_the_ui(engine, chat_settings, True)
         )
+        if not args.fake:
+            modes["engine, routing not kept"] = lambda: engine_without_kept_routing(
+                engine, settings
+            )
     results: dict[str, list[Run]] = {name: [] for name in modes}
     for _ in range(args.runs):  # modes alternate within each round: drift hits all alike
         for name, measure in modes.items():
@@ -145,7 +174,7 @@ def main() -> int:
         f"   runs: {args.runs} (medians)"
     )
     header = (
-        f"{'mode':<20} {'tokens':>6} {'decode tok/s':>13} {'end-to-end tok/s':>17} {'UI cost':>8}"
+        f"{'mode':<26} {'tokens':>6} {'decode tok/s':>13} {'end-to-end tok/s':>17} {'UI cost':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -154,7 +183,7 @@ def main() -> int:
         decode = statistics.median(r.decode_tps for r in runs)
         end_to_end = statistics.median(r.end_to_end_tps for r in runs)
         cost = "—" if name == "engine alone" else f"{(1 - end_to_end / baseline) * 100:.1f}%"
-        print(f"{name:<20} {tokens:>6} {decode:>13.1f} {end_to_end:>17.1f} {cost:>8}")
+        print(f"{name:<26} {tokens:>6} {decode:>13.1f} {end_to_end:>17.1f} {cost:>8}")
     if not has_experts:
         print("(dense model: no experts panel row; pass --model with a MoE checkpoint)")
     return 0

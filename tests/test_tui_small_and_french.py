@@ -185,3 +185,21 @@ def test_every_french_string_is_french_where_english_was_visible():
         "model.field.architecture", "model.field.format", "experts.title",
         "settings.top_p", "system.screenshot", "status.memory",
     }, same  # fmt: skip
+
+
+async def test_a_huge_paste_marker_speaks_french_and_gives_the_text_back(tmp_path):
+    from textual import events
+
+    pasted = "é" * 9000
+    app = make_app(tmp_path, FakeEngine("Reçu."), lang="fr")
+    async with app.run_test(size=(100, 32)) as pilot:
+        prompt = app.chat_screen.prompt_box
+        prompt.focus()
+        app.post_message(events.Paste(pasted))
+        await pilot.pause()
+        assert prompt.text == f"⟦collage 1 : 9{NNBSP}000 caractères⟧"
+        await pilot.press("end", "space", "!")
+        assert prompt.prompt_text == pasted + " !"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat_screen.reply is None and app.chat_screen.history)
+        assert app.chat_screen.history[0].content == pasted + " !"

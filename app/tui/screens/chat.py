@@ -74,7 +74,13 @@ class ChatScreen(Screen[None]):
             yield ConversationList(empty_text=t("chat.no_conversations"), id="sidebar")
             with Vertical(id="main"):
                 yield ChatLog(id="chat-log")
-                yield PromptBox(placeholder=t("prompt.placeholder"), id="prompt")
+                yield PromptBox(
+                    placeholder=t("prompt.placeholder"),
+                    id="prompt",
+                    marker=lambda number, chars: t(
+                        "prompt.paste_marker", number=number, chars=t.number(chars)
+                    ),
+                )
                 yield StatusBar(t, id="status")
             yield ExpertsPanel(t, id="experts-panel")
         yield Footer(compact=True)

@@ -7,13 +7,14 @@ would rewrap it: the box shows a short marker instead and puts the text back whe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
 
 LARGE_PASTE_CHARS = 8_000
-_MARKER = re.compile(r"⟦paste (\d+): [\d,]+ chars⟧")
+_MARKER = re.compile(r"⟦[^⟦⟧\d]+ (\d+) ?: [^⟦⟧]+⟧")  # ⟦paste 1: 20,000 chars⟧, in any language
 
 
 class PromptBox(TextArea):
@@ -41,7 +42,13 @@ class PromptBox(TextArea):
             self.prompt_box = prompt_box
             self.text = text
 
-    def __init__(self, *, placeholder: str = "", id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        placeholder: str = "",
+        id: str | None = None,
+        marker: Callable[[int, int], str] = lambda number, chars: f"paste {number}: {chars:,} chars",
+    ) -> None:
         super().__init__(
             "",
             id=id,
@@ -52,6 +59,7 @@ class PromptBox(TextArea):
             placeholder=placeholder,
         )
         self._large_pastes: dict[int, str] = {}
+        self._marker = marker  # (paste number, its length) -> the marker's words
 
     @property
     def prompt_text(self) -> str:
@@ -64,7 +72,7 @@ class PromptBox(TextArea):
     def _marker_for(self, text: str) -> str:
         number = len(self._large_pastes) + 1
         self._large_pastes[number] = text
-        return f"⟦paste {number}: {len(text):,} chars⟧"
+        return f"⟦{self._marker(number, len(text))}⟧"
 
     # Public handlers: Textual calls a subclass's on_key / on_paste before TextArea's own, and
     # prevent_default() keeps TextArea from also handling the event.

@@ -16,6 +16,7 @@ is how much lower its end-to-end rate is than the engine alone's. Target: under 
 
     .venv/bin/python -m benchmarks.bench_ui [--model PATH] [--max-tokens 96] [--runs 3]
     .venv/bin/python -m benchmarks.bench_ui --fake   # scripted engine, no model: UI ceiling
+    .venv/bin/python -m benchmarks.bench_ui --model M --routing-cost 9   # A/B, CPU time too
 """
 
 from __future__ import annotations
@@ -105,6 +106,32 @@ def engine_without_kept_routing(engine, settings) -> Run:
         Engine._step = original
 
 
+def routing_cost(engine, settings, rounds: int) -> None:
+    """Keeping the last reply's routing (F4 after a reply) against not keeping it, interleaved
+    round by round; per decoded token, wall time and this process's CPU time (steadier than wall
+    time on a shared machine), medians."""
+    timings: dict[str, list[tuple[float, float]]] = {"kept": [], "not kept": []}
+    runs = {"kept": engine_alone, "not kept": engine_without_kept_routing}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = run(engine, settings)
+            tokens = max(result.tokens, 1)
+            timings[name].append(
+                ((time.perf_counter() - wall) / tokens, (time.process_time() - cpu) / tokens)
+            )
+    print(f"\nmodel: {engine.name}   max tokens: {settings.max_tokens}   rounds: {rounds}")
+    base_wall = statistics.median(w for w, _ in timings["not kept"])
+    base_cpu = statistics.median(c for _, c in timings["not kept"])
+    for name, values in timings.items():
+        wall = statistics.median(w for w, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        print(
+            f"routing {name:<9} wall {wall * 1e3:7.1f} ms/token ({(wall / base_wall - 1) * 100:+.1f}%)"
+            f"   cpu {cpu * 1e3:7.1f} ms/token ({(cpu / base_cpu - 1) * 100:+.1f}%)"
+        )
+
+
 def _run(stats, first: float | None, end: float | None) -> Run:
     tokens = stats.generation_tokens if stats else 0
     elapsed = (end - first) if (first is not None and end is not None) else 0.0
@@ -121,6 +148,10 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--fake", action="store_true", help="scripted engine instead of a model")
+    parser.add_argument(
+        "--routing-cost", type=int, default=0, metavar="ROUNDS",
+        help="only price keeping the last reply's routing (MoE model), over ROUNDS rounds",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from app.store import ChatSettings
@@ -148,6 +179,9 @@ def main() -> int:
     settings = settings_for(args.max_tokens)
     chat_settings = ChatSettings(temperature=0.0, max_tokens=args.max_tokens)
     engine_alone(engine, settings_for(8))  # warm-up
+    if args.routing_cost:
+        routing_cost(engine, settings, args.routing_cost)
+        return 0
 
     has_experts = bool(getattr(engine.info, "num_experts", 0))
     modes = {

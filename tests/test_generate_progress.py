@@ -8,6 +8,11 @@ import pytest
 
 from model import Engine, GenerationSettings
 from model import generate as generate_module
+from tests import test_offload
+
+# The budgeted engine's fixtures and settings, shared with tests/test_offload.py.
+tiny_q4, plan, reference = test_offload.tiny_q4, test_offload.plan, test_offload.reference
+CONTEXT, MESSAGES, OFFLOAD_GREEDY = test_offload.CONTEXT, test_offload.MESSAGES, test_offload.GREEDY
 
 GREEDY = GenerationSettings(max_tokens=6, temperature=0.0)
 LONG = [{"role": "user", "content": "Une phrase assez longue pour plusieurs morceaux. " * 4}]
@@ -19,7 +24,7 @@ def engine(tiny_mixtral):
 
 
 def test_a_long_prompt_reports_progress_chunk_by_chunk(engine, monkeypatch):
-    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(generate_module.Engine, "_chunk", property(lambda self: 8))
     engine.reset()
     total = engine.count_tokens(LONG)
     chunks = list(engine.stream(LONG, GREEDY))
@@ -31,9 +36,9 @@ def test_a_long_prompt_reports_progress_chunk_by_chunk(engine, monkeypatch):
 
 
 def test_cancel_while_reading_the_prompt_stops_before_the_next_chunk(engine, monkeypatch):
-    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(generate_module.Engine, "_chunk", property(lambda self: 8))
     engine.reset()
-    reference = "".join(c.text for c in engine.stream(LONG, GREEDY))
+    expected = "".join(c.text for c in engine.stream(LONG, GREEDY))
     engine.reset()
     stream = engine.stream(LONG, GREEDY)
     first = next(stream)
@@ -44,7 +49,7 @@ def test_cancel_while_reading_the_prompt_stops_before_the_next_chunk(engine, mon
     assert rest[0].stats.finish_reason == "cancelled" and rest[0].stats.prompt_tokens == 8
     # The cache holds the 8 tokens read: the next turn reads the rest and says the same.
     again = list(engine.stream(LONG, GREEDY))
-    assert "".join(c.text for c in again) == reference
+    assert "".join(c.text for c in again) == expected
     assert again[-1].stats.prompt_tokens == engine.count_tokens(LONG) - 8
 
 
@@ -65,3 +70,27 @@ def test_routing_of_the_last_reply_is_kept_without_an_observer(engine):
     finally:
         engine.routing_observer = None
     assert np.array_equal(engine.last_routing, np.sum(observed, axis=0))
+
+
+def test_under_a_memory_budget_the_layer_by_layer_prompt_reports_and_stops_too(
+    tiny_q4, plan, reference, monkeypatch
+):
+    """Experts streamed from disk: the prompt runs layer by layer over windows; progress comes
+    per window and Esc stops between windows, leaving a cache the next turn reuses."""
+    monkeypatch.setattr(generate_module, "LAYERWISE_WINDOW", 8)
+    budget = plan.minimum_budget + 4 * plan.expert_bytes
+    engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
+    assert engine.offload is not None
+    total = engine.count_tokens(MESSAGES)
+    stream = engine.stream(MESSAGES, OFFLOAD_GREEDY)
+    assert next(stream).progress == (8, total)
+    engine.cancel()
+    [last] = list(stream)
+    assert last.stats.finish_reason == "cancelled" and last.stats.prompt_tokens == 8
+    chunks = list(engine.stream(MESSAGES, OFFLOAD_GREEDY))
+    rest, done, windows = total - 8, 0, []
+    while rest - done > 1:  # windows of 8; the last prompt token goes with the first step
+        done += min(8, rest - done - 1)
+        windows.append((done, rest))
+    assert [c.progress for c in chunks if c.progress] == windows and len(windows) >= 3
+    assert "".join(c.text for c in chunks) == reference[0]

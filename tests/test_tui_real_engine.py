@@ -62,7 +62,7 @@ async def test_chat_turn_with_the_embedded_default_model(tmp_path, monkeypatch):
         await wait_for(pilot, lambda: app.screen is screen)
 
         # A long prompt: read in chunks with progress; Esc stops it before the next chunk.
-        monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 16)
+        monkeypatch.setattr(generate_module.Engine, "_chunk", property(lambda self: 16))
         engine = screen.engine
         read: list[tuple[int, int]] = []
         original = engine.stream

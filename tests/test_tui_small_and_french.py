@@ -203,3 +203,20 @@ async def test_a_huge_paste_marker_speaks_french_and_gives_the_text_back(tmp_pat
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.chat_screen.reply is None and app.chat_screen.history)
         assert app.chat_screen.history[0].content == pasted + " !"
+
+
+async def test_the_model_panel_shows_a_long_path_whole_at_80x24(tmp_path):
+    from app.tui.screens.model_info import ModelInfoScreen
+
+    engine = FakeEngine()
+    path = "/Users/someone/models/" + "/".join(f"folder-{i:02d}" for i in range(12)) + "/m.gguf"
+    engine.info.source = path
+    app = make_app(tmp_path, engine, lang="en")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelInfoScreen))
+        await pilot.pause()
+        rows = screen_text(app).splitlines()
+        folded = "".join(row.strip(" │█▌▐") for row in rows if "folder-" in row or "m.gguf" in row)
+        assert path in folded.replace(" ", "").replace("Source", "")
+        assert any("Close" in row for row in rows)

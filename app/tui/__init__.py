@@ -13,13 +13,16 @@ def run_chat(
     dtype: str | None = None,
     memory_budget: int | str | None = None,
     data_dir: str | Path | None = None,
+    **engine_options,
 ) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
 
     The window opens at once; the model loads in a thread behind a visible loading state.
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
-    ``data_dir``: where the chats live (None: MIXCHAT_HOME, else the platform's data folder).
-    A second app on the same data directory is refused with one line (exit code 1).
+    ``dtype``, ``memory_budget`` and the other ``engine_options`` (max_context, kv_bits) go to
+    ``Engine.load``. ``data_dir``: where the chats live (None: MIXCHAT_HOME, else the
+    platform's data folder). A second app on the same data directory is refused with one line
+    (exit code 1).
     """
     from app.store import DATABASE_NAME, ConversationStore
     from app.tui.app import MixchatApp
@@ -38,7 +41,12 @@ def run_chat(
         return 1
 
     app = MixchatApp(
-        store=store, lang=lang, model=model, dtype=dtype, memory_budget=memory_budget
+        store=store,
+        lang=lang,
+        model=model,
+        dtype=dtype,
+        memory_budget=memory_budget,
+        engine_options=engine_options,
     )
     try:
         app.run()

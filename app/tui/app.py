@@ -26,8 +26,8 @@ class MixchatApp(App[int]):
     """Chat with a local model.
 
     Give it either a ready ``engine`` (tests, benchmarks), an ``engine_loader`` that builds
-    one, or neither: then it loads ``model`` (None: the embedded default) with ``dtype`` and
-    ``memory_budget``. The loader runs in a thread while the chat screen already shows, with a
+    one, or neither: then it loads ``model`` (None: the embedded default) with ``dtype``,
+    ``memory_budget`` and ``engine_options`` (max_context, kv_bits: ``Engine.load``'s). The loader runs in a thread while the chat screen already shows, with a
     loading state; a message sent meanwhile waits and goes when the model is ready. If loading
     fails, the app exits with code 1 and the error as its exit message.
     """
@@ -47,6 +47,7 @@ class MixchatApp(App[int]):
         model: str | None = None,
         dtype: str | None = None,
         memory_budget: int | str | None = None,
+        engine_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -54,7 +55,9 @@ class MixchatApp(App[int]):
         self._unsupported_lang = lang if unsupported_language(lang) else None
         self._engine = engine
         if engine is None and engine_loader is None:
-            engine_loader = partial(_load_engine, model, dtype, memory_budget)
+            engine_loader = partial(
+                _load_engine, model, dtype, memory_budget, dict(engine_options or {})
+            )
         self._engine_loader = engine_loader if engine is None else None
         self.chat_screen = ChatScreen(store, self.strings)
         self.load_error: str | None = None
@@ -162,7 +165,10 @@ class MixchatApp(App[int]):
         )
 
 
-def _load_engine(model: str | None, dtype: str | None, memory_budget: int | str | None) -> Engine:
-    from model import Engine as ModelEngine  # MLX loads here, in the loading thread
+def _load_engine(
+    model: str | None, dtype: str | None, memory_budget: int | str | None, options: dict
+) -> Engine:
+    """``Engine.load`` (MLX is imported here, in the loading thread)."""
+    from model import Engine as ModelEngine
 
-    return ModelEngine.load(model, dtype=dtype, memory_budget=memory_budget)
+    return ModelEngine.load(model, dtype=dtype, memory_budget=memory_budget, **options)

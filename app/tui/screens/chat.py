@@ -328,6 +328,8 @@ class ChatScreen(Screen[None]):
             self.notify(text, severity="error", timeout=8)
         if stats is not None:
             self.status_bar.set_stats(stats)
+        else:
+            self.status_bar.set_live(None)  # no figures for a failed turn: none made up
         self.status_bar.set_state(self.strings("status.ready"))
         self._redraw_experts()
         self.refresh_bindings()

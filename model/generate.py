@@ -23,6 +23,8 @@ from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
+FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
+CANCEL_WITHIN = 1.0  # seconds a later prompt pass aims to take: how soon Esc acts while reading
 
 
 @dataclass
@@ -197,13 +199,19 @@ class Engine:
                 pending = pending[len(window) :]
                 yield Chunk("", progress=(total - len(pending), total))
         else:
-            while len(pending) > self._chunk:
+            # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
+            # (at most self._chunk): progress moves and Esc stops that soon even on a slow CPU.
+            size = min(FIRST_PROMPT_CHUNK, self._chunk)
+            while len(pending) > size:
                 if self._cancel.is_set():  # Esc while reading a long prompt
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
-                self.model.hidden_states(mx.array(pending[: self._chunk])[None], cache=cache)
+                began = time.perf_counter()
+                self.model.hidden_states(mx.array(pending[:size])[None], cache=cache)
                 mx.eval([c.state for c in cache])
-                pending = pending[self._chunk :]
+                pending = pending[size:]
+                rate = size / max(time.perf_counter() - began, 1e-6)
+                size = min(self._chunk, max(16, int(rate * CANCEL_WITHIN)))
                 yield Chunk("", progress=(total - len(pending), total))
         self._track_kv(len(pending))
         y, routing = self._step(mx.array(pending)[None], sampler)

@@ -35,6 +35,23 @@ def test_a_long_prompt_reports_progress_chunk_by_chunk(engine, monkeypatch):
     assert chunks[-1].stats.prompt_tokens == total
 
 
+def test_prompt_chunks_after_the_first_are_sized_by_the_measured_speed(engine, monkeypatch):
+    """A first small pass measures the speed; later passes aim at CANCEL_WITHIN seconds,
+    between 16 tokens and the engine's chunk."""
+    monkeypatch.setattr(generate_module.Engine, "_chunk", property(lambda self: 32))
+    monkeypatch.setattr(generate_module, "FIRST_PROMPT_CHUNK", 8)
+    total = engine.count_tokens(LONG)
+    for within, step in ((0.0, 16), (1e9, 32)):  # "no time at all" and "all the time"
+        monkeypatch.setattr(generate_module, "CANCEL_WITHIN", within)
+        engine.reset()
+        chunks = list(engine.stream(LONG, GREEDY))
+        expected = [8]  # then passes of `step` while more than `step` tokens are left
+        while total - expected[-1] > step:
+            expected.append(expected[-1] + step)
+        assert [c.progress[0] for c in chunks if c.progress is not None] == expected
+        assert len(expected) >= 2
+
+
 def test_cancel_while_reading_the_prompt_stops_before_the_next_chunk(engine, monkeypatch):
     monkeypatch.setattr(generate_module.Engine, "_chunk", property(lambda self: 8))
     engine.reset()

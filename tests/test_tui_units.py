@@ -239,3 +239,20 @@ def test_stats_line_says_one_token_and_no_rate_for_a_single_token():
         "1\u202f234 jetons · 6,7 jetons/s · limite de jetons atteinte",
         True,
     )
+
+
+def test_live_status_reads_rate_and_time_left_from_the_prompt_progress():
+    from app.tui.reply_session import ActiveReply, live_status
+
+    reply = ActiveReply(1, None, None, [], ChatSettings())  # no widgets needed here
+    reply.prompt_size = 5000
+    status = live_status(reply, now=0.0)
+    assert (status.phase, status.total, status.prompt_size) == ("reading", 0, 5000)
+    reply.started_at, reply.progress, reply.progress_at = 100.0, (1000, 4000), 110.0
+    status = live_status(reply, now=111.0)  # measured when the chunk came, not now
+    assert (status.read, status.total, status.read_rate, status.seconds_left) == (
+        1000, 4000, 100.0, 30.0
+    )  # fmt: skip
+    reply.first_text_at, reply.last_text_chunk_at, reply.text_chunks = 120.0, 122.0, 21
+    status = live_status(reply, now=125.0)
+    assert (status.phase, status.tokens, status.tokens_per_second) == ("writing", 21, 10.0)

@@ -69,6 +69,7 @@ class ActiveReply:
     started_at: float | None = None  # when the engine was asked (monotonic)
     progress: tuple[int, int] | None = None  # prompt tokens read, of how many
     progress_at: float | None = None
+    prompt_size: int | None = None  # tokens of the whole prompt (before the cache is reused)
     text_chunks: int = 0  # chunks of text so far (one per token, but for held-back bytes)
     first_text_at: float | None = None
     last_text_chunk_at: float | None = None
@@ -81,6 +82,7 @@ class LiveStatus:
     phase: str  # "waiting" (for the model to load) | "reading" (the prompt) | "writing"
     read: int = 0  # prompt tokens read
     total: int = 0  # prompt tokens to read
+    prompt_size: int | None = None  # the whole prompt's tokens, known before reading starts
     read_rate: float | None = None  # prompt tokens a second
     seconds_left: float | None = None  # to read the rest of the prompt
     tokens: int = 0  # tokens written so far
@@ -98,8 +100,8 @@ def live_status(reply: ActiveReply, now: float) -> LiveStatus:
         elapsed = (reply.progress_at or now) - reply.started_at
         rate = read / elapsed if elapsed > 0 else None
         left = (total - read) / rate if rate else None
-        return LiveStatus("reading", read, total, rate, left)
-    return LiveStatus("reading")
+        return LiveStatus("reading", read=read, total=total, read_rate=rate, seconds_left=left)
+    return LiveStatus("reading", prompt_size=reply.prompt_size)
 
 
 class ReplySession:
@@ -221,6 +223,7 @@ class ReplySession:
             if not fitted.fits:
                 post(self.PromptTooLong(reply, fitted.prompt_tokens, engine.context_length))
                 return
+            reply.prompt_size = fitted.prompt_tokens
             shrunk = fitted.max_tokens < settings.max_tokens
             if fitted.dropped_messages or shrunk:
                 post(

@@ -65,6 +65,7 @@ class ChatScreen(Screen[None]):
         self.editing: StoredMessage | None = None
         self.session = ReplySession(self, store, self._show_live)
         self._tick_timer: Timer | None = None
+        self._live: tuple[ActiveReply | None, str] = (None, "")  # the reply and what it says
 
     # Layout
 
@@ -246,12 +247,11 @@ class ChatScreen(Screen[None]):
         self.refresh_bindings()
 
     def _show_live(self, reply: ActiveReply, live: LiveStatus) -> bool:
-        """What the reply is doing, in its info line and the status bar; True if the experts
-        panel drew."""
+        """What the reply is doing, in its info line and the status bar, when it changed (each
+        change is a layout pass, costly in a long chat); True when something was drawn."""
         t = self.strings
         if live.phase == "writing":
             state = t("status.writing", tokens=t.number(live.tokens))
-            self.status_bar.set_live(live.tokens_per_second)
         elif live.total:
             left = "" if live.seconds_left is None else t.duration(live.seconds_left)
             state = t(
@@ -261,11 +261,19 @@ class ChatScreen(Screen[None]):
                 rate=t.number(live.read_rate or 0.0),
                 left=left,
             )
+        elif live.prompt_size:
+            state = t("status.reading_start", tokens=t.number(live.prompt_size))
         else:
-            state = t("status.generating")
+            state = t("status.starting")
+        drew = self._refresh_experts()
+        if self._live == (reply, state):
+            return drew
+        self._live = (reply, state)
+        if live.phase == "writing":
+            self.status_bar.set_live(live.tokens_per_second)
         reply.view.show_info(state)
         self.status_bar.set_state(state)
-        return self._refresh_experts()
+        return True
 
     @on(ReplySession.ContextTrimmed)
     async def _context_trimmed(self, message: ReplySession.ContextTrimmed) -> None:

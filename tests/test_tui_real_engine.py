@@ -49,7 +49,7 @@ async def test_chat_turn_with_the_embedded_default_model(tmp_path, monkeypatch):
         await pilot.press("f4")  # the default model is dense: a note, no panel, no observer
         await pilot.pause()
         assert screen.engine.routing_observer is None and screen.engine.last_routing is None
-        assert "Dense model — no experts." in screen_text(app)
+        assert [str(n.message) for n in app._notifications][-1] == "Dense model — no experts."
         assert not screen.experts_panel_visible
 
         await pilot.press("f3")

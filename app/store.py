@@ -28,11 +28,9 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from platformdirs import user_data_dir
-
 from model.errors import MixchatError
+from model.registry import data_dir  # the one data directory (re-exported for the UI)
 
-DATA_DIR_ENV = "MIXCHAT_HOME"
 DATABASE_NAME = "mixchat.db"
 TITLE_MAX_CHARS = 48
 
@@ -66,14 +64,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 class StoreInUse(MixchatError):
     """Another mixchat holds this data directory."""
-
-
-def data_dir() -> Path:
-    """The directory that holds mixchat's database (``MIXCHAT_HOME`` overrides the default)."""
-    override = os.environ.get(DATA_DIR_ENV, "").strip()
-    if override:
-        return Path(override).expanduser()
-    return Path(user_data_dir("mixchat", appauthor=False))
 
 
 @dataclass(frozen=True)

@@ -15,35 +15,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from .errors import MixchatError
+from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
+from .mlx_lm_parts import can_trim_prompt_cache, make_sampler, trim_prompt_cache
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
 FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
 CANCEL_WITHIN = 1.0  # seconds a later prompt pass aims to take: how soon Esc acts while reading
-
-
-@dataclass
-class GenerationSettings:
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise MixchatError(f"max tokens must be at least 1, not {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise MixchatError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MixchatError(f"top-p must be in (0, 1], not {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise MixchatError(f"min-p must be in [0, 1), not {self.min_p}")
 
 
 @dataclass
@@ -86,6 +67,7 @@ class Engine:
         self.last_routing: np.ndarray | None = None
         self._routing_steps: list[mx.array] = []
         self._cancel = threading.Event()
+        self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
         self._cache_tokens: list[int] = []  # the tokens whose keys/values the cache holds
         from .offload import runtime_of
@@ -101,16 +83,16 @@ class Engine:
         memory_budget: int | str | None = None,
         max_context: int | None = None,
         kv_bits: int | None = None,
+        streams: int | None = None,
     ) -> Engine:
         """Load a model by path, cached repo id, or None for the embedded default model.
 
         `memory_budget`: bytes, a size ("12GB"), "auto", "none" (everything in memory, even if
-        it does not fit) or None: MIXCHAT_MEMORY_BUDGET, else whole when the model fits in the
-        memory available now and streamed under the automatic budget when not
-        (`engine.memory_notice` then says so, in one line). `max_context` caps the context
-        (default: what fits); `kv_bits` (8 or 4) quantizes the KV cache."""
-        import os
-
+        it does not fit) or None: whole when the model fits in the memory available now and
+        streamed under the automatic budget when not (`engine.memory_notice` then says so, in
+        one line). `max_context` caps the context (default: what fits); `kv_bits` (8 or 4)
+        quantizes the KV cache; `streams`: CPU streams to split matrix products across (None:
+        one per core, at most 2). Nothing is read from the environment (app/settings.py does)."""
         from . import registry, weights
         from .info import model_info
         from .tokenizer import load_tokenizer
@@ -120,8 +102,6 @@ class Engine:
         tokenizer = load_tokenizer(
             checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
         )
-        if memory_budget is None:
-            memory_budget = os.environ.get("MIXCHAT_MEMORY_BUDGET") or None
         if isinstance(memory_budget, str):
             from .memory_plan import BudgetError, parse_budget
 
@@ -130,7 +110,7 @@ class Engine:
             except ValueError as e:
                 raise BudgetError(str(e)) from None
         memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
-        built = weights.build_model(checkpoint, dtype=dtype, memory=memory)
+        built = weights.build_model(checkpoint, dtype=dtype, memory=memory, streams=streams)
         name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
         compute_bytes = built.model.norm.weight.dtype.size
         return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))
@@ -189,14 +169,13 @@ class Engine:
         if self.offload is not None:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
-            while len(pending) > 1:
+            while len(pending) > LAYERWISE_WINDOW:
                 if self._cancel.is_set():  # Esc while reading a long prompt
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
-                window = pending[: min(LAYERWISE_WINDOW, len(pending) - 1)]
+                window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
                 self._track_kv(len(window))
                 self.model.prefill_layerwise(mx.array(window)[None], cache, self._chunk)
-                pending = pending[len(window) :]
                 yield Chunk("", progress=(total - len(pending), total))
         else:
             # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
@@ -214,7 +193,7 @@ class Engine:
                 size = min(self._chunk, max(16, int(rate * CANCEL_WITHIN)))
                 yield Chunk("", progress=(total - len(pending), total))
         self._track_kv(len(pending))
-        y, routing = self._step(mx.array(pending)[None], sampler)
+        y, routing = self._step(mx.array(pending)[None], sampler, self.offload is not None)
         mx.async_eval(y)
         # Streaming experts syncs every layer: queuing step t+1 before reading token t gains
         # nothing and would count a decode step as prompt time.
@@ -288,7 +267,7 @@ class Engine:
         """Prompt tokens per attention pass (fewer for long contexts: bounded scores)."""
         from .memory_plan import prefill_chunk
 
-        return prefill_chunk(self.model.args, self.context_length)
+        return self._chunk_override or prefill_chunk(self.model.args, self.context_length)
 
     def _track_kv(self, upcoming: int) -> None:
         """Before `upcoming` tokens enter the KV cache, give the expert cache what the KV cache
@@ -309,11 +288,16 @@ class Engine:
         stats.load_seconds = delta.load_seconds
         stats.compute_seconds = max(0.0, elapsed - delta.load_seconds)
 
-    def _step(self, tokens: mx.array, sampler) -> tuple[mx.array, list | None]:
-        """Queue one forward pass over `tokens` [1, T]; returns the sampled next token [1]."""
+    def _step(self, tokens: mx.array, sampler, layerwise: bool = False
+              ) -> tuple[mx.array, list | None]:  # fmt: skip
+        """Queue one forward pass over `tokens` [1, T] (layer by layer over all of them when
+        `layerwise`); returns the sampled next token [1]."""
         observe = self.model.args.is_moe  # cheap: kept for last_routing (F4 after a reply)
         self.model.routing = [] if observe else None
-        hidden = self.model.hidden_states(tokens, cache=self._cache)
+        if layerwise and tokens.shape[1] > 1:
+            hidden = self.model.prefill_layerwise(tokens, self._cache, self._chunk)
+        else:
+            hidden = self.model.hidden_states(tokens, cache=self._cache)
         logits = self.model.logits(hidden[:, -1, :])  # only the last position is sampled
         routing, self.model.routing = self.model.routing, None
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -277,10 +277,9 @@ def measure_decode_step(args, bits: int | None, group_size: int, dtype, streams:
 
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.models.base import create_attention_mask
-    from mlx_lm.models.cache import KVCache
 
     from .mixtral import Block, compute_streams, linear, use_parallel_streams
+    from .mlx_lm_parts import KVCache, create_attention_mask
 
     use_parallel_streams(streams)
     one = replace(args, num_hidden_layers=1,
@@ -290,11 +289,12 @@ def measure_decode_step(args, bits: int | None, group_size: int, dtype, streams:
     if bits is not None:
         nn.quantize(block, group_size=group_size, bits=bits,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized")
-                    and not p.endswith("block_sparse_moe.gate"))  # fmt: skip
+                    and not p.endswith("block_sparse_moe.gate")
+                    and m.weight.shape[-1] % group_size == 0)  # fmt: skip
         head = nn.QuantizedLinear.from_linear(head, group_size=group_size, bits=bits)
         for module in [m for _, m in block.named_modules()] + [head]:
             if "scales" in module and "weight" in module:  # random bits, never the fp32 init
-                module.weight = mx.random.bits(module.weight.shape)
+                module.weight = mx.random.randint(0, 2**31 - 1, module.weight.shape).view(mx.uint32)
                 module.scales = mx.full(module.scales.shape, 0.004, dtype=dtype)
                 module.biases = mx.full(module.biases.shape, -0.03, dtype=dtype)
     block.set_dtype(dtype)

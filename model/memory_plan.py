@@ -69,10 +69,10 @@ def auto_budget() -> tuple[int, str]:
 
 def kv_bytes_per_token(args, compute_bytes: int, kv_bits: int | None = None) -> int:
     """Keys + values of one token over all layers; quantized ones carry a float scale and bias
-    per group of 64 (mlx-lm's QuantizedKVCache)."""
+    per group (mlx-lm's QuantizedKVCache)."""
     values = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
     if kv_bits:
-        return int(values * (kv_bits / 8 + 2 * compute_bytes / 64))
+        return int(values * (kv_bits / 8 + 2 * compute_bytes / (args.kv_group_size or 64)))
     return values * compute_bytes
 
 
@@ -186,6 +186,10 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
     args = checkpoint.args
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise BudgetError(f"the KV cache can be quantized to 4 or 8 bits, not {kv_bits}")
+    if kv_bits and args.kv_group_size is None:
+        raise BudgetError(
+            f"a quantized KV cache needs a head dimension divisible by 32, not {args.head_dim}"
+        )
     context = min(context or args.context_length, args.context_length)
     if args.sliding_window:
         context = min(context, args.sliding_window)

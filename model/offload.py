@@ -4,21 +4,27 @@ After `weights.build_model` has built a model with its expert tensors left unrea
 swaps each MoE layer's `switch_mlp` for an `OffloadedExperts`. Per layer, per forward pass:
 
 1. the router's choices are evaluated (one sync per layer, inherent to choosing what to read);
-   with prefetch on (MIXCHAT_OFFLOAD_PREFETCH=1; off by default: on the benchmark model its
-   guesses evicted more useful experts than they supplied, see benchmarks/bench_offload.py),
-   the *next* layer's router is applied to this layer's hidden state in the same sync, and the
-   experts it picks are read in the background, entering the cache as least recently used;
+   a prompt (>= PREFILL_PREFETCH_TOKENS tokens, which use nearly every expert) queues the next
+   layer's experts to be read while this layer computes; during decode, guessing the next
+   layer's experts from this layer's hidden state is off by default (MIXCHAT_OFFLOAD_PREFETCH=1:
+   its wrong guesses evicted more useful experts than they supplied);
 2. experts not in the cache are read with positioned reads of their byte ranges (expert e of a
-   stacked [E, ...] safetensors tensor is one contiguous slice) into numpy, then `mx.array`;
-3. each chosen expert is applied to its tokens with `mx.gather_qmm` on the cached arrays (the
-   same kernel and shapes as `mixtral.Experts`, so greedy tokens are identical).
+   stacked [E, ...] safetensors tensor is one contiguous slice), several in flight, past the
+   page cache (O_DIRECT, F_NOCACHE) so their bytes are not held twice;
+3. each chosen expert is applied to its tokens by `experts.swiglu` on the cached arrays (the
+   same kernels and shapes as `mixtral.Experts`, so greedy tokens are identical).
+
+Under a budget the engine runs a prompt layer by layer over whole windows of tokens
+(`Model.prefill_layerwise`), so each expert is read at most once per layer per window.
 
 The cache (`ExpertCache`) counts bytes exactly (the arrays' `nbytes`), reserves them before a
-read starts, and never holds more than its capacity: LRU (the default) or LFU, over all layers
-or with an equal quota per layer (MIXCHAT_OFFLOAD_POLICY; all four hit within ~2 points of each
-other on the benchmark, so the simplest won). Experts in use by the layer being computed are
-pinned until the next sync, so an eviction always frees memory. When a layer needs more experts
-than the cache can hold (a long prompt under a small budget), they are computed in groups.
+read starts, and never holds more than its capacity, which shrinks as the KV cache grows
+(`OffloadRuntime.set_kv_bytes`). Eviction (MIXCHAT_OFFLOAD_POLICY): "next-use" by default,
+which evicts what the cyclic layer order reaches last; replayed on Mixtral-like routing
+(model/routing_trace.py) it beats LRU at every cached share, and LRU gets no hits at all once
+the cache holds less than one token's experts (it evicts exactly the expert needed next). Experts in use by the layer
+being computed are pinned until the next sync, so an eviction always frees memory. When a
+layer needs more experts than the cache can hold, they are computed in groups.
 """
 
 from __future__ import annotations
@@ -44,11 +50,11 @@ from .experts import PROJECTIONS, ExpertWeights, Projection, RowGroups, swiglu
 from .safetensors_header import FLOAT_DTYPES, TensorSpec, read_safetensors_header
 
 POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")
-DEFAULT_POLICY = "auto"  # next-use below one token's working set of experts, else LRU
+DEFAULT_POLICY = "next-use"  # best at every cached share on Mixtral-like routing (BENCHMARKS.md)
 _NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
               "I16": np.int16, "F32": np.float32, "F16": np.float16}  # fmt: skip
 PREFETCH_MAX_TOKENS = 4  # guess the next layer's experts only for decode-sized batches
-PREFILL_PREFETCH_TOKENS = 16  # from this many tokens on, read the next layer's experts ahead
+PREFILL_PREFETCH_TOKENS = 8  # from this many tokens on (~7 of 8 experts used), read ahead
 ROW_SLICE = 1024  # rows one kernel call takes in a long prompt (bounds the activations)
 
 Key = tuple[int, int]  # (layer, expert)

@@ -112,7 +112,7 @@ def test_download_fetches_selected_files_once(tmp_path, monkeypatch, capsys):
     assert hub.fetched == [f for f in expected if f != "config.json"]
     assert sorted(p.name for p in path.iterdir()) == sorted(expected)
     err = capsys.readouterr().err
-    assert f"{REPO} (89abcdef): 9 files, 7.3 MB, 7.3 MB to download" in err
+    assert f"{REPO} (89abcdef): 9 files, 7.32 MB, 7.32 MB to download" in err
 
     hub.fetched.clear()
     assert download(REPO, cache_dir=cache, quiet=True) == path
@@ -124,7 +124,7 @@ def test_download_checks_free_disk_first(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub = FakeHub(monkeypatch, tmp_path / "hub", HF_REPO)
     monkeypatch.setattr(qd, "_free_space", lambda path: 1_000_000)
-    with pytest.raises(MixchatError, match=r"not enough disk space .* needs 7\.3 MB, 1\.0 MB free"):
+    with pytest.raises(MixchatError, match=r"not enough disk space .* needs 7\.32 MB, 1\.00 MB free"):
         download(REPO, cache_dir=tmp_path / "hub")
     assert hub.fetched == []
 
@@ -164,11 +164,31 @@ def test_offline_resolves_from_cache(tmp_path, monkeypatch, capsys):
     assert "HF_HUB_OFFLINE=1" in err
 
     assert main(["download", "acme/never-downloaded"]) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(lines) == 1
-        and lines[0].startswith("mixchat: error: ")
-        and "HF_HUB_OFFLINE=1" in lines[0]
+    assert capsys.readouterr().err == (
+        "mixchat: error: acme/never-downloaded is not in the local Hugging Face cache, and "
+        "HF_HUB_OFFLINE=1 forbids downloading it (unset HF_HUB_OFFLINE to download)\n"
+    )  # our advice, not the hub library's "pass local_files_only=False"
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_a_local_path_is_not_a_repo_id(tmp_path, monkeypatch, capsys, offline):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was asked about a local path")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(qd, "_offline", lambda: bool(offline))
+    local = tmp_path / "my-model"
+    local.mkdir()
+    assert main(["download", str(local)]) == 1
+    assert capsys.readouterr().err == (
+        f"mixchat: error: '{local}' is a local path, not a Hugging Face repo id: nothing to "
+        f"download (use it as it is: `mixchat ask --model {local}`)\n"
+    )
+    assert main(["download", "./not/there"]) == 1
+    assert capsys.readouterr().err == (
+        "mixchat: error: './not/there' is not a Hugging Face repo id (owner/name, e.g. "
+        "mistralai/Mixtral-8x7B-Instruct-v0.1)\n"
     )
 
 

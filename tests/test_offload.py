@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model import Engine, GenerationSettings, weights
+from model.errors import CheckpointError, MixchatError
 from model.memory_plan import memory_plan
 from model.offload import (
     POLICIES,
@@ -310,3 +311,75 @@ def test_wrong_guesses_not_yet_read_are_cancelled():
     assert (1, 6) in cache and (1, 7) not in cache and (1, 7) not in store.read_keys
     assert cache.used == 20
     runtime.close()
+
+
+# --- prompts under a budget, and the automatic budget -------------------------------------------
+
+
+def test_a_prompt_reads_each_expert_at_most_once_per_layer(tiny_q4, plan, reference):
+    """Layer by layer over the whole prompt: however many chunks the prompt spans, every expert
+    of a layer is read once (the cache holds them all here, but not the rest of the model)."""
+    budget = plan.full_bytes - 1
+    engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
+    runtime = engine.offload
+    assert runtime is not None and runtime.capacity >= plan.total_expert_bytes
+    read = []
+    original = runtime.store.read
+
+    def spy(layer, expert):
+        read.append((layer, expert))
+        return original(layer, expert)
+
+    runtime.store.read = spy
+    engine._chunk_override = 8  # many attention chunks per prompt
+    chunks = list(engine.stream(MESSAGES, GenerationSettings(max_tokens=1, temperature=0.0)))
+    prompt_tokens = chunks[-1].stats.prompt_tokens
+    assert prompt_tokens > 5 * 8
+    assert len(read) == len(set(read)) <= plan.moe_layers * plan.num_experts
+    assert chunks[-1].stats.prompt_bytes_read_per_token == pytest.approx(
+        len(read) * plan.expert_disk_bytes / prompt_tokens
+    )
+    assert "".join(c.text for c in chunks) == reference[0][: len(chunks[0].text)]
+
+
+def test_no_budget_on_a_small_machine_streams_experts(tiny_q4, plan, reference, monkeypatch):
+    """With no --memory-budget, a model that does not fit what this machine has available gets
+    the automatic budget, says so in one line, and answers the same."""
+    from model import memory_plan as P
+
+    # A busy machine: what is available now is not enough room to load the model whole.
+    monkeypatch.setattr(P, "physical_memory", lambda: 2 * plan.full_bytes)
+    monkeypatch.setattr(P, "available_memory", lambda: int(1.1 * plan.full_bytes))
+    engine = Engine.load(str(tiny_q4), max_context=CONTEXT)
+    assert engine.offload is not None
+    assert "automatic budget" in engine.memory_notice and "\n" not in engine.memory_notice
+    assert run(engine)[0] == reference[0]
+    forced = Engine.load(str(tiny_q4), memory_budget="none", max_context=CONTEXT)
+    assert forced.offload is None and forced.memory_notice.startswith("warning:")
+
+
+def test_an_8_bit_kv_cache_is_planned_and_close_to_float(tiny_q4, tmp_path):
+    """--kv-bits 8: mlx-lm's QuantizedKVCache, the budget counts it, and the next-token
+    distribution stays close to the float cache's."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    with pytest.raises(MixchatError, match="head dimension"):  # 16: too small to quantize
+        Engine.load(str(tiny_q4), kv_bits=8)
+    with pytest.raises(CheckpointError, match="head dimension"):
+        Engine.load(str(tiny_q4)).model.make_cache(8)
+    wide = build_hf_checkpoint(tmp_path, "mixtral", hidden_size=128, num_heads=4)  # head dim 32
+    engine = Engine.load(str(wide), kv_bits=8, max_context=CONTEXT)
+    assert engine.kv_bits == 8 and engine.model.memory.plan.kv_bits == 8
+    model = engine.model
+    ids = mx.array(engine.tokenizer.encode_chat(MESSAGES))[None]
+    float_cache, eight_bit = model.make_cache(), model.make_cache(8)
+    assert isinstance(eight_bit[0], QuantizedKVCache)
+    for cache in (float_cache, eight_bit):  # prompt, then one more token through the cache
+        model(ids[:, :-1], cache=cache)
+    a = model(ids[:, -1:], cache=float_cache)[0, -1]
+    b = model(ids[:, -1:], cache=eight_bit)[0, -1]
+    pa, pb = mx.softmax(a), mx.softmax(b)
+    kl = (pa * (mx.log(pa) - mx.log(pb))).sum().item()
+    assert 0 <= kl < 5e-3 and mx.argmax(a).item() == mx.argmax(b).item()
+    per_token = engine.model.memory.plan.kv_bytes_per_token
+    assert eight_bit[0].nbytes * len(eight_bit) == per_token * 256  # one 256-token allocation

@@ -19,20 +19,19 @@ def run_chat(
 
     The window opens at once; the model loads in a thread behind a visible loading state.
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
-    ``dtype``, ``memory_budget`` and the other ``engine_options`` (max_context, kv_bits) go to
-    ``Engine.load``. ``data_dir``: where the chats live (None: MIXCHAT_HOME, else the
-    platform's data folder). A second app on the same data directory is refused with one line
-    (exit code 1).
+    ``dtype``, ``memory_budget`` and the other ``engine_options`` (max_context, kv_bits,
+    streams) go to ``Engine.load``; the chats live in ``data_dir`` (None: the default data
+    directory). app/settings.py reads them all once. A second app on the same data directory is
+    refused with one line (exit code 1).
     """
     from app.store import DATABASE_NAME, ConversationStore
     from app.tui.app import MixchatApp
     from model.errors import MixchatError
+    from model.registry import data_dir as default_data_dir
 
     try:
-        if data_dir is not None:
-            store = ConversationStore(Path(data_dir).expanduser() / DATABASE_NAME)
-        else:
-            store = ConversationStore.open_default()
+        directory = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        store = ConversationStore(directory / DATABASE_NAME)
     except MixchatError as error:  # another mixchat on this data dir, a newer schema
         print(f"mixchat: error: {error}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from app.prompts import system_prompt
 from app.settings import DTYPES, LANGUAGES, Settings, SettingsError, read_settings
 from model.errors import MixchatError
 from model.generation_settings import GenerationSettings
+from model.ranks import launched
 from model.sizes import format_bytes, format_count, format_number
 
 
@@ -93,6 +94,8 @@ def build_parser() -> Parser:
     info.add_argument("--remeasure", action="store_true",
                       help="measure this machine's disk, memory and kernel speed again "
                       "(they are kept in the data directory)")  # fmt: skip
+    info.add_argument("--hosts", metavar="HOSTFILE", help="memory per rank and speed over a "
+                      "hostfile's machines (mlx.launch's or the ring backend's)")  # fmt: skip
     add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
@@ -179,8 +182,10 @@ def read_prompt(argument: str | None, stdin: TextIO) -> str:
         prompt = decode_stdin(stdin.buffer.read())
     else:
         prompt = clean_text(argument)
-        if is_piped(stdin) and (piped := decode_stdin(stdin.buffer.read())).strip():
-            prompt = f"{prompt}\n\n{piped}"
+        # mlx.launch keeps every rank's stdin open: there the argument is the whole prompt.
+        if is_piped(stdin) and not launched():
+            if (piped := decode_stdin(stdin.buffer.read())).strip():
+                prompt = f"{prompt}\n\n{piped}"
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return prompt
@@ -382,8 +387,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
         weights.stream_count(settings.streams),
     )
+    hosts = None
+    if args.hosts:
+        from model.distributed import hosts_report
+
+        hosts = hosts_report(checkpoint, dtype.size, args.hosts)
     if args.json:
-        print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
+        extra = {"memory": fit.as_dict()} | ({"hosts": hosts[1]} if hosts else {})
+        print(json.dumps(info.as_dict() | extra, ensure_ascii=False, indent=1))
         return 0
     experts = (
         f"{info.num_experts} per layer, {info.experts_per_token} used per token"
@@ -404,7 +415,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context", f"{info.context_length} tokens"
                     + (f", sliding window {info.sliding_window}" if info.sliding_window else "")),
     ]
-    rows += fit.rows()
+    rows += fit.rows() + (hosts[0] if hosts else [])
     for key, value in rows:
         print(f"{key:<14} {value}")
     return 0
@@ -423,6 +434,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         args.settings = settings = read_settings(args)  # the one read of the environment
+        if args.command in ("ask", "chat") and launched():
+            from model import distributed
+
+            if not distributed.world().leader:  # rank 0 leads, this rank follows
+                return distributed.follow(settings.model, dtype=settings.dtype,
+                                          memory_budget=settings.memory_budget,
+                                          max_context=args.max_context, kv_bits=args.kv_bits,
+                                          streams=settings.streams)  # fmt: skip
         return args.func(args)
     except (UsageError, SettingsError) as e:
         print(f"mixchat: usage error: {e}", file=sys.stderr)
@@ -439,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, unless debugging
         if settings is not None and settings.debug:
             raise
+        if distributed := sys.modules.get("model.distributed"):
+            distributed.after_failure(e)  # a lost rank: one line from the watchdog
         print(f"mixchat: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

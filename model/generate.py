@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import distributed
 from .errors import MixchatError
 from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
@@ -73,6 +74,7 @@ class Engine:
         from .offload import runtime_of
 
         self.offload = runtime_of(model)  # experts streamed under a memory budget, or None
+        self.peers = distributed.leader_of(model)  # rank 0 of several: the others follow it
 
     @classmethod
     def load(
@@ -123,6 +125,8 @@ class Engine:
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
         self._cache, self._cache_tokens = None, []
+        if self.peers is not None:
+            self.peers.reset()
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.tokenizer.encode_chat(messages))
@@ -140,6 +144,8 @@ class Engine:
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
             )
         self._cancel.clear()
+        if self.peers is not None:  # the other ranks run the same reply (and the same seed)
+            settings = self.peers.start_stream(messages, settings)
         return self._stream(ids, settings)
 
     def _stream(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
@@ -170,7 +176,7 @@ class Engine:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
             while len(pending) > LAYERWISE_WINDOW:
-                if self._cancel.is_set():  # Esc while reading a long prompt
+                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
                 window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
@@ -180,17 +186,20 @@ class Engine:
         else:
             # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
             # (at most self._chunk): progress moves and Esc stops that soon even on a slow CPU.
-            size = min(FIRST_PROMPT_CHUNK, self._chunk)
+            # Ranks sharing the experts keep the fixed size: their passes must stay in step.
+            sharded = distributed.shard_of(self.model) is not None
+            size = self._chunk if sharded else min(FIRST_PROMPT_CHUNK, self._chunk)
             while len(pending) > size:
-                if self._cancel.is_set():  # Esc while reading a long prompt
+                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
                 began = time.perf_counter()
                 self.model.hidden_states(mx.array(pending[:size])[None], cache=cache)
                 mx.eval([c.state for c in cache])
                 pending = pending[size:]
-                rate = size / max(time.perf_counter() - began, 1e-6)
-                size = min(self._chunk, max(16, int(rate * CANCEL_WITHIN)))
+                if not sharded:
+                    rate = size / max(time.perf_counter() - began, 1e-6)
+                    size = min(self._chunk, max(16, int(rate * CANCEL_WITHIN)))
                 yield Chunk("", progress=(total - len(pending), total))
         self._track_kv(len(pending))
         y, routing = self._step(mx.array(pending)[None], sampler, self.offload is not None)
@@ -224,11 +233,15 @@ class Engine:
                 stats.finish_reason = "stop"
                 break
             if text := detokenizer.add(token):
-                yield Chunk(text)
+                try:
+                    yield Chunk(text)
+                except GeneratorExit:  # the reader left: other ranks stop at this token too
+                    distributed.agree_stop(self.model, True)
+                    raise
             if len(generated) >= max_tokens:
                 stats.finish_reason = "length"
                 break
-            if self._cancel.is_set():
+            if distributed.agree_stop(self.model, self._cancel.is_set()):  # same token on all ranks
                 stats.finish_reason = "cancelled"
                 break
             if not pipelined:

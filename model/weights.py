@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed
 from .config import ModelArgs
 from .errors import CheckpointError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
@@ -227,6 +228,9 @@ def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
     under a budget; None as `memory_budget` chooses by what this machine has available."""
     from .memory_plan import decide
 
+    if (world := distributed.world()).size > 1:  # the budget applies to this rank's share
+        return distributed.rank_memory(checkpoint, compute_dtype(checkpoint, dtype).size,
+                                       memory_budget, max_context, kv_bits, world)  # fmt: skip
     return decide(checkpoint, compute_dtype(checkpoint, dtype).size, memory_budget,
                   max_context, kv_bits)  # fmt: skip
 
@@ -247,8 +251,14 @@ def build_model(
     use_parallel_streams(stream_count(streams))
     args = checkpoint.args
     offload = memory is not None and memory.offload
+    world = distributed.world()
     model = Model(args)
-    weights = model.sanitize(read_weights(checkpoint))
+    weights = read_weights(checkpoint)
+    if world.size > 1:  # this rank's share of the experts only
+        kv_bits = memory.plan.kv_bits if memory is not None else None
+        weights = distributed.take_share(checkpoint, weights, model, world,
+                                         f"{compute_dtype(checkpoint, dtype)}|{kv_bits}")
+    weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))
     for name, param in expected.items():

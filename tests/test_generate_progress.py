@@ -3,6 +3,12 @@ counts of the last reply kept whether or not anyone observed them."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -111,3 +117,46 @@ def test_under_a_memory_budget_the_layer_by_layer_prompt_reports_and_stops_too(
         windows.append((done, rest))
     assert [c.progress for c in chunks if c.progress] == windows and len(windows) >= 3
     assert "".join(c.text for c in chunks) == reference[0]
+
+
+LONG_PROMPT_LEADER = textwrap.dedent("""
+    import json, sys
+    from model import Engine, GenerationSettings
+    engine = Engine.load(sys.argv[1])
+    greedy = GenerationSettings(max_tokens=4, temperature=0.0)
+    long = [{"role": "user", "content": "Une phrase assez longue, encore une. " * 120}]
+    stream = engine.stream(long, greedy)
+    first = next(stream).progress  # one pass read on both ranks
+    engine.cancel()  # Esc on rank 0: both ranks stop before the next pass
+    stopped = [c.stats for c in stream if c.stats][0]
+    whole = "".join(c.text for c in engine.stream(long, greedy))  # and both go on in step
+    print(json.dumps({"first": first, "finish": stopped.finish_reason,
+                      "read": stopped.prompt_tokens, "text": whole}))
+""")
+
+
+def test_two_ranks_read_a_long_prompt_in_step_and_stop_together(tiny_mixtral, tmp_path):
+    """Ranks that share the experts keep fixed passes (their all_sums must match) and agree on
+    a cancel between passes; the reply after it is the one a single process writes."""
+    from tests.test_distributed import MIXCHAT, finish, hostfile
+
+    script = tmp_path / "leader.py"
+    script.write_text(LONG_PROMPT_LEADER)
+    hosts = hostfile(tmp_path)
+    procs = []
+    for rank, args in enumerate(
+        ([sys.executable, str(script), str(tiny_mixtral)], [MIXCHAT, "chat", "-m", str(tiny_mixtral)])
+    ):
+        env = os.environ | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    (code0, out0, err0), (code1, _, err1) = finish(procs)
+    assert code0 == 0 and code1 == 0, (err0, err1)
+    got = json.loads(out0)
+    single = Engine.load(str(tiny_mixtral))
+    long = [{"role": "user", "content": "Une phrase assez longue, encore une. " * 120}]
+    total = single.count_tokens(long)
+    assert total > 2 * single._chunk  # several passes
+    assert got["first"] == [single._chunk, total]  # a whole fixed pass, not a timed one
+    assert (got["finish"], got["read"]) == ("cancelled", single._chunk)
+    assert got["text"] == "".join(c.text for c in single.stream(long, GenerationSettings(
+        max_tokens=4, temperature=0.0)))  # fmt: skip

@@ -219,3 +219,23 @@ async def test_the_model_panel_shows_a_long_path_whole_at_80x24(tmp_path):
         folded = "".join(row.strip(" │█▌▐") for row in rows if "folder-" in row or "m.gguf" in row)
         assert path in folded.replace(" ", "").replace("Source", "")
         assert any("Close" in row for row in rows)
+
+
+async def test_the_chat_says_when_experts_stream_from_disk(tmp_path):
+    """A model that did not fit loads under a budget: the chat says so, in its language, with
+    the budget in the status bar."""
+    from types import SimpleNamespace
+
+    from model import weights
+    from model.memory_plan import decide
+    from tests.test_memory_plan import synthetic_mixtral
+
+    checkpoint = weights.locate(synthetic_mixtral(tmp_path / "mixtral"))
+    engine = FakeEngine("Bonjour !")
+    engine.model = SimpleNamespace(memory=decide(checkpoint, 4, 12 * 10**9))
+    assert engine.model.memory.offload
+    app = make_app(tmp_path, engine, lang="fr")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: "lus sur le disque" in screen_text(app))
+        text = screen_text(app)
+        assert "12,0 Go" in text and "experts lus sur le disque (12,0 Go)" in text

@@ -62,6 +62,10 @@ def build_parser() -> Parser:
         help="most tokens in the reply (default %(default)s; fewer if the context is full)",
     )  # fmt: skip
     ask.add_argument(
+        "--raw", action="store_true",
+        help="complete the prompt as plain text (BOS, then the prompt), without the chat format",
+    )  # fmt: skip
+    ask.add_argument(
         "--temp", type=float, default=0.0, metavar="T",
         help="sampling temperature (default 0: greedy, reproducible one-shot answers)",
     )  # fmt: skip
@@ -213,7 +217,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         generation.validate()  # every argument is checked before MLX is imported
     except MixchatError as e:
         raise UsageError(str(e)) from None
-    messages = ask_messages(read_prompt(args.prompt, sys.stdin), args.system, args.safe)
+    prompt = read_prompt(args.prompt, sys.stdin)
+    if args.raw and (args.system or args.safe):
+        raise UsageError("--system and --safe need a chat template; a raw completion has none")
+    messages = ask_messages(prompt, args.system, args.safe)
     from model import registry
 
     registry.resolve(settings.model)  # a missing model fails now, not after MLX loads
@@ -236,8 +243,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
         print(f"mixchat: {engine.memory_notice}", file=sys.stderr)
+    raw = args.raw or not engine.has_chat_template
+    if raw and not args.raw and not args.quiet:
+        print(f"[{engine.name} has no chat template: completing the prompt as plain text]",
+              file=sys.stderr)  # fmt: skip
+    if raw and (args.system or args.safe):
+        raise MixchatError(f"{engine.name} has no chat template: --system and --safe need one")
+    stream = engine.stream_text(prompt, generation) if raw else engine.stream(messages, generation)
     text, stats = [], None
-    for chunk in engine.stream(messages, generation):
+    for chunk in stream:
         text.append(chunk.text)
         if not args.json and chunk.text:
             sys.stdout.write(chunk.text)
@@ -409,6 +423,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("parameters", f"{format_count(info.total_params)} total, "
                        f"{format_count(info.active_params)} active per token"),
         ("quantization", info.quantization),
+        *([("tensor types", info.tensor_types)] if info.tensor_types else []),
         ("size on disk", format_bytes(info.size_bytes)),
         ("memory to run", f"{format_bytes(info.memory_bytes)} weights + "
                           f"{format_bytes(info.kv_bytes_per_token * 1024)} KV cache per 1K tokens"),

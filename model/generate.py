@@ -24,6 +24,8 @@ from .mixtral import Model
 from .mlx_lm_parts import can_trim_prompt_cache, make_sampler, trim_prompt_cache
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
+FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
+CANCEL_WITHIN = 1.0  # seconds a later prompt pass aims to take: how soon Esc acts while reading
 
 
 @dataclass
@@ -47,6 +49,7 @@ class GenerationStats:
 class Chunk:
     text: str  # new text; never splits a multi-byte character
     stats: GenerationStats | None = None  # set on the final chunk only
+    progress: tuple[int, int] | None = None  # while reading the prompt: (tokens read, total)
 
 
 class Engine:
@@ -61,6 +64,9 @@ class Engine:
         self.memory_notice = memory.notice if memory is not None else ""  # one line, or ""
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
+        # Counts [num_layers, num_experts] over the last reply's generated tokens (MoE only).
+        self.last_routing: np.ndarray | None = None
+        self._routing_steps: list[mx.array] = []
         self._cancel = threading.Event()
         self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
@@ -123,16 +129,54 @@ class Engine:
             self.peers.reset()
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.encode_chat(messages))
+        return len(self._prompt_ids(messages))
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat's prompt; without a chat template, the raw completion of its user and
+        assistant texts joined by blank lines (the reply continues the text)."""
+        if self.has_chat_template:
+            return self.tokenizer.encode_chat(messages)
+        from .tokenizer import check_messages
+
+        text = "\n\n".join(c for r, c in check_messages(messages) if r != "system")
+        return self._raw_ids(text)
+
+    def _raw_ids(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_id
+        ids = ([] if bos is None else [bos]) + self.tokenizer.encode(prompt)
+        if not ids:
+            raise MixchatError("the prompt is empty")
+        return ids
 
     def stream(
         self, messages: list[dict], settings: GenerationSettings | None = None
     ) -> Iterator[Chunk]:
         """Start a reply: settings, messages and the context are checked now (MixchatError),
-        and a cancel() from now on stops this stream; tokens come as the iterator is read."""
+        and a cancel() from now on stops this stream; tokens come as the iterator is read.
+        Without a chat template (a base model), the chat is completed as raw text."""
+        return self._start(self._prompt_ids(messages), settings, messages)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """False for a base model whose tokenizer has no chat format: use `stream_text`."""
+        return getattr(self.tokenizer, "has_chat_template", True)
+
+    def stream_text(
+        self, prompt: str, settings: GenerationSettings | None = None
+    ) -> Iterator[Chunk]:
+        """Raw completion, as mlx-lm and llama.cpp do: BOS when the tokenizer has one, then
+        `prompt` as plain text; the reply continues it. Same checks and cache reuse as stream."""
+        # Other ranks replay a chat: without a template, this one prompt's chat is the same text.
+        messages = None if self.has_chat_template else [{"role": "user", "content": prompt}]
+        return self._start(self._raw_ids(prompt), settings, messages)
+
+    def _start(
+        self, ids: list[int], settings: GenerationSettings | None, messages: list[dict] | None
+    ) -> Iterator[Chunk]:
         settings = settings or GenerationSettings()
         settings.validate()
-        ids = self.tokenizer.encode_chat(messages)
+        if self.peers is not None and messages is None:
+            raise MixchatError("a raw completion of a chat model does not run on several ranks")
         if len(ids) >= self.context_length:
             raise MixchatError(
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
@@ -165,18 +209,36 @@ class Engine:
         cache = self._cache
         pending = ids[cached:]
         read_before = self.offload.snapshot() if self.offload else None
+        total, self.last_routing, self._routing_steps = len(pending), None, []
         if self.offload is not None:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
             while len(pending) > LAYERWISE_WINDOW:
+                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
+                    yield self._cancelled_in_prompt(total - len(pending))
+                    return
                 window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
                 self._track_kv(len(window))
                 self.model.prefill_layerwise(mx.array(window)[None], cache, self._chunk)
+                yield Chunk("", progress=(total - len(pending), total))
         else:
-            while len(pending) > self._chunk:
-                self.model.hidden_states(mx.array(pending[: self._chunk])[None], cache=cache)
+            # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
+            # (at most self._chunk): progress moves and Esc stops that soon even on a slow CPU.
+            # Ranks sharing the experts keep the fixed size: their passes must stay in step.
+            sharded = distributed.shard_of(self.model) is not None
+            size = self._chunk if sharded else min(FIRST_PROMPT_CHUNK, self._chunk)
+            while len(pending) > size:
+                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
+                    yield self._cancelled_in_prompt(total - len(pending))
+                    return
+                began = time.perf_counter()
+                self.model.hidden_states(mx.array(pending[:size])[None], cache=cache)
                 mx.eval([c.state for c in cache])
-                pending = pending[self._chunk :]
+                pending = pending[size:]
+                if not sharded:
+                    rate = size / max(time.perf_counter() - began, 1e-6)
+                    size = min(self._chunk, max(16, int(rate * CANCEL_WITHIN)))
+                yield Chunk("", progress=(total - len(pending), total))
         self._track_kv(len(pending))
         y, routing = self._step(mx.array(pending)[None], sampler, self.offload is not None)
         mx.async_eval(y)
@@ -201,8 +263,10 @@ class Engine:
             if len(generated) == 1:
                 first_token_time = time.perf_counter()
                 stats.prompt_tps = stats.prompt_tokens / (first_token_time - start)
-            if routing is not None and self.routing_observer is not None:
-                self.routing_observer(self._count_experts(routing))
+            if routing is not None:
+                self._routing_steps.append(mx.concatenate([r.reshape(1, -1) for r in routing]))
+                if self.routing_observer is not None:
+                    self.routing_observer(self._count_experts(routing))
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -230,7 +294,24 @@ class Engine:
         stats.context_tokens = min(self._cache[0].offset, len(ids) + len(generated))
         if self.offload is not None and offload_start is not None:
             self._offload_stats(stats, offload_start, elapsed, len(generated) - 1)
+        self._keep_routing()
         yield Chunk(detokenizer.finish(), stats)
+
+    def _keep_routing(self) -> None:
+        """Sum the reply's routing (gathered lazily, one small array a token) into last_routing."""
+        steps, self._routing_steps = self._routing_steps, []
+        if steps:
+            experts = np.array(mx.stack(steps)).reshape(len(steps), len(steps[0]), -1)
+            counts = np.zeros((experts.shape[1], self.model.args.num_local_experts), np.int64)
+            for layer in range(experts.shape[1]):
+                counts[layer] = np.bincount(experts[:, layer].ravel(), minlength=counts.shape[1])
+            self.last_routing = counts
+
+    def _cancelled_in_prompt(self, done: int) -> Chunk:
+        """The final chunk of a stream cancelled between prompt chunks (nothing generated)."""
+        offset = self._cache[0].offset if self._cache else 0
+        stats = GenerationStats(prompt_tokens=done, finish_reason="cancelled", context_tokens=offset)
+        return Chunk("", stats)
 
     @property
     def _chunk(self) -> int:
@@ -262,7 +343,7 @@ class Engine:
               ) -> tuple[mx.array, list | None]:  # fmt: skip
         """Queue one forward pass over `tokens` [1, T] (layer by layer over all of them when
         `layerwise`); returns the sampled next token [1]."""
-        observe = self.routing_observer is not None and self.model.args.is_moe
+        observe = self.model.args.is_moe  # cheap: kept for last_routing (F4 after a reply)
         self.model.routing = [] if observe else None
         if layerwise and tokens.shape[1] > 1:
             hidden = self.model.prefill_layerwise(tokens, self._cache, self._chunk)

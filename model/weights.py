@@ -12,11 +12,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import distributed
 from .config import ModelArgs
 from .errors import CheckpointError, UnsupportedModelError
+from .gguf import GGUFFile, GGUFTensor, check_supported, converted_specs, load_tensor, read_gguf
 from .mixtral import Model, use_parallel_streams
 from .safetensors_header import (
     PICKLE_SUFFIXES,
@@ -28,8 +30,6 @@ from .safetensors_header import (
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
-                mx.int32: "I32", mx.uint8: "U8"}
 HALF_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "float16": mx.float16,
                "bfloat16": mx.bfloat16}
 
@@ -44,7 +44,9 @@ class Checkpoint:
     files: list[Path]
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     gguf_metadata: dict[str, Any] | None = None
-    gguf_arrays: dict[str, mx.array] | None = None  # GGUF files are read whole, once
+    gguf_file: GGUFFile | None = None  # the GGUF's header: tensor table with byte ranges
+    # HF-style name -> (GGUF tensor, part of its conversion: "weight" | "scales" | "biases")
+    gguf_names: dict[str, tuple[GGUFTensor, str]] = field(default_factory=dict)
 
     @property
     def size_bytes(self) -> int:
@@ -96,19 +98,24 @@ def locate(path: Path) -> Checkpoint:
 
 
 def _locate_gguf(path: Path) -> Checkpoint:
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx raises RuntimeError/ValueError with the low-level reason
-        raise CheckpointError(f"cannot read GGUF file {path.name}: {e}") from None
-    if not arrays or "general.architecture" not in metadata:
+    """The GGUF's metadata and tensor table (gguf-py); tensors are converted when read."""
+    gguf_file = read_gguf(path)
+    metadata = gguf_file.metadata
+    if not gguf_file.tensors or "general.architecture" not in metadata:
         raise CheckpointError(f"{path.name} is truncated or not a GGUF model file")
-    args = ModelArgs.from_gguf_metadata(metadata, set(arrays))
-    arrays = {_gguf_to_hf_name(k): v for k, v in arrays.items()}
-    tensors = {
-        name: TensorSpec(tuple(a.shape), _DTYPE_NAMES.get(a.dtype, str(a.dtype)), a.nbytes)
-        for name, a in arrays.items()
-    }
-    return Checkpoint(path, "gguf", args, [path], tensors, metadata, arrays)
+    for tensor in gguf_file.tensors.values():
+        check_supported(tensor)
+    args = ModelArgs.from_gguf_metadata(metadata, set(gguf_file.tensors))
+    tensors: dict[str, TensorSpec] = {}
+    names: dict[str, tuple[GGUFTensor, str]] = {}
+    for tensor in gguf_file.tensors.values():
+        hf_name = _gguf_to_hf_name(tensor.name)
+        base = hf_name.removesuffix(".weight")
+        for part, (shape, dtype, nbytes) in converted_specs(tensor).items():
+            name = hf_name if part == "weight" else f"{base}.{part}"
+            tensors[name] = TensorSpec(shape, dtype, nbytes, tensor.offset)
+            names[name] = (tensor, part)
+    return Checkpoint(path, "gguf", args, [path], tensors, metadata, gguf_file, names)
 
 
 _GGUF_NAMES = [
@@ -157,10 +164,12 @@ def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dt
     return HALF_DTYPES.get(checkpoint.source_dtype, mx.float16)
 
 
-def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
-    """All tensors, lazily (nothing is read from disk until evaluated), under HF-style names."""
-    if checkpoint.gguf_arrays is not None:
-        return dict(checkpoint.gguf_arrays)
+def read_weights(checkpoint: Checkpoint, skip_experts: bool = False) -> dict[str, mx.array]:
+    """All tensors, lazily (nothing is read from disk until evaluated), under HF-style names.
+    `skip_experts`: stacked expert tensors are never read (GGUF: unevaluated placeholders of
+    their converted shape), for experts streamed under a budget."""
+    if checkpoint.gguf_file is not None:
+        return _read_gguf_weights(checkpoint, skip_experts)
     weights: dict[str, mx.array] = {}
     for file in checkpoint.files:
         try:
@@ -168,6 +177,27 @@ def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
         except Exception as e:
             raise CheckpointError(f"cannot read {file.name}: {e}") from None
         weights.update(arrays)
+    return weights
+
+
+def _read_gguf_weights(checkpoint: Checkpoint, skip_experts: bool = False) -> dict[str, mx.array]:
+    """Each GGUF tensor converted to MLX (affine groups for quantized types), one at a time."""
+    weights: dict[str, mx.array] = {}
+    for name, (tensor, part) in checkpoint.gguf_names.items():
+        if skip_experts and ".switch_mlp." in name:  # read by model/offload.py on demand
+            spec = checkpoint.tensors[name]
+            dtype = {"U32": mx.uint32, "F32": mx.float32, "F16": mx.float16}.get(spec.dtype)
+            weights[name] = mx.zeros(spec.shape, dtype or mx.bfloat16)  # never evaluated
+            continue
+        if part != "weight":
+            continue
+        base = name.removesuffix(".weight")
+        for part, array in load_tensor(checkpoint.gguf_file, tensor).items():
+            key = name if part == "weight" else f"{base}.{part}"
+            if array.dtype == np.uint16:  # BF16 bit patterns
+                weights[key] = mx.array(array).view(mx.bfloat16)
+            else:
+                weights[key] = mx.array(array)
     return weights
 
 
@@ -239,7 +269,7 @@ def build_model(
     offload = memory is not None and memory.offload
     world = distributed.world()
     model = Model(args)
-    weights = read_weights(checkpoint)
+    weights = read_weights(checkpoint, skip_experts=offload)
     if world.size > 1:  # this rank's share of the experts only
         kv_bits = memory.plan.kv_bits if memory is not None else None
         weights = distributed.take_share(checkpoint, weights, model, world,

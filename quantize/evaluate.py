@@ -100,23 +100,36 @@ class CheckpointWeights(Weights):
         self.checkpoint = checkpoint
         self.dtype = compute_dtype(checkpoint, dtype)
         self.files: dict[str, Path] = {}
-        if checkpoint.gguf_arrays is None:
+        if checkpoint.gguf_file is None:
             for file in checkpoint.files:
                 self.files.update(dict.fromkeys(read_safetensors_header(file), file))
-            names = self.files
+            names = set(self.files)
         else:
-            names = checkpoint.gguf_arrays
+            names = set(checkpoint.tensors)  # converted names: weight, scales, biases
         self.names = {n for n in names if "rotary_emb.inv_freq" not in n}
         if self.args.tie_word_embeddings:
             self.names = {n for n in self.names if not n.startswith("lm_head.")}
 
     def _read(self, name: str) -> mx.array:
-        if self.checkpoint.gguf_arrays is not None:
-            return self.checkpoint.gguf_arrays[name]
+        if self.checkpoint.gguf_file is not None:
+            return self._read_gguf(name)
         try:
             return mx.load(str(self.files[name]))[name]
         except Exception as e:
             raise CheckpointError(f"cannot read {self.files[name].name}: {e}") from None
+
+    def _read_gguf(self, name: str) -> mx.array:
+        """One converted part of one GGUF tensor (model.gguf converts a tensor at a time)."""
+        import numpy as np
+
+        from model.gguf import load_tensor
+
+        base, part = name.rsplit(".", 1)
+        tensor, _ = self.checkpoint.gguf_names[f"{base}.weight"]
+        array = load_tensor(self.checkpoint.gguf_file, tensor)[part]
+        if array.dtype == np.uint16:  # BF16 bit patterns
+            return mx.array(array).view(mx.bfloat16)
+        return mx.array(array)
 
     def take(self, prefix: str) -> dict[str, mx.array]:
         return {

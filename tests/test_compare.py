@@ -255,3 +255,16 @@ def test_mistral_format_source_equals_its_hf_original(moe_src, tmp_path, layout)
     assert got["tokens"] == 48
     assert got["kl_divergence"] == pytest.approx(0, abs=1e-9)
     assert got["top1_agreement"] == 1 and got["router_agreement"] == 1
+
+
+def test_gguf_streamed_equals_in_memory(default_model_path):
+    """The embedded SmolLM2 GGUF (Q4_1, tied head) streamed tensor by tensor through model.gguf:
+    its perplexity is the whole model's."""
+    from model.tokenizer import load_tokenizer
+
+    checkpoint = locate(default_model_path)
+    ids = text_ids(load_tokenizer(checkpoint.gguf_metadata), TEXT, 24)
+    weights = CheckpointWeights(checkpoint)
+    got = evaluate(weights, weights, ids).as_dict()
+    assert_same_numbers(got, in_memory(default_model_path, default_model_path, ids))
+    assert got["kl_divergence"] == pytest.approx(0, abs=1e-9)

@@ -49,6 +49,7 @@ def build_parser() -> Parser:
     ask.add_argument("--seed", type=int, metavar="N")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
     add_budget_option(ask)
     ask.set_defaults(func=cmd_ask)
 
@@ -68,6 +69,9 @@ def build_parser() -> Parser:
         pass
     else:
         register(commands)
+    from app.serve.cli import register as register_serve
+
+    register_serve(commands)
     return parser
 
 
@@ -120,9 +124,16 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
+    messages = [{"role": "system", "content": clean_text(args.system)}] if args.system else []
+    messages.append({"role": "user", "content": prompt})
+    if not args.local:  # a running `mixchat serve` answers at once (app/client.py)
+        from app.client import ask_server
+
+        if (code := ask_server(args, messages)) is not None:
+            return code
     from model import Engine, GenerationSettings
 
-    prompt = read_prompt(args)
     settings = GenerationSettings(
         max_tokens=args.max_tokens,
         temperature=args.temp,
@@ -134,10 +145,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
         settings.validate()
     except MixchatError as e:
         raise UsageError(str(e)) from None
-    messages = []
-    if args.system:
-        messages.append({"role": "system", "content": clean_text(args.system)})
-    messages.append({"role": "user", "content": prompt})
     if sys.stderr.isatty() and not args.quiet:
         print(f"Loading {args.model or 'the default model'}…", file=sys.stderr, end="\r")
     engine = Engine.load(args.model, dtype=args.dtype, memory_budget=args.memory_budget)

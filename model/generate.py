@@ -122,6 +122,15 @@ class Engine:
         """Forget the KV cache (a new conversation)."""
         self._cache, self._cache_tokens = None, []
 
+    def cache_state(self) -> tuple[list | None, list[int]]:
+        """The KV cache and the tokens it holds, to keep per conversation (a server's LRU).
+        The engine goes on using these objects: copy them or use_cache() another first."""
+        return self._cache, list(self._cache_tokens)
+
+    def use_cache(self, cache: list | None, tokens: list[int]) -> None:
+        """Continue from a cache_state() (None: an empty cache); the engine now owns it."""
+        self._cache, self._cache_tokens = cache, list(tokens) if cache is not None else []
+
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.tokenizer.encode_chat(messages))
 
@@ -132,7 +141,13 @@ class Engine:
         and a cancel() from now on stops this stream; tokens come as the iterator is read."""
         settings = settings or GenerationSettings()
         settings.validate()
-        ids = self.tokenizer.encode_chat(messages)
+        return self.stream_ids(self.tokenizer.encode_chat(messages), settings)
+
+    def stream_ids(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
+        """stream() for a prompt already encoded (a raw completion: BOS included if wanted)."""
+        settings.validate()
+        if not ids:
+            raise MixchatError("the prompt is empty")
         if len(ids) >= self.context_length:
             raise MixchatError(
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"

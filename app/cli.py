@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from model.errors import MixchatError
+from model.sizes import format_bytes, format_count
 
 
 class UsageError(Exception):
@@ -86,10 +87,10 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 
 def memory_size(text: str) -> int | str:
     """argparse type of --memory-budget: bytes, or "auto" (resolved when used)."""
-    from model.budget import parse_size
+    from model.budget import parse_budget
 
     try:
-        return parse_size(text)
+        return parse_budget(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -229,20 +230,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     for entry in entries:
         print(f"{entry.name:<{width}}  {entry.source:<9}  {entry.path}")
     return 0
-
-
-def format_count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
-def format_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MixchatError
+from .sizes import format_bytes, parse_size
+from .sizes import size_arg as budget_arg
 
 AUTO_SHARE = 0.70  # `auto`: this share of physical memory (capped by what is available now)
 RESERVE_TOKENS = 4096  # the KV cache is reserved for this many tokens (or the context, if less)
@@ -29,9 +30,6 @@ PREFILL_CHUNK = 512  # as model/generate.py: prompt tokens per forward pass
 EXPERT_MARK = ".block_sparse_moe.switch_mlp."
 PER_EXPERT_MARK = ".block_sparse_moe.experts."
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-          "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-          "TIB": 2**40}  # fmt: skip
 
 
 class BudgetError(MixchatError):
@@ -41,40 +39,16 @@ class BudgetError(MixchatError):
 # --- sizes -------------------------------------------------------------------------------------
 
 
-def parse_size(text: str | int) -> int | str:
-    """'12GB' -> 12_000_000_000, '800MB', '1.5GiB', '4096' (bytes), 'auto' -> 'auto'.
-    Raises ValueError with a one-line message for anything else."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError(f"memory budget must be positive, not {text}")
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    if s == "AUTO":
+def parse_budget(text: str | int) -> int | str:
+    """A --memory-budget value: a size ('12GB', '800MB', '1.5GiB', bytes) or 'auto'."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
         return "auto"
-    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([KMGT]I?B?|B)?", s)
-    unit = (match.group(2) or "") if match else ""
-    if not match or unit not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. 12GB, 800MB or auto)")
-    value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"memory budget must be positive: {text!r}")
-    return value
-
-
-def format_bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def budget_arg(n: float) -> str:
-    """A size as a --memory-budget argument, rounded up: 7.31 GB -> '7.4GB'."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            value = -(-n * 10 // scale) / 10  # round up to one decimal
-            return f"{value:g}{unit}"
-    return str(int(n))
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(
+            f"not a memory size: {text!r} (use e.g. 12GB, 800MB or auto)"
+        ) from None
 
 
 def physical_memory() -> int:
@@ -123,7 +97,7 @@ def resolve_budget(spec: str | int | None) -> int | None:
     if spec is None or spec == "":
         return None
     try:
-        value = parse_size(spec)
+        value = parse_budget(spec)
     except ValueError as e:
         raise BudgetError(str(e)) from None
     return auto_budget()[0] if value == "auto" else int(value)

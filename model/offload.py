@@ -412,7 +412,7 @@ class OffloadRuntime:
 
     def describe(self) -> str:
         """One line for the user: how much of the experts the cache holds."""
-        from .budget import format_bytes
+        from .sizes import format_bytes
 
         total = sum(self.store.memory_bytes[layer] * self.num_experts for layer in self.specs)
         share = self.cache.capacity / total if total else 1.0

@@ -8,8 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from model.errors import MixchatError
+from model.sizes import format_bytes, parse_size
 
-from .progress import fmt_bytes, fmt_duration, parse_size, stderr_console
+from .progress import fmt_duration, stderr_console
 
 BITS = (2, 3, 4, 6, 8)
 
@@ -125,7 +126,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     remember(Path(result.dst))  # so `mixchat models` lists it
     if not args.quiet:
         print(
-            f"Wrote {result.dst} ({fmt_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} "
+            f"Wrote {result.dst} ({format_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} "
             f"bits/weight) in {fmt_duration(result.seconds)}"
         )
     if args.no_eval:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import MixchatError
+from model.sizes import format_bytes, format_count
 
-from .progress import byte_progress, fmt_bytes, fmt_count, stderr_console
+from .progress import byte_progress, stderr_console
 from .sources import Source, Target
 
 FORMAT_VERSION = 1
@@ -399,7 +400,7 @@ def convert(
     free = _free_space(partial)
     if free < need:
         raise MixchatError(
-            f"not enough disk space for {dst}: needs {fmt_bytes(need)}, {fmt_bytes(free)} free"
+            f"not enough disk space for {dst}: needs {format_bytes(need)}, {format_bytes(free)} free"
         )
 
     for line in describe(source, settings, plan):
@@ -471,8 +472,8 @@ def describe(source: Source, settings: Settings, plan: Plan) -> list[str]:
     kind = "Mistral format" if source.format == "mistral" else "Hugging Face"
     n = len(source.shards)
     src = (
-        f"Source: {source.path} ({kind}, {source.model_type}, {fmt_count(source.num_params)} "
-        f"params, {source.dtype}, {fmt_bytes(source.total_bytes)} in {n} shard{'s' * (n > 1)})"
+        f"Source: {source.path} ({kind}, {source.model_type}, {format_count(source.num_params)} "
+        f"params, {source.dtype}, {format_bytes(source.total_bytes)} in {n} shard{'s' * (n > 1)})"
     )
 
     def bits(b: int | None) -> str:
@@ -488,7 +489,7 @@ def describe(source: Source, settings: Settings, plan: Plan) -> list[str]:
     n = len(plan.shards)
     out = (
         f"Output: {', '.join(parts)}, {plan.out_dtype} scales; "
-        f"{fmt_bytes(plan.nbytes)} in {n} shard{'s' * (n > 1)}"
+        f"{format_bytes(plan.nbytes)} in {n} shard{'s' * (n > 1)}"
     )
     return [src, out]
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from model.errors import CheckpointError, MixchatError
 from model.safetensors_header import PICKLE_SUFFIXES
+from model.sizes import format_bytes
 
-from .progress import byte_progress, fmt_bytes, stderr_console
+from .progress import byte_progress, stderr_console
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -191,14 +192,14 @@ def download(
     total = sum(sizes[f] for f in files)
     missing = sum(sizes[f] for f in files if f not in cached)
     say(
-        f"{repo_id} ({(commit or '')[:8]}): {len(files)} files, {fmt_bytes(total)}"
-        + (f", {fmt_bytes(missing)} to download" if cached else "")
+        f"{repo_id} ({(commit or '')[:8]}): {len(files)} files, {format_bytes(total)}"
+        + (f", {format_bytes(missing)} to download" if cached else "")
     )
     free = _free_space(cache)
     if missing and free < missing + (256 << 20):
         raise MixchatError(
-            f"not enough disk space in {cache}: the download needs {fmt_bytes(missing)}, "
-            f"{fmt_bytes(free)} free (set HF_HOME to download elsewhere)"
+            f"not enough disk space in {cache}: the download needs {format_bytes(missing)}, "
+            f"{format_bytes(free)} free (set HF_HOME to download elsewhere)"
         )
 
     progress = byte_progress(quiet)

@@ -101,11 +101,11 @@ def source_fits(source: Source) -> tuple[bool, str]:
         need *= 2  # computed in float32 on the CPU
     total = _memory_bytes()
     if total and need > 0.7 * total:
-        from .progress import fmt_bytes
+        from model.sizes import format_bytes
 
         return (
             False,
-            f"the unquantized model needs {fmt_bytes(need)} of memory, this machine has {fmt_bytes(total)}",
+            f"the unquantized model needs {format_bytes(need)} of memory, this machine has {format_bytes(total)}",
         )
     return True, ""
 

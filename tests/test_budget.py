@@ -86,14 +86,14 @@ def mixtral(tmp_path_factory):
      ("4096", 4096), (" 2 gb ", 2 * 10**9), ("512M", 512 * 10**6), ("auto", "auto"),
      ("AUTO", "auto")],
 )  # fmt: skip
-def test_parse_size(text, value):
-    assert B.parse_size(text) == value
+def test_parse_budget(text, value):
+    assert B.parse_budget(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "lots", "12XB", "-1GB", "0", "GB", "1e9", "12 G B x"])
-def test_parse_size_rejects_garbage(text):
+def test_parse_budget_rejects_garbage(text):
     with pytest.raises(ValueError, match="memory"):
-        B.parse_size(text)
+        B.parse_budget(text)
 
 
 def test_auto_is_a_safe_share_of_memory(monkeypatch):

@@ -13,6 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label
 
 from app.tui.i18n import Strings
+from model.sizes import format_bytes
 
 # Shown first when present, in this order; anything else the info object has follows.
 PREFERRED_ORDER = (
@@ -68,7 +69,7 @@ def format_value(name: str, value: Any, strings: Strings | None = None) -> str:
             return f"{value / 1e6:.1f} M"
         return f"{value:,}"
     if isinstance(value, int) and "bytes" in name:
-        return human_bytes(value)
+        return format_bytes(value)
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
@@ -76,13 +77,6 @@ def format_value(name: str, value: Any, strings: Strings | None = None) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(str(item) for item in value)
     return str(value)
-
-
-def human_bytes(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
-    return f"{size} B"
 
 
 def label_for(name: str, strings: Strings | None = None) -> str:

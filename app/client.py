@@ -160,7 +160,7 @@ def print_reply(response: http.client.HTTPResponse, args: argparse.Namespace, ur
             file=sys.stderr,
         )
         if stats["expert_hit_rate"] is not None:
-            from app.cli import format_bytes
+            from model.sizes import format_bytes
 
             print(
                 f"[experts: {stats['expert_hit_rate']:.0%} cache hits, "

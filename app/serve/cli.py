@@ -25,6 +25,15 @@ def duration(text: str) -> float | None:
     return float(match.group(1)) * scale
 
 
+def size(text: str) -> int:
+    from model.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -36,7 +45,7 @@ def positive(text: str) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from app.cli import add_budget_option, add_model_option, memory_size
+    from app.cli import add_budget_option, add_model_option
 
     serve = commands.add_parser(
         "serve", help="keep a model loaded behind a local OpenAI-compatible server",
@@ -59,7 +68,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
                        help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
-    serve.add_argument("--prompt-cache", type=memory_size, default=1 << 30, metavar="SIZE",
+    serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
                        help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
@@ -79,8 +88,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, not {args.port}")
-    if args.prompt_cache == "auto":
-        raise UsageError("--prompt-cache takes a size, e.g. 1GB")
     from .models import ModelManager
     from .scheduler import Scheduler
     from .server import bind, build_app, make_server

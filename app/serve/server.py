@@ -27,6 +27,7 @@ from .requests import ApiError, GenerationRequest, parse_chat, parse_completion,
 from .scheduler import Delta, Done, Job, Scheduler
 
 MAX_BODY = 8 << 20  # bytes
+DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this before the 413
 
 
 def build_app(
@@ -43,14 +44,18 @@ def build_app(
                            code="invalid_api_key")  # fmt: skip
 
     async def read_body(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            raise too_large(max_body)
-        data = bytearray()
+        data, total = bytearray(), 0
         async for part in request.stream():
-            data += part
-            if len(data) > max_body:
-                raise too_large(max_body)
+            total += len(part)
+            if total <= max_body:
+                data += part
+            elif total > DRAIN_LIMIT:  # not worth reading on: the connection just closes
+                break
+        # An oversized body is read to its end (up to DRAIN_LIMIT) before the 413, so the
+        # client, still sending, reads the answer instead of a reset connection.
+        if total > max_body:
+            raise ApiError(413, f"the body is over the server's {max_body}-byte limit",
+                           code="too_large")  # fmt: skip
         return parse_json(bytes(data))
 
     async def generate(request: Request, parse) -> Response:
@@ -190,10 +195,6 @@ def build_app(
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-
-
-def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the body is over the server's {limit}-byte limit", code="too_large")
 
 
 def openai_reason(reason: str) -> str:

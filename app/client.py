@@ -30,8 +30,10 @@ def server_url() -> str | None:
 def model_field(model: str | None) -> str:
     """What the server should load: a local path made absolute (the server's working directory
     is not ours), else the name or repo id as given."""
-    if not model:
-        return "default"
+    if not model:  # the embedded default, as in-process (not the server's own "default")
+        from model.registry import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
 

@@ -13,7 +13,7 @@ The server answers one request at a time (fair FIFO queue; no batched decode), s
 should stay flat as clients are added while latency grows with the queue.
 
     .venv/bin/python -m benchmarks.bench_serve [--model M] [--runs 5] [--requests 200]
-        [--small 40] [--max-tokens 8]
+        [--small 40] [--max-tokens 8] [--probe-steps 32] [--probe-only]
 """
 
 from __future__ import annotations
@@ -77,6 +77,36 @@ def load_test(url: str, model: str, clients: int, n: int, max_tokens: int):
     return results, time.perf_counter() - start
 
 
+def batch_probe(model: str | None, steps: int) -> None:
+    """What batched decode could gain: one greedy decode step of the model at batch 1, 4, 8
+    (same-length rows, no padding), in this process. Not what the server does (it decodes one
+    request at a time); an upper bound on what batching would buy on this machine."""
+    import mlx.core as mx
+
+    from model import Engine
+
+    engine = Engine.load(model)
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me a story."}])
+    print(f"\nbatched decode probe: {steps} greedy steps after a {len(prompt)}-token prompt\n")
+    print("| batch | ms per step | tokens/s | vs batch 1 |\n|---|---|---|---|")
+    base = None
+    for batch in (1, 4, 8):
+        cache = engine.model.make_cache()
+        logits = engine.model(mx.array([prompt] * batch), cache=cache)
+        token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        mx.eval(token)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = mx.argmax(engine.model(token, cache=cache)[:, -1], axis=-1)[:, None]
+            mx.eval(token)
+        per_step = (time.perf_counter() - start) / steps
+        base = base or batch / per_step
+        print(
+            f"| {batch} | {per_step * 1e3:.1f} | {batch / per_step:.1f} | "
+            f"{batch / per_step / base:.2f}x |"
+        )
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -89,7 +119,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests at 8 clients")
     parser.add_argument("--small", type=int, default=40, help="requests at 1 and 4 clients")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--probe-steps", type=int, default=32, help="0: no batch probe")
+    parser.add_argument("--probe-only", action="store_true", help="only the batch probe")
     args = parser.parse_args()
+    if args.probe_only:
+        batch_probe(args.model, args.probe_steps)
+        return 0
 
     home = tempfile.mkdtemp(prefix="bench-serve-")
     port = free_port()
@@ -155,6 +190,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
+    if args.probe_steps:
+        batch_probe(args.model, args.probe_steps)
     return 0
 
 

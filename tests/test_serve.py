@@ -102,6 +102,18 @@ def test_plain_and_streamed_equal_ask(server, tiny_mixtral):
     assert_one_line_error(usage, 2, "max tokens must be at least 1, not 0")
 
 
+def test_ask_without_a_server_answers_in_process(tiny_mixtral):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = mixchat("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "3", "Hi",
+                     env={"MIXCHAT_SERVER": url})  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["generation_tokens"] == 3
+
+
 def test_raw_completion_matches_greedy_reference(server, tiny_mixtral):
     import mlx.core as mx
 
@@ -266,6 +278,14 @@ def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model
         )
         assert other.model == default_model_path.stem
         assert health(short)["loads"] == state["loads"] + 2
+
+        # `ask` without --model means the embedded default, as in-process; named as in-process
+        asked = mixchat(
+            "ask", "--json", "--max-tokens", "2", "Hi", env={"MIXCHAT_SERVER": short.url}
+        )
+        assert asked.returncode == 0, asked.stderr.decode()
+        assert json.loads(asked.stdout)["model"] == "SmolLM2-135M-Instruct"
+        assert short.scheduler.history[-1].key == str(default_model_path.resolve())
 
 
 def test_conversation_cache_survives_other_conversations(server, tiny_mixtral):

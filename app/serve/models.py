@@ -78,7 +78,11 @@ class ModelManager:
         self._remember(spec, key)
         return key
 
-    def name(self, key: str) -> str:
+    def name(self, key: str, spec: str | None = None) -> str:
+        """The model's name in answers: as Engine.load names `spec` (what the request asked
+        for), or the name the model was first known by."""
+        if spec not in (None, "", "default"):
+            return display_name(spec, Path(key))
         return self._name_of.get(key, Path(key).name)
 
     def listed(self) -> list[str]:

@@ -192,5 +192,6 @@ class Scheduler:
         assert stats is not None
         reason = "cancelled" if job.cancelled else "stop" if stopped else stats.finish_reason
         offload = engine.offload.describe() if engine.offload is not None else None
-        job.done = Done(reason, len(ids), stats, engine.name, offload)
+        name = self.models.name(job.key, request.model)
+        job.done = Done(reason, len(ids), stats, name, offload)
         job.emit(job.done)

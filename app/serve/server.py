@@ -120,7 +120,7 @@ def build_app(
             "id": ("chatcmpl-" if chat else "cmpl-") + job.id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": job.created,
-            "model": model or models.name(job.key),
+            "model": model or models.name(job.key, job.request.model),
         }
 
     def chunk(job: Job, delta: dict | None = None, *, text: str = "", finish: Done | None = None):

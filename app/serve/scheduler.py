@@ -102,7 +102,7 @@ class Scheduler:
         """The client went away: drop the job if waiting, stop it at its next token if running.
         A finished job is left alone."""
         with self._lock:
-            if job.state == "done" or job.cancelled:
+            if job.state == "done" or job.cancelled or job.done is not None:
                 return
             job.cancelled = True
             if job.state == "queued":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -122,6 +123,7 @@ def main() -> int:
     parser.add_argument("--probe-steps", type=int, default=32, help="0: no batch probe")
     parser.add_argument("--probe-only", action="store_true", help="only the batch probe")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server we started
     if args.probe_only:
         batch_probe(args.model, args.probe_steps)
         return 0

@@ -61,6 +61,11 @@ def build_parser() -> Parser:
     info = commands.add_parser("info", help="describe a model without loading it")
     info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                      help="compute dtype override")  # fmt: skip
+    info.add_argument("--remeasure", action="store_true",
+                      help="measure this machine's disk, memory and kernel speed again "
+                      "(they are kept in the data directory)")  # fmt: skip
     add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
@@ -87,7 +92,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 
 def memory_size(text: str) -> int | str:
     """argparse type of --memory-budget: bytes, or "auto" (resolved when used)."""
-    from model.budget import parse_budget
+    from model.memory_plan import parse_budget
 
     try:
         return parse_budget(text)
@@ -95,11 +100,33 @@ def memory_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def context_size(text: str) -> int:
+    """argparse type of --max-context: a positive number of tokens (8192, 32k)."""
+    s = text.strip().lower()
+    try:
+        value = int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the context must be at least 1 token, not {text}")
+    return value
+
+
 def add_budget_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-budget", type=memory_size, metavar="SIZE",
-        help="most memory the model may use, e.g. 12GB, 800MB, or auto (a safe share of this "
-        "machine's memory); experts that do not fit are read from disk on demand",
+        help="most memory the model may use, e.g. 12GB, 800MB, auto (a safe share of this "
+        "machine's memory) or none (load everything); experts that do not fit are read from "
+        "disk on demand. Default: everything in memory when it fits, else auto",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-context", type=context_size, metavar="TOKENS",
+        help="longest conversation, in tokens (e.g. 8192 or 32k); the KV cache is planned for "
+        "it. Default: the model's, or under a budget the longest that leaves room for experts",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-bits", type=int, choices=(8, 4), metavar="BITS",
+        help="store the KV cache in 8 (or 4) bits: a long context in less memory",
     )  # fmt: skip
 
 
@@ -148,11 +175,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if sys.stderr.isatty() and not args.quiet:
         print(f"Loading {args.model or 'the default model'}…", file=sys.stderr, end="\r")
-    engine = Engine.load(args.model, dtype=args.dtype, memory_budget=args.memory_budget)
+    engine = Engine.load(args.model, dtype=args.dtype, memory_budget=args.memory_budget,
+                         max_context=args.max_context, kv_bits=args.kv_bits)  # fmt: skip
     if sys.stderr.isatty() and not args.quiet:
         print(" " * 60, file=sys.stderr, end="\r")
-    if engine.offload is not None and not args.quiet and not args.json:
-        print(f"[{engine.offload.describe()}; `mixchat info` predicts the speed]", file=sys.stderr)
+    if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
+        print(f"mixchat: {engine.memory_notice}", file=sys.stderr)
     text, stats = [], None
     for chunk in engine.stream(messages, settings):
         text.append(chunk.text)
@@ -173,6 +201,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "model": engine.name,
             "expert_hit_rate": stats.expert_hit_rate,
             "bytes_read_per_token": stats.bytes_read_per_token,
+            "prompt_bytes_read_per_token": stats.prompt_bytes_read_per_token,
             "load_seconds": stats.load_seconds,
             "compute_seconds": stats.compute_seconds,
         }
@@ -200,22 +229,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from app.tui import run_chat
 
-    if args.dtype:
-        os.environ["MIXCHAT_DTYPE"] = args.dtype
     if args.memory_budget is not None:
-        check_memory_budget(args.model, args.memory_budget, args.dtype)  # before the UI opens
-        os.environ["MIXCHAT_MEMORY_BUDGET"] = str(args.memory_budget)  # read by Engine.load
-    return run_chat(args.model, lang=args.lang)
+        check_memory_budget(args)  # a budget that cannot work fails before the UI opens
+    return run_chat(args.model, lang=args.lang, dtype=args.dtype,
+                    memory_budget=args.memory_budget, max_context=args.max_context,
+                    kv_bits=args.kv_bits)  # fmt: skip
 
 
-def check_memory_budget(model: str | None, budget: int | str, dtype: str | None) -> None:
-    """Raise the one-line BudgetError a budget too small for `model` gets, without loading it."""
+def check_memory_budget(args: argparse.Namespace) -> None:
+    """Raise the one-line BudgetError a budget too small for the model gets, without loading."""
     from model import registry, weights
-    from model.budget import check_budget, memory_plan, resolve_budget
 
-    checkpoint = weights.locate(registry.resolve(model))
-    plan = memory_plan(checkpoint, weights.compute_dtype(checkpoint, dtype).size)
-    check_budget(plan, resolve_budget(budget), checkpoint.path.name)
+    checkpoint = weights.locate(registry.resolve(args.model))
+    weights.plan_memory(checkpoint, args.dtype, args.memory_budget, args.max_context,
+                        args.kv_bits)  # fmt: skip
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -234,15 +261,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from model import registry, weights
-    from model.budget import fit_report
     from model.info import model_info
+    from model.machine import CACHE_FILE, MeasurementCache
+    from model.predict import fit_report
 
     path = registry.resolve(args.model)
     checkpoint = weights.locate(path)
     name = registry.DEFAULT_MODEL if args.model is None else args.model
-    compute_bytes = weights.compute_dtype(checkpoint).size
-    info = model_info(checkpoint, name, compute_bytes)
-    fit = fit_report(checkpoint, compute_bytes, args.memory_budget, args.model)
+    dtype = weights.compute_dtype(checkpoint, args.dtype)
+    info = model_info(checkpoint, name, dtype.size)
+    fit = fit_report(
+        checkpoint, dtype, args.memory_budget, args.model, args.max_context, args.kv_bits,
+        MeasurementCache(registry.data_dir() / CACHE_FILE), args.remeasure,
+        weights.stream_count(),
+    )
     if args.json:
         print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
         return 0

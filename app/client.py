@@ -134,6 +134,8 @@ def print_reply(response: http.client.HTTPResponse, args: argparse.Namespace, ur
         raise MixchatError(f"the reply from {url} broke off: {e}") from None
     if stats is None:
         raise MixchatError(f"the server at {url} sent no statistics")
+    if stats["memory_notice"]:  # always said, in one line, as in-process
+        print(f"mixchat: {stats['memory_notice']}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "text": "".join(text),
@@ -146,6 +148,7 @@ def print_reply(response: http.client.HTTPResponse, args: argparse.Namespace, ur
             "model": model,
             "expert_hit_rate": stats["expert_hit_rate"],
             "bytes_read_per_token": stats["bytes_read_per_token"],
+            "prompt_bytes_read_per_token": stats["prompt_bytes_read_per_token"],
             "load_seconds": stats["load_seconds"],
             "compute_seconds": stats["compute_seconds"],
         }, ensure_ascii=False))  # fmt: skip
@@ -153,8 +156,6 @@ def print_reply(response: http.client.HTTPResponse, args: argparse.Namespace, ur
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not args.quiet:
-        if stats.get("offload"):
-            print(f"[{stats['offload']}; `mixchat info` predicts the speed]", file=sys.stderr)
         print(
             f"[prompt {stats['prompt_tokens_prefilled']} tokens, {stats['prompt_tps']:.1f} tok/s | "
             f"reply {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tok/s | "

@@ -32,10 +32,20 @@ def __getattr__(name: str):
 
 
 def load(
-    path_or_repo_id: str | Path | None = None, *, dtype: str | None = None, lazy: bool = False
+    path_or_repo_id: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    lazy: bool = False,
+    memory_budget: int | str | None = None,
+    max_context: int | None = None,
+    kv_bits: int | None = None,
 ):
     """Load a model and its tokenizer: a HF or MLX-quantized directory, a GGUF file, or a repo
-    id already in the local Hugging Face cache (never downloads). Returns (model, tokenizer)."""
+    id already in the local Hugging Face cache (never downloads). Returns (model, tokenizer).
+
+    `memory_budget`: None chooses (loads whole when it fits in what is available, else streams
+    experts under the automatic budget: `model.memory.notice` says so); "auto", "none" (load
+    whole regardless) or bytes."""
     from . import registry, weights
     from .tokenizer import load_tokenizer
 
@@ -44,7 +54,8 @@ def load(
     tokenizer = load_tokenizer(
         checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
     )
-    return weights.build_model(checkpoint, dtype=dtype, lazy=lazy), tokenizer
+    memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
+    return weights.build_model(checkpoint, dtype=dtype, lazy=lazy, memory=memory), tokenizer
 
 
 __all__ = [

@@ -70,6 +70,11 @@ class ModelArgs:
         return self.num_local_experts > 0
 
     @property
+    def kv_group_size(self) -> int | None:
+        """Group size of a quantized KV cache (None: the head dimension does not allow one)."""
+        return next((g for g in (64, 32) if self.head_dim % g == 0), None)
+
+    @property
     def context_length(self) -> int:
         return self.max_position_embeddings
 

@@ -19,9 +19,10 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .errors import MixchatError
+from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass; bounds activation memory
+KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
 
 
 @dataclass
@@ -55,6 +56,7 @@ class GenerationStats:
     # With a memory budget (experts streamed from disk; None otherwise), over the decode steps:
     expert_hit_rate: float | None = None  # share of routed experts found in the expert cache
     bytes_read_per_token: float | None = None  # expert bytes read from disk per decoded token
+    prompt_bytes_read_per_token: float | None = None  # the same, per prompt token
     load_seconds: float | None = None  # time decoding waited for expert reads
     compute_seconds: float | None = None  # the rest of the decode time
 
@@ -71,10 +73,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.name = name
         self.info = info
-        self.context_length = model.args.context_length
+        memory = getattr(model, "memory", None)  # a memory_plan.MemoryDecision, or None
+        self.context_length = memory.context if memory is not None else model.args.context_length
+        self.kv_bits = memory.plan.kv_bits if memory is not None else None
+        self.memory_notice = memory.notice if memory is not None else ""  # one line, or ""
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
         self._cancel = threading.Event()
+        self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
         self._cache_tokens: list[int] = []  # the tokens whose keys/values the cache holds
         from .offload import runtime_of
@@ -88,15 +94,19 @@ class Engine:
         *,
         dtype: str | None = None,
         memory_budget: int | str | None = None,
+        max_context: int | None = None,
+        kv_bits: int | None = None,
     ) -> Engine:
         """Load a model by path, cached repo id, or None for the embedded default model.
 
-        `memory_budget`: bytes, a size ("12GB") or "auto"; None reads MIXCHAT_MEMORY_BUDGET.
-        Below what the model needs, experts are read on demand into a cache within it."""
+        `memory_budget`: bytes, a size ("12GB"), "auto", "none" (everything in memory, even if
+        it does not fit) or None: MIXCHAT_MEMORY_BUDGET, else whole when the model fits in the
+        memory available now and streamed under the automatic budget when not
+        (`engine.memory_notice` then says so, in one line). `max_context` caps the context
+        (default: what fits); `kv_bits` (8 or 4) quantizes the KV cache."""
         import os
 
         from . import registry, weights
-        from .budget import resolve_budget
         from .info import model_info
         from .tokenizer import load_tokenizer
 
@@ -107,8 +117,15 @@ class Engine:
         )
         if memory_budget is None:
             memory_budget = os.environ.get("MIXCHAT_MEMORY_BUDGET") or None
-        budget = resolve_budget(memory_budget)
-        built = weights.build_model(checkpoint, dtype=dtype, memory_budget=budget)
+        if isinstance(memory_budget, str):
+            from .memory_plan import BudgetError, parse_budget
+
+            try:
+                memory_budget = parse_budget(memory_budget)
+            except ValueError as e:
+                raise BudgetError(str(e)) from None
+        memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
+        built = weights.build_model(checkpoint, dtype=dtype, memory=memory)
         name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
         compute_bytes = built.model.norm.weight.dtype.size
         return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))
@@ -177,11 +194,21 @@ class Engine:
         cached = self._reuse_cache(ids)
         cache = self._cache
         pending = ids[cached:]
-        while len(pending) > PREFILL_CHUNK:
-            self.model.hidden_states(mx.array(pending[:PREFILL_CHUNK])[None], cache=cache)
-            mx.eval([c.state for c in cache])
-            pending = pending[PREFILL_CHUNK:]
-        y, routing = self._step(mx.array(pending)[None], sampler)
+        read_before = self.offload.snapshot() if self.offload else None
+        if self.offload is not None:
+            # Experts stream from disk: run the prompt layer by layer over whole windows, so
+            # each expert is read once per layer for the window, not once per chunk.
+            while len(pending) > LAYERWISE_WINDOW:
+                window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
+                self._track_kv(len(window))
+                self.model.prefill_layerwise(mx.array(window)[None], cache, self._chunk)
+        else:
+            while len(pending) > self._chunk:
+                self.model.hidden_states(mx.array(pending[: self._chunk])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+                pending = pending[self._chunk :]
+        self._track_kv(len(pending))
+        y, routing = self._step(mx.array(pending)[None], sampler, self.offload is not None)
         mx.async_eval(y)
         # Streaming experts syncs every layer: queuing step t+1 before reading token t gains
         # nothing and would count a decode step as prompt time.
@@ -189,6 +216,9 @@ class Engine:
         offload_start = self.offload.snapshot() if self.offload else None
 
         stats = GenerationStats(prompt_tokens=len(ids) - cached)
+        if read_before is not None and offload_start is not None:
+            read = offload_start.minus(read_before).bytes_read
+            stats.prompt_bytes_read_per_token = read / max(stats.prompt_tokens, 1)
         detokenizer = self.tokenizer.detokenizer()
         eos = self.tokenizer.eos_ids
         first_token_time = 0.0
@@ -215,6 +245,7 @@ class Engine:
                 stats.finish_reason = "cancelled"
                 break
             if not pipelined:
+                self._track_kv(1)
                 next_y, next_routing = self._step(y[None], sampler)
                 mx.async_eval(next_y)
             y, routing = next_y, next_routing
@@ -227,6 +258,24 @@ class Engine:
             self._offload_stats(stats, offload_start, elapsed, len(generated) - 1)
         yield Chunk(detokenizer.finish(), stats)
 
+    @property
+    def _chunk(self) -> int:
+        """Prompt tokens per attention pass (fewer for long contexts: bounded scores)."""
+        from .memory_plan import prefill_chunk
+
+        return self._chunk_override or prefill_chunk(self.model.args, self.context_length)
+
+    def _track_kv(self, upcoming: int) -> None:
+        """Before `upcoming` tokens enter the KV cache, give the expert cache what the KV cache
+        will not use (budgets only). The KV cache grows in steps of KV_STEP tokens."""
+        if self.offload is None or self._cache is None:
+            return
+        offset = self._cache[0].offset
+        tokens = -(-(offset + upcoming) // KV_STEP) * KV_STEP
+        per_token = self.model.memory.plan.kv_bytes_per_token
+        self.offload.release()  # everything queued so far has been evaluated
+        self.offload.set_kv_bytes(max(sum(c.nbytes for c in self._cache), tokens * per_token))
+
     def _offload_stats(self, stats: GenerationStats, start, elapsed: float, steps: int) -> None:
         """Expert cache statistics over the decode steps (after the prompt's pass)."""
         delta = self.offload.snapshot().minus(start)
@@ -235,11 +284,16 @@ class Engine:
         stats.load_seconds = delta.load_seconds
         stats.compute_seconds = max(0.0, elapsed - delta.load_seconds)
 
-    def _step(self, tokens: mx.array, sampler) -> tuple[mx.array, list | None]:
-        """Queue one forward pass over `tokens` [1, T]; returns the sampled next token [1]."""
+    def _step(self, tokens: mx.array, sampler, layerwise: bool = False
+              ) -> tuple[mx.array, list | None]:  # fmt: skip
+        """Queue one forward pass over `tokens` [1, T] (layer by layer over all of them when
+        `layerwise`); returns the sampled next token [1]."""
         observe = self.routing_observer is not None and self.model.args.is_moe
         self.model.routing = [] if observe else None
-        hidden = self.model.hidden_states(tokens, cache=self._cache)
+        if layerwise and tokens.shape[1] > 1:
+            hidden = self.model.prefill_layerwise(tokens, self._cache, self._chunk)
+        else:
+            hidden = self.model.hidden_states(tokens, cache=self._cache)
         logits = self.model.logits(hidden[:, -1, :])  # only the last position is sampled
         routing, self.model.routing = self.model.routing, None
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -256,7 +310,7 @@ class Engine:
     def _reuse_cache(self, ids: list[int]) -> int:
         """Keep the cached prefix shared with `ids`; returns how many tokens need no prefill."""
         if self._cache is None:
-            self._cache, self._cache_tokens = self.model.make_cache(), []
+            self._cache, self._cache_tokens = self.model.make_cache(self.kv_bits), []
         common = 0
         for a, b in zip(self._cache_tokens, ids):
             if a != b:
@@ -268,7 +322,7 @@ class Engine:
             if can_trim_prompt_cache(self._cache) and trim_prompt_cache(self._cache, surplus) == surplus:
                 pass
             else:  # a rolled-over sliding-window cache cannot rewind: start again
-                self._cache, common = self.model.make_cache(), 0
+                self._cache, common = self.model.make_cache(self.kv_bits), 0
         self._cache_tokens = ids[:common]
         return common
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelArgs
 from .errors import CheckpointError
+from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, swiglu
 
 # Matrix products are split across this many streams of the default device. On MLX's CPU
 # backend each stream runs on its own thread, so two streams use two cores (one token: the two
@@ -52,6 +53,10 @@ def compute_streams() -> list[mx.Stream]:
 def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
     cuts = [n * i // parts for i in range(parts + 1)]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
@@ -114,7 +119,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)  # [B, kv_heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
         return linear(out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.o_proj)
 
 
@@ -131,24 +136,6 @@ class MLP(nn.Module):
         return linear(nn.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
 
-def expert_matmul(x: mx.array, proj: nn.Module, inds: mx.array, sorted_inds: bool) -> mx.array:
-    """x @ proj.weight[inds].T for stacked expert weights, quantized or not."""
-    if isinstance(proj, QuantizedSwitchLinear):
-        return mx.gather_qmm(
-            x,
-            proj["weight"],
-            proj["scales"],
-            proj.get("biases"),
-            rhs_indices=inds,
-            transpose=True,
-            group_size=proj.group_size,
-            bits=proj.bits,
-            mode=proj.mode,
-            sorted_indices=sorted_inds,
-        )
-    return mx.gather_mm(x, proj["weight"].swapaxes(-1, -2), rhs_indices=inds, sorted_indices=sorted_inds)
-
-
 class Experts(nn.Module):
     """E SwiGLU experts, stacked: gate/up [E, ffn, hidden], down [E, hidden, ffn]."""
 
@@ -161,8 +148,9 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x: [N, hidden], inds: [N, k] -> [N, k, hidden] (each token through its k experts)."""
         N, k = inds.shape
+        w = {name: Projection.of(self[name]) for name in PROJECTIONS}
         streams = compute_streams()
-        if N * k >= 64:
+        if N * k >= SORTED_MIN_ROWS:
             # Prefill: rows grouped by expert so each expert's weights are read once per
             # stream; each stream takes a contiguous slice of the sorted rows.
             flat = inds.flatten()
@@ -171,20 +159,15 @@ class Experts(nn.Module):
             parts = []
             for stream, (a, b) in zip(streams, _bounds(N * k, len(streams))):
                 with mx.stream(stream):
-                    parts.append(self._swiglu(rows[a:b], experts[a:b], sorted_inds=True))
+                    parts.append(swiglu(rows[a:b], w, experts[a:b], sorted_inds=True))
             y = mx.concatenate(parts, axis=0)
             return y[mx.argsort(order)].reshape(N, k, -1)
         # Decode: the j-th chosen expert of every token on stream j (its own CPU core).
         parts = []
         for j in range(k):
             with mx.stream(streams[j % len(streams)]):
-                parts.append(self._swiglu(x[:, None, None], inds[:, j : j + 1], False))
+                parts.append(swiglu(x[:, None, None], w, inds[:, j : j + 1], False))
         return mx.concatenate(parts, axis=1).squeeze(-2)  # [N, k, hidden]
-
-    def _swiglu(self, x: mx.array, inds: mx.array, sorted_inds: bool) -> mx.array:
-        gate = expert_matmul(x, self.gate_proj, inds, sorted_inds)
-        up = expert_matmul(x, self.up_proj, inds, sorted_inds)
-        return expert_matmul(nn.silu(gate) * up, self.down_proj, inds, sorted_inds)
 
 
 class SparseMoE(nn.Module):
@@ -244,9 +227,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         # Set to a list to record each MoE layer's top-k expert ids ([B, T, k], layer order).
         self.routing: list | None = None
+        self.memory = None  # how it was loaded: a memory_plan.MemoryDecision, or None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key == "routing":  # a plain attribute, never a parameter
+        if key in ("routing", "memory"):  # plain attributes, never parameters
             object.__setattr__(self, key, value)
         else:
             super().__setattr__(key, value)
@@ -274,11 +258,49 @@ class Model(nn.Module):
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
         return linear(h, head)
 
-    def make_cache(self) -> list:
-        """One KV cache per layer; a rolling one of `sliding_window` entries when configured."""
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        """One KV cache per layer: a rolling one of `sliding_window` entries when configured,
+        keys and values quantized to `kv_bits` (mlx-lm's QuantizedKVCache) when asked."""
         if self.args.sliding_window:
+            if kv_bits:
+                raise CheckpointError(
+                    "a quantized KV cache is not available for sliding-window models"
+                )
             return [RotatingKVCache(max_size=self.args.sliding_window) for _ in self.layers]
+        if kv_bits:
+            group = self.args.kv_group_size
+            if group is None:
+                raise CheckpointError(
+                    "a quantized KV cache needs a head dimension divisible by 32, not "
+                    f"{self.args.head_dim}"
+                )
+            return [QuantizedKVCache(group_size=group, bits=kv_bits) for _ in self.layers]
         return [KVCache() for _ in self.layers]
+
+    def prefill_layerwise(self, inputs: mx.array, cache: list, chunk: int) -> mx.array:
+        """Like `hidden_states(inputs, cache)`, but layer by layer over all of `inputs` [1, T]:
+        each layer's attention runs over the tokens in chunks of `chunk` (filling its KV cache
+        in order), then its experts over all T tokens at once, so a layer whose experts are
+        streamed from disk reads each of them once for the whole prompt instead of once per
+        chunk. Returns the final-normed hidden state of the last token [1, 1, hidden]."""
+        h = self.model.embed_tokens(inputs)  # [1, T, hidden]
+        T = h.shape[1]
+        for layer, layer_cache in zip(self.layers, cache):
+            parts = []
+            for a, b in _chunks(T, chunk):
+                x = h[:, a:b]
+                mask = create_attention_mask(x, layer_cache, window_size=self.args.sliding_window)
+                part = x + layer.self_attn(layer.input_layernorm(x), mask, layer_cache)
+                mx.eval(part, layer_cache.state)
+                parts.append(part)
+            h = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            normed = layer.post_attention_layernorm(h)
+            if "block_sparse_moe" in layer:
+                h = h + layer.block_sparse_moe(normed, self.routing)
+            else:
+                h = h + layer.mlp(normed)
+            mx.eval(h)
+        return self.model.norm(h[:, -1:])
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map Hugging Face names onto ours: stack per-expert weights, drop derived tensors."""

@@ -4,25 +4,32 @@ After `weights.build_model` has built a model with its expert tensors left unrea
 swaps each MoE layer's `switch_mlp` for an `OffloadedExperts`. Per layer, per forward pass:
 
 1. the router's choices are evaluated (one sync per layer, inherent to choosing what to read);
-   with prefetch on (MIXCHAT_OFFLOAD_PREFETCH=1; off by default: on the benchmark model its
-   guesses evicted more useful experts than they supplied, see benchmarks/bench_offload.py),
-   the *next* layer's router is applied to this layer's hidden state in the same sync, and the
-   experts it picks are read in the background, entering the cache as least recently used;
+   a prompt (>= PREFILL_PREFETCH_TOKENS tokens, which use nearly every expert) queues the next
+   layer's experts to be read while this layer computes; during decode, guessing the next
+   layer's experts from this layer's hidden state is off by default (MIXCHAT_OFFLOAD_PREFETCH=1:
+   its wrong guesses evicted more useful experts than they supplied);
 2. experts not in the cache are read with positioned reads of their byte ranges (expert e of a
-   stacked [E, ...] safetensors tensor is one contiguous slice) into numpy, then `mx.array`;
-3. each chosen expert is applied to its tokens with `mx.gather_qmm` on the cached arrays (the
-   same kernel and shapes as `mixtral.Experts`, so greedy tokens are identical).
+   stacked [E, ...] safetensors tensor is one contiguous slice), several in flight, past the
+   page cache (O_DIRECT, F_NOCACHE) so their bytes are not held twice;
+3. each chosen expert is applied to its tokens by `experts.swiglu` on the cached arrays (the
+   same kernels and shapes as `mixtral.Experts`, so greedy tokens are identical).
+
+Under a budget the engine runs a prompt layer by layer over whole windows of tokens
+(`Model.prefill_layerwise`), so each expert is read at most once per layer per window.
 
 The cache (`ExpertCache`) counts bytes exactly (the arrays' `nbytes`), reserves them before a
-read starts, and never holds more than its capacity: LRU (the default) or LFU, over all layers
-or with an equal quota per layer (MIXCHAT_OFFLOAD_POLICY; all four hit within ~2 points of each
-other on the benchmark, so the simplest won). Experts in use by the layer being computed are
-pinned until the next sync, so an eviction always frees memory. When a layer needs more experts
-than the cache can hold (a long prompt under a small budget), they are computed in groups.
+read starts, and never holds more than its capacity, which shrinks as the KV cache grows
+(`OffloadRuntime.set_kv_bytes`). Eviction (MIXCHAT_OFFLOAD_POLICY): "next-use" by default,
+which evicts what the cyclic layer order reaches last; replayed on Mixtral-like routing
+(model/routing_trace.py) it beats LRU at every cached share, and LRU gets no hits at all once
+the cache holds less than one token's experts (it evicts exactly the expert needed next). Experts in use by the layer
+being computed are pinned until the next sync, so an eviction always frees memory. When a
+layer needs more experts than the cache can hold, they are computed in groups.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -39,58 +46,72 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CheckpointError, MixchatError
-from .safetensors_header import read_safetensors_header
+from .experts import PROJECTIONS, ExpertWeights, Projection, RowGroups, swiglu
+from .safetensors_header import FLOAT_DTYPES, TensorSpec, read_safetensors_header
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer")
-DEFAULT_POLICY = "lru"
+POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")
+DEFAULT_POLICY = "next-use"  # best at every cached share on Mixtral-like routing (BENCHMARKS.md)
 _NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
               "I16": np.int16, "F32": np.float32, "F16": np.float16}  # fmt: skip
 PREFETCH_MAX_TOKENS = 4  # guess the next layer's experts only for decode-sized batches
+PREFILL_PREFETCH_TOKENS = 16  # from this many tokens on, read the next layer's experts ahead
+ROW_SLICE = 1024  # rows one kernel call takes in a long prompt (bounds the activations)
 
 Key = tuple[int, int]  # (layer, expert)
 
 
-def tensor_locations(file: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
-    """name -> (absolute start, stop, dtype, shape) of each tensor in a safetensors file."""
-    return {
-        name: (spec.offset, spec.offset + spec.nbytes, spec.dtype, spec.shape)
-        for name, spec in read_safetensors_header(file).items()
-    }
-
-
 # --- reading experts --------------------------------------------------------------------------
+
+_ALIGN = 4096  # O_DIRECT reads start, end and land on page boundaries
 
 
 @dataclass(frozen=True)
 class _Slice:
-    fd: int
+    file: int  # index into ExpertStore's open files
     offset: int  # absolute offset of expert 0's bytes
     stride: int  # bytes per expert
     dtype: str
     shape: tuple[int, ...]  # one expert's shape, with a leading 1: [1, out, in...]
 
 
-ExpertWeights = dict  # projection -> (weight, scales | None, biases | None), each [1, ...]
+CachedExpert = dict  # projection -> (weight, scales | None, biases | None), each [1, ...]
+
+
+def _open(path: Path, bypass_page_cache: bool) -> tuple[int, bool]:
+    """(fd, whether reads must be O_DIRECT-aligned). Bypassing the page cache keeps expert bytes
+    from being held twice (once in the cache, once by the OS): O_DIRECT on Linux, F_NOCACHE on
+    macOS; where O_DIRECT is refused (tmpfs...), reads are evicted after the fact instead."""
+    if bypass_page_cache and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            pass
+    fd = os.open(path, os.O_RDONLY)
+    if bypass_page_cache and sys.platform == "darwin":
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+    return fd, False
 
 
 class ExpertStore:
-    """Reads single experts of stacked `switch_mlp` tensors with positioned reads."""
+    """Reads single experts of stacked `switch_mlp` tensors with positioned reads: one read per
+    tensor part (contiguous: expert e of [E, ...] is bytes [e * stride, (e + 1) * stride)),
+    several experts in flight from the runtime's thread pool."""
 
-    def __init__(self, checkpoint, layers: Iterable[int], dtype: mx.Dtype, drop_page_cache=False):
+    def __init__(self, checkpoint, layers: Iterable[int], dtype: mx.Dtype,
+                 bypass_page_cache: bool = True):  # fmt: skip
         self.dtype = dtype
-        self.drop_page_cache = drop_page_cache
+        self.bypass_page_cache = bypass_page_cache
         self._fds: list[int] = []
-        locations: dict[str, tuple[int, int, int, str, tuple]] = {}
+        self._direct: list[bool] = []
+        locations: dict[str, tuple[int, TensorSpec]] = {}
         for file in checkpoint.files:
-            fd = os.open(file, os.O_RDONLY)
+            fd, direct = _open(file, bypass_page_cache)
             self._fds.append(fd)
-            if drop_page_cache and sys.platform == "darwin":
-                import fcntl
-
-                fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
-            for name, (start, stop, dt, shape) in tensor_locations(file).items():
-                locations[name] = (fd, start, stop, dt, shape)
+            self._direct.append(direct)
+            for name, spec in read_safetensors_header(file).items():
+                locations[name] = (len(self._fds) - 1, spec)
         self.slices: dict[int, dict[str, dict[str, _Slice]]] = {}
         self.disk_bytes: dict[int, int] = {}
         self.memory_bytes: dict[int, int] = {}
@@ -105,16 +126,17 @@ class ExpertStore:
                         if part == "weight":
                             raise CheckpointError(f"checkpoint lacks tensor {name}")
                         continue
-                    fd, start, stop, dt, shape = locations[name]
-                    if dt not in _NP_DTYPES and dt != "BF16":
-                        raise CheckpointError(f"tensor {name} has unsupported dtype {dt}")
-                    experts = shape[0]
-                    if (stop - start) % experts:
+                    file, spec = locations[name]
+                    if spec.dtype not in _NP_DTYPES and spec.dtype != "BF16":
+                        raise CheckpointError(f"tensor {name} has unsupported dtype {spec.dtype}")
+                    experts = spec.shape[0]
+                    if spec.nbytes % experts:
                         raise CheckpointError(
                             f"tensor {name} does not split into {experts} experts"
                         )
-                    stride = (stop - start) // experts
-                    parts[proj][part] = _Slice(fd, start, stride, dt, (1, *shape[1:]))
+                    stride = spec.nbytes // experts
+                    parts[proj][part] = _Slice(file, spec.offset, stride, spec.dtype,
+                                               (1, *spec.shape[1:]))  # fmt: skip
                     self.max_stride = max(self.max_stride, stride)
             self.slices[layer] = parts
             self.disk_bytes[layer] = sum(s.stride for p in parts.values() for s in p.values())
@@ -124,7 +146,7 @@ class ExpertStore:
         self._local = threading.local()
 
     def _memory_nbytes(self, s: _Slice) -> int:
-        if s.dtype in ("F32", "F16", "BF16"):
+        if s.dtype in FLOAT_DTYPES:
             return int(np.prod(s.shape)) * self.dtype.size
         return s.stride
 
@@ -132,9 +154,9 @@ class ExpertStore:
         """Bytes one expert of `layer` takes in the cache."""
         return self.memory_bytes[layer]
 
-    def read(self, layer: int, expert: int) -> tuple[ExpertWeights, int]:
-        """(the expert's arrays, bytes read from disk)."""
-        out: ExpertWeights = {}
+    def read(self, layer: int, expert: int) -> tuple[CachedExpert, int]:
+        """(the expert's arrays, bytes of it read from disk)."""
+        out: CachedExpert = {}
         total = 0
         for proj, parts in self.slices[layer].items():
             arrays = []
@@ -143,38 +165,44 @@ class ExpertStore:
                 if s is None:
                     arrays.append(None)
                     continue
-                raw = self._pread(s.fd, s.offset + expert * s.stride, s.stride)
+                raw = self._pread(s.file, s.offset + expert * s.stride, s.stride)
                 arrays.append(self._to_array(raw, s))
                 total += s.stride
             out[proj] = tuple(arrays)
         return out, total
 
-    def _pread(self, fd: int, offset: int, size: int) -> np.ndarray:
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.nbytes < size:
-            scratch = self._local.scratch = np.empty(max(size, self.max_stride), np.uint8)
-        buf = scratch[:size]
+    def _scratch(self, size: int) -> memoryview:
+        """This thread's page-aligned read buffer (an anonymous mmap) of at least `size` bytes."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            if buf is not None:
+                buf.close()
+            buf = self._local.buf = mmap.mmap(-1, max(size, self.max_stride + 2 * _ALIGN))
+        return memoryview(buf)
+
+    def _pread(self, file: int, offset: int, size: int) -> np.ndarray:
+        fd, direct = self._fds[file], self._direct[file]
+        start = offset - offset % _ALIGN if direct else offset
+        end = -(-(offset + size) // _ALIGN) * _ALIGN if direct else offset + size
+        view = self._scratch(end - start)
         done = 0
-        while done < size:
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [memoryview(buf[done:])], offset + done)
-            else:  # no preadv (older macOS Pythons): one extra copy
-                data = os.pread(fd, size - done, offset + done)
-                n = len(data)
-                buf[done : done + n] = np.frombuffer(data, np.uint8)
+        while done < end - start:
+            n = os.preadv(fd, [view[done : end - start]], start + done)
             if n <= 0:
+                if direct and start + done >= offset + size:
+                    break  # the aligned tail ran past the end of the file
                 raise CheckpointError(f"unexpected end of file reading experts at byte {offset}")
             done += n
-        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+        if self.bypass_page_cache and not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
-        return buf
+        return np.frombuffer(view, np.uint8, size, offset - start)
 
     def _to_array(self, raw: np.ndarray, s: _Slice) -> mx.array:
         """Bytes -> mx.array (a copy), floating tensors converted to the compute dtype with
         the same rounding `astype` applies when the model is loaded whole. Conversions are done
         in numpy so that no MLX operation is created on this (I/O) thread: bfloat16 is kept as
         its uint16 bits, viewed as bfloat16 where it is used (`_as_float`)."""
-        if s.dtype not in ("F32", "F16", "BF16"):
+        if s.dtype not in FLOAT_DTYPES:
             return mx.array(raw.view(_NP_DTYPES[s.dtype]).reshape(s.shape))
         target = self.dtype
         if s.dtype == "BF16" and target == mx.bfloat16:
@@ -217,12 +245,18 @@ class ExpertCache:
     """Byte-budgeted cache of (layer, expert) -> weights.
 
     policy: "lru" | "lfu" (least frequently demanded, all-time counts, ties by recency), with a
-    "-layer" suffix for an equal byte quota per layer instead of one pool. Bytes are reserved
+    "-layer" suffix for an equal byte quota per layer instead of one pool, or "next-use": evict
+    what the forward pass will reach last (layers are visited in a cycle, so LRU evicts exactly
+    what comes next once the cache holds less than one token's experts). Bytes are reserved
     before a read starts (a placeholder entry), pinned entries are never evicted, and `used`
     never exceeds the capacity (or a layer's quota). Thread-safe.
     """
 
     def __init__(self, capacity: int, policy: str = DEFAULT_POLICY, layers: Iterable[int] = (0,)):
+        self.auto = policy == "auto"  # next-use while the capacity is below `working_set`
+        self.working_set = 0  # bytes of one token's experts (set by `attach`)
+        if self.auto:
+            policy = "lru"
         if policy not in POLICIES:
             raise MixchatError(
                 f"unknown expert cache policy {policy!r} (one of {', '.join(POLICIES)})"
@@ -230,8 +264,10 @@ class ExpertCache:
         self.capacity = int(capacity)
         self.policy = policy
         self.lfu = policy.startswith("lfu")
+        self.next_use = policy == "next-use"
         self.per_layer = policy.endswith("-layer")
         self.layers = list(layers)
+        self._position = {layer: i for i, layer in enumerate(self.layers)}  # in forward order
         self.quota = self.capacity // max(len(self.layers), 1) if self.per_layer else self.capacity
         self.lock = threading.RLock()
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
@@ -286,9 +322,23 @@ class ExpertCache:
             return False
 
     # changes
-    def reserve(self, key: Key, nbytes: int, prefetched: bool = False) -> bool:
+    def resize(self, capacity: int) -> None:
+        """A new capacity (the KV cache grew or shrank); evicts unpinned entries to fit it."""
+        with self.lock:
+            self.capacity = max(0, int(capacity))
+            self.quota = (
+                self.capacity // max(len(self.layers), 1) if self.per_layer else self.capacity
+            )
+            for layer in self.layers if self.per_layer else [self.layers[0]]:
+                for victim in self._victims(layer):
+                    if self.scope_used(layer) <= self.limit(layer):
+                        break
+                    self._evict(victim)
+
+    def reserve(self, key: Key, nbytes: int, prefetched: bool = False, cold: bool = True) -> bool:
         """Make room for `key` (evicting unpinned entries by policy) and hold its bytes with a
-        placeholder. False, evicting nothing, if it cannot fit."""
+        placeholder. False, evicting nothing, if it cannot fit. A prefetched entry goes in
+        `cold` (first to be evicted unless demanded) or, for near-certain guesses, as recent."""
         with self.lock:
             if key in self._entries:
                 return True
@@ -303,7 +353,7 @@ class ExpertCache:
                     break
                 self._evict(victim)
             self._entries[key] = _Entry(None, nbytes, prefetched)
-            if prefetched:  # a guess goes in cold: evicted first unless demanded (then touched)
+            if prefetched and cold:  # a guess goes in cold: evicted first unless demanded
                 self._entries.move_to_end(key, last=False)
             self._add(layer, nbytes)
             return True
@@ -352,6 +402,12 @@ class ExpertCache:
         ]
         if self.lfu:  # stable sort: least frequent first, least recent among equals
             keys.sort(key=lambda k: self.frequency[k])
+        elif self.next_use or (self.auto and self.capacity < self.working_set):
+            # the layer order reaches last first (this layer's others, then
+            # the layers just computed), least recent among equals
+            position = self._position
+            n, here = len(position), position.get(layer, 0)
+            keys.sort(key=lambda k: -((position.get(k[0], 0) - here - 1) % n))
         return keys
 
     def _evict(self, key: Key) -> None:
@@ -392,12 +448,18 @@ class OffloadCounters:
 
 
 class OffloadRuntime:
-    """Shared by a model's OffloadedExperts: the store, the cache, the I/O threads, counters."""
+    """Shared by a model's OffloadedExperts: the store, the cache, the I/O threads, counters.
+
+    `capacity` is what the cache may hold with an empty KV cache; `set_kv_bytes` gives the
+    cache whatever the KV cache does not use, so a growing chat takes memory from the experts
+    and the total never passes the budget."""
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, top_k: int, *, prefetch: bool = False,
-                 io_threads: int = 2):  # fmt: skip
+                 io_threads: int = 4):  # fmt: skip
         self.store = store
         self.cache = cache
+        self.capacity = cache.capacity  # with an empty KV cache
+        self.kv_bytes = 0
         self.top_k = top_k
         self.num_experts = 0
         self.prefetch_enabled = prefetch
@@ -405,7 +467,6 @@ class OffloadRuntime:
         self.gates: dict[int, nn.Module] = {}  # layer -> router, for prefetch guesses
         self.next_layer: dict[int, int] = {}
         self.specs: dict[int, dict[str, tuple | None]] = {}  # layer -> proj -> quantization
-        self.budget = 0
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="mixchat-experts")
         self._futures: dict[Key, Future] = {}
         self._pinned: list[Key] = []
@@ -420,6 +481,13 @@ class OffloadRuntime:
             f"experts stream from disk: a {format_bytes(self.cache.capacity)} cache holds "
             f"{min(share, 1):.0%} of their {format_bytes(total)}"
         )
+
+    def set_kv_bytes(self, nbytes: int) -> None:
+        """The KV cache now takes `nbytes`: the expert cache gets the rest of its share (never
+        less than one layer's k experts: the budget's minimum reserved the whole context)."""
+        floor = self.top_k * max(self.store.memory_bytes.values(), default=0)
+        self.cache.resize(max(floor, self.capacity - nbytes))
+        self.kv_bytes = nbytes
 
     def snapshot(self) -> OffloadCounters:
         with self.cache.lock:
@@ -441,8 +509,8 @@ class OffloadRuntime:
             self._futures.pop(key, None)
         return value
 
-    def _submit(self, key: Key, prefetched: bool) -> Future | None:
-        if not self.cache.reserve(key, self.store.expert_bytes(key[0]), prefetched):
+    def _submit(self, key: Key, prefetched: bool, cold: bool = True) -> Future | None:
+        if not self.cache.reserve(key, self.store.expert_bytes(key[0]), prefetched, cold):
             return None
         future = self._pool.submit(self._read, key)
         self._futures[key] = future
@@ -462,12 +530,12 @@ class OffloadRuntime:
         free = self.cache.limit(layer) - self.cache.pinned_bytes(layer)
         return max(1, free // self.store.expert_bytes(layer))
 
-    def demand(self, layer: int, experts: list[int], prefetch: tuple[int, list[int]] | None = None
-               ) -> dict[int, ExpertWeights]:  # fmt: skip
+    def demand(self, layer: int, experts: list[int], prefetch: Prefetch | None = None
+               ) -> dict[int, CachedExpert]:  # fmt: skip
         """The weights of `experts` of `layer`, pinned until `release()`; reads the missing ones
-        (in parallel), then queues `prefetch` (layer, experts) reads and waits for its own."""
+        (in parallel), then queues the `prefetch` reads and waits for its own."""
         start = time.perf_counter()
-        found: dict[int, ExpertWeights] = {}
+        found: dict[int, CachedExpert] = {}
         waits: dict[int, Future] = {}
         cache = self.cache
         with cache.lock:
@@ -503,12 +571,12 @@ class OffloadRuntime:
                 waits[e] = future
                 cache.pin(key)
                 self._pinned.append(key)
-            if prefetch is not None and self.prefetch_enabled:
-                next_layer, guesses = prefetch
-                for e in guesses:
-                    key = (next_layer, e)
+            if prefetch is not None:
+                for e in prefetch.experts:
+                    key = (prefetch.layer, e)
                     if key not in cache and key not in self._futures:
-                        self._submit(key, prefetched=True)
+                        if self._submit(key, prefetched=True, cold=prefetch.cold) is None:
+                            break  # no room left without evicting what is in use
         for e, future in waits.items():
             found[e] = future.result()
         self.counters.load_seconds += time.perf_counter() - start
@@ -538,22 +606,32 @@ class OffloadRuntime:
         self.store.close()
 
 
+@dataclass(frozen=True)
+class Prefetch:
+    """Experts of another layer to read in the background while this layer computes."""
+
+    layer: int
+    experts: list[int]
+    cold: bool = True  # a guess (evicted first unless demanded), or near-certain (recent)
+
+
 def _as_float(a: mx.array | None) -> mx.array | None:
     """bfloat16 tensors are cached as their uint16 bits (see ExpertStore._to_array)."""
     return a.view(mx.bfloat16) if a is not None and a.dtype == mx.uint16 else a
 
 
-def _expert_matmul(x: mx.array, arrays: tuple, spec: tuple | None, zeros: mx.array) -> mx.array:
-    """x [n, 1, in] @ W.T for one expert's arrays ([1, out, in...]), as mixtral.expert_matmul
-    (`zeros`: [n] expert indices into the single expert)."""
-    weight, scales, biases = (_as_float(a) for a in arrays)
-    if spec is not None:
-        group_size, bits, mode = spec
-        return mx.gather_qmm(
-            x, weight, scales, biases, rhs_indices=zeros, transpose=True, group_size=group_size,
-            bits=bits, mode=mode, sorted_indices=True,
-        )  # fmt: skip
-    return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=zeros, sorted_indices=True)
+def _projections(cached: CachedExpert, specs: dict[str, tuple | None]) -> ExpertWeights:
+    """A cached expert's arrays as the `experts.Projection`s `experts.swiglu` applies."""
+    out = {}
+    for proj in PROJECTIONS:
+        weight, scales, biases = (_as_float(a) for a in cached[proj])
+        spec = specs[proj]
+        if spec is None:
+            out[proj] = Projection(weight)
+        else:
+            group_size, bits, mode = spec
+            out[proj] = Projection(weight, scales, biases, group_size, bits, mode)
+    return out
 
 
 class OffloadedExperts(nn.Module):
@@ -569,67 +647,54 @@ class OffloadedExperts(nn.Module):
         rt = self.runtime
         N, k = inds.shape
         next_layer = rt.next_layer.get(self.layer)
-        guess = None
-        if rt.prefetch_enabled and next_layer is not None and N <= PREFETCH_MAX_TOKENS:
+        prefetch = None
+        if next_layer is not None and N >= PREFILL_PREFETCH_TOKENS:
+            # A prompt this long uses nearly every expert of every layer: read the next
+            # layer's while this one computes.
+            mx.eval(inds)
+            prefetch = Prefetch(next_layer, list(range(rt.num_experts)), cold=False)
+        elif rt.prefetch_enabled and next_layer is not None and N <= PREFETCH_MAX_TOKENS:
             logits = rt.gates[next_layer](x)
             guess = mx.argpartition(-logits, kth=rt.top_k - 1, axis=-1)[..., : rt.top_k]
             mx.eval(inds, guess)
+            prefetch = Prefetch(next_layer, sorted(set(np.array(guess).reshape(-1).tolist())))
         else:
             mx.eval(inds)
         rt.release()  # everything before this layer is computed: its experts may go
         rt.counters.forward_passes += self.layer == min(rt.specs)
-        flat = np.array(inds).reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        sorted_experts = flat[order]
-        experts, starts = np.unique(sorted_experts, return_index=True)
-        bounds = [*starts.tolist(), len(flat)]
-        rows = x[mx.array(order // k)][:, None]  # [N*k, 1, hidden], grouped by expert
-        prefetch = (
-            (next_layer, sorted(set(np.array(guess).reshape(-1).tolist())))
-            if guess is not None
-            else None
-        )
+        groups = RowGroups.of(np.array(inds))
+        rows = groups.rows(x, k)  # [N*k, 1, hidden], grouped by expert
         group = rt.group_size(self.layer)
         specs = rt.specs[self.layer]
         streams = _compute_streams()  # expert j of this layer on stream j % len(streams)
         parts: list[mx.array] = []
+        experts, bounds = groups.experts, groups.bounds
         for g in range(0, len(experts), group):
-            chosen = experts[g : g + group].tolist()
+            chosen = experts[g : g + group]
             last_group = g + group >= len(experts)
-            weights = rt.demand(self.layer, chosen, prefetch if last_group else None)
+            cached = rt.demand(self.layer, chosen, prefetch if last_group else None)
             group_parts = []
             for i, e in enumerate(chosen):
                 j = g + i
-                r = rows[bounds[j] : bounds[j + 1]]
-                w = weights[e]
-                if streams:
+                w = _projections(cached[e], specs)
+                for a in range(bounds[j], bounds[j + 1], ROW_SLICE):  # bounded activations
+                    r = rows[a : min(a + ROW_SLICE, bounds[j + 1])]
+                    zeros = mx.zeros((r.shape[0],), dtype=mx.uint32)
                     with mx.stream(streams[j % len(streams)]):
-                        group_parts.append(self._swiglu(r, w, specs))
-                else:
-                    group_parts.append(self._swiglu(r, w, specs))
+                        group_parts.append(swiglu(r, w, zeros, sorted_inds=True))
             parts.extend(group_parts)
             if not last_group:  # the cache cannot hold the whole layer: compute, then let go
                 mx.eval(group_parts)
                 rt.release()
         y = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]  # [N*k, 1, hidden]
-        inverse = mx.array(np.argsort(order))
-        return y[inverse].reshape(N, k, -1)
-
-    @staticmethod
-    def _swiglu(rows: mx.array, w: ExpertWeights, specs: dict) -> mx.array:
-        zeros = mx.zeros((rows.shape[0],), dtype=mx.uint32)
-        gate = _expert_matmul(rows, w["gate_proj"], specs["gate_proj"], zeros)
-        up = _expert_matmul(rows, w["up_proj"], specs["up_proj"], zeros)
-        return _expert_matmul(nn.silu(gate) * up, w["down_proj"], specs["down_proj"], zeros)
+        return groups.unsort(y, N, k)
 
 
 def _compute_streams() -> list:
-    """The model's compute streams (one per CPU core on MLX's CPU backend), if it splits work."""
-    from . import mixtral
+    """The model's compute streams (one per CPU core on MLX's CPU backend)."""
+    from .mixtral import compute_streams
 
-    make = getattr(mixtral, "compute_streams", None)
-    streams = make() if make is not None else []
-    return list(streams) if len(streams) > 1 else []
+    return compute_streams()
 
 
 # --- wiring -----------------------------------------------------------------------------------
@@ -638,22 +703,23 @@ def _compute_streams() -> list:
 @dataclass
 class OffloadOptions:
     policy: str = DEFAULT_POLICY
-    prefetch: bool = False
-    io_threads: int = 2
-    drop_page_cache: bool = False  # read experts past the page cache (benchmarks of cold reads)
+    prefetch: bool = False  # guess the next layer's experts during decode (see the docstring)
+    io_threads: int = 4
+    bypass_page_cache: bool = True  # expert bytes are not held a second time by the OS
 
     @classmethod
     def from_env(cls) -> OffloadOptions:
-        """MIXCHAT_OFFLOAD_POLICY (lru, lfu, lru-layer, lfu-layer), MIXCHAT_OFFLOAD_PREFETCH
-        (0/1), MIXCHAT_OFFLOAD_NOCACHE (1: drop read experts from the page cache)."""
+        """MIXCHAT_OFFLOAD_POLICY (auto, lru, lfu, lru-layer, lfu-layer, next-use),
+        MIXCHAT_OFFLOAD_PREFETCH
+        (0/1), MIXCHAT_OFFLOAD_PAGE_CACHE (1: let the OS cache expert reads)."""
         env = os.environ
         options = cls()
         if env.get("MIXCHAT_OFFLOAD_POLICY"):
             options.policy = env["MIXCHAT_OFFLOAD_POLICY"].strip().lower()
         if env.get("MIXCHAT_OFFLOAD_PREFETCH"):
             options.prefetch = env["MIXCHAT_OFFLOAD_PREFETCH"].strip() not in ("0", "", "no", "off")
-        if env.get("MIXCHAT_OFFLOAD_NOCACHE"):
-            options.drop_page_cache = env["MIXCHAT_OFFLOAD_NOCACHE"].strip() not in ("0", "", "no")
+        if env.get("MIXCHAT_OFFLOAD_PAGE_CACHE"):
+            options.bypass_page_cache = env["MIXCHAT_OFFLOAD_PAGE_CACHE"].strip() in ("0", "no")
         return options
 
 
@@ -667,16 +733,17 @@ def attach(model, checkpoint, capacity: int, dtype: mx.Dtype, options: OffloadOp
     holds at most `capacity` bytes. The model's expert arrays must not have been evaluated."""
     options = options or OffloadOptions.from_env()
     layers = moe_layers(model)
-    store = ExpertStore(checkpoint, layers, dtype, options.drop_page_cache)
-    cache = ExpertCache(capacity, options.policy, layers)
+    store = ExpertStore(checkpoint, layers, dtype, options.bypass_page_cache)
     top_k = model.args.num_experts_per_tok
+    cache = ExpertCache(capacity, options.policy, layers)
+    cache.working_set = sum(top_k * store.expert_bytes(layer) for layer in layers)
     for layer in layers:
         need = top_k * store.expert_bytes(layer)
         if cache.limit(layer) < need:
             store.close()
             raise MixchatError(
-                f"expert cache of {capacity} bytes cannot hold {top_k} experts per layer "
-                f"({need} bytes each layer)"
+                f"expert cache of {capacity} bytes cannot hold {top_k} experts of a layer "
+                f"({need} bytes)"
             )
     runtime = OffloadRuntime(store, cache, top_k, prefetch=options.prefetch,
                              io_threads=options.io_threads)  # fmt: skip

@@ -14,6 +14,8 @@ from .errors import CheckpointError
 
 # Pickled checkpoint formats: refused, never opened (unpickling can run arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
+# Floating-point dtypes as safetensors spells them (converted to the compute dtype on load).
+FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 
 @dataclass

@@ -223,24 +223,31 @@ def stream_count() -> int:
     return 1
 
 
+def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
+                memory_budget: int | str | None = None, max_context: int | None = None,
+                kv_bits: int | None = None):  # fmt: skip
+    """How `checkpoint` will be loaded (`memory_plan.decide`): whole, or with experts streamed
+    under a budget; None as `memory_budget` chooses by what this machine has available."""
+    from .memory_plan import decide
+
+    return decide(checkpoint, compute_dtype(checkpoint, dtype).size, memory_budget,
+                  max_context, kv_bits)  # fmt: skip
+
+
 def build_model(
     checkpoint: Checkpoint,
     dtype: str | None = None,
     lazy: bool = False,
-    memory_budget: int | None = None,
+    memory=None,
 ) -> Model:
     """Instantiate the model and load the checkpoint into it, after checking every tensor.
 
-    With `memory_budget` (bytes) below what the whole model needs, the experts are left unread
-    and streamed from the checkpoint into a cache within the budget (model/offload.py)."""
+    `memory` (a `memory_plan.MemoryDecision`, from `plan_memory`): when it streams experts, the
+    experts are left unread and read on demand into a cache within the budget
+    (model/offload.py). None loads everything."""
     use_parallel_streams(stream_count())
     args = checkpoint.args
-    offload = False
-    if memory_budget is not None:
-        from .budget import check_budget, memory_plan
-
-        plan = memory_plan(checkpoint, compute_dtype(checkpoint, dtype).size)
-        offload = check_budget(plan, memory_budget, checkpoint.path.name)
+    offload = memory is not None and memory.offload
     model = Model(args)
     weights = model.sanitize(read_weights(checkpoint))
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
@@ -268,9 +275,10 @@ def build_model(
         from .offload import attach
 
         weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
-        attach(model, checkpoint, plan.cache_bytes(memory_budget), target)
+        attach(model, checkpoint, memory.cache_bytes, target)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
+    model.memory = memory
     if not lazy:
         try:
             mx.eval(model.parameters())

@@ -112,7 +112,7 @@ def test_download_fetches_selected_files_once(tmp_path, monkeypatch, capsys):
     assert hub.fetched == [f for f in expected if f != "config.json"]
     assert sorted(p.name for p in path.iterdir()) == sorted(expected)
     err = capsys.readouterr().err
-    assert f"{REPO} (89abcdef): 9 files, 7.3 MB, 7.3 MB to download" in err
+    assert f"{REPO} (89abcdef): 9 files, 7.32 MB, 7.32 MB to download" in err
 
     hub.fetched.clear()
     assert download(REPO, cache_dir=cache, quiet=True) == path
@@ -124,7 +124,7 @@ def test_download_checks_free_disk_first(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub = FakeHub(monkeypatch, tmp_path / "hub", HF_REPO)
     monkeypatch.setattr(qd, "_free_space", lambda path: 1_000_000)
-    with pytest.raises(MixchatError, match=r"not enough disk space .* needs 7\.3 MB, 1\.0 MB free"):
+    with pytest.raises(MixchatError, match=r"not enough disk space .* needs 7\.32 MB, 1\.00 MB free"):
         download(REPO, cache_dir=tmp_path / "hub")
     assert hub.fetched == []
 

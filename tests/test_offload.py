@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from model import Engine, GenerationSettings, weights
-from model.budget import memory_plan
+from model.errors import CheckpointError
+from model.memory_plan import memory_plan
 from model.offload import (
     POLICIES,
     ExpertCache,
     OffloadedExperts,
     OffloadRuntime,
+    Prefetch,
     runtime_of,
 )
 from tests.checkpoints import build_hf_checkpoint
@@ -25,6 +27,7 @@ from tests.checkpoints import build_hf_checkpoint
 MESSAGES = [{"role": "user", "content": "Explique la différence entre un modèle dense et un "
              "mélange d'experts, puis donne trois exemples concrets en Python, s'il te plaît."}]  # fmt: skip
 GREEDY = GenerationSettings(max_tokens=16, temperature=0.0)
+CONTEXT = 256  # every budgeted engine here plans its KV cache for this many tokens
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def tiny_q4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plan(tiny_q4):
-    return memory_plan(weights.locate(tiny_q4), 4)
+    return memory_plan(weights.locate(tiny_q4), 4, CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +74,25 @@ def cached_array_bytes(cache: ExpertCache) -> int:
     return total
 
 
-def test_greedy_tokens_identical_and_cache_within_budget(tiny_q4, plan, reference, monkeypatch):
-    monkeypatch.setenv("MIXCHAT_OFFLOAD_POLICY", "lru")
+def test_greedy_tokens_identical_and_cache_within_budget(tiny_q4, plan, reference):
     budget = plan.minimum_budget + 4 * plan.expert_bytes  # 12 of 32 experts
-    engine = Engine.load(str(tiny_q4), memory_budget=budget)
+    engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
     runtime = runtime_of(engine.model)
     assert runtime is not None and engine.offload is runtime
     # The experts are neither parameters of the model nor ever read whole.
     names = [n for n, _ in __import__("mlx.utils").utils.tree_flatten(engine.model.parameters())]
     assert names and not any(".switch_mlp." in n for n in names)
-    assert runtime.cache.capacity == budget - plan.resident_bytes - plan.reserve_bytes
+    # With an empty KV cache, the expert cache may use the KV cache's share too...
+    assert runtime.cache.capacity == plan.cache_bytes(budget, kv_bytes=0)
+    assert runtime.cache.capacity == budget - plan.resident_bytes - plan.reserve_bytes + plan.kv_bytes
     text, stats = run(engine)
     assert text == reference[0]
-    assert runtime.cache.peak <= runtime.cache.capacity
+    # ... and gives it back as the conversation grows: experts + KV never pass their share.
+    kv = sum(c.nbytes for c in engine._cache)
+    assert 0 < kv <= plan.kv_bytes and runtime.kv_bytes == kv
+    assert runtime.cache.capacity == plan.cache_bytes(budget, kv_bytes=kv)
+    assert runtime.cache.used + kv <= plan.cache_bytes(budget, kv_bytes=0)
+    assert runtime.cache.peak <= runtime.capacity
     assert runtime.cache.used == cached_array_bytes(runtime.cache)  # bytes counted exactly
     assert 0 < stats.expert_hit_rate < 1
     assert stats.bytes_read_per_token > 0 and stats.load_seconds >= 0
@@ -99,29 +108,35 @@ def test_every_policy_and_prefetch_gives_the_same_tokens(tiny_q4, plan, referenc
                                                          policy):  # fmt: skip
     monkeypatch.setenv("MIXCHAT_OFFLOAD_POLICY", policy)
     monkeypatch.setenv("MIXCHAT_OFFLOAD_PREFETCH", "1" if policy == "lru" else "0")
-    budget = plan.minimum_budget  # per layer: a quota of 2 experts, so prefill goes in groups
-    engine = Engine.load(str(tiny_q4), memory_budget=budget)
+    # The smallest budget: 2 experts in all (a quota of 2 per layer for per-layer policies),
+    # so a prompt's layer is computed in groups of experts.
+    budget = plan.minimum_budget
+    if policy.endswith("-layer"):
+        budget += (plan.moe_layers - 1) * plan.top_k * plan.expert_bytes
+    if policy == "lru":  # room for prefetched guesses beside the experts in use
+        budget += 4 * plan.expert_bytes
+    engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
     runtime = runtime_of(engine.model)
     seen = []
     original = runtime.cache._add
 
     def spy(layer, nbytes):
         original(layer, nbytes)
-        seen.append(runtime.cache.used)
+        seen.append(runtime.cache.used - runtime.cache.capacity)  # never above the capacity
         if runtime.cache.per_layer:
             assert runtime.cache.scope_used(layer) <= runtime.cache.quota
 
     runtime.cache._add = spy
     text, stats = run(engine)
     assert text == reference[0]
-    assert seen and max(seen) <= runtime.cache.capacity
+    assert seen and max(seen) <= 0
     assert runtime.cache.used == cached_array_bytes(runtime.cache)
     if policy == "lru":
         assert runtime.snapshot().prefetch_reads > 0
 
 
 def test_budget_that_holds_everything_loads_normally(tiny_q4, plan, reference):
-    engine = Engine.load(str(tiny_q4), memory_budget=plan.full_bytes)
+    engine = Engine.load(str(tiny_q4), memory_budget=plan.full_bytes, max_context=CONTEXT)
     assert engine.offload is None
     text, stats = run(engine)
     assert text == reference[0] and stats.expert_hit_rate is None
@@ -130,7 +145,9 @@ def test_budget_that_holds_everything_loads_normally(tiny_q4, plan, reference):
 def test_offloaded_experts_match_stacked_experts(tiny_q4, plan):
     """Prefill-sized batches (sorted path) and decode-sized ones, against `mixtral.Experts`."""
     full = weights.build_model(weights.locate(tiny_q4))
-    small = weights.build_model(weights.locate(tiny_q4), memory_budget=plan.minimum_budget)
+    checkpoint = weights.locate(tiny_q4)
+    memory = weights.plan_memory(checkpoint, None, plan.minimum_budget, CONTEXT)
+    small = weights.build_model(checkpoint, memory=memory)
     reference = full.layers[1].block_sparse_moe.switch_mlp
     offloaded = small.layers[1].block_sparse_moe.switch_mlp
     assert isinstance(offloaded, OffloadedExperts)
@@ -203,6 +220,22 @@ def test_per_layer_quota_evicts_within_the_layer():
     assert (1, 0) not in global_cache and global_cache.used == 40
 
 
+def test_next_use_keeps_hitting_where_lru_cycles_to_nothing():
+    """Layers are visited in a cycle: with room for less than one token's experts, LRU always
+    evicts the expert needed next; next-use evicts what the cycle reaches last."""
+    layers = list(range(4))
+    trace = [(layer, 0) for token in range(30) for layer in layers]  # the same expert each time
+    hits = {}
+    for policy in ("lru", "next-use"):
+        cache = ExpertCache(30, policy, layers=layers)  # 3 of the 4 experts one token needs
+        hits[policy] = sum(access(cache, trace))
+    assert hits["lru"] == 0
+    assert hits["next-use"] > len(trace) // 2  # most of what fits stays until it is needed
+    auto = ExpertCache(30, "auto", layers=layers)
+    auto.working_set = 40  # one token's experts: more than the capacity, so next-use applies
+    assert sum(access(auto, trace)) == hits["next-use"]
+
+
 def test_pinned_and_loading_entries_are_never_evicted():
     cache = ExpertCache(20, "lru", layers=[0])
     assert cache.reserve((0, 0), 10) and cache.reserve((0, 1), 10)  # both still loading
@@ -246,7 +279,7 @@ def test_prefetch_reads_in_the_background_and_counts_hits():
     cache = ExpertCache(100, "lru", layers=[0, 1])
     runtime = OffloadRuntime(store, cache, top_k=2, prefetch=True, io_threads=1)
     store.gate.set()
-    got = runtime.demand(0, [0, 1], prefetch=(1, [2, 3]))
+    got = runtime.demand(0, [0, 1], prefetch=Prefetch(1, [2, 3]))
     assert got[0] == {"expert": (0, 0)} and got[1] == {"expert": (0, 1)}
     runtime._pool.submit(lambda: None).result()  # the single I/O thread has drained its queue
     assert (1, 2) in cache and (1, 3) in cache
@@ -268,7 +301,7 @@ def test_wrong_guesses_not_yet_read_are_cancelled():
     runtime.release()
     store.gate.clear()
     blocker = runtime._pool.submit(store.gate.wait, 5)  # the I/O thread is busy
-    runtime.demand(0, [0], prefetch=(1, [6, 7]))  # queued behind the blocker
+    runtime.demand(0, [0], prefetch=Prefetch(1, [6, 7]))  # queued behind the blocker
     runtime.release()
     assert cache.used == 30  # two placeholders hold their bytes
     threading.Timer(0.2, store.gate.set).start()
@@ -278,3 +311,73 @@ def test_wrong_guesses_not_yet_read_are_cancelled():
     assert (1, 6) in cache and (1, 7) not in cache and (1, 7) not in store.read_keys
     assert cache.used == 20
     runtime.close()
+
+
+# --- prompts under a budget, and the automatic budget -------------------------------------------
+
+
+def test_a_prompt_reads_each_expert_at_most_once_per_layer(tiny_q4, plan, reference):
+    """Layer by layer over the whole prompt: however many chunks the prompt spans, every expert
+    of a layer is read once (the cache holds them all here, but not the rest of the model)."""
+    budget = plan.full_bytes - 1
+    engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
+    runtime = engine.offload
+    assert runtime is not None and runtime.capacity >= plan.total_expert_bytes
+    read = []
+    original = runtime.store.read
+
+    def spy(layer, expert):
+        read.append((layer, expert))
+        return original(layer, expert)
+
+    runtime.store.read = spy
+    engine._chunk_override = 8  # many attention chunks per prompt
+    chunks = list(engine.stream(MESSAGES, GenerationSettings(max_tokens=1, temperature=0.0)))
+    prompt_tokens = chunks[-1].stats.prompt_tokens
+    assert prompt_tokens > 5 * 8
+    assert len(read) == len(set(read)) <= plan.moe_layers * plan.num_experts
+    assert chunks[-1].stats.prompt_bytes_read_per_token == pytest.approx(
+        len(read) * plan.expert_disk_bytes / prompt_tokens
+    )
+    assert "".join(c.text for c in chunks) == reference[0][: len(chunks[0].text)]
+
+
+def test_no_budget_on_a_small_machine_streams_experts(tiny_q4, plan, reference, monkeypatch):
+    """With no --memory-budget, a model that does not fit what this machine has available gets
+    the automatic budget, says so in one line, and answers the same."""
+    from model import memory_plan as P
+
+    # A busy machine: what is available now is not enough room to load the model whole.
+    monkeypatch.setattr(P, "physical_memory", lambda: 2 * plan.full_bytes)
+    monkeypatch.setattr(P, "available_memory", lambda: int(1.1 * plan.full_bytes))
+    engine = Engine.load(str(tiny_q4), max_context=CONTEXT)
+    assert engine.offload is not None
+    assert "automatic budget" in engine.memory_notice and "\n" not in engine.memory_notice
+    assert run(engine)[0] == reference[0]
+    forced = Engine.load(str(tiny_q4), memory_budget="none", max_context=CONTEXT)
+    assert forced.offload is None and forced.memory_notice.startswith("warning:")
+
+
+def test_an_8_bit_kv_cache_is_planned_and_close_to_float(tiny_q4, tmp_path):
+    """--kv-bits 8: mlx-lm's QuantizedKVCache, the budget counts it, and the next-token
+    distribution stays close to the float cache's."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    with pytest.raises(CheckpointError, match="head dimension"):  # 16: too small to quantize
+        Engine.load(str(tiny_q4), kv_bits=8).model.make_cache(8)
+    wide = build_hf_checkpoint(tmp_path, "mixtral", hidden_size=128, num_heads=4)  # head dim 32
+    engine = Engine.load(str(wide), kv_bits=8, max_context=CONTEXT)
+    assert engine.kv_bits == 8 and engine.model.memory.plan.kv_bits == 8
+    model = engine.model
+    ids = mx.array(engine.tokenizer.encode_chat(MESSAGES))[None]
+    float_cache, eight_bit = model.make_cache(), model.make_cache(8)
+    assert isinstance(eight_bit[0], QuantizedKVCache)
+    for cache in (float_cache, eight_bit):  # prompt, then one more token through the cache
+        model(ids[:, :-1], cache=cache)
+    a = model(ids[:, -1:], cache=float_cache)[0, -1]
+    b = model(ids[:, -1:], cache=eight_bit)[0, -1]
+    pa, pb = mx.softmax(a), mx.softmax(b)
+    kl = (pa * (mx.log(pa) - mx.log(pb))).sum().item()
+    assert 0 <= kl < 5e-3 and mx.argmax(a).item() == mx.argmax(b).item()
+    per_token = engine.model.memory.plan.kv_bytes_per_token
+    assert eight_bit[0].nbytes * len(eight_bit) == per_token * 256  # one 256-token allocation

@@ -98,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # a port in use fails now, before the load
     models = ModelManager(
         args.model, dtype=args.dtype, memory_budget=args.memory_budget,
+        max_context=args.max_context, kv_bits=args.kv_bits,
         keep_alive=args.keep_alive, prompt_cache_bytes=args.prompt_cache,
     )  # fmt: skip
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather

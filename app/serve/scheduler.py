@@ -36,7 +36,7 @@ class Done:
     prompt_tokens: int  # the whole prompt (OpenAI's usage), cached tokens included
     stats: GenerationStats
     model: str
-    offload: str | None  # how experts are streamed under a memory budget, or None
+    notice: str  # the engine's one-line memory notice (what was chosen for the user), or ""
 
 
 class Job:
@@ -191,7 +191,6 @@ class Scheduler:
             self.models.keep_cache(engine)
         assert stats is not None
         reason = "cancelled" if job.cancelled else "stop" if stopped else stats.finish_reason
-        offload = engine.offload.describe() if engine.offload is not None else None
         name = self.models.name(job.key, request.model)
-        job.done = Done(reason, len(ids), stats, name, offload)
+        job.done = Done(reason, len(ids), stats, name, engine.memory_notice)
         job.emit(job.done)

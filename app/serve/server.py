@@ -220,8 +220,10 @@ def engine_stats(done: Done) -> dict:
         "generation_tokens": s.generation_tokens, "generation_tps": s.generation_tps,
         "peak_memory_gb": s.peak_memory_gb, "context_tokens": s.context_tokens,
         "finish_reason": done.finish_reason, "expert_hit_rate": s.expert_hit_rate,
-        "bytes_read_per_token": s.bytes_read_per_token, "load_seconds": s.load_seconds,
-        "compute_seconds": s.compute_seconds, "offload": done.offload,
+        "bytes_read_per_token": s.bytes_read_per_token,
+        "prompt_bytes_read_per_token": s.prompt_bytes_read_per_token,
+        "load_seconds": s.load_seconds, "compute_seconds": s.compute_seconds,
+        "memory_notice": done.notice,
     }  # fmt: skip
 
 

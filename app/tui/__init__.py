@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 
-def run_chat(model: str | None = None, lang: str | None = None) -> int:
+def run_chat(model: str | None = None, lang: str | None = None, **engine_options) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
 
     The window opens at once; the model loads in a thread behind a visible loading state.
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
+    ``engine_options`` (dtype, memory_budget, max_context, kv_bits) go to ``Engine.load``.
     """
     from app.store import ConversationStore
     from app.tui.app import MixchatApp
@@ -23,7 +24,7 @@ def run_chat(model: str | None = None, lang: str | None = None) -> int:
     def load_engine():
         from model import Engine
 
-        return Engine.load(model)
+        return Engine.load(model, **engine_options)
 
     app = MixchatApp(store=store, engine_loader=load_engine, lang=lang)
     try:

@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
+from app.prompts import system_prompt
+from app.settings import DTYPES, LANGUAGES, Settings, SettingsError, read_settings
 from model.errors import MixchatError
-from model.sizes import format_bytes, format_count
+from model.generation_settings import GenerationSettings
+from model.sizes import format_bytes, format_count, format_number
 
 
 class UsageError(Exception):
@@ -32,22 +37,46 @@ def build_parser() -> Parser:
 
     chat = commands.add_parser("chat", help="open the chat app (the default)")
     add_model_option(chat)
-    chat.add_argument("--lang", help="interface language (en, fr); default from LANG")
+    chat.add_argument(
+        "--lang", help=f"interface language ({', '.join(LANGUAGES)}); default from LC_ALL or LANG"
+    )
     add_budget_option(chat)
     chat.set_defaults(func=cmd_chat)
 
     ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
     add_model_option(ask)
-    ask.add_argument("prompt", nargs="?", help="the prompt; '-' or absent with a pipe: stdin")
+    ask.add_argument(
+        "prompt", nargs="?",
+        help="the prompt; '-' or absent with a pipe: stdin; given with a pipe: the prompt, a "
+        "blank line, then stdin (`cat notes.txt | mixchat ask \"Summarize this.\"`)",
+    )  # fmt: skip
     ask.add_argument("--system", help="system prompt")
-    ask.add_argument("--max-tokens", type=int, default=512, metavar="N")
+    ask.add_argument(
+        "--safe", action="store_true",
+        help="safe mode: put Mistral's guardrail system prompt before --system (as the chat "
+        "app's safe mode does)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--max-tokens", type=int, default=512, metavar="N",
+        help="most tokens in the reply (default %(default)s; fewer if the context is full)",
+    )  # fmt: skip
     ask.add_argument(
         "--temp", type=float, default=0.0, metavar="T",
         help="sampling temperature (default 0: greedy, reproducible one-shot answers)",
-    )
-    ask.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
-    ask.add_argument("--min-p", type=float, default=0.0, metavar="P", help="min-p sampling")
-    ask.add_argument("--seed", type=int, metavar="N")
+    )  # fmt: skip
+    ask.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P",
+        help="nucleus sampling, in (0, 1] (default %(default)s: off)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--min-p", type=float, default=0.0, metavar="P",
+        help="min-p sampling, in [0, 1) (default %(default)s: off)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--seed", type=int, metavar="N",
+        help="random seed, 0 to 2**64-1, for reproducible sampling with --temp > 0 "
+        "(default: a new one each run)",
+    )  # fmt: skip
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
@@ -61,20 +90,16 @@ def build_parser() -> Parser:
     info = commands.add_parser("info", help="describe a model without loading it")
     info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
     info.add_argument("--json", action="store_true")
-    info.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                      help="compute dtype override")  # fmt: skip
+    info.add_argument("--dtype", choices=DTYPES, help="compute dtype override")
     info.add_argument("--remeasure", action="store_true",
                       help="measure this machine's disk, memory and kernel speed again "
                       "(they are kept in the data directory)")  # fmt: skip
     add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
-    try:
-        from quantize.cli import register
-    except ImportError:
-        pass
-    else:
-        register(commands)
+    from quantize.cli import register  # `download` and `quantize` (argparse only: cheap)
+
+    register(commands)
     from app.serve.cli import register as register_serve
 
     register_serve(commands)
@@ -85,9 +110,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", "-m", help="model directory, .gguf file or cached HF repo id (default: embedded)"
     )
-    parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype override"
-    )
+    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype override")
 
 
 def memory_size(text: str) -> int | str:
@@ -135,34 +158,50 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt is None and sys.stdin.isatty():
+def is_piped(stdin: TextIO) -> bool:
+    """Whether stdin is a pipe or a redirected file (not a terminal, nor nothing at all)."""
+    try:
+        mode = os.fstat(stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # closed, or a stand-in without a descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def decode_stdin(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MixchatError(f"stdin is not valid UTF-8 (byte {e.start})") from None
+
+
+def read_prompt(argument: str | None, stdin: TextIO) -> str:
+    """The prompt: the argument; stdin for '-' or no argument; with an argument and a pipe, the
+    argument (an instruction), a blank line, then the piped text, as `llm` and others join them."""
+    if argument is None and stdin.isatty():
         raise UsageError("no prompt: give one as an argument or pipe it on stdin")
-    if args.prompt in (None, "-"):
-        data = sys.stdin.buffer.read()
-        try:
-            prompt = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise MixchatError(f"stdin is not valid UTF-8 (byte {e.start})") from None
+    if argument in (None, "-"):
+        prompt = decode_stdin(stdin.buffer.read())
     else:
-        prompt = clean_text(args.prompt)
+        prompt = clean_text(argument)
+        if is_piped(stdin) and (piped := decode_stdin(stdin.buffer.read())).strip():
+            prompt = f"{prompt}\n\n{piped}"
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return prompt
 
 
+def ask_messages(prompt: str, system: str | None, safe: bool) -> list[dict]:
+    """The conversation `ask` sends: the system prompt (safe-mode guardrail first), then the
+    prompt."""
+    text = system_prompt(safe_mode=safe, system=clean_text(system or ""))
+    return ([{"role": "system", "content": text}] if text else []) + [
+        {"role": "user", "content": prompt}
+    ]
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
-    prompt = read_prompt(args)
-    messages = [{"role": "system", "content": clean_text(args.system)}] if args.system else []
-    messages.append({"role": "user", "content": prompt})
-    if not args.local:  # a running `mixchat serve` answers at once (app/client.py)
-        from app.client import ask_server
-
-        if (code := ask_server(args, messages)) is not None:
-            return code
-    from model import Engine, GenerationSettings
-
-    settings = GenerationSettings(
+    settings: Settings = args.settings
+    generation = GenerationSettings(
         max_tokens=args.max_tokens,
         temperature=args.temp,
         top_p=args.top_p,
@@ -170,19 +209,39 @@ def cmd_ask(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     try:
-        settings.validate()
+        generation.validate()  # every argument is checked before MLX is imported
     except MixchatError as e:
         raise UsageError(str(e)) from None
-    if sys.stderr.isatty() and not args.quiet:
-        print(f"Loading {args.model or 'the default model'}…", file=sys.stderr, end="\r")
-    engine = Engine.load(args.model, dtype=args.dtype, memory_budget=args.memory_budget,
-                         max_context=args.max_context, kv_bits=args.kv_bits)  # fmt: skip
-    if sys.stderr.isatty() and not args.quiet:
-        print(" " * 60, file=sys.stderr, end="\r")
+    messages = ask_messages(read_prompt(args.prompt, sys.stdin), args.system, args.safe)
+    if not args.local:  # a running `mixchat serve` answers at once (app/client.py)
+        from app.client import ask_server
+
+        if (code := ask_server(args, messages)) is not None:
+            return code
+    from model import registry
+
+    registry.resolve(settings.model)  # a missing model fails now, not after MLX loads
+    strings = STRINGS.get(settings.lang, STRINGS["en"])
+    show_progress = sys.stderr.isatty() and not args.quiet
+    if show_progress:
+        key = "loading" if settings.model else "loading_default"
+        print(strings[key].format(model=settings.model), file=sys.stderr, end="\r")
+    from model import Engine  # MLX and the model code: only now
+
+    engine = Engine.load(
+        settings.model,
+        dtype=settings.dtype,
+        memory_budget=settings.memory_budget,
+        max_context=args.max_context,
+        kv_bits=args.kv_bits,
+        streams=settings.streams,
+    )
+    if show_progress:
+        print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
         print(f"mixchat: {engine.memory_notice}", file=sys.stderr)
     text, stats = [], None
-    for chunk in engine.stream(messages, settings):
+    for chunk in engine.stream(messages, generation):
         text.append(chunk.text)
         if not args.json and chunk.text:
             sys.stdout.write(chunk.text)
@@ -210,45 +269,101 @@ def cmd_ask(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if not args.quiet:
-            print(
-                f"[prompt {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
-                f"reply {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s | "
-                f"peak memory {stats.peak_memory_gb:.2f} GB | {stats.finish_reason}]",
-                file=sys.stderr,
-            )
-            if stats.expert_hit_rate is not None:
-                print(
-                    f"[experts: {stats.expert_hit_rate:.0%} cache hits, "
-                    f"{format_bytes(stats.bytes_read_per_token or 0)} read per token, "
-                    f"{stats.load_seconds:.2f} s loading, {stats.compute_seconds:.2f} s computing]",
-                    file=sys.stderr,
-                )
+            for line in stats_lines(stats, settings.lang):
+                print(line, file=sys.stderr)
     return 0
 
 
+# `ask`'s stderr lines, in the interface language (numbers too: 12,3 jetons/s, 530 Mo).
+STRINGS = {
+    "en": {
+        "loading": "Loading {model}…",
+        "loading_default": "Loading the default model…",
+        "stats": "[prompt {prompt} tokens, {prompt_tps} tok/s | reply {reply} tokens, "
+        "{reply_tps} tok/s | peak memory {memory} | {reason}]",
+        "experts": "[experts: {hits} cache hits, {read} read per token, {load} s loading, "
+        "{compute} s computing]",
+        "percent": "{}%",
+        "stop": "stop",
+        "length": "length",
+        "cancelled": "cancelled",
+    },
+    "fr": {
+        "loading": "Chargement de {model}…",
+        "loading_default": "Chargement du modèle par défaut…",
+        "stats": "[invite {prompt} jetons, {prompt_tps} jetons/s | réponse {reply} jetons, "
+        "{reply_tps} jetons/s | mémoire max {memory} | {reason}]",
+        "experts": "[experts : {hits} trouvés en cache, {read} lus par jeton, {load} s de "
+        "lecture, {compute} s de calcul]",
+        "percent": "{}\u202f%",
+        "stop": "fin",
+        "length": "limite de jetons",
+        "cancelled": "interrompu",
+    },
+}
+
+
+def stats_lines(stats, lang: str) -> list[str]:
+    """The statistics `ask` prints on stderr, with numbers written as `lang` writes them."""
+    strings = STRINGS.get(lang, STRINGS["en"])
+
+    def number(value: float, decimals: int = 0) -> str:
+        return format_number(value, decimals, lang)
+
+    lines = [
+        strings["stats"].format(
+            prompt=number(stats.prompt_tokens),
+            prompt_tps=number(stats.prompt_tps, 1),
+            reply=number(stats.generation_tokens),
+            reply_tps=number(stats.generation_tps, 1),
+            memory=format_bytes(stats.peak_memory_gb * 1e9, lang),
+            reason=strings.get(stats.finish_reason, stats.finish_reason),
+        )
+    ]
+    if stats.expert_hit_rate is not None:
+        lines.append(
+            strings["experts"].format(
+                hits=strings["percent"].format(number(stats.expert_hit_rate * 100)),
+                read=format_bytes(stats.bytes_read_per_token or 0, lang),
+                load=number(stats.load_seconds or 0, 2),
+                compute=number(stats.compute_seconds or 0, 2),
+            )
+        )
+    return lines
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    if settings.memory_budget is not None:
+        check_memory_budget(args)  # a budget that cannot work fails before the UI opens
     from app.tui import run_chat
 
-    if args.memory_budget is not None:
-        check_memory_budget(args)  # a budget that cannot work fails before the UI opens
-    return run_chat(args.model, lang=args.lang, dtype=args.dtype,
-                    memory_budget=args.memory_budget, max_context=args.max_context,
-                    kv_bits=args.kv_bits)  # fmt: skip
+    return run_chat(
+        model=settings.model,
+        lang=settings.lang,
+        data_dir=settings.data_dir,
+        dtype=settings.dtype,
+        memory_budget=settings.memory_budget,
+        max_context=args.max_context,
+        kv_bits=args.kv_bits,
+        streams=settings.streams,
+    )
 
 
 def check_memory_budget(args: argparse.Namespace) -> None:
     """Raise the one-line BudgetError a budget too small for the model gets, without loading."""
     from model import registry, weights
 
-    checkpoint = weights.locate(registry.resolve(args.model))
-    weights.plan_memory(checkpoint, args.dtype, args.memory_budget, args.max_context,
+    settings: Settings = args.settings
+    checkpoint = weights.locate(registry.resolve(settings.model))
+    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, args.max_context,
                         args.kv_bits)  # fmt: skip
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from model.registry import list_models
 
-    entries = list_models()
+    entries = list_models(args.settings.data_dir)
     if args.json:
         rows = [{"name": e.name, "source": e.source, "path": str(e.path)} for e in entries]
         print(json.dumps(rows, ensure_ascii=False, indent=1))
@@ -268,12 +383,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = registry.resolve(args.model)
     checkpoint = weights.locate(path)
     name = registry.DEFAULT_MODEL if args.model is None else args.model
-    dtype = weights.compute_dtype(checkpoint, args.dtype)
+    settings: Settings = args.settings
+    dtype = weights.compute_dtype(checkpoint, settings.dtype)
     info = model_info(checkpoint, name, dtype.size)
     fit = fit_report(
-        checkpoint, dtype, args.memory_budget, args.model, args.max_context, args.kv_bits,
-        MeasurementCache(registry.data_dir() / CACHE_FILE), args.remeasure,
-        weights.stream_count(),
+        checkpoint, dtype, settings.memory_budget, args.model, args.max_context, args.kv_bits,
+        MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
+        weights.stream_count(settings.streams),
     )
     if args.json:
         print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
@@ -312,10 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace")
+    settings = None
     try:
         args = parser.parse_args(argv)
+        args.settings = settings = read_settings(args)  # the one read of the environment
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, SettingsError) as e:
         print(f"mixchat: usage error: {e}", file=sys.stderr)
         return 2
     except MixchatError as e:
@@ -328,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # a bug: still one line, unless debugging
-        if os.environ.get("MIXCHAT_DEBUG"):
+        if settings is not None and settings.debug:
             raise
         print(f"mixchat: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import os
 import sys
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 from model.errors import MixchatError
 
@@ -47,7 +48,7 @@ def ask_server(args: argparse.Namespace, messages: list[dict]) -> int | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise MixchatError(f"MIXCHAT_SERVER is not an http URL: {url!r}")
     body = {
-        "model": model_field(args.model),
+        "model": model_field(args.settings.model),
         "messages": messages,
         "max_tokens": args.max_tokens,
         "temperature": args.temp,
@@ -156,21 +157,15 @@ def print_reply(response: http.client.HTTPResponse, args: argparse.Namespace, ur
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not args.quiet:
-        print(
-            f"[prompt {stats['prompt_tokens_prefilled']} tokens, {stats['prompt_tps']:.1f} tok/s | "
-            f"reply {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tok/s | "
-            f"peak memory {stats['peak_memory_gb']:.2f} GB | {stats['finish_reason']}]",
-            file=sys.stderr,
-        )
-        if stats["expert_hit_rate"] is not None:
-            from model.sizes import format_bytes
+        from app.cli import stats_lines
 
-            print(
-                f"[experts: {stats['expert_hit_rate']:.0%} cache hits, "
-                f"{format_bytes(stats['bytes_read_per_token'] or 0)} read per token, "
-                f"{stats['load_seconds']:.2f} s loading, {stats['compute_seconds']:.2f} s computing]",
-                file=sys.stderr,
-            )
+        fields = ("prompt_tps", "generation_tokens", "generation_tps", "peak_memory_gb",
+                  "finish_reason", "expert_hit_rate", "bytes_read_per_token", "load_seconds",
+                  "compute_seconds")  # fmt: skip
+        seen = SimpleNamespace(prompt_tokens=stats["prompt_tokens_prefilled"],
+                               **{name: stats[name] for name in fields})  # fmt: skip
+        for line in stats_lines(seen, args.settings.lang):
+            print(line, file=sys.stderr)
     return 0
 
 

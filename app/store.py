@@ -11,7 +11,6 @@ names another directory (tests, portable installs).
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import time
@@ -21,9 +20,8 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from platformdirs import user_data_dir
+from model.registry import data_dir  # the one data directory (re-exported for the UI)
 
-DATA_DIR_ENV = "MIXCHAT_HOME"
 DATABASE_NAME = "mixchat.db"
 SCHEMA_VERSION = 1
 TITLE_MAX_CHARS = 48
@@ -47,14 +45,6 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
-
-
-def data_dir() -> Path:
-    """The directory that holds mixchat's database (``MIXCHAT_HOME`` overrides the default)."""
-    override = os.environ.get(DATA_DIR_ENV, "").strip()
-    if override:
-        return Path(override).expanduser()
-    return Path(user_data_dir("mixchat", appauthor=False))
 
 
 @dataclass(frozen=True)

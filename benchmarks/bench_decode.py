@@ -51,12 +51,11 @@ def worker(tool: str, path: str, max_tokens: int, short: bool = False) -> dict:
     from model.tokenizer import load_tokenizer
 
     messages = [{"role": "user", "content": "Bonjour !" if short else PROMPT}]
-    if tool == "mixchat-1-stream":  # ablation: everything on the default stream
-        os.environ["MIXCHAT_STREAMS"] = "1"
+    streams = 1 if tool == "mixchat-1-stream" else None  # ablation: all on the default stream
     t_load = time.perf_counter()
     token_times = []
     if tool.startswith("mixchat"):
-        engine = Engine.load(path)
+        engine = Engine.load(path, streams=streams)
         prompt = engine.tokenizer.encode_chat(messages)
         t_start = time.perf_counter()
         stream = engine.stream(messages, GenerationSettings(max_tokens=max_tokens, temperature=0))

@@ -165,21 +165,23 @@ def main() -> None:
         results.append(r)
         print(f"{budget}: done in {r['wall']:.0f} s", file=sys.stderr)
     print(f"\n{args.model.name}: {args.tokens} greedy tokens; page cache dropped before each run\n")
-    print("| budget | chosen | peak RSS | within budget +10% | load s | 10-tok prompt: TTFT s "
-          "| read/prompt token | 200-tok prompt: TTFT s | read/prompt token | decode tok/s "
-          "| read/token | hit rate | info predicts | measured / predicted | same tokens |")
-    print("|---|" * 15)
+    print("| budget | chosen | peak RSS (baseline) | RSS - baseline / budget | load s "
+          "| short prompt: TTFT s | read/prompt token | long prompt: TTFT s | read/prompt token "
+          "| decode tok/s | read/token | hit rate | info predicts | measured / predicted "
+          "| same tokens |")
+    print("|" + "---|" * 15)
     reference = results[0]["short"]["tokens"] if results else None
     for r in results:
         chosen = gb(r["chosen_budget"]) if r["offload"] else "everything resident"
         within = (
-            f"{r['peak_rss'] / r['chosen_budget']:.0%} of it"
+            f"{(r['peak_rss'] - r['baseline_rss']) / r['chosen_budget']:.0%}"
             if r["offload"] and r["chosen_budget"] else "—"
         )
         s, long = r["short"], r["long"]
         ratio = s["generation_tps"] / r["predicted_tps"] if r["predicted_tps"] else float("nan")
         print(
-            f"| {r['budget']} | {chosen} | {gb(r['peak_rss'])} | {within} | "
+            f"| {r['budget']} | {chosen} | {gb(r['peak_rss'])} ({gb(r['baseline_rss'])}) | "
+            f"{within} | "
             f"{r['load_seconds']:.0f} | {s['ttft']:.1f} ({s['prompt_tokens']} tok) | "
             f"{gb(s['prompt_bytes_read_per_token'])} | {long['ttft']:.1f} "
             f"({long['prompt_tokens']} tok) | {gb(long['prompt_bytes_read_per_token'])} | "
@@ -194,7 +196,7 @@ def main() -> None:
         read = s["prompt_bytes_read_per_token"] * s["prompt_tokens"]
         step = 1 / s["generation_tps"]
         print(
-            f"\n{r['budget']}: the 10-token prompt read {gb(read)} "
+            f"\n{r['budget']}: the short prompt read {gb(read)} "
             f"({read / r['expert_disk_bytes']:.0f} experts) = {read / r['disk_bandwidth']:.1f} s "
             f"at the measured {r['disk_bandwidth'] / 1e9:.2f} GB/s; target TTFT <= that + 2 decode "
             f"steps = {read / r['disk_bandwidth'] + 2 * step:.1f} s; measured {s['ttft']:.1f} s. "

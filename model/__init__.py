@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from .generate import Chunk, Engine, GenerationSettings, GenerationStats
     from .mixtral import Model
 
-_LAZY = {"Engine": "generate", "GenerationSettings": "generate", "GenerationStats": "generate",
-         "Chunk": "generate", "Model": "mixtral"}
+_LAZY = {"Engine": "generate", "GenerationSettings": "generation_settings",
+         "GenerationStats": "generate", "Chunk": "generate", "Model": "mixtral"}
 
 
 def __getattr__(name: str):
@@ -39,13 +39,15 @@ def load(
     memory_budget: int | str | None = None,
     max_context: int | None = None,
     kv_bits: int | None = None,
+    streams: int | None = None,
 ):
     """Load a model and its tokenizer: a HF or MLX-quantized directory, a GGUF file, or a repo
     id already in the local Hugging Face cache (never downloads). Returns (model, tokenizer).
 
     `memory_budget`: None chooses (loads whole when it fits in what is available, else streams
     experts under the automatic budget: `model.memory.notice` says so); "auto", "none" (load
-    whole regardless) or bytes."""
+    whole regardless) or bytes. `streams`: CPU streams to split matrix products across (None:
+    one per core, at most 2)."""
     from . import registry, weights
     from .tokenizer import load_tokenizer
 
@@ -55,7 +57,8 @@ def load(
         checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
     )
     memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
-    return weights.build_model(checkpoint, dtype=dtype, lazy=lazy, memory=memory), tokenizer
+    model = weights.build_model(checkpoint, dtype=dtype, lazy=lazy, memory=memory, streams=streams)
+    return model, tokenizer
 
 
 __all__ = [

@@ -15,33 +15,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from .errors import MixchatError
+from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
+from .mlx_lm_parts import can_trim_prompt_cache, make_sampler, trim_prompt_cache
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
-
-
-@dataclass
-class GenerationSettings:
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise MixchatError(f"max tokens must be at least 1, not {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise MixchatError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MixchatError(f"top-p must be in (0, 1], not {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise MixchatError(f"min-p must be in [0, 1), not {self.min_p}")
 
 
 @dataclass
@@ -96,16 +77,16 @@ class Engine:
         memory_budget: int | str | None = None,
         max_context: int | None = None,
         kv_bits: int | None = None,
+        streams: int | None = None,
     ) -> Engine:
         """Load a model by path, cached repo id, or None for the embedded default model.
 
         `memory_budget`: bytes, a size ("12GB"), "auto", "none" (everything in memory, even if
-        it does not fit) or None: MIXCHAT_MEMORY_BUDGET, else whole when the model fits in the
-        memory available now and streamed under the automatic budget when not
-        (`engine.memory_notice` then says so, in one line). `max_context` caps the context
-        (default: what fits); `kv_bits` (8 or 4) quantizes the KV cache."""
-        import os
-
+        it does not fit) or None: whole when the model fits in the memory available now and
+        streamed under the automatic budget when not (`engine.memory_notice` then says so, in
+        one line). `max_context` caps the context (default: what fits); `kv_bits` (8 or 4)
+        quantizes the KV cache; `streams`: CPU streams to split matrix products across (None:
+        one per core, at most 2). Nothing is read from the environment (app/settings.py does)."""
         from . import registry, weights
         from .info import model_info
         from .tokenizer import load_tokenizer
@@ -115,8 +96,6 @@ class Engine:
         tokenizer = load_tokenizer(
             checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
         )
-        if memory_budget is None:
-            memory_budget = os.environ.get("MIXCHAT_MEMORY_BUDGET") or None
         if isinstance(memory_budget, str):
             from .memory_plan import BudgetError, parse_budget
 
@@ -125,7 +104,7 @@ class Engine:
             except ValueError as e:
                 raise BudgetError(str(e)) from None
         memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
-        built = weights.build_model(checkpoint, dtype=dtype, memory=memory)
+        built = weights.build_model(checkpoint, dtype=dtype, memory=memory, streams=streams)
         name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
         compute_bytes = built.model.norm.weight.dtype.size
         return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))

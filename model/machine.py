@@ -277,10 +277,9 @@ def measure_decode_step(args, bits: int | None, group_size: int, dtype, streams:
 
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.models.base import create_attention_mask
-    from mlx_lm.models.cache import KVCache
 
     from .mixtral import Block, compute_streams, linear, use_parallel_streams
+    from .mlx_lm_parts import KVCache, create_attention_mask
 
     use_parallel_streams(streams)
     one = replace(args, num_hidden_layers=1,

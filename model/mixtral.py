@@ -16,14 +16,19 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
-from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelArgs
 from .errors import CheckpointError
 from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, swiglu
+from .mlx_lm_parts import (
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    SwitchLinear,
+    create_attention_mask,
+    initialize_rope,
+    scaled_dot_product_attention,
+)
 
 # Matrix products are split across this many streams of the default device. On MLX's CPU
 # backend each stream runs on its own thread, so two streams use two cores (one token: the two

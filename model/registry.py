@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,15 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def data_dir() -> Path:
-    """mixchat's data directory: $MIXCHAT_HOME, else the platform's user data directory."""
-    if home := os.environ.get("MIXCHAT_HOME"):
+DATA_DIR_ENV = "MIXCHAT_HOME"
+
+
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """mixchat's one data directory (chats, known models): MIXCHAT_HOME, else the platform's
+    user data directory. app/settings.py calls this once; the rest get the result passed in
+    (`None` reads os.environ, for callers outside the app: the quantizer, tests)."""
+    environ = os.environ if environ is None else environ
+    if home := environ.get(DATA_DIR_ENV, "").strip():
         return Path(home).expanduser()
     import platformdirs
 
@@ -67,20 +74,23 @@ def hf_cache_path(repo_id: str, revision: str | None = None) -> Path | None:
         return None
 
 
-def remember(path: Path) -> None:
-    """Record a quantized model directory so `mixchat models` lists it."""
-    known = [str(p) for p in known_models() if p != path.resolve()]
+def remember(path: Path, home: Path | None = None) -> None:
+    """Record a quantized model directory (in `home`, the data directory) so `mixchat models`
+    lists it."""
+    home = data_dir() if home is None else home
+    known = [str(p) for p in known_models(home) if p != path.resolve()]
     known.append(str(path.resolve()))
-    target = data_dir() / "models.json"
+    target = home / "models.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(known, indent=1))
     tmp.replace(target)
 
 
-def known_models() -> list[Path]:
+def known_models(home: Path | None = None) -> list[Path]:
+    """The quantized model directories recorded in `home` (the data directory) that exist."""
     try:
-        paths = json.loads((data_dir() / "models.json").read_text())
+        paths = json.loads(((data_dir() if home is None else home) / "models.json").read_text())
     except (OSError, ValueError):
         return []
     return [Path(p) for p in paths if isinstance(p, str) and Path(p).exists()]
@@ -93,8 +103,9 @@ class ModelEntry:
     source: str  # "embedded" | "hf-cache" | "quantized"
 
 
-def list_models() -> list[ModelEntry]:
-    """The default model, Mixtral/Mistral repos in the HF cache, and known quantized dirs."""
+def list_models(home: Path | None = None) -> list[ModelEntry]:
+    """The default model, Mixtral/Mistral repos in the HF cache, and the quantized dirs known
+    in `home` (the data directory)."""
     entries = []
     try:
         entries.append(ModelEntry(DEFAULT_MODEL, default_model_path(), "embedded"))
@@ -111,6 +122,6 @@ def list_models() -> list[ModelEntry]:
                 break
     except Exception:  # no cache directory yet
         pass
-    for path in known_models():
+    for path in known_models(home):
         entries.append(ModelEntry(path.name, path, "quantized"))
     return entries

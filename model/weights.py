@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
-from .errors import CheckpointError, MixchatError, UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError
 from .mixtral import Model, use_parallel_streams
 from .safetensors_header import PICKLE_SUFFIXES, TensorSpec, read_safetensors_header
 
@@ -157,8 +157,7 @@ def _gguf_to_hf_name(name: str) -> str:
 
 def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dtype:
     """float32 on MLX's CPU backend (its half-precision kernels are ~40x slower and gather_mm
-    rejects bf16); the checkpoint's half precision on a GPU. `requested` or MIXCHAT_DTYPE wins."""
-    requested = requested or os.environ.get("MIXCHAT_DTYPE")
+    rejects bf16); the checkpoint's half precision on a GPU. `requested` (--dtype) wins."""
     if requested:
         try:
             return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[requested]
@@ -210,14 +209,12 @@ def _quantization_predicate(args: ModelArgs, weights: dict[str, mx.array]):
     return predicate
 
 
-def stream_count() -> int:
-    """Streams to split matrix products across: MIXCHAT_STREAMS, else one per core (at most 2)
-    on MLX's CPU backend, one on a GPU (which parallelises within each kernel)."""
-    if value := os.environ.get("MIXCHAT_STREAMS"):
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise MixchatError(f"MIXCHAT_STREAMS must be a number, not '{value}'") from None
+def stream_count(requested: int | None = None) -> int:
+    """Streams to split matrix products across: `requested` (MIXCHAT_STREAMS, read by
+    app/settings.py), else one per core (at most 2) on MLX's CPU backend, one on a GPU (which
+    parallelises within each kernel)."""
+    if requested is not None:
+        return max(1, requested)
     if mx.default_device().type == mx.DeviceType.cpu:
         return min(2, os.cpu_count() or 1)
     return 1
@@ -239,13 +236,15 @@ def build_model(
     dtype: str | None = None,
     lazy: bool = False,
     memory=None,
+    streams: int | None = None,
 ) -> Model:
     """Instantiate the model and load the checkpoint into it, after checking every tensor.
 
     `memory` (a `memory_plan.MemoryDecision`, from `plan_memory`): when it streams experts, the
     experts are left unread and read on demand into a cache within the budget
-    (model/offload.py). None loads everything."""
-    use_parallel_streams(stream_count())
+    (model/offload.py). None loads everything. `streams`: CPU streams to split matrix products
+    across (None: one per core, at most 2)."""
+    use_parallel_streams(stream_count(streams))
     args = checkpoint.args
     offload = memory is not None and memory.offload
     model = Model(args)

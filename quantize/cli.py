@@ -10,8 +10,6 @@ from pathlib import Path
 from model.errors import MixchatError
 from model.sizes import format_bytes, parse_size
 
-from .progress import fmt_duration, stderr_console
-
 BITS = (2, 3, 4, 6, 8)
 
 
@@ -93,6 +91,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from .convert import Settings, convert
+    from .progress import fmt_duration, stderr_console
     from .report import format_report, quality_report, save_report, source_fits
     from .sources import open_source
 

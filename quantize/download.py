@@ -112,6 +112,22 @@ def _progress_class(progress: Any, task: Any) -> type:
     return Bar
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse, in one line, what is not a Hub repo id (a local path, most often)."""
+    from model.registry import REPO_ID
+
+    if Path(repo_id).expanduser().exists():
+        raise MixchatError(
+            f"'{repo_id}' is a local path, not a Hugging Face repo id: nothing to download "
+            f"(use it as it is: `mixchat ask --model {repo_id}`)"
+        )
+    if not REPO_ID.match(repo_id):
+        raise MixchatError(
+            f"'{repo_id}' is not a Hugging Face repo id (owner/name, e.g. "
+            "mistralai/Mixtral-8x7B-Instruct-v0.1)"
+        )
+
+
 def _hub_error(repo_id: str, e: Exception, filename: str | None = None) -> MixchatError:
     from huggingface_hub import errors
 
@@ -157,6 +173,7 @@ def download(
         if not quiet:
             console.print(msg, markup=False)
 
+    check_repo_id(repo_id)
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
     if _offline():
         try:
@@ -165,11 +182,11 @@ def download(
                     repo_id, revision=revision, cache_dir=cache, local_files_only=True
                 )
             )
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        except Exception:  # its message advises passing local_files_only=False: not ours to give
             raise MixchatError(
-                f"{repo_id} is not (completely) in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
-                f"forbids downloading ({reason})"
+                f"{repo_id}{f' ({revision})' if revision else ''} is not in the local Hugging Face "
+                "cache, and HF_HUB_OFFLINE=1 forbids downloading it (unset HF_HUB_OFFLINE to "
+                "download)"
             ) from None
         say(f"HF_HUB_OFFLINE=1: using the cached copy of {repo_id}")
         return path

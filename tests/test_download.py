@@ -164,11 +164,31 @@ def test_offline_resolves_from_cache(tmp_path, monkeypatch, capsys):
     assert "HF_HUB_OFFLINE=1" in err
 
     assert main(["download", "acme/never-downloaded"]) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(lines) == 1
-        and lines[0].startswith("mixchat: error: ")
-        and "HF_HUB_OFFLINE=1" in lines[0]
+    assert capsys.readouterr().err == (
+        "mixchat: error: acme/never-downloaded is not in the local Hugging Face cache, and "
+        "HF_HUB_OFFLINE=1 forbids downloading it (unset HF_HUB_OFFLINE to download)\n"
+    )  # our advice, not the hub library's "pass local_files_only=False"
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_a_local_path_is_not_a_repo_id(tmp_path, monkeypatch, capsys, offline):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was asked about a local path")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(qd, "_offline", lambda: bool(offline))
+    local = tmp_path / "my-model"
+    local.mkdir()
+    assert main(["download", str(local)]) == 1
+    assert capsys.readouterr().err == (
+        f"mixchat: error: '{local}' is a local path, not a Hugging Face repo id: nothing to "
+        f"download (use it as it is: `mixchat ask --model {local}`)\n"
+    )
+    assert main(["download", "./not/there"]) == 1
+    assert capsys.readouterr().err == (
+        "mixchat: error: './not/there' is not a Hugging Face repo id (owner/name, e.g. "
+        "mistralai/Mixtral-8x7B-Instruct-v0.1)\n"
     )
 
 

@@ -233,9 +233,8 @@ def test_parallel_streams_change_nothing_but_speed(tiny_mixtral, streams, monkey
     """Splitting matrix products across streams (tokens, output rows, experts) is exact."""
     from model import mixtral
 
-    monkeypatch.setenv("MIXCHAT_STREAMS", str(streams))
     monkeypatch.setattr(mixtral, "MIN_SPLIT_ELEMENTS", 0)  # split even the tiny weights
-    model, _ = load(tiny_mixtral)
+    model, _ = load(tiny_mixtral, streams=streams)
     ids = random_ids((1, 40), seed=6)  # 80 expert rows: the sorted prefill path
     full = np.array(model(mx.array(ids)))
     cache = model.make_cache()

@@ -177,7 +177,7 @@ def test_model_info_attributes_and_formatting():
     assert names[:3] == ["architecture", "num_layers", "num_experts"]
     assert format_value("total_params", 46_700_000_000) == "46.70 B"
     assert format_value("active_params", 135_000_000) == "135.0 M"
-    assert format_value("size_bytes", 24_600_000_000) == "24.60 GB"
+    assert format_value("size_bytes", 24_600_000_000) == "24.6 GB"
     assert format_value("kv_bytes_per_token", 46_080) == "46.1 KB"
     assert format_value("num_layers", 32) == "32"
     assert format_value("sliding_window", None) == "None"

@@ -40,12 +40,13 @@ class ModelManager:
         memory_budget: int | str | None = None,
         max_context: int | None = None,
         kv_bits: int | None = None,
+        streams: int | None = None,
         keep_alive: float | None = 300.0,
         prompt_cache_bytes: int = 1 << 30,
         prompt_cache_slots: int = 8,
     ):
         self.dtype, self.memory_budget, self.keep_alive = dtype, memory_budget, keep_alive
-        self.max_context, self.kv_bits = max_context, kv_bits
+        self.max_context, self.kv_bits, self.streams = max_context, kv_bits, streams
         self.cache_bytes, self.cache_slots = prompt_cache_bytes, prompt_cache_slots
         self._names: dict[str, str] = {}  # model name or spec -> key
         self._name_of: dict[str, str] = {}  # key -> display name
@@ -104,7 +105,8 @@ class ModelManager:
         self.unload()
         print(f"mixchat serve: loading {self.name(key)}", file=sys.stderr)
         engine = Engine.load(key, dtype=self.dtype, memory_budget=self.memory_budget,
-                             max_context=self.max_context, kv_bits=self.kv_bits)  # fmt: skip
+                             max_context=self.max_context, kv_bits=self.kv_bits,
+                             streams=self.streams)  # fmt: skip
         if engine.memory_notice:
             print(f"mixchat serve: {engine.memory_notice}", file=sys.stderr)
         engine.name = self.name(key)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from model.errors import MixchatError
-from model.generate import GenerationSettings
+from model.generation_settings import GenerationSettings
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16

@@ -9,38 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from app.store import ChatSettings
-from app.tui.i18n import REPLY_LANGUAGES
-
-# Mistral's documented guardrail system prompt ("safe_prompt"), word for word.
-SAFE_MODE_PROMPT = (
-    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
-    "Avoid harmful, unethical, prejudiced, or negative content. "
-    "Ensure replies promote fairness and positivity."
+# The system prompt's parts live in app/prompts.py (shared with `mixchat ask --safe`).
+from app.prompts import (  # noqa: F401 (SAFE_MODE_PROMPT, reply_language_instruction: re-exported)
+    SAFE_MODE_PROMPT,
+    reply_language_instruction,
+    system_prompt,
 )
+from app.store import ChatSettings
 
 Message = dict[str, str]
 
 
-def reply_language_instruction(language_code: str) -> str:
-    """The instruction that asks for replies in a language; "" for none or an unknown code."""
-    if language_code not in REPLY_LANGUAGES:
-        return ""
-    english_name, native_name = REPLY_LANGUAGES[language_code]
-    return (
-        f"Always answer in {english_name} ({native_name}), "
-        "whatever the language of the user's message."
-    )
-
-
 def system_prompt_for(settings: ChatSettings) -> str:
     """Safe-mode guardrail, then the chat's system prompt, then the language instruction."""
-    parts = [
-        SAFE_MODE_PROMPT if settings.safe_mode else "",
-        settings.system_prompt.strip(),
-        reply_language_instruction(settings.reply_language),
-    ]
-    return "\n\n".join(part for part in parts if part)
+    return system_prompt(settings.safe_mode, settings.system_prompt, settings.reply_language)
 
 
 def build_messages(settings: ChatSettings, history: Sequence[Message]) -> list[Message]:

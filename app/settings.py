@@ -1,0 +1,101 @@
+"""mixchat's settings, read once where the process starts (app/cli.py's `main`) from the command
+line and the environment, then passed down as arguments: nothing below reads os.environ.
+
+    setting         command line       environment
+    model           --model            -
+    dtype           --dtype            MIXCHAT_DTYPE
+    memory budget   --memory-budget    MIXCHAT_MEMORY_BUDGET
+    language        --lang             LC_ALL, LC_MESSAGES, LANG (the first one set)
+    data directory  -                  MIXCHAT_HOME (else the platform's user data directory)
+    CPU streams     -                  MIXCHAT_STREAMS (matrix products split across; a tuning knob)
+    debug           -                  MIXCHAT_DEBUG (internal errors keep their traceback)
+
+The command line wins over the environment. Imports nothing heavy (no MLX).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.tui.i18n import TABLES, language_from_locale, resolve_language
+from model import registry
+from model.errors import MixchatError
+
+DTYPES = ("float32", "float16", "bfloat16")
+LANGUAGES = tuple(TABLES)  # the interface languages
+
+
+class SettingsError(MixchatError):
+    """A setting with a value mixchat cannot use (exits 2, like a usage error)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # a path, a cached repo id, or None: the embedded default model
+    dtype: str | None = None  # one of DTYPES, or None: float32 on a CPU, half on a GPU
+    memory_budget: int | str | None = None  # bytes, "auto", or None: no budget
+    lang: str = "en"  # one of LANGUAGES
+    data_dir: Path = field(default_factory=registry.data_dir)  # chats and known models
+    streams: int | None = None  # None: one per core (at most 2) on a CPU
+    debug: bool = False
+
+
+def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings from parsed arguments (any of model, dtype, memory_budget, lang; absent or
+    None: not given) and the environment. Raises SettingsError for an unusable value."""
+    environ = os.environ if environ is None else environ
+    return Settings(
+        model=getattr(args, "model", None) or None,
+        dtype=_dtype(getattr(args, "dtype", None), environ),
+        memory_budget=_budget(getattr(args, "memory_budget", None), environ),
+        lang=_language(getattr(args, "lang", None), environ),
+        data_dir=registry.data_dir(environ),
+        streams=_streams(environ),
+        debug=environ.get("MIXCHAT_DEBUG", "").strip() not in ("", "0"),
+    )
+
+
+def _dtype(given: str | None, environ: Mapping[str, str]) -> str | None:
+    value = given or environ.get("MIXCHAT_DTYPE", "").strip() or None
+    if value is not None and value not in DTYPES:
+        raise SettingsError(f"MIXCHAT_DTYPE must be one of {', '.join(DTYPES)}, not '{value}'")
+    return value
+
+
+def _budget(given: int | str | None, environ: Mapping[str, str]) -> int | str | None:
+    if given is not None:
+        return given
+    value = environ.get("MIXCHAT_MEMORY_BUDGET", "").strip()
+    if not value:
+        return None
+    from model.memory_plan import parse_budget
+
+    try:
+        return parse_budget(value)
+    except ValueError as e:
+        raise SettingsError(f"MIXCHAT_MEMORY_BUDGET: {e}") from None
+
+
+def _language(given: str | None, environ: Mapping[str, str]) -> str:
+    if given and language_from_locale(given) is None:
+        raise SettingsError(
+            f"no interface in '{given}': choose one of {', '.join(LANGUAGES)} (--lang)"
+        )
+    return resolve_language(given, environ)
+
+
+def _streams(environ: Mapping[str, str]) -> int | None:
+    value = environ.get("MIXCHAT_STREAMS", "").strip()
+    if not value:
+        return None
+    try:
+        streams = int(value)
+    except ValueError:
+        streams = 0
+    if streams < 1:
+        raise SettingsError(f"MIXCHAT_STREAMS must be a whole number of at least 1, not '{value}'")
+    return streams

@@ -1,6 +1,6 @@
 """`mixchat ask` through a running `mixchat serve` (standard library only: no MLX, no mlx_lm).
 
-ask_server() sends the request to MIXCHAT_SERVER (default http://127.0.0.1:8741) and streams
+ask_server() sends the request to settings.server (default http://127.0.0.1:8741) and streams
 the reply exactly as the in-process path prints it. It returns None, so the caller answers
 in-process, when no mixchat server answers there or the server cannot load the model.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import sys
 import urllib.parse
 from pathlib import Path
@@ -18,14 +17,7 @@ from types import SimpleNamespace
 
 from model.errors import MixchatError
 
-DEFAULT_SERVER = "http://127.0.0.1:8741"
 CONNECT_TIMEOUT = 1.0  # seconds; a loopback server that is not there refuses at once
-
-
-def server_url() -> str | None:
-    """MIXCHAT_SERVER, or the default; '' or 'off' means never use a server."""
-    url = os.environ.get("MIXCHAT_SERVER", DEFAULT_SERVER).strip()
-    return None if url.lower() in ("", "off", "none", "0") else url
 
 
 def model_field(model: str | None) -> str:
@@ -41,12 +33,12 @@ def model_field(model: str | None) -> str:
 
 def ask_server(args: argparse.Namespace, messages: list[dict]) -> int | None:
     """Answer `mixchat ask` through the server; None when there is none to use."""
-    url = server_url()
+    url = args.settings.server
     if url is None:
         return None
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MixchatError(f"MIXCHAT_SERVER is not an http URL: {url!r}")
+        raise MixchatError(f"the server setting is not an http URL: {url!r}")
     body = {
         "model": model_field(args.settings.model),
         "messages": messages,
@@ -60,7 +52,7 @@ def ask_server(args: argparse.Namespace, messages: list[dict]) -> int | None:
     if args.seed is not None:
         body["seed"] = args.seed
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if key := os.environ.get("MIXCHAT_API_KEY"):
+    if key := args.settings.api_key:
         headers["Authorization"] = f"Bearer {key}"
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = kind(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
@@ -99,7 +91,9 @@ def failure(response: http.client.HTTPResponse, url: str) -> int | None:
 
         raise UsageError(message)
     if response.status == 401:
-        raise MixchatError(f"the server at {url} wants an API key: set MIXCHAT_API_KEY ({message})")
+        raise MixchatError(
+            f"the server at {url} wants an API key: set MIXCHAT_API_KEY ({message})"
+        )
     raise MixchatError(message if response.status == 400 else f"server at {url}: {message}")
 
 
@@ -167,6 +161,3 @@ def print_reply(response: http.client.HTTPResponse, args: argparse.Namespace, ur
         for line in stats_lines(seen, args.settings.lang):
             print(line, file=sys.stderr)
     return 0
-
-
-__all__ = ["ask_server", "server_url", "DEFAULT_SERVER"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import re
 import socket
 import sys
@@ -63,8 +62,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "-1: never); the next request loads it again",
     )  # fmt: skip
     serve.add_argument(
-        "--api-key", default=os.environ.get("MIXCHAT_API_KEY") or None, metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (default: $MIXCHAT_API_KEY, else none)",
+        "--api-key", metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: the MIXCHAT_API_KEY environment "
+        "variable, else none)",
     )  # fmt: skip
     serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
                        help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
@@ -92,7 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .scheduler import Scheduler
     from .server import bind, build_app, make_server
 
-    if not is_loopback(args.host) and args.api_key is None:
+    api_key = args.api_key or args.settings.api_key
+    if not is_loopback(args.host) and api_key is None:
         print(f"mixchat: warning: serving on {args.host} without --api-key: anyone who can reach "
               "this machine can use the model", file=sys.stderr)  # fmt: skip
     sock = bind(args.host, args.port)  # a port in use fails now, before the load
@@ -109,6 +110,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
-    server = make_server(build_app(scheduler, api_key=args.api_key))
+    server = make_server(build_app(scheduler, api_key=api_key))
     server.run(sockets=[sock])
     return 0

@@ -17,6 +17,7 @@ from app.prompts import system_prompt
 from app.settings import DTYPES, LANGUAGES, Settings, SettingsError, read_settings
 from model.errors import MixchatError
 from model.generation_settings import GenerationSettings
+from model.ranks import launched
 from model.sizes import format_bytes, format_count, format_number
 
 
@@ -61,6 +62,10 @@ def build_parser() -> Parser:
         help="most tokens in the reply (default %(default)s; fewer if the context is full)",
     )  # fmt: skip
     ask.add_argument(
+        "--raw", action="store_true",
+        help="complete the prompt as plain text (BOS, then the prompt), without the chat format",
+    )  # fmt: skip
+    ask.add_argument(
         "--temp", type=float, default=0.0, metavar="T",
         help="sampling temperature (default 0: greedy, reproducible one-shot answers)",
     )  # fmt: skip
@@ -94,6 +99,8 @@ def build_parser() -> Parser:
     info.add_argument("--remeasure", action="store_true",
                       help="measure this machine's disk, memory and kernel speed again "
                       "(they are kept in the data directory)")  # fmt: skip
+    info.add_argument("--hosts", metavar="HOSTFILE", help="memory per rank and speed over a "
+                      "hostfile's machines (mlx.launch's or the ring backend's)")  # fmt: skip
     add_budget_option(info)
     info.set_defaults(func=cmd_info)
 
@@ -183,8 +190,10 @@ def read_prompt(argument: str | None, stdin: TextIO) -> str:
         prompt = decode_stdin(stdin.buffer.read())
     else:
         prompt = clean_text(argument)
-        if is_piped(stdin) and (piped := decode_stdin(stdin.buffer.read())).strip():
-            prompt = f"{prompt}\n\n{piped}"
+        # mlx.launch keeps every rank's stdin open: there the argument is the whole prompt.
+        if is_piped(stdin) and not launched():
+            if (piped := decode_stdin(stdin.buffer.read())).strip():
+                prompt = f"{prompt}\n\n{piped}"
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return prompt
@@ -212,8 +221,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         generation.validate()  # every argument is checked before MLX is imported
     except MixchatError as e:
         raise UsageError(str(e)) from None
-    messages = ask_messages(read_prompt(args.prompt, sys.stdin), args.system, args.safe)
-    if not args.local:  # a running `mixchat serve` answers at once (app/client.py)
+    prompt = read_prompt(args.prompt, sys.stdin)
+    if args.raw and (args.system or args.safe):
+        raise UsageError("--system and --safe need a chat template; a raw completion has none")
+    messages = ask_messages(prompt, args.system, args.safe)
+    if not args.local and not args.raw:  # a running `mixchat serve` answers (app/client.py)
         from app.client import ask_server
 
         if (code := ask_server(args, messages)) is not None:
@@ -240,8 +252,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
         print(f"mixchat: {engine.memory_notice}", file=sys.stderr)
+    raw = args.raw or not engine.has_chat_template
+    if raw and not args.raw and not args.quiet:
+        print(f"[{engine.name} has no chat template: completing the prompt as plain text]",
+              file=sys.stderr)  # fmt: skip
+    if raw and (args.system or args.safe):
+        raise MixchatError(f"{engine.name} has no chat template: --system and --safe need one")
+    stream = engine.stream_text(prompt, generation) if raw else engine.stream(messages, generation)
     text, stats = [], None
-    for chunk in engine.stream(messages, generation):
+    for chunk in stream:
         text.append(chunk.text)
         if not args.json and chunk.text:
             sys.stdout.write(chunk.text)
@@ -391,8 +410,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
         weights.stream_count(settings.streams),
     )
+    hosts = None
+    if args.hosts:
+        from model.distributed import hosts_report
+
+        hosts = hosts_report(checkpoint, dtype.size, args.hosts)
     if args.json:
-        print(json.dumps(info.as_dict() | {"memory": fit.as_dict()}, ensure_ascii=False, indent=1))
+        extra = {"memory": fit.as_dict()} | ({"hosts": hosts[1]} if hosts else {})
+        print(json.dumps(info.as_dict() | extra, ensure_ascii=False, indent=1))
         return 0
     experts = (
         f"{info.num_experts} per layer, {info.experts_per_token} used per token"
@@ -407,13 +432,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("parameters", f"{format_count(info.total_params)} total, "
                        f"{format_count(info.active_params)} active per token"),
         ("quantization", info.quantization),
+        *([("tensor types", info.tensor_types)] if info.tensor_types else []),
         ("size on disk", format_bytes(info.size_bytes)),
         ("memory to run", f"{format_bytes(info.memory_bytes)} weights + "
                           f"{format_bytes(info.kv_bytes_per_token * 1024)} KV cache per 1K tokens"),
         ("context", f"{info.context_length} tokens"
                     + (f", sliding window {info.sliding_window}" if info.sliding_window else "")),
     ]
-    rows += fit.rows()
+    rows += fit.rows() + (hosts[0] if hosts else [])
     for key, value in rows:
         print(f"{key:<14} {value}")
     return 0
@@ -432,6 +458,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         args.settings = settings = read_settings(args)  # the one read of the environment
+        if args.command in ("ask", "chat") and launched():
+            from model import distributed
+
+            if not distributed.world().leader:  # rank 0 leads, this rank follows
+                return distributed.follow(settings.model, dtype=settings.dtype,
+                                          memory_budget=settings.memory_budget,
+                                          max_context=args.max_context, kv_bits=args.kv_bits,
+                                          streams=settings.streams)  # fmt: skip
         return args.func(args)
     except (UsageError, SettingsError) as e:
         print(f"mixchat: usage error: {e}", file=sys.stderr)
@@ -448,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, unless debugging
         if settings is not None and settings.debug:
             raise
+        if distributed := sys.modules.get("model.distributed"):
+            distributed.after_failure(e)  # a lost rank: one line from the watchdog
         print(f"mixchat: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

@@ -117,7 +117,7 @@ class ModelArgs:
                 max_position_embeddings=int(config.get("max_position_embeddings") or 32768),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
-                quantization=config.get("quantization") or config.get("quantization_config"),
+                quantization=_mlx_quantization(config),
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -186,6 +186,19 @@ class ModelArgs:
             )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"GGUF metadata is incomplete: {e}") from None
+
+
+def _mlx_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """mlx-lm's quantization block: `quantization`, or `quantization_config` as mlx-lm also
+    writes it; a Hugging Face one (GPTQ, AWQ, bitsandbytes, FP8: it names a quant_method) is
+    refused rather than misread."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if isinstance(q, dict) and "quant_method" in q and "group_size" not in q:
+        raise UnsupportedModelError(
+            f"checkpoints quantized with {q['quant_method']!r} are not supported: use the "
+            "original weights (and `mixchat quantize`) or an MLX-quantized release"
+        )
+    return q if isinstance(q, dict) else None
 
 
 def _scalar(value: Any) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import distributed
 from .errors import MixchatError
 from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
@@ -67,6 +68,7 @@ class Engine:
         from .offload import runtime_of
 
         self.offload = runtime_of(model)  # experts streamed under a memory budget, or None
+        self.peers = distributed.leader_of(model)  # rank 0 of several: the others follow it
 
     @classmethod
     def load(
@@ -117,6 +119,8 @@ class Engine:
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
         self._cache, self._cache_tokens = None, []
+        if self.peers is not None:
+            self.peers.reset()
 
     def cache_state(self) -> tuple[list | None, list[int]]:
         """The KV cache and the tokens it holds, to keep per conversation (a server's LRU).
@@ -128,27 +132,71 @@ class Engine:
         self._cache, self._cache_tokens = cache, list(tokens) if cache is not None else []
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.encode_chat(messages))
+        return len(self._prompt_ids(messages))
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat's prompt; without a chat template, the raw completion of its user and
+        assistant texts joined by blank lines (the reply continues the text)."""
+        if self.has_chat_template:
+            return self.tokenizer.encode_chat(messages)
+        from .tokenizer import check_messages
+
+        text = "\n\n".join(c for r, c in check_messages(messages) if r != "system")
+        return self._raw_ids(text)
+
+    def _raw_ids(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_id
+        ids = ([] if bos is None else [bos]) + self.tokenizer.encode(prompt)
+        if not ids:
+            raise MixchatError("the prompt is empty")
+        return ids
 
     def stream(
         self, messages: list[dict], settings: GenerationSettings | None = None
     ) -> Iterator[Chunk]:
         """Start a reply: settings, messages and the context are checked now (MixchatError),
-        and a cancel() from now on stops this stream; tokens come as the iterator is read."""
-        settings = settings or GenerationSettings()
-        settings.validate()
-        return self.stream_ids(self.tokenizer.encode_chat(messages), settings)
+        and a cancel() from now on stops this stream; tokens come as the iterator is read.
+        Without a chat template (a base model), the chat is completed as raw text."""
+        return self._start(self._prompt_ids(messages), settings, messages)
 
-    def stream_ids(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
-        """stream() for a prompt already encoded (a raw completion: BOS included if wanted)."""
-        settings.validate()
+    @property
+    def has_chat_template(self) -> bool:
+        """False for a base model whose tokenizer has no chat format: use `stream_text`."""
+        return getattr(self.tokenizer, "has_chat_template", True)
+
+    def stream_text(
+        self, prompt: str, settings: GenerationSettings | None = None
+    ) -> Iterator[Chunk]:
+        """Raw completion, as mlx-lm and llama.cpp do: BOS when the tokenizer has one, then
+        `prompt` as plain text; the reply continues it. Same checks and cache reuse as stream."""
+        # Other ranks replay a chat: without a template, this one prompt's chat is the same text.
+        messages = None if self.has_chat_template else [{"role": "user", "content": prompt}]
+        return self._start(self._raw_ids(prompt), settings, messages)
+
+    def prompt_ids(self, messages: list[dict] | None = None, prompt: str | None = None) -> list[int]:
+        """The ids stream(messages) or stream_text(prompt) would feed (a server's cache key)."""
+        return self._prompt_ids(messages) if prompt is None else self._raw_ids(prompt)
+
+    def stream_ids(self, ids: list[int], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+        """stream() for a prompt already encoded (prompt_ids(), or token ids from a client)."""
         if not ids:
             raise MixchatError("the prompt is empty")
+        return self._start(list(ids), settings, None)
+
+    def _start(
+        self, ids: list[int], settings: GenerationSettings | None, messages: list[dict] | None
+    ) -> Iterator[Chunk]:
+        settings = settings or GenerationSettings()
+        settings.validate()
+        if self.peers is not None and messages is None:
+            raise MixchatError("a raw completion of a chat model does not run on several ranks")
         if len(ids) >= self.context_length:
             raise MixchatError(
                 f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
             )
         self._cancel.clear()
+        if self.peers is not None:  # the other ranks run the same reply (and the same seed)
+            settings = self.peers.start_stream(messages, settings)
         return self._stream(ids, settings)
 
     def _stream(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
@@ -216,11 +264,15 @@ class Engine:
                 stats.finish_reason = "stop"
                 break
             if text := detokenizer.add(token):
-                yield Chunk(text)
+                try:
+                    yield Chunk(text)
+                except GeneratorExit:  # the reader left: other ranks stop at this token too
+                    distributed.agree_stop(self.model, True)
+                    raise
             if len(generated) >= max_tokens:
                 stats.finish_reason = "length"
                 break
-            if self._cancel.is_set():
+            if distributed.agree_stop(self.model, self._cancel.is_set()):  # same token on all ranks
                 stats.finish_reason = "cancelled"
                 break
             if not pipelined:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import ModelArgs
-from .weights import Checkpoint
+import numpy as np
 
-GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16"}
+from .config import ModelArgs
+from .gguf import GGUFFile
+from .weights import Checkpoint
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ModelInfo:
     kv_bytes_per_token: int
     context_length: int
     sliding_window: int | None
+    tensor_types: str = ""  # GGUF: tensors per stored type ("193 Q4_K, 65 F32, 33 Q6_K")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,11 +52,31 @@ def parameter_counts(args: ModelArgs) -> tuple[int, int]:
     return embeddings + h + layers * total, embeddings + h + layers * active
 
 
+def describe_gguf(gguf_file: GGUFFile) -> str:
+    """"GGUF Q4_K_M, 4.87 bits/weight" (the weights' bits over the file's)."""
+    import gguf
+
+    file_type = gguf_file.metadata.get("general.file_type")
+    try:
+        name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        name = "mixed" if file_type is None else f"type {file_type}"
+    elements = sum(int(np.prod(t.shape)) for t in gguf_file.tensors.values())
+    bits = sum(t.nbytes for t in gguf_file.tensors.values()) * 8 / max(1, elements)
+    return f"GGUF {name}, {bits:.2f} bits/weight"
+
+
+def tensor_types(checkpoint: Checkpoint) -> str:
+    """Tensors per stored type, most frequent first: "193 Q4_K, 65 F32, 33 Q6_K" (GGUF), else
+    ""."""
+    if checkpoint.gguf_file is None:
+        return ""
+    return ", ".join(f"{n} {t}" for t, n in checkpoint.gguf_file.type_counts().items())
+
+
 def describe_quantization(checkpoint: Checkpoint) -> str:
-    if checkpoint.gguf_metadata is not None:
-        file_type = checkpoint.gguf_metadata.get("general.file_type")
-        file_type = file_type.item() if hasattr(file_type, "item") else file_type
-        return f"GGUF {GGUF_FILE_TYPES.get(file_type, f'type {file_type}')}"
+    if checkpoint.gguf_file is not None:
+        return describe_gguf(checkpoint.gguf_file)
     q = checkpoint.args.quantization
     if not q:
         return f"none ({checkpoint.source_dtype.lower()})"
@@ -93,4 +115,5 @@ def model_info(checkpoint: Checkpoint, name: str, compute_bytes: int = 4) -> Mod
         kv_bytes_per_token=kv_per_token,
         context_length=args.context_length,
         sliding_window=args.sliding_window,
+        tensor_types=tensor_types(checkpoint),
     )

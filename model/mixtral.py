@@ -178,6 +178,8 @@ class Experts(nn.Module):
 class SparseMoE(nn.Module):
     """Router picks the top-k experts per token; softmax over those k weights their outputs."""
 
+    shard = None  # model.distributed.ExpertShard: this rank holds a slice of the experts
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.top_k = args.num_experts_per_tok
@@ -191,6 +193,10 @@ class SparseMoE(nn.Module):
         weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
         if routing is not None:
             routing.append(inds)  # [B, L, k]
+        if self.shard is not None:  # this rank's experts, summed over the ranks
+            y = self.shard(self.switch_mlp, x.reshape(B * L, D), inds.reshape(B * L, -1),
+                           weights.reshape(B * L, -1))  # fmt: skip
+            return y.reshape(B, L, D)
         y = self.switch_mlp(x.reshape(B * L, D), inds.reshape(B * L, -1))  # [B*L, k, D]
         y = (y * weights.reshape(B * L, -1, 1)).sum(axis=-2)
         return y.reshape(B, L, D)

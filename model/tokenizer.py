@@ -60,6 +60,7 @@ class Tokenizer:
     bos_id: int | None
     eos_ids: set[int]
     vocab_size: int
+    has_chat_template: bool = True  # False: encode_chat refuses; complete raw text instead
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -113,12 +114,16 @@ class SentencePieceTokenizer(Tokenizer):
     "v7" ([SYSTEM_PROMPT] control tokens, system messages kept in place).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, model_proto: bytes | None = None):
+        """`path`: a tokenizer.model file, or only a name when `model_proto` (its bytes) is given."""
         import sentencepiece
 
         self.path = Path(path)
         try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+            if model_proto is not None:
+                self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+            else:
+                self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read SentencePiece model {self.path}: {e}") from e
         sp = self.sp
@@ -229,6 +234,132 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
 
+def mistral_format(tokenizer: SentencePieceTokenizer) -> str | None:
+    """"v1"/"v3"/"v7" when the vocabulary is exactly one of Mistral's SentencePiece ones (the
+    pieces' sha256 against MISTRAL_VOCABULARIES), else None."""
+    import hashlib
+
+    sp = tokenizer.sp
+    digest = hashlib.sha256("\n".join(sp.id_to_piece(i) for i in range(sp.get_piece_size())).encode())
+    return MISTRAL_VOCABULARIES.get(digest.hexdigest())
+
+
+# sha256 of "\n".join(pieces) of the SentencePiece files in mistral-common's wheel (checked by
+# tests/test_gguf.py): v1 (Mistral 7B, Mixtral 8x7B), v2, v3 (Mixtral 8x22B), v7.
+MISTRAL_VOCABULARIES = {
+    "9667493c598ed599f14df3157cb9a6f373d49a1b2d99d98c79e937ff490d219b": "v1",
+    "cba649178f600969f57caf7932e2687d91886a505dc14ba5dbb8c8436717dcef": "v2",
+    "67a66b4eabf037888c50af51b0dcf596774556d4fda1862c8251df55831702f1": "v3",
+    "3f2bbe28b7ce6a9856017b4d1c3cd0a7a51adfd899a0b5b28e7a8a3a9334b412": "v7",
+}
+
+
+class GGUFSentencePieceTokenizer(SentencePieceTokenizer):
+    """A SentencePiece vocabulary rebuilt from GGUF metadata (`tokenizer.ggml.model == "llama"`).
+
+    Mistral's vocabularies encode chats as mistral-common does (the SentencePieceTokenizer
+    encoder); any other uses the GGUF's chat template, its special tokens matched as text."""
+
+    def __init__(self, meta: dict, name: str = "GGUF tokenizer"):
+        super().__init__(name, model_proto=sentencepiece_proto(meta))
+        self.name = name
+        self.mistral = mistral_format(self)
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.has_chat_template = bool(self.mistral or self.chat_template)
+        add_bos = _scalar(meta.get("tokenizer.ggml.add_bos_token", True))
+        if not add_bos:
+            self.bos_id = None
+        eos = _scalar(meta.get("tokenizer.ggml.eos_token_id"))
+        if eos is not None and 0 <= int(eos) < self.vocab_size:
+            self.eos_ids = {int(eos)}
+            self.eos_id = int(eos)
+        sp = self.sp
+        self.special_pieces = {
+            sp.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if sp.is_control(i) or sp.is_unknown(i)
+        }
+        self.special_tokens = {
+            key: sp.id_to_piece(i)
+            for key, i in (("bos_token", sp.bos_id()), ("eos_token", self.eos_id),
+                           ("unk_token", sp.unk_id()))
+            if 0 <= i < self.vocab_size
+        }
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.mistral:
+            return super().encode_chat(messages)
+        chat = check_messages(messages)
+        if not self.chat_template:
+            raise MixchatError(f"{self.name} has no chat template")
+        text = _render_chat_template(
+            self.chat_template, [{"role": r, "content": c} for r, c in chat], **self.special_tokens
+        )
+        return self.encode_with_specials(text)
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Control tokens written as text ("<s>", "[INST]") become their ids; the text between
+        them is encoded as usual."""
+        import re
+
+        if not self.special_pieces:
+            return self.encode(text)
+        pattern = "|".join(re.escape(p) for p in sorted(self.special_pieces, key=len, reverse=True))
+        ids: list[int] = []
+        pos = 0
+        for m in re.finditer(pattern, text):
+            if m.start() > pos:
+                ids += self.encode(text[pos : m.start()])
+            ids.append(self.special_pieces[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self.encode(text[pos:])
+        return ids
+
+
+def sentencepiece_proto(meta: dict) -> bytes:
+    """A SentencePiece BPE model (serialized ModelProto) from GGUF tokenizer metadata: pieces,
+    scores and types as llama.cpp's converter wrote them from the original tokenizer.model."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise CheckpointError("the GGUF tokenizer has no tokens")
+    scores = meta.get("tokenizer.ggml.scores")
+    scores = [float(x) for x in scores] if scores is not None else [0.0] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type")
+    types = [int(t) for t in types] if types is not None else [1] * len(tokens)
+    if len(scores) != len(tokens) or len(types) != len(tokens):
+        raise CheckpointError("the GGUF tokenizer's tokens, scores and token types differ in length")
+    model = pb.ModelProto()
+    for token, score, kind in zip(tokens, scores, types):
+        piece = model.pieces.add()
+        piece.piece, piece.score = token, score
+        # GGUF token types use SentencePiece's numbering (1 normal ... 6 byte)
+        piece.type = kind if kind in (1, 2, 3, 4, 5, 6) else 1
+    spec = model.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.byte_fallback = any(t == 6 for t in types)
+    spec.vocab_size = len(tokens)
+
+    def token_id(key: str, default: int) -> int:
+        value = _scalar(meta.get(f"tokenizer.ggml.{key}"))
+        return int(value) if value is not None and 0 <= int(value) < len(tokens) else default
+
+    unk = token_id("unknown_token_id", next((i for i, t in enumerate(types) if t == 2), 0))
+    spec.unk_id, spec.bos_id = unk, token_id("bos_token_id", -1)
+    spec.eos_id, spec.pad_id = token_id("eos_token_id", -1), token_id("padding_token_id", -1)
+    if spec.pad_id in (spec.unk_id, spec.bos_id, spec.eos_id):
+        spec.pad_id = -1
+    spec.allow_whitespace_only_pieces = True
+    norm = model.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(_scalar(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return model.SerializeToString()
+
+
 class SentencePieceDetokenizer(StreamingDetokenizer):
     """Streams `sp.decode` exactly: byte pieces go through an incremental UTF-8 decoder (one
     U+FFFD per invalid byte, a run of byte pieces ends at the next non-byte piece), control
@@ -328,6 +459,7 @@ class HFTokenizer(Tokenizer):
         self.eos_ids = eos_ids
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
+        self.has_chat_template = bool(chat_template)
         self.special_tokens = special_tokens or {}
         self.name = name
         decoder = tok.decoder.__getstate__() if tok.decoder is not None else b""
@@ -602,9 +734,8 @@ def load_tokenizer(source: str | Path | dict | Tokenizer) -> Tokenizer:
         if kind == "gpt2":
             return bpe_from_gguf(source)
         if kind == "llama":
-            raise UnsupportedModelError(
-                "GGUF files with a SentencePiece ('llama') tokenizer are not supported; "
-                "use the model's Hugging Face directory instead"
+            return GGUFSentencePieceTokenizer(
+                source, f"GGUF tokenizer {source.get('general.name', '')}".strip()
             )
         if kind is None:
             raise MixchatError("the GGUF file has no tokenizer (no tokenizer.ggml.model)")

@@ -12,17 +12,18 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed
 from .config import ModelArgs
 from .errors import CheckpointError, UnsupportedModelError
+from .gguf import GGUFFile, GGUFTensor, check_supported, converted_specs, load_tensor, read_gguf
 from .mixtral import Model, use_parallel_streams
 from .safetensors_header import PICKLE_SUFFIXES, TensorSpec, read_safetensors_header
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_DTYPE_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
-                mx.int32: "I32", mx.uint8: "U8"}
 HALF_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "float16": mx.float16,
                "bfloat16": mx.bfloat16}
 
@@ -37,7 +38,9 @@ class Checkpoint:
     files: list[Path]
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     gguf_metadata: dict[str, Any] | None = None
-    gguf_arrays: dict[str, mx.array] | None = None  # GGUF files are read whole, once
+    gguf_file: GGUFFile | None = None  # the GGUF's header: tensor table with byte ranges
+    # HF-style name -> (GGUF tensor, part of its conversion: "weight" | "scales" | "biases")
+    gguf_names: dict[str, tuple[GGUFTensor, str]] = field(default_factory=dict)
 
     @property
     def size_bytes(self) -> int:
@@ -109,19 +112,24 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _locate_gguf(path: Path) -> Checkpoint:
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx raises RuntimeError/ValueError with the low-level reason
-        raise CheckpointError(f"cannot read GGUF file {path.name}: {e}") from None
-    if not arrays or "general.architecture" not in metadata:
+    """The GGUF's metadata and tensor table (gguf-py); tensors are converted when read."""
+    gguf_file = read_gguf(path)
+    metadata = gguf_file.metadata
+    if not gguf_file.tensors or "general.architecture" not in metadata:
         raise CheckpointError(f"{path.name} is truncated or not a GGUF model file")
-    args = ModelArgs.from_gguf_metadata(metadata, set(arrays))
-    arrays = {_gguf_to_hf_name(k): v for k, v in arrays.items()}
-    tensors = {
-        name: TensorSpec(tuple(a.shape), _DTYPE_NAMES.get(a.dtype, str(a.dtype)), a.nbytes)
-        for name, a in arrays.items()
-    }
-    return Checkpoint(path, "gguf", args, [path], tensors, metadata, arrays)
+    for tensor in gguf_file.tensors.values():
+        check_supported(tensor)
+    args = ModelArgs.from_gguf_metadata(metadata, set(gguf_file.tensors))
+    tensors: dict[str, TensorSpec] = {}
+    names: dict[str, tuple[GGUFTensor, str]] = {}
+    for tensor in gguf_file.tensors.values():
+        hf_name = _gguf_to_hf_name(tensor.name)
+        base = hf_name.removesuffix(".weight")
+        for part, (shape, dtype, nbytes) in converted_specs(tensor).items():
+            name = hf_name if part == "weight" else f"{base}.{part}"
+            tensors[name] = TensorSpec(shape, dtype, nbytes, tensor.offset)
+            names[name] = (tensor, part)
+    return Checkpoint(path, "gguf", args, [path], tensors, metadata, gguf_file, names)
 
 
 _GGUF_NAMES = [
@@ -172,8 +180,8 @@ def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dt
 
 def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
     """All tensors, lazily (nothing is read from disk until evaluated), under HF-style names."""
-    if checkpoint.gguf_arrays is not None:
-        return dict(checkpoint.gguf_arrays)
+    if checkpoint.gguf_file is not None:
+        return _read_gguf_weights(checkpoint)
     weights: dict[str, mx.array] = {}
     for file in checkpoint.files:
         try:
@@ -181,6 +189,22 @@ def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
         except Exception as e:
             raise CheckpointError(f"cannot read {file.name}: {e}") from None
         weights.update(arrays)
+    return weights
+
+
+def _read_gguf_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
+    """Each GGUF tensor converted to MLX (affine groups for quantized types), one at a time."""
+    weights: dict[str, mx.array] = {}
+    for name, (tensor, part) in checkpoint.gguf_names.items():
+        if part != "weight":
+            continue
+        base = name.removesuffix(".weight")
+        for part, array in load_tensor(checkpoint.gguf_file, tensor).items():
+            key = name if part == "weight" else f"{base}.{part}"
+            if array.dtype == np.uint16:  # BF16 bit patterns
+                weights[key] = mx.array(array).view(mx.bfloat16)
+            else:
+                weights[key] = mx.array(array)
     return weights
 
 
@@ -227,6 +251,9 @@ def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
     under a budget; None as `memory_budget` chooses by what this machine has available."""
     from .memory_plan import decide
 
+    if (world := distributed.world()).size > 1:  # the budget applies to this rank's share
+        return distributed.rank_memory(checkpoint, compute_dtype(checkpoint, dtype).size,
+                                       memory_budget, max_context, kv_bits, world)  # fmt: skip
     return decide(checkpoint, compute_dtype(checkpoint, dtype).size, memory_budget,
                   max_context, kv_bits)  # fmt: skip
 
@@ -247,8 +274,14 @@ def build_model(
     use_parallel_streams(stream_count(streams))
     args = checkpoint.args
     offload = memory is not None and memory.offload
+    world = distributed.world()
     model = Model(args)
-    weights = model.sanitize(read_weights(checkpoint))
+    weights = read_weights(checkpoint)
+    if world.size > 1:  # this rank's share of the experts only
+        kv_bits = memory.plan.kv_bits if memory is not None else None
+        weights = distributed.take_share(checkpoint, weights, model, world,
+                                         f"{compute_dtype(checkpoint, dtype)}|{kv_bits}")
+    weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))
     for name, param in expected.items():

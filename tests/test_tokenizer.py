@@ -517,7 +517,8 @@ def test_missing_tokenizer_names_directory(tmp_path):
 
 
 def test_unsupported_and_broken_tokenizers(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="SentencePiece"):
+    # a GGUF SentencePiece vocabulary that sentencepiece cannot use (no <unk>): one-line error
+    with pytest.raises(CheckpointError, match="SentencePiece model GGUF tokenizer: .*unk"):
         load_tokenizer({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(UnsupportedModelError):
         load_tokenizer({"tokenizer.ggml.model": "bert"})

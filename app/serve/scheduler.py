@@ -160,10 +160,9 @@ class Scheduler:
         engine = self.models.engine_for(job.key)
         request = job.request
         if request.kind == "chat":
-            ids = engine.tokenizer.encode_chat(request.messages)
+            ids = engine.prompt_ids(messages=request.messages)
         elif isinstance(request.prompt, str):
-            bos = [] if engine.tokenizer.bos_id is None else [engine.tokenizer.bos_id]
-            ids = bos + engine.tokenizer.encode(request.prompt)
+            ids = engine.prompt_ids(prompt=request.prompt)  # BOS, then the text: as stream_text
         else:
             ids = list(request.prompt)
             if max(ids) >= engine.tokenizer.vocab_size:

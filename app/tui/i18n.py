@@ -43,6 +43,7 @@ ENGLISH: dict[str, str] = {
     # Notices and notifications
     "notice.loading_model": "Loading the model, one moment…",
     "notice.model_loaded": "Model ready: {name}",
+    "notice.no_chat_template": "This model has no chat template: replies continue the text.",
     "notice.model_failed": "The model could not be loaded: {error}",
     "notice.context_trimmed": "The chat is longer than the model's context: the {count} oldest "
     "messages are left out of what the model sees.",
@@ -178,6 +179,8 @@ FRENCH: dict[str, str] = {
     "status.memory_unknown": "— Go",
     "notice.loading_model": "Chargement du modèle, un instant…",
     "notice.model_loaded": "Modèle prêt : {name}",
+    "notice.no_chat_template": "Ce modèle n’a pas de modèle de discussion : les réponses "
+    "continuent le texte.",
     "notice.model_failed": "Le modèle n’a pas pu être chargé : {error}",
     "notice.context_trimmed": "La discussion dépasse le contexte du modèle : les {count} messages "
     "les plus anciens ne lui sont plus transmis.",

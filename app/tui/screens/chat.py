@@ -188,6 +188,8 @@ class ChatScreen(Screen[None]):
         await self.query(".model-loading").remove()
         if announce:
             self.notify(self.strings("notice.model_loaded", name=getattr(engine, "name", "")))
+        if not getattr(engine, "has_chat_template", True):
+            await self.chat_log.add_notice(self.strings("notice.no_chat_template"))
         self.status_bar.set_model(str(getattr(engine, "name", "")), engine.context_length)
         self.status_bar.set_state(self.strings("status.ready"))
         self._sync_routing_observer()

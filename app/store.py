@@ -5,12 +5,20 @@ One row per chat, one row per message. Every write is its own transaction in WAL
 returns: a crash or a kill of the app loses nothing that was saved.
 
 The database lives in ``user_data_dir("mixchat")``; the ``MIXCHAT_HOME`` environment variable
-names another directory (tests, portable installs).
+names another directory (tests, portable installs). Its schema version is SQLite's
+``user_version``: ``MIGRATIONS`` bring an older file up to date, a newer one is refused.
+
+One store per data directory at a time: a second app (another terminal) on the same directory
+is refused with one line (``StoreInUse``) rather than interleaving turns into the first one's
+chats. The lock is an ``flock`` on a file beside the database: the system drops it when the
+process ends, even after a kill -9.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import sqlite3
 import time
@@ -20,13 +28,15 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from model.errors import MixchatError
 from model.registry import data_dir  # the one data directory (re-exported for the UI)
 
 DATABASE_NAME = "mixchat.db"
-SCHEMA_VERSION = 1
 TITLE_MAX_CHARS = 48
 
-_SCHEMA = """
+# MIGRATIONS[n] takes a database at user_version n to n + 1 (0: a new, empty file).
+MIGRATIONS: tuple[str, ...] = (
+    """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     title TEXT NOT NULL,
@@ -44,7 +54,16 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
-"""
+""",
+    """
+CREATE TABLE preferences (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+""",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreInUse(MixchatError):
+    """Another mixchat holds this data directory."""
 
 
 @dataclass(frozen=True)
@@ -137,19 +156,48 @@ def stats_to_dict(stats: Any) -> dict[str, Any] | None:
 class ConversationStore:
     """Conversations and their messages in one SQLite file. Use from one thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Open (create, migrate) the store at ``path`` and hold its lock; ``read_only``: a
+        reader beside the app (tests, tools) that takes no lock and can write nothing."""
         self.path = Path(path)
+        if read_only:
+            self._lock = -1
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
+            self._db.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._lock = _lock_beside(self.path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            os.close(self._lock)
+            self._lock = -1
+            raise
+
+    def _migrate(self) -> None:
+        """Run the migrations this file lacks, each with its new user_version, atomically."""
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise MixchatError(
+                f"{self.path} was written by a newer mixchat (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}): upgrade mixchat"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._transaction() as db:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={number + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     @classmethod
     def open_default(cls) -> ConversationStore:
@@ -158,6 +206,9 @@ class ConversationStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -275,6 +326,20 @@ class ConversationStore:
                 (conversation_id, message_id),
             )
 
+    # Preferences (what the app remembers between runs: the last export folder...)
+
+    def get_preference(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM preferences WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_preference(self, key: str, value: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO preferences (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
     # Export
 
     def export_markdown(
@@ -297,12 +362,27 @@ class ConversationStore:
         self, conversation_id: int, directory: Path, role_names: dict[str, str] | None = None
     ) -> Path:
         """Write the conversation as Markdown into ``directory``; returns the file's path."""
+        return self.export_to_path(
+            conversation_id, Path(directory) / self.export_filename(conversation_id), role_names
+        )
+
+    def export_filename(self, conversation_id: int) -> str:
+        """``mixchat-<id>-<title as a slug>.md``"""
         conversation = self.get_conversation(conversation_id)
         if conversation is None:
             raise KeyError(conversation_id)
         slug = re.sub(r"[^\w]+", "-", conversation.title.lower()).strip("-")[:40] or "chat"
-        path = Path(directory) / f"mixchat-{conversation_id}-{slug}.md"
-        temporary = path.with_suffix(".md.partial")
+        return f"mixchat-{conversation_id}-{slug}.md"
+
+    def export_to_path(
+        self, conversation_id: int, path: Path, role_names: dict[str, str] | None = None
+    ) -> Path:
+        """Write the conversation as Markdown to ``path`` (into it, if it is a directory);
+        the file appears whole or not at all. Returns the file's path."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / self.export_filename(conversation_id)
+        temporary = path.with_name(path.name + ".partial")
         temporary.write_text(self.export_markdown(conversation_id, role_names), encoding="utf-8")
         temporary.replace(path)
         return path
@@ -331,3 +411,21 @@ class ConversationStore:
             stats=stats,
             created_at=row["created_at"],
         )
+
+
+def _lock_beside(database: Path) -> int:
+    """Hold ``<database>.lock`` for this store's life; StoreInUse if another process has it."""
+    lock_path = database.with_name(database.name + ".lock")
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(descriptor)
+        raise StoreInUse(
+            f"another mixchat (pid {holder}) is using {database.parent}: close it first, or "
+            f"set MIXCHAT_HOME to another folder"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+    return descriptor

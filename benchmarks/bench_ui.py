@@ -6,7 +6,9 @@ the same tokens from the same state:
 - engine alone: ``Engine.stream`` in a loop, nothing else running;
 - UI: the Textual app (headless, full layout and Markdown rendering, no terminal output)
   streams the same reply through its worker thread, buffer, 30 Hz flush and MarkdownStream;
-- UI + experts: the same with the experts panel open (routing observer on; MoE models only).
+- UI + experts: the same with the experts panel open (routing observer on; MoE models only);
+- engine, routing not kept (MoE models only): the engine alone as it was before it kept the
+  last reply's routing counts for F4 (``_step`` without routing capture), to price that.
 
 Rates: engine-reported decode tok/s (``stats.generation_tps``), and end to end
 = (tokens - 1) / (time from the first token to the last text being in the widget). The UI's cost
@@ -14,6 +16,7 @@ is how much lower its end-to-end rate is than the engine alone's. Target: under 
 
     .venv/bin/python -m benchmarks.bench_ui [--model PATH] [--max-tokens 96] [--runs 3]
     .venv/bin/python -m benchmarks.bench_ui --fake   # scripted engine, no model: UI ceiling
+    .venv/bin/python -m benchmarks.bench_ui --model M --routing-cost 9   # A/B, CPU time too
 """
 
 from __future__ import annotations
@@ -80,6 +83,55 @@ async def through_the_ui(engine, chat_settings, experts: bool) -> Run:
     return _run(reply.stats, reply.buffer.first_text_at, reply.completed_at)
 
 
+def engine_without_kept_routing(engine, settings) -> Run:
+    """The engine alone with routing captured only for an observer (the code before F4 kept
+    the last reply's counts): what keeping them costs is the difference to ``engine alone``."""
+    import mlx.core as mx
+
+    from model.generate import Engine
+
+    original = Engine._step
+
+    def step(self, tokens, sampler):
+        self.model.routing = None
+        hidden = self.model.hidden_states(tokens, cache=self._cache)
+        logits = self.model.logits(hidden[:, -1, :])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), None
+
+    Engine._step = step
+    try:
+        return engine_alone(engine, settings)
+    finally:
+        Engine._step = original
+
+
+def routing_cost(engine, settings, rounds: int) -> None:
+    """Keeping the last reply's routing (F4 after a reply) against not keeping it, interleaved
+    round by round; per decoded token, wall time and this process's CPU time (steadier than wall
+    time on a shared machine), medians."""
+    timings: dict[str, list[tuple[float, float]]] = {"kept": [], "not kept": []}
+    runs = {"kept": engine_alone, "not kept": engine_without_kept_routing}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = run(engine, settings)
+            tokens = max(result.tokens, 1)
+            timings[name].append(
+                ((time.perf_counter() - wall) / tokens, (time.process_time() - cpu) / tokens)
+            )
+    print(f"\nmodel: {engine.name}   max tokens: {settings.max_tokens}   rounds: {rounds}")
+    base_wall = statistics.median(w for w, _ in timings["not kept"])
+    base_cpu = statistics.median(c for _, c in timings["not kept"])
+    for name, values in timings.items():
+        wall = statistics.median(w for w, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        print(
+            f"routing {name:<9} wall {wall * 1e3:7.1f} ms/token ({(wall / base_wall - 1) * 100:+.1f}%)"
+            f"   cpu {cpu * 1e3:7.1f} ms/token ({(cpu / base_cpu - 1) * 100:+.1f}%)"
+        )
+
+
 def _run(stats, first: float | None, end: float | None) -> Run:
     tokens = stats.generation_tokens if stats else 0
     elapsed = (end - first) if (first is not None and end is not None) else 0.0
@@ -96,6 +148,10 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--fake", action="store_true", help="scripted engine instead of a model")
+    parser.add_argument(
+        "--routing-cost", type=int, default=0, metavar="ROUNDS",
+        help="only price keeping the last reply's routing (MoE model), over ROUNDS rounds",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from app.store import ChatSettings
@@ -123,6 +179,9 @@ def main() -> int:
     settings = settings_for(args.max_tokens)
     chat_settings = ChatSettings(temperature=0.0, max_tokens=args.max_tokens)
     engine_alone(engine, settings_for(8))  # warm-up
+    if args.routing_cost:
+        routing_cost(engine, settings, args.routing_cost)
+        return 0
 
     has_experts = bool(getattr(engine.info, "num_experts", 0))
     modes = {
@@ -133,6 +192,10 @@ def main() -> int:
         modes["UI + experts panel"] = lambda: asyncio.run(
             through_the_ui(engine, chat_settings, True)
         )
+        if not args.fake:
+            modes["engine, routing not kept"] = lambda: engine_without_kept_routing(
+                engine, settings
+            )
     results: dict[str, list[Run]] = {name: [] for name in modes}
     for _ in range(args.runs):  # modes alternate within each round: drift hits all alike
         for name, measure in modes.items():
@@ -145,7 +208,7 @@ def main() -> int:
         f"   runs: {args.runs} (medians)"
     )
     header = (
-        f"{'mode':<20} {'tokens':>6} {'decode tok/s':>13} {'end-to-end tok/s':>17} {'UI cost':>8}"
+        f"{'mode':<26} {'tokens':>6} {'decode tok/s':>13} {'end-to-end tok/s':>17} {'UI cost':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -154,7 +217,7 @@ def main() -> int:
         decode = statistics.median(r.decode_tps for r in runs)
         end_to_end = statistics.median(r.end_to_end_tps for r in runs)
         cost = "—" if name == "engine alone" else f"{(1 - end_to_end / baseline) * 100:.1f}%"
-        print(f"{name:<20} {tokens:>6} {decode:>13.1f} {end_to_end:>17.1f} {cost:>8}")
+        print(f"{name:<26} {tokens:>6} {decode:>13.1f} {end_to_end:>17.1f} {cost:>8}")
     if not has_experts:
         print("(dense model: no experts panel row; pass --model with a MoE checkpoint)")
     return 0

@@ -24,6 +24,8 @@ from .mixtral import Model
 from .mlx_lm_parts import can_trim_prompt_cache, make_sampler, trim_prompt_cache
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
+FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
+CANCEL_WITHIN = 1.0  # seconds a later prompt pass aims to take: how soon Esc acts while reading
 
 
 @dataclass
@@ -47,6 +49,7 @@ class GenerationStats:
 class Chunk:
     text: str  # new text; never splits a multi-byte character
     stats: GenerationStats | None = None  # set on the final chunk only
+    progress: tuple[int, int] | None = None  # while reading the prompt: (tokens read, total)
 
 
 class Engine:
@@ -61,6 +64,9 @@ class Engine:
         self.memory_notice = memory.notice if memory is not None else ""  # one line, or ""
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
+        # Counts [num_layers, num_experts] over the last reply's generated tokens (MoE only).
+        self.last_routing: np.ndarray | None = None
+        self._routing_steps: list[mx.array] = []
         self._cancel = threading.Event()
         self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
@@ -222,18 +228,36 @@ class Engine:
         cache = self._cache
         pending = ids[cached:]
         read_before = self.offload.snapshot() if self.offload else None
+        total, self.last_routing, self._routing_steps = len(pending), None, []
         if self.offload is not None:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
             while len(pending) > LAYERWISE_WINDOW:
+                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
+                    yield self._cancelled_in_prompt(total - len(pending))
+                    return
                 window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
                 self._track_kv(len(window))
                 self.model.prefill_layerwise(mx.array(window)[None], cache, self._chunk)
+                yield Chunk("", progress=(total - len(pending), total))
         else:
-            while len(pending) > self._chunk:
-                self.model.hidden_states(mx.array(pending[: self._chunk])[None], cache=cache)
+            # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
+            # (at most self._chunk): progress moves and Esc stops that soon even on a slow CPU.
+            # Ranks sharing the experts keep the fixed size: their passes must stay in step.
+            sharded = distributed.shard_of(self.model) is not None
+            size = self._chunk if sharded else min(FIRST_PROMPT_CHUNK, self._chunk)
+            while len(pending) > size:
+                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
+                    yield self._cancelled_in_prompt(total - len(pending))
+                    return
+                began = time.perf_counter()
+                self.model.hidden_states(mx.array(pending[:size])[None], cache=cache)
                 mx.eval([c.state for c in cache])
-                pending = pending[self._chunk :]
+                pending = pending[size:]
+                if not sharded:
+                    rate = size / max(time.perf_counter() - began, 1e-6)
+                    size = min(self._chunk, max(16, int(rate * CANCEL_WITHIN)))
+                yield Chunk("", progress=(total - len(pending), total))
         self._track_kv(len(pending))
         y, routing = self._step(mx.array(pending)[None], sampler, self.offload is not None)
         mx.async_eval(y)
@@ -258,8 +282,10 @@ class Engine:
             if len(generated) == 1:
                 first_token_time = time.perf_counter()
                 stats.prompt_tps = stats.prompt_tokens / (first_token_time - start)
-            if routing is not None and self.routing_observer is not None:
-                self.routing_observer(self._count_experts(routing))
+            if routing is not None:
+                self._routing_steps.append(mx.concatenate([r.reshape(1, -1) for r in routing]))
+                if self.routing_observer is not None:
+                    self.routing_observer(self._count_experts(routing))
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -287,7 +313,24 @@ class Engine:
         stats.context_tokens = min(self._cache[0].offset, len(ids) + len(generated))
         if self.offload is not None and offload_start is not None:
             self._offload_stats(stats, offload_start, elapsed, len(generated) - 1)
+        self._keep_routing()
         yield Chunk(detokenizer.finish(), stats)
+
+    def _keep_routing(self) -> None:
+        """Sum the reply's routing (gathered lazily, one small array a token) into last_routing."""
+        steps, self._routing_steps = self._routing_steps, []
+        if steps:
+            experts = np.array(mx.stack(steps)).reshape(len(steps), len(steps[0]), -1)
+            counts = np.zeros((experts.shape[1], self.model.args.num_local_experts), np.int64)
+            for layer in range(experts.shape[1]):
+                counts[layer] = np.bincount(experts[:, layer].ravel(), minlength=counts.shape[1])
+            self.last_routing = counts
+
+    def _cancelled_in_prompt(self, done: int) -> Chunk:
+        """The final chunk of a stream cancelled between prompt chunks (nothing generated)."""
+        offset = self._cache[0].offset if self._cache else 0
+        stats = GenerationStats(prompt_tokens=done, finish_reason="cancelled", context_tokens=offset)
+        return Chunk("", stats)
 
     @property
     def _chunk(self) -> int:
@@ -319,7 +362,7 @@ class Engine:
               ) -> tuple[mx.array, list | None]:  # fmt: skip
         """Queue one forward pass over `tokens` [1, T] (layer by layer over all of them when
         `layerwise`); returns the sampled next token [1]."""
-        observe = self.routing_observer is not None and self.model.args.is_moe
+        observe = self.model.args.is_moe  # cheap: kept for last_routing (F4 after a reply)
         self.model.routing = [] if observe else None
         if layerwise and tokens.shape[1] > 1:
             hidden = self.model.prefill_layerwise(tokens, self._cache, self._chunk)

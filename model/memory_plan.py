@@ -172,10 +172,19 @@ def _layer_of(name: str) -> int:
     return int(name.split(".")[2])
 
 
-def _memory_nbytes(spec, compute_bytes: int) -> int:
+def loaded_nbytes(spec, compute_bytes: int) -> int:
     """Bytes a stored tensor takes once loaded (floating tensors become the compute dtype)."""
     if spec.dtype in FLOAT_DTYPES:
         return spec.nbytes // (4 if spec.dtype == "F32" else 2) * compute_bytes
+    return spec.nbytes
+
+
+def _disk_nbytes(checkpoint, name: str, spec) -> int:
+    """Bytes a tensor takes in its file (a GGUF's blocks become weight + scales + biases)."""
+    gguf_names = getattr(checkpoint, "gguf_names", None)
+    if gguf_names and name in gguf_names:
+        tensor, part = gguf_names[name]
+        return tensor.nbytes if part == "weight" else 0
     return spec.nbytes
 
 
@@ -199,11 +208,11 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
     stacked = per_expert = False
     bits = None
     for name, spec in checkpoint.tensors.items():
-        mem = _memory_nbytes(spec, compute_bytes)
+        mem = loaded_nbytes(spec, compute_bytes)
         if EXPERT_MARK in name or PER_EXPERT_MARK in name:
             layer = _layer_of(name)
             layer_mem[layer] = layer_mem.get(layer, 0) + mem
-            layer_disk[layer] = layer_disk.get(layer, 0) + spec.nbytes
+            layer_disk[layer] = layer_disk.get(layer, 0) + _disk_nbytes(checkpoint, name, spec)
             stacked |= EXPERT_MARK in name
             per_expert |= PER_EXPERT_MARK in name
             if name.endswith("gate_proj.weight") and spec.dtype == "U32" and bits is None:
@@ -218,13 +227,13 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
     offloadable, why = True, ""
     if not args.is_moe or not layer_mem:
         offloadable, why = False, "it is a dense model: it has no experts to stream"
-    elif checkpoint.format != "hf" or per_expert or not stacked:
+    elif checkpoint.format not in ("hf", "gguf") or per_expert or not stacked:
         offloadable = False
         why = (
             "experts stream only from an MLX-quantized checkpoint (experts stacked per layer): "
             f"convert it with `mixchat quantize {checkpoint.path} DIR`"
         )
-    elif args.quantization is None:
+    elif args.quantization is None and checkpoint.format != "gguf":
         offloadable = False
         why = f"it is not quantized: convert it with `mixchat quantize {checkpoint.path} DIR`"
     return MemoryPlan(

@@ -47,6 +47,7 @@ import numpy as np
 
 from .errors import CheckpointError, MixchatError
 from .experts import PROJECTIONS, ExpertWeights, Projection, RowGroups, swiglu
+from .memory_plan import loaded_nbytes
 from .safetensors_header import FLOAT_DTYPES, TensorSpec, read_safetensors_header
 
 POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")
@@ -63,6 +64,9 @@ Key = tuple[int, int]  # (layer, expert)
 # --- reading experts --------------------------------------------------------------------------
 
 _ALIGN = 4096  # O_DIRECT reads start, end and land on page boundaries
+GGUF_PREFIX = "GGUF:"  # a _Slice dtype "GGUF:Q4_K": blocks converted when read
+
+
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,17 @@ class ExpertStore:
             fd, direct = _open(file, bypass_page_cache)
             self._fds.append(fd)
             self._direct.append(direct)
+            if checkpoint.format == "gguf":  # stacked expert tensors, converted on read
+                for name, (tensor, part) in checkpoint.gguf_names.items():
+                    if part == "weight":
+                        spec = TensorSpec(tensor.shape, f"{GGUF_PREFIX}{tensor.ggml_type}",
+                                          tensor.nbytes, tensor.offset)  # fmt: skip
+                        locations[name] = (0, spec)
+                continue
             for name, spec in read_safetensors_header(file).items():
                 locations[name] = (len(self._fds) - 1, spec)
         self.slices: dict[int, dict[str, dict[str, _Slice]]] = {}
+        self._gguf_memory: dict[tuple[int, str], int] = {}  # (layer, proj) -> one expert
         self.disk_bytes: dict[int, int] = {}
         self.memory_bytes: dict[int, int] = {}
         self.max_stride = 0
@@ -127,7 +139,13 @@ class ExpertStore:
                             raise CheckpointError(f"checkpoint lacks tensor {name}")
                         continue
                     file, spec = locations[name]
-                    if spec.dtype not in _NP_DTYPES and spec.dtype != "BF16":
+                    if spec.dtype.startswith(GGUF_PREFIX):
+                        self._gguf_memory[(layer, proj)] = sum(
+                            loaded_nbytes(checkpoint.tensors[f"{name[:-6]}{p}"], dtype.size)
+                            for p in ("weight", "scales", "biases")
+                            if f"{name[:-6]}{p}" in checkpoint.tensors
+                        ) // spec.shape[0]
+                    elif spec.dtype not in _NP_DTYPES and spec.dtype != "BF16":
                         raise CheckpointError(f"tensor {name} has unsupported dtype {spec.dtype}")
                     experts = spec.shape[0]
                     if spec.nbytes % experts:
@@ -141,7 +159,9 @@ class ExpertStore:
             self.slices[layer] = parts
             self.disk_bytes[layer] = sum(s.stride for p in parts.values() for s in p.values())
             self.memory_bytes[layer] = sum(
-                self._memory_nbytes(s) for p in parts.values() for s in p.values()
+                self._gguf_memory.get((layer, proj)) or self._memory_nbytes(s)
+                for proj, p in parts.items()
+                for s in p.values()
             )
         self._local = threading.local()
 
@@ -159,6 +179,12 @@ class ExpertStore:
         out: CachedExpert = {}
         total = 0
         for proj, parts in self.slices[layer].items():
+            s = parts["weight"]
+            if s.dtype.startswith(GGUF_PREFIX):  # GGUF blocks -> MLX affine (or float) arrays
+                raw = self._pread(s.file, s.offset + expert * s.stride, s.stride)
+                out[proj] = self._from_gguf(raw, s)
+                total += s.stride
+                continue
             arrays = []
             for part in ("weight", "scales", "biases"):
                 s = parts.get(part)
@@ -196,6 +222,22 @@ class ExpertStore:
         if self.bypass_page_cache and not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
         return np.frombuffer(view, np.uint8, size, offset - start)
+
+    def _from_gguf(self, raw: np.ndarray, s: _Slice) -> tuple:
+        """One expert's GGUF blocks as (weight, scales, biases) [1, ...], as the whole-model
+        GGUF loader converts them (model/gguf.py), floats at the compute dtype."""
+        from .gguf import FLOAT_TYPES, to_affine
+
+        ggml_type = s.dtype.removeprefix(GGUF_PREFIX)
+        if ggml_type in FLOAT_TYPES:
+            return (self._to_array(raw, replace(s, dtype=ggml_type)), None, None)
+        weight, scales, biases, _, _ = to_affine(ggml_type, raw, s.shape[1:])
+        as_f32 = replace(s, dtype="F32", shape=(1, *scales.shape))
+        return (
+            mx.array(weight.reshape(1, *weight.shape)),
+            self._to_array(scales.reshape(-1).view(np.uint8), as_f32),
+            self._to_array(biases.reshape(-1).view(np.uint8), as_f32),
+        )
 
     def _to_array(self, raw: np.ndarray, s: _Slice) -> mx.array:
         """Bytes -> mx.array (a copy), floating tensors converted to the compute dtype with

@@ -178,10 +178,12 @@ def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dt
     return HALF_DTYPES.get(checkpoint.source_dtype, mx.float16)
 
 
-def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
-    """All tensors, lazily (nothing is read from disk until evaluated), under HF-style names."""
+def read_weights(checkpoint: Checkpoint, skip_experts: bool = False) -> dict[str, mx.array]:
+    """All tensors, lazily (nothing is read from disk until evaluated), under HF-style names.
+    `skip_experts`: stacked expert tensors are never read (GGUF: unevaluated placeholders of
+    their converted shape), for experts streamed under a budget."""
     if checkpoint.gguf_file is not None:
-        return _read_gguf_weights(checkpoint)
+        return _read_gguf_weights(checkpoint, skip_experts)
     weights: dict[str, mx.array] = {}
     for file in checkpoint.files:
         try:
@@ -192,10 +194,15 @@ def read_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
     return weights
 
 
-def _read_gguf_weights(checkpoint: Checkpoint) -> dict[str, mx.array]:
+def _read_gguf_weights(checkpoint: Checkpoint, skip_experts: bool = False) -> dict[str, mx.array]:
     """Each GGUF tensor converted to MLX (affine groups for quantized types), one at a time."""
     weights: dict[str, mx.array] = {}
     for name, (tensor, part) in checkpoint.gguf_names.items():
+        if skip_experts and ".switch_mlp." in name:  # read by model/offload.py on demand
+            spec = checkpoint.tensors[name]
+            dtype = {"U32": mx.uint32, "F32": mx.float32, "F16": mx.float16}.get(spec.dtype)
+            weights[name] = mx.zeros(spec.shape, dtype or mx.bfloat16)  # never evaluated
+            continue
         if part != "weight":
             continue
         base = name.removesuffix(".weight")
@@ -276,7 +283,7 @@ def build_model(
     offload = memory is not None and memory.offload
     world = distributed.world()
     model = Model(args)
-    weights = read_weights(checkpoint)
+    weights = read_weights(checkpoint, skip_experts=offload)
     if world.size > 1:  # this rank's share of the experts only
         kv_bits = memory.plan.kv_bits if memory is not None else None
         weights = distributed.take_share(checkpoint, weights, model, world,

@@ -1,9 +1,11 @@
 """A scripted engine that follows the ``model.generate.Engine`` contract (docs/CONTRACTS.md).
 
 It streams a known reply word by word with small sleeps, honours ``cancel()``, reports
-deterministic routing counts to ``routing_observer`` and exposes a fake ``info`` (sparse by
-default, dense with ``FakeEngine.dense()``). Nothing random, nothing timed in what it yields, so
-snapshots stay stable.
+deterministic routing counts to ``routing_observer`` (and keeps the last reply's in
+``last_routing``) and exposes a fake ``info`` (sparse by default, dense with
+``FakeEngine.dense()``). It can read the prompt slowly in chunks with progress chunks
+(``prompt_chunk``, ``prompt_delay``, ``pause_in_prompt``) and load slowly (``FakeEngine.loader``).
+Nothing random, nothing timed in what it yields, so snapshots stay stable.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class FakeEngine:
         context_length: int = 4096,
         fail_with: Exception | None = None,
         pause_after_tokens: int | None = None,
+        prompt_chunk: int | None = None,
+        prompt_delay: float = 0.0,
+        pause_in_prompt: int | None = None,
     ) -> None:
         self.name = name
         self.info = FakeModelInfo(num_layers=num_layers, num_experts=num_experts)
@@ -81,6 +86,10 @@ class FakeEngine:
         self.token_delay = token_delay
         self.fail_with = fail_with
         self.pause_after_tokens = pause_after_tokens
+        self.prompt_chunk = prompt_chunk  # read the prompt this many tokens at a time
+        self.prompt_delay = prompt_delay  # seconds per prompt chunk
+        self.pause_in_prompt = pause_in_prompt  # hold after this many prompt chunks
+        self.last_routing: np.ndarray | None = None
         self.calls: list[tuple[list[dict], object]] = []
         self.observed_tokens = 0  # tokens for which routing_observer was called
         self.resets = 0
@@ -94,6 +103,17 @@ class FakeEngine:
     @classmethod
     def load(cls, model: str | None = None, **kw) -> FakeEngine:
         return cls(**kw)
+
+    @classmethod
+    def loader(cls, gate: threading.Event, **kw) -> Callable[[], FakeEngine]:
+        """An ``engine_loader`` that takes until ``gate`` is set (a model that loads slowly)."""
+
+        def load() -> FakeEngine:
+            if not gate.wait(timeout=30):
+                raise RuntimeError("the test never let the fake model load")
+            return cls(**kw)
+
+        return load
 
     @classmethod
     def dense(cls, **kw) -> FakeEngine:
@@ -130,8 +150,15 @@ class FakeEngine:
         max_tokens = getattr(settings, "max_tokens", 512) if settings is not None else 512
         tokens = split_tokens(self.reply_for(messages))
         prompt_tokens = self.count_tokens(messages)
+        self.last_routing = None
+        if self.prompt_chunk:
+            read = yield from self._read_prompt(prompt_tokens)
+            if read < prompt_tokens:
+                yield Chunk("", GenerationStats(prompt_tokens=read, finish_reason="cancelled"))
+                return
         generated = 0
         finish_reason = "stop"
+        routing = None
         for token in tokens:
             if self._cancelled.is_set():
                 finish_reason = "cancelled"
@@ -149,10 +176,14 @@ class FakeEngine:
                 time.sleep(self.token_delay)
             generated += 1
             observer = self.routing_observer
-            if observer is not None and self.info.num_experts:
-                observer(self._routing_counts(generated))
-                self.observed_tokens += 1
+            if self.info.num_experts:
+                counts = self._routing_counts(generated)
+                routing = counts.astype(np.int64) if routing is None else routing + counts
+                if observer is not None:
+                    observer(counts)
+                    self.observed_tokens += 1
             yield Chunk(token)
+        self.last_routing = routing
         yield Chunk(
             "",
             GenerationStats(
@@ -166,6 +197,25 @@ class FakeEngine:
                 expert_hit_rate=self.expert_hit_rate,
             ),
         )
+
+    def _read_prompt(self, total: int) -> Iterator[Chunk]:
+        """Progress chunks while 'reading' the prompt; returns the tokens read (less: cancelled)."""
+        assert self.prompt_chunk
+        done, chunks = 0, 0
+        while total - done > self.prompt_chunk:
+            if self._cancelled.is_set():
+                return done
+            if self.pause_in_prompt is not None and chunks == self.pause_in_prompt:
+                self.paused.set()
+                self.release.wait(timeout=10)
+                if self._cancelled.is_set():
+                    return done
+            if self.prompt_delay:
+                time.sleep(self.prompt_delay)
+            done += self.prompt_chunk
+            chunks += 1
+            yield Chunk("", progress=(done, total))
+        return total
 
     def _routing_counts(self, step: int) -> np.ndarray:
         """Each layer sends the token to 2 experts by a fixed rule that favours a few of them."""

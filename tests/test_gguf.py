@@ -282,3 +282,36 @@ def test_non_mistral_vocabulary_uses_the_gguf_template():
     del meta["tokenizer.chat_template"]
     with pytest.raises(MixchatError, match="no chat template"):
         load_tokenizer(meta).encode_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_q4_k_m_mixtral_streams_experts_under_a_budget(tmp_path):
+    """--memory-budget on a GGUF: its experts are read on demand from the GGUF's byte ranges
+    and converted as the whole-model loader converts them: the same greedy tokens, within the
+    budget, each expert read as its own blocks (misses x the expert's GGUF bytes)."""
+    from model import Engine, GenerationSettings
+    from model.memory_plan import memory_plan
+
+    path, _ = tiny_mixtral_gguf(tmp_path / "q4km.gguf", Q4_K_M, with_values=False, layers=3)
+    settings = GenerationSettings(max_tokens=12, temperature=0.0)
+    whole = Engine.load(str(path), max_context=256)
+    expected = "".join(c.text for c in whole.stream(PROMPT, settings))
+    plan = memory_plan(locate(path), 4, 256)
+    assert plan.offloadable, plan.why_not
+    gguf_file = read_gguf(path)
+    per_layer = [
+        sum(expert_range(gguf_file.tensors[f"blk.{i}.ffn_{p}_exps.weight"], 1)[1]
+            for p in ("gate", "up", "down"))
+        for i in range(3)
+    ]  # fmt: skip
+    assert plan.expert_disk_bytes == max(per_layer)  # the GGUF's blocks, not their conversion
+    budget = plan.minimum_budget + 2 * plan.expert_bytes
+    engine = Engine.load(str(path), memory_budget=budget, max_context=256)
+    runtime = engine.offload
+    assert runtime is not None
+    chunks = list(engine.stream(PROMPT, settings))
+    assert "".join(c.text for c in chunks) == expected
+    stats = chunks[-1].stats
+    counters = runtime.snapshot()
+    assert counters.reads > 0 and runtime.cache.peak <= runtime.capacity
+    assert counters.bytes_read <= counters.reads * plan.expert_disk_bytes
+    assert 0 <= stats.expert_hit_rate < 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -11,11 +12,15 @@ from pathlib import Path
 import pytest
 
 from app.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
     ChatSettings,
     ConversationStore,
+    StoreInUse,
     data_dir,
     title_from_prompt,
 )
+from model.errors import MixchatError
 
 
 @pytest.fixture
@@ -68,7 +73,7 @@ def test_partial_reply_is_visible_to_another_connection_at_once(store):
     store.add_message(conversation.id, "user", "q")
     reply = store.add_message(conversation.id, "assistant", "par", complete=False)
     store.update_message(reply.id, "partial re", complete=False)
-    other = ConversationStore(store.path)
+    other = ConversationStore(store.path, read_only=True)
     [_, seen] = other.messages(conversation.id)
     assert seen.content == "partial re" and not seen.complete
     store.update_message(reply.id, "partial reply", complete=True, stats={"finish_reason": "stop"})
@@ -174,3 +179,84 @@ def test_title_from_prompt():
     long_title = title_from_prompt("x" * 100)
     assert len(long_title) == 48 and long_title.endswith("…")
     assert title_from_prompt("   ") == "…"
+
+
+def test_a_second_store_on_the_same_data_dir_is_refused_with_one_line(tmp_path):
+    first = ConversationStore(tmp_path / "mixchat.db")
+    chat = first.create_conversation("A's chat")
+    first.add_message(chat.id, "user", "from A")
+    with pytest.raises(StoreInUse) as refused:
+        ConversationStore(tmp_path / "mixchat.db")
+    message = str(refused.value)
+    assert "\n" not in message and f"pid {os.getpid()}" in message and str(tmp_path) in message
+    # A reader beside it (tests, tools) sees A's turns and can write nothing.
+    reader = ConversationStore(tmp_path / "mixchat.db", read_only=True)
+    assert [m.content for m in reader.messages(chat.id)] == ["from A"]
+    with pytest.raises(sqlite3.OperationalError):
+        reader.add_message(chat.id, "user", "from B")
+    reader.close()
+    first.close()
+    second = ConversationStore(tmp_path / "mixchat.db")  # free once A is closed
+    assert [m.content for m in second.messages(chat.id)] == ["from A"]
+    second.close()
+
+
+def test_a_second_app_process_is_refused_and_the_first_ones_chat_is_untouched(tmp_path):
+    """Two processes, as two terminals would run them: B exits 1 with one line on stderr."""
+    home = tmp_path / "home"
+    holder = ConversationStore(home / "mixchat.db")
+    chat = holder.create_conversation("A")
+    holder.add_message(chat.id, "user", "A's turn")
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
+        "from app.tui import run_chat; sys.exit(run_chat(None, 'en'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "MIXCHAT_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("mixchat: error: another mixchat (pid ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [m.content for m in holder.messages(chat.id)] == ["A's turn"]
+    holder.close()
+
+
+def test_an_old_database_is_migrated_by_its_user_version(tmp_path):
+    path = tmp_path / "mixchat.db"
+    old = sqlite3.connect(path)
+    old.executescript(MIGRATIONS[0])  # what version 1 of the app wrote
+    old.execute(
+        "INSERT INTO conversations (title, created_at, updated_at) VALUES ('old chat', 1, 1)"
+    )
+    old.execute("PRAGMA user_version=1")
+    old.commit()
+    old.close()
+    store = ConversationStore(path)
+    assert store.schema_version == SCHEMA_VERSION == 2
+    assert [c.title for c in store.list_conversations()] == ["old chat"]
+    assert store.get_preference("export_dir") is None
+    store.set_preference("export_dir", "/tmp/x")
+    store.set_preference("export_dir", "/tmp/y")
+    assert store.get_preference("export_dir") == "/tmp/y"
+    store.close()
+    reopened = ConversationStore(path)  # nothing runs twice
+    assert reopened.schema_version == 2 and reopened.get_preference("export_dir") == "/tmp/y"
+    reopened.close()
+
+
+def test_a_database_from_a_newer_mixchat_is_refused(tmp_path):
+    path = tmp_path / "mixchat.db"
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    newer.close()
+    with pytest.raises(MixchatError, match="written by a newer mixchat"):
+        ConversationStore(path)
+    with pytest.raises(MixchatError, match="written by a newer mixchat"):
+        ConversationStore(path)  # the same refusal, not "in use": the lock was let go of
+    again = sqlite3.connect(path)
+    assert again.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    again.close()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from textual.widgets import Markdown
 from textual.widgets.markdown import MarkdownStream
 
 from app.store import ConversationStore
-from app.tui.screens import chat as chat_module
+from app.tui import reply_session
 from app.tui.widgets.message_view import MessageView
 from model.errors import MixchatError
 from tests.fake_engine import DEFAULT_REPLY, FakeEngine, split_tokens
@@ -84,14 +82,13 @@ async def test_updates_reach_the_screen_at_a_bounded_rate_and_last_tokens_flush(
     engine = FakeEngine(reply, token_delay=0.0005)  # ~400 tokens in well under a second
     app = make_app(tmp_path, engine)
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
-        started = time.perf_counter()
         await send(pilot, app, "go")
-        elapsed = time.perf_counter() - started
         tokens = len(split_tokens(reply))
         assert "".join(writes) == reply  # nothing lost, the last token included
-        # At most one screen update per tick (~30/s), far fewer than tokens.
-        assert len(writes) <= elapsed * 30 + 3
-        assert len(writes) < tokens / 4
+        # Every write but the final flush went through a tick the pacer allowed (its rate and
+        # CPU budget: test_tui_units), and writes batch tokens rather than follow them.
+        pacer = app.chat_screen.last_finished_reply.pacer
+        assert len(writes) <= pacer.updates + 1 < tokens
         assert app.chat_screen.chat_log.message_views[-1].content == reply
 
 
@@ -113,7 +110,7 @@ async def test_escape_cancels_keeps_partial_text_and_saves_it(tmp_path):
 
 
 async def test_partial_reply_is_saved_while_streaming(tmp_path, monkeypatch):
-    monkeypatch.setattr(chat_module, "SAVE_INTERVAL", 0.0)
+    monkeypatch.setattr(reply_session, "SAVE_INTERVAL", 0.0)
     engine = FakeEngine("alpha beta gamma delta", pause_after_tokens=2)
     app = make_app(tmp_path, engine)
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
@@ -121,7 +118,7 @@ async def test_partial_reply_is_saved_while_streaming(tmp_path, monkeypatch):
         await wait_paused(pilot, engine)
         conversation_id = app.chat_screen.conversation.id
         # A second connection sees the partial reply: it is on disk, not only in memory.
-        other = ConversationStore(app.store.path)
+        other = ConversationStore(app.store.path, read_only=True)
         stored = other.messages(conversation_id)
         other.close()
         assert stored[-1].role == "assistant"
@@ -277,25 +274,19 @@ async def test_huge_paste_neither_crashes_nor_hangs(tmp_path):
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
         from textual import events
 
-        started = time.perf_counter()
         app.chat_screen.prompt_box.focus()
         app.post_message(events.Paste(huge))  # as the terminal delivers a paste
         await pilot.pause()
         prompt = app.chat_screen.prompt_box
         assert prompt.prompt_text == huge
         assert len(prompt.text) < 100  # shown as a short marker, not laid out
-        typing_started = time.perf_counter()
-        await pilot.press("end", "space", "?")
-        assert time.perf_counter() - typing_started < 1.0  # typing stays fast
+        await pilot.press("end", "space", "?")  # typing goes on around the marker
         assert prompt.prompt_text == huge + " ?"
         await pilot.press("enter")
         await wait_until_idle(pilot, app, timeout=20)
-        elapsed = time.perf_counter() - started
-        assert elapsed < 15
         stored = app.store.messages(app.chat_screen.conversation.id)
         assert stored[0].content == huge + " ?"  # the model and the store get all of it
         assert engine.calls[0][0][-1]["content"] == huge + " ?"
-        assert "more characters not shown here" in screen_text(app) or app.chat_screen.query(
-            ".message-note"
-        )
+        [note] = app.chat_screen.query(".message-note")
+        assert str(note.render()) == "… 180,002 more characters not shown here"
         assert isinstance(app.chat_screen.chat_log.message_views[0], MessageView)

@@ -76,12 +76,10 @@ async def test_chats_survive_a_restart(tmp_path, monkeypatch):
     app = MixchatApp(store=store, engine=FakeEngine(), lang="en")
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
         await pilot.pause()
-        assert "Capital of France?" in screen_text(app)  # listed in the sidebar
+        # The chat used last is open again, and selected in the sidebar.
+        assert app.chat_screen.conversation.id == conversation_id
         sidebar = app.chat_screen.query_one(ConversationList)
-        sidebar.focus()
-        await pilot.press("down", "enter")  # choose it with the keyboard
-        await wait_for(pilot, lambda: app.chat_screen.conversation is not None)
-        await pilot.pause()
+        assert sidebar.highlighted == 0 and sidebar.option_count == 1
         assert [v.content for v in app.chat_screen.chat_log.message_views] == [
             "Capital of France?",
             "Paris.",
@@ -109,15 +107,30 @@ async def test_rename_export_and_delete_a_chat(tmp_path, monkeypatch):
         assert app.store.get_conversation(conversation_id).title == "Petit-déjeuner 🥐"
         assert "Petit-déjeuner 🥐" in screen_text(app)
 
+        # F9 asks where; it proposes the documents folder (home here), then the last one used.
+        monkeypatch.setattr("platformdirs.user_documents_dir", lambda: str(tmp_path / "none"))
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        (tmp_path / "home").mkdir()
         await pilot.press("f9")
-        await pilot.pause()
-        exported = list(tmp_path.glob("mixchat-*.md"))
-        assert len(exported) == 1
+        await wait_for(pilot, lambda: isinstance(app.screen, TextPromptScreen))
+        field = app.screen.query_one(Input)
+        assert field.value == str(tmp_path / "home" / f"mixchat-{conversation_id}-petit-déjeuner.md")
+        (tmp_path / "out").mkdir()
+        field.value = str(tmp_path / "out")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, TextPromptScreen))
+        exported = list((tmp_path / "out").glob("mixchat-*.md"))
+        assert len(exported) == 1 and not list(tmp_path.glob("mixchat-*.md"))
         markdown = exported[0].read_text(encoding="utf-8")
         assert markdown.startswith("# Petit-déjeuner 🥐")
         assert "## You\n\nBreakfast in Paris" in markdown
         assert "## Assistant\n\nUn **croissant**, s’il vous plaît." in markdown
         assert any(str(exported[0]) in str(n.message) for n in app._notifications)
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextPromptScreen))
+        assert app.screen.query_one(Input).value == str(tmp_path / "out" / exported[0].name)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, TextPromptScreen))
 
         await pilot.press("f8")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -209,31 +222,64 @@ def test_lang_argument_overrides_the_locale(tmp_path, monkeypatch):
     store.close()
 
 
-async def test_model_loads_in_the_background_with_a_visible_loading_state(tmp_path):
-    release = threading.Event()
-    engine = FakeEngine("ready!")
-
-    def slow_loader():
-        release.wait(5)
-        return engine
-
+async def test_a_message_sent_during_the_load_waits_and_goes_when_the_model_is_ready(tmp_path):
+    gate = threading.Event()
     app = MixchatApp(
-        store=ConversationStore(tmp_path / "m.db"), engine_loader=slow_loader, lang="en"
+        store=ConversationStore(tmp_path / "m.db"),
+        engine_loader=FakeEngine.loader(gate, reply="ready!"),
+        lang="en",
     )
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
         await pilot.pause()
-        assert app.chat_screen.query("LoadingIndicator.model-loading")
+        screen = app.chat_screen
+        assert screen.query("LoadingIndicator.model-loading")
         text = screen_text(app)
         assert "loading the model" in text and "Loading the model, one moment" in text
-        await pilot.press("h", "i", "enter")  # the UI answers; the prompt is kept
-        assert app.chat_screen.prompt_box.text == "hi"
-        release.set()
-        await wait_for(pilot, lambda: app.chat_screen.engine is engine)
+        await pilot.press("h", "i", "enter")  # typed during the load, Enter at once
         await pilot.pause()
-        assert not app.chat_screen.query(".model-loading")
-        await pilot.press("enter")
+        assert screen.prompt_box.text == ""
+        assert [v.content for v in screen.chat_log.message_views] == ["hi", ""]
+        assert [(m.role, m.content) for m in app.store.messages(screen.conversation.id)] == [
+            ("user", "hi")
+        ]  # saved already: a crash during the load loses nothing
+        text = screen_text(app)
+        assert "waiting for the model to load: sent as soon as it is ready" in text
+        assert "waiting for the model…" in text  # the status bar
+        await pilot.press(*"more", "enter")  # a second one is refused, its text kept
+        await pilot.pause()
+        assert screen.prompt_box.text == "more"
+        gate.set()
+        await wait_for(pilot, lambda: screen.engine is not None, what="the model")
         await wait_until_idle(pilot, app)
-        assert app.chat_screen.history[-1].content == "ready!"
+        assert not screen.query(".model-loading")
+        assert [m.content for m in screen.history] == ["hi", "ready!"]
+        assert screen.engine.calls[0][0] == [{"role": "user", "content": "hi"}]
+        assert [v.content for v in screen.chat_log.message_views] == ["hi", "ready!"]
+
+
+async def test_escape_takes_back_a_message_waiting_for_the_model(tmp_path):
+    gate = threading.Event()
+    app = MixchatApp(
+        store=ConversationStore(tmp_path / "m.db"),
+        engine_loader=FakeEngine.loader(gate, reply="late"),
+        lang="en",
+    )
+    async with app.run_test(size=TERMINAL_SIZE) as pilot:
+        await pilot.pause()
+        screen = app.chat_screen
+        await pilot.press(*"oops", "enter")
+        await pilot.pause()
+        assert screen.is_generating
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not screen.is_generating
+        assert screen.prompt_box.text == "oops"  # back in the box, nothing lost
+        assert screen.chat_log.message_views == [] and screen.conversation is None
+        assert app.store.list_conversations() == []
+        gate.set()
+        await wait_for(pilot, lambda: screen.engine is not None, what="the model")
+        await pilot.pause()
+        assert screen.engine.calls == []  # nothing was sent
 
 
 async def test_a_model_that_fails_to_load_ends_the_app_with_code_1(tmp_path):

@@ -85,7 +85,7 @@ async def test_french_interface_from_the_locale(tmp_path, monkeypatch):
         assert app.strings.language == "fr"
         await send(pilot, app, "Ça va ?")
         text = screen_text(app)
-        assert "Nouvelle" in text and "Relancer" in text and "f1 Aide" in text  # footer
+        assert "Nouvelle" in text and "Relancer" in text and "F1 Aide" in text  # footer
         assert "Discussions" in text  # sidebar title
         assert "Vous" in text and "prêt" in text  # role and status
         assert "jetons/s" in text
@@ -95,13 +95,15 @@ async def test_dense_model_shows_a_note_instead_of_a_heatmap(tmp_path):
     engine = FakeEngine.dense()
     app = make_app(tmp_path, engine)
     async with app.run_test(size=TERMINAL_SIZE) as pilot:
+        await send(pilot, app, "hi")
+        main_width = app.chat_screen.query_one("#main").region.width
         await pilot.press("f4")
         await pilot.pause()
-        assert "Dense model — no experts." in screen_text(app)
-        assert engine.routing_observer is None
-        await send(pilot, app, "hi")  # still a note after a reply, nothing observed
-        assert "Dense model — no experts." in screen_text(app)
-        assert engine.observed_tokens == 0
+        # One line says so; no panel opens to squeeze the chat, nothing is observed.
+        assert [str(n.message) for n in app._notifications][-1] == "Dense model — no experts."
+        assert not app.chat_screen.experts_panel_visible
+        assert app.chat_screen.query_one("#main").region.width == main_width
+        assert engine.routing_observer is None and engine.observed_tokens == 0
 
 
 async def test_accents_cjk_and_emoji_render_in_prompts_and_replies(tmp_path):

@@ -70,3 +70,48 @@ def test_snapshot_help_screen(snap_compare, tmp_path):
         await wait_for(pilot, lambda: app.screen is not app.chat_screen)
 
     assert snap_compare(app, terminal_size=TERMINAL_SIZE, run_before=run_before)
+
+
+POEM = "Roses are red,\nViolets are blue,\nlocal models\nrun here for you."
+
+
+def test_snapshot_french_chat_at_80x24_with_line_breaks(snap_compare, tmp_path):
+    app = make_app(tmp_path, FakeEngine(POEM, context_length=8192), lang="fr")
+
+    async def run_before(pilot: Pilot) -> None:
+        await send(pilot, app, "Un petit poème, s’il te plaît.")
+        await steady_cursors(pilot)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_snapshot_chat_at_40x12(snap_compare, tmp_path):
+    app = make_app(tmp_path, FakeEngine(POEM), lang="en")
+
+    async def run_before(pilot: Pilot) -> None:
+        await send(pilot, app, "A poem, please.")
+        await steady_cursors(pilot)
+
+    assert snap_compare(app, terminal_size=(40, 12), run_before=run_before)
+
+
+def test_snapshot_settings_dialog_at_40x12(snap_compare, tmp_path):
+    app = make_app(tmp_path, FakeEngine(), lang="fr")
+
+    async def run_before(pilot: Pilot) -> None:
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.screen is not app.chat_screen)
+        await steady_cursors(pilot)
+
+    assert snap_compare(app, terminal_size=(40, 12), run_before=run_before)
+
+
+def test_snapshot_dense_model_experts_note_at_80x24(snap_compare, tmp_path):
+    app = make_app(tmp_path, FakeEngine.dense(reply="Bonjour."), lang="en")
+
+    async def run_before(pilot: Pilot) -> None:
+        await send(pilot, app, "Hi")
+        await pilot.press("f4")
+        await steady_cursors(pilot)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)

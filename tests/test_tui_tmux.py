@@ -1,7 +1,8 @@
 """Smoke test in a real terminal: the app runs in tmux, keys go in, the screen is read back.
 
-Uses the scripted engine (the terminal driver is what is tested here, not the model).
-Skipped where tmux is not installed.
+Uses the scripted engine (the terminal driver is what is tested here, not the model), which
+loads only once the test has typed its message and pressed Enter, as people do during a long
+load. Skipped where tmux is not installed.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 APP_SCRIPT = """
-import sys
+import os, sys, time
 sys.path.insert(0, {repo!r})
 from app.store import ConversationStore
 from app.tui.app import MixchatApp
 from tests.fake_engine import FakeEngine
 
+def load_when_told():
+    while not os.path.exists({gate!r}):  # the test creates it once it has typed and sent
+        time.sleep(0.05)
+    return FakeEngine("Bonjour ! 日本語で **こんにちは**。")
+
 store = ConversationStore.open_default()
-app = MixchatApp(store=store, engine=FakeEngine("Bonjour ! 日本語で **こんにちは**。"), lang="fr")
+app = MixchatApp(store=store, engine_loader=load_when_told, lang="fr")
 app.run()
 store.close()
 sys.exit(app.return_code or 0)
@@ -55,17 +61,20 @@ def _wait_for_screen(session: str, expected: str, timeout: float = 20.0) -> str:
 def test_real_terminal_session(tmp_path):
     session = f"mixchat-test-{uuid.uuid4().hex[:8]}"
     script = tmp_path / "run_app.py"
-    script.write_text(APP_SCRIPT.format(repo=str(REPO)), encoding="utf-8")
+    gate = tmp_path / "load-now"
+    script.write_text(APP_SCRIPT.format(repo=str(REPO), gate=str(gate)), encoding="utf-8")
     command = (
         f"unset COLUMNS LINES; cd {tmp_path} && MIXCHAT_HOME={tmp_path / 'home'} LANG=C.UTF-8 TERM=xterm-256color "
         f"{sys.executable} {script}; echo EXITED-$? ; sleep 30"
     )
     _tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "32", command)
     try:
-        _wait_for_screen(session, "Écrivez au modèle")
+        _wait_for_screen(session, "chargement du modèle")
         _tmux("send-keys", "-t", session, "-l", "Salut, ça va ? 日本")
-        _tmux("send-keys", "-t", session, "Enter")
-        screen = _wait_for_screen(session, "42.0 jetons/s")
+        _tmux("send-keys", "-t", session, "Enter")  # at once, while the model loads
+        _wait_for_screen(session, "en attente du chargement du modèle")
+        gate.touch()
+        screen = _wait_for_screen(session, "42,0 jetons/s")
         assert "Salut, ça va ? 日本" in screen
         assert "Bonjour ! 日本語で こんにちは。" in screen
         _tmux("send-keys", "-t", session, "C-q")

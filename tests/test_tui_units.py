@@ -178,6 +178,10 @@ def test_model_info_attributes_and_formatting():
     assert format_value("total_params", 46_700_000_000) == "46.70 B"
     assert format_value("active_params", 135_000_000) == "135.0 M"
     assert format_value("size_bytes", 24_600_000_000) == "24.6 GB"
+    french = Strings("fr")
+    assert format_value("total_params", 46_700_000_000, french) == "46,70 Md"
+    assert format_value("size_bytes", 24_600_000_000, french) == "24,6 Go"
+    assert format_value("num_layers", 8192, french) == "8\u202f192"
     assert format_value("kv_bytes_per_token", 46_080) == "46.1 KB"
     assert format_value("num_layers", 32) == "32"
     assert format_value("sliding_window", None) == "None"
@@ -222,3 +226,33 @@ def test_update_pacer_spaces_costly_updates_to_stay_within_its_cpu_budget():
     clock["cpu"] += 0.5  # very costly: capped at one update a second
     pacer.updated()
     assert pacer.interval == 1.0 and pacer.updates == 4
+
+
+def test_stats_line_says_one_token_and_no_rate_for_a_single_token():
+    from app.tui.engine import ReplyStats
+    from app.tui.widgets.message_view import stats_line
+
+    one = ReplyStats(generation_tokens=1, generation_tps=0.0, finish_reason="stop")
+    assert stats_line(one, Strings("en")) == ("1 token", False)
+    many = ReplyStats.of({"generation_tokens": 1234, "generation_tps": 6.66, "finish_reason": "length"})
+    assert stats_line(many, Strings("fr")) == (
+        "1\u202f234 jetons · 6,7 jetons/s · limite de jetons atteinte",
+        True,
+    )
+
+
+def test_live_status_reads_rate_and_time_left_from_the_prompt_progress():
+    from app.tui.reply_session import ActiveReply, live_status
+
+    reply = ActiveReply(1, None, None, [], ChatSettings())  # no widgets needed here
+    reply.prompt_size = 5000
+    status = live_status(reply, now=0.0)
+    assert (status.phase, status.total, status.prompt_size) == ("reading", 0, 5000)
+    reply.started_at, reply.progress, reply.progress_at = 100.0, (1000, 4000), 110.0
+    status = live_status(reply, now=111.0)  # measured when the chunk came, not now
+    assert (status.read, status.total, status.read_rate, status.seconds_left) == (
+        1000, 4000, 100.0, 30.0
+    )  # fmt: skip
+    reply.first_text_at, reply.last_text_chunk_at, reply.text_chunks = 120.0, 122.0, 21
+    status = live_status(reply, now=125.0)
+    assert (status.phase, status.tokens, status.tokens_per_second) == ("writing", 21, 10.0)

@@ -49,7 +49,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.state = "queued"  # -> "running" -> "done"
         self.cancelled = False
-        self.chunks = 0  # engine chunks read so far (a token each, at most)
+        self.chunks = 0  # generated-text chunks read so far (a token each, at most)
         self.chunks_at_cancel: int | None = None
         self.done: Done | None = None
 
@@ -176,6 +176,8 @@ class Scheduler:
                     engine.cancel()
             stops, stopped, stats = StopText(request.stop), False, None
             for chunk in chunks:
+                if chunk.progress is not None:  # still reading the prompt: no token yet
+                    continue
                 job.chunks += 1
                 if chunk.text and not stopped:
                     text, stopped = stops.add(chunk.text)

@@ -46,6 +46,8 @@ CHAT_ACTIONS: tuple[ChatAction, ...] = (
     ChatAction("model_info", "f3", "F3", in_footer=False),
     ChatAction("export_chat", "f9", "F9", in_footer=False),
     ChatAction("delete_chat", "f8", "F8", in_footer=False),
+    # Ctrl+C: what a terminal user presses to stop something; it never quits (Ctrl+Q does).
+    ChatAction("interrupt", "ctrl+c", "Ctrl+C", in_footer=False, priority=True),
 )
 
 # Keys handled elsewhere (the prompt box, the app), listed on the help screen.

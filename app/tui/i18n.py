@@ -11,6 +11,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from model.sizes import format_bytes, format_number
+
 DEFAULT_LANGUAGE = "en"
 
 ENGLISH: dict[str, str] = {
@@ -24,26 +26,38 @@ ENGLISH: dict[str, str] = {
     "chat.no_conversations": "No saved chats yet",
     "prompt.placeholder": "Message the model (Enter to send, Shift+Enter for a new line)",
     "prompt.editing": "Editing your last message (Esc to cancel the edit)",
+    "prompt.paste_marker": "paste {number}: {chars} chars",
     "message.stopped": "stopped",
     "message.truncated": "reached the token limit",
     "message.interrupted": "interrupted (the app closed while writing)",
-    "message.stats": "{tokens} tokens · {tps:.1f} tok/s",
-    "message.display_cut": "… {chars} more characters not shown here (the model sees them all)",
+    "message.tokens": "{tokens} tokens",
+    "message.tokens_one": "{tokens} token",
+    "message.speed": "{tps} tok/s",
+    "message.waiting_for_model": "waiting for the model to load: sent as soon as it is ready (Esc takes it back)",
+    "message.display_cut": "… {chars} more characters not shown here",
     # Status bar
     "status.loading": "loading the model…",
     "status.ready": "ready",
-    "status.generating": "writing…",
+    "status.waiting": "waiting for the model…",
+    "status.starting": "starting…",
+    "status.reading_start": "reading the prompt ({tokens} tokens)…",
+    "status.writing": "writing… {tokens} tokens",
+    "status.reading": "reading the prompt {read}/{total} · {rate} tok/s · {left} left",
     "status.no_model": "no model",
     "status.context": "ctx {used}/{total}",
-    "status.speed": "{tps:.1f} tok/s",
-    "status.memory": "{gb:.2f} GB",
+    "status.speed": "{tps} tok/s",
+    "status.memory": "{memory}",
     "status.speed_unknown": "— tok/s",
-    "status.expert_cache": "experts {rate:.0%} cached",
+    "status.expert_cache": "experts {rate} cached",
     "status.memory_unknown": "— GB",
     # Notices and notifications
     "notice.loading_model": "Loading the model, one moment…",
     "notice.model_loaded": "Model ready: {name}",
     "notice.no_chat_template": "This model has no chat template: replies continue the text.",
+    "notice.experts_stream": "The model needs {need}, more than the memory available: its "
+    "experts are read from disk on demand within a {budget} budget ({cached} % cached, "
+    "context {context} tokens). Replies are slower; `mixchat info` predicts the speed.",
+    "status.experts_stream": "ready · experts from disk ({budget})",
     "notice.model_failed": "The model could not be loaded: {error}",
     "notice.context_trimmed": "The chat is longer than the model's context: the {count} oldest "
     "messages are left out of what the model sees.",
@@ -51,12 +65,21 @@ ENGLISH: dict[str, str] = {
     "notice.prompt_too_long": "This message is too long for the model's context "
     "({tokens} tokens, the context holds {context}). Shorten it.",
     "notice.error": "Error: {error}",
+    "notice.long_prompt": "This prompt is {tokens} tokens: reading it takes about {left} more. Esc stops it.",
+    "notice.stopped_reading": "Stopped while reading the prompt ({read} of {total} tokens "
+    "read): nothing was written.",
+    "notice.unknown_language": "The interface speaks English and French only: “{lang}” is not one of them, so it is in English.",
     "notify.still_loading": "The model is still loading.",
     "notify.busy": "A reply is being written: press Esc to stop it first.",
+    "notify.long_paste": "This paste is {tokens} tokens: the model will take about {left} to "
+    "read it (Esc stops it).",
+    "notify.waiting": "A message is waiting for the model to load: press Esc to take it back first.",
+    "notify.how_to_quit": "Ctrl+Q quits (Ctrl+C stops a reply being written).",
     "notify.nothing_to_regenerate": "There is no reply to regenerate.",
     "notify.nothing_to_edit": "There is no message to edit.",
     "notify.nothing_to_copy": "There is no reply to copy.",
-    "notify.copied": "Reply copied to the clipboard.",
+    "notify.copied": "Reply copied to the clipboard ({tool}).",
+    "notify.copied_osc52": "Reply sent to the terminal (OSC 52): it may not have reached the clipboard (no pbcopy, wl-copy or xclip here; in tmux: set-clipboard on).",
     "notify.exported": "Chat exported to {path}",
     "notify.export_failed": "Export failed: {error}",
     "notify.no_chat": "This chat is empty: send a message first.",
@@ -105,10 +128,13 @@ ENGLISH: dict[str, str] = {
     "model.field.kv_bytes_per_token": "KV cache per token",
     "model.field.context_length": "Context length",
     "model.field.sliding_window": "Sliding window",
+    "model.billions": "B",
     "model.yes": "yes",
     "model.no": "no",
     # Other screens
     "rename.title": "Rename chat",
+    "export.title": "Export the chat as Markdown to",
+    "export.ok": "Export",
     "rename.ok": "Rename",
     "delete.title": "Delete this chat?",
     "delete.body": "“{title}” and all its messages will be deleted.",
@@ -132,6 +158,7 @@ ENGLISH: dict[str, str] = {
     "action.delete_chat": "Delete",
     "action.export_chat": "Export",
     "action.help": "Help",
+    "action.interrupt": "Stop",
     "help.send": "Send the message",
     "help.newline": "New line in the message",
     "help.focus": "Move between the chats, the conversation and the prompt",
@@ -150,6 +177,23 @@ ENGLISH: dict[str, str] = {
     "command.export_chat": "Save this chat as a Markdown file",
     "command.help": "List every key and action",
     "command.cancel": "Stop the reply being written (keeps what was written)",
+    "command.interrupt": "Stop the reply being written, as Esc does",
+    # Textual's own commands in the palette
+    "palette.placeholder": "Search for commands…",
+    "system.theme": "Theme",
+    "system.theme.help": "Change the colours of the interface",
+    "system.quit": "Quit",
+    "system.quit.help": "Quit the app (a reply being written is saved)",
+    "system.keys": "Keys",
+    "system.keys.help": "Show the keys of the focused part of the screen",
+    "system.keys.hide": "Hide the keys panel",
+    "system.maximize": "Maximize",
+    "system.maximize.help": "Give the focused part the whole screen",
+    "system.minimize": "Minimize",
+    "system.minimize.help": "Give the focused part its usual size back",
+    "system.screenshot": "Screenshot",
+    "system.screenshot.help": "Save the screen as an SVG image",
+    "system.theme_placeholder": "Search for themes…",
 }
 
 FRENCH: dict[str, str] = {
@@ -162,23 +206,36 @@ FRENCH: dict[str, str] = {
     "chat.no_conversations": "Aucune discussion enregistrée",
     "prompt.placeholder": "Écrivez au modèle (Entrée pour envoyer, Maj+Entrée pour un saut de ligne)",
     "prompt.editing": "Modification de votre dernier message (Échap pour annuler)",
+    "prompt.paste_marker": "collage {number} : {chars} caractères",
     "message.stopped": "interrompu",
     "message.truncated": "limite de jetons atteinte",
     "message.interrupted": "interrompu (l’application s’est fermée pendant l’écriture)",
-    "message.stats": "{tokens} jetons · {tps:.1f} jetons/s",
-    "message.display_cut": "… {chars} caractères de plus non affichés ici (le modèle les voit tous)",
+    "message.tokens": "{tokens} jetons",
+    "message.tokens_one": "{tokens} jeton",
+    "message.speed": "{tps} jetons/s",
+    "message.waiting_for_model": "en attente du chargement du modèle : envoyé dès qu’il est prêt (Échap le reprend)",
+    "message.display_cut": "… {chars} caractères de plus non affichés ici",
     "status.loading": "chargement du modèle…",
     "status.ready": "prêt",
-    "status.generating": "écriture…",
+    "status.waiting": "en attente du modèle…",
+    "status.starting": "démarrage…",
+    "status.reading_start": "lecture du prompt ({tokens} jetons)…",
+    "status.writing": "écriture… {tokens} jetons",
+    "status.reading": "lecture du prompt {read}/{total} · {rate} jetons/s · encore {left}",
     "status.no_model": "aucun modèle",
     "status.context": "ctx {used}/{total}",
-    "status.speed": "{tps:.1f} jetons/s",
-    "status.memory": "{gb:.2f} Go",
+    "status.speed": "{tps} jetons/s",
+    "status.memory": "{memory}",
     "status.speed_unknown": "— jetons/s",
-    "status.expert_cache": "experts {rate:.0%} en cache",
+    "status.expert_cache": "experts {rate} en cache",
     "status.memory_unknown": "— Go",
     "notice.loading_model": "Chargement du modèle, un instant…",
     "notice.model_loaded": "Modèle prêt : {name}",
+    "notice.experts_stream": "Le modèle a besoin de {need}, plus que la mémoire disponible : "
+    "ses experts sont lus sur le disque à la demande, dans un budget de {budget} ({cached} % en "
+    "cache, contexte de {context} jetons). Les réponses sont plus lentes ; `mixchat info` "
+    "prédit la vitesse.",
+    "status.experts_stream": "prêt · experts lus sur le disque ({budget})",
     "notice.no_chat_template": "Ce modèle n’a pas de modèle de discussion : les réponses "
     "continuent le texte.",
     "notice.model_failed": "Le modèle n’a pas pu être chargé : {error}",
@@ -189,12 +246,21 @@ FRENCH: dict[str, str] = {
     "notice.prompt_too_long": "Ce message est trop long pour le contexte du modèle "
     "({tokens} jetons, le contexte en contient {context}). Raccourcissez-le.",
     "notice.error": "Erreur : {error}",
+    "notice.long_prompt": "Ce prompt fait {tokens} jetons : sa lecture prend encore environ {left}. Échap l’arrête.",
+    "notice.stopped_reading": "Arrêté pendant la lecture du prompt ({read} jetons lus sur "
+    "{total}) : rien n’a été écrit.",
+    "notice.unknown_language": "L’interface ne parle que l’anglais et le français : « {lang} » n’en fait pas partie, elle est donc en anglais.",
     "notify.still_loading": "Le modèle est encore en cours de chargement.",
     "notify.busy": "Une réponse est en cours : appuyez sur Échap pour l’arrêter d’abord.",
+    "notify.long_paste": "Ce collage fait {tokens} jetons : le modèle mettra environ {left} "
+    "à le lire (Échap l’arrête).",
+    "notify.waiting": "Un message attend le chargement du modèle : appuyez sur Échap pour le reprendre d’abord.",
+    "notify.how_to_quit": "Ctrl+Q quitte (Ctrl+C arrête une réponse en cours).",
     "notify.nothing_to_regenerate": "Aucune réponse à régénérer.",
     "notify.nothing_to_edit": "Aucun message à modifier.",
     "notify.nothing_to_copy": "Aucune réponse à copier.",
-    "notify.copied": "Réponse copiée dans le presse-papiers.",
+    "notify.copied": "Réponse copiée dans le presse-papiers ({tool}).",
+    "notify.copied_osc52": "Réponse envoyée au terminal (OSC 52) : elle n’a peut-être pas atteint le presse-papiers (ni pbcopy, ni wl-copy, ni xclip ici ; dans tmux : set-clipboard on).",
     "notify.exported": "Discussion exportée vers {path}",
     "notify.export_failed": "Échec de l’export : {error}",
     "notify.no_chat": "Cette discussion est vide : envoyez d’abord un message.",
@@ -240,9 +306,12 @@ FRENCH: dict[str, str] = {
     "model.field.kv_bytes_per_token": "Cache KV par jeton",
     "model.field.context_length": "Longueur du contexte",
     "model.field.sliding_window": "Fenêtre glissante",
+    "model.billions": "Md",
     "model.yes": "oui",
     "model.no": "non",
     "rename.title": "Renommer la discussion",
+    "export.title": "Exporter la discussion en Markdown vers",
+    "export.ok": "Exporter",
     "rename.ok": "Renommer",
     "delete.title": "Supprimer cette discussion ?",
     "delete.body": "« {title} » et tous ses messages seront supprimés.",
@@ -265,6 +334,7 @@ FRENCH: dict[str, str] = {
     "action.delete_chat": "Supprimer",
     "action.export_chat": "Exporter",
     "action.help": "Aide",
+    "action.interrupt": "Arrêter",
     "help.send": "Envoyer le message",
     "help.newline": "Saut de ligne dans le message",
     "help.focus": "Passer des discussions à la conversation et à la saisie",
@@ -283,6 +353,22 @@ FRENCH: dict[str, str] = {
     "command.export_chat": "Enregistrer cette discussion en fichier Markdown",
     "command.help": "Lister toutes les touches et actions",
     "command.cancel": "Arrêter la réponse en cours (garde ce qui est écrit)",
+    "command.interrupt": "Arrêter la réponse en cours, comme Échap",
+    "palette.placeholder": "Chercher une commande…",
+    "system.theme": "Thème",
+    "system.theme.help": "Changer les couleurs de l’interface",
+    "system.quit": "Quitter",
+    "system.quit.help": "Quitter l’application (une réponse en cours est enregistrée)",
+    "system.keys": "Touches",
+    "system.keys.help": "Afficher les touches de la partie active de l’écran",
+    "system.keys.hide": "Masquer le panneau des touches",
+    "system.maximize": "Agrandir",
+    "system.maximize.help": "Donner tout l’écran à la partie active",
+    "system.minimize": "Réduire",
+    "system.minimize.help": "Rendre à la partie active sa taille habituelle",
+    "system.screenshot": "Capture d’écran",
+    "system.screenshot.help": "Enregistrer l’écran en image SVG",
+    "system.theme_placeholder": "Chercher un thème…",
 }
 
 TABLES: dict[str, dict[str, str]] = {"en": ENGLISH, "fr": FRENCH}
@@ -326,6 +412,11 @@ def detect_language(environ: Mapping[str, str] | None = None) -> str:
     return DEFAULT_LANGUAGE
 
 
+def unsupported_language(lang: str | None) -> bool:
+    """True when ``lang`` asks for a language the interface does not have (``de``)."""
+    return bool(lang) and language_from_locale(lang or "") is None
+
+
 def resolve_language(lang: str | None, environ: Mapping[str, str] | None = None) -> str:
     """An explicit ``lang`` (``fr``, ``fr_FR``…) wins over the locale; unknown falls back to English."""
     if lang:
@@ -344,6 +435,23 @@ class Strings:
         """``Shift+Enter`` → ``Maj+Entrée`` in French; unchanged where names are the same."""
         names = KEY_NAMES.get(self.language, {})
         return re.sub(r"[A-Za-z]+", lambda m: names.get(m.group(0), m.group(0)), keys)
+
+    def number(self, value: float, decimals: int = 0) -> str:
+        """8192 -> '8,192' (English) or '8 192' (French); decimals with '.' or ','."""
+        return format_number(value, decimals, self.language)
+
+    def bytes(self, n: float) -> str:
+        """1.25e9 -> '1.25 GB' or '1,25 Go'."""
+        return format_bytes(n, self.language)
+
+    def duration(self, seconds: float) -> str:
+        """'45 s', '2 min 05 s', '1 h 03 min' (the same in both languages)."""
+        seconds = max(0, round(seconds))
+        if seconds < 60:
+            return f"{seconds} s"
+        if seconds < 3600:
+            return f"{seconds // 60} min {seconds % 60:02d} s"
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
     def has(self, key: str) -> bool:
         return key in ENGLISH

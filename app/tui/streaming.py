@@ -62,6 +62,13 @@ class RoutingAccumulator:
             self._tokens += 1
             self._version += 1
 
+    def load(self, counts: Any, tokens: int) -> None:
+        """Replace the counts by a whole reply's (the engine's ``last_routing``)."""
+        with self._lock:
+            self._counts = np.array(counts, dtype=np.int64)
+            self._tokens = tokens
+            self._version += 1
+
     def reset(self) -> None:
         with self._lock:
             self._counts = None

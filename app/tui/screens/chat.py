@@ -1,52 +1,45 @@
 """The main screen: saved chats on the left, the open chat, the prompt, the status line and the
-experts panel.
-
-A turn: the prompt box posts ``PromptBox.Submitted`` → the user message is saved → a thread
-worker fits the messages to the context and runs ``engine.stream``, appending text to a
-``TextBuffer`` → a timer ticking 30 times a second drains the buffer into the reply's
-``MarkdownStream`` whenever the ``UpdatePacer`` allows (at most 30 updates a second, fewer when
-updates are costly) and saves the partial reply every second → ``ReplyFinished`` flushes the
-last text and saves the reply with its stats.
-The worker never touches a widget: it only fills thread-safe buffers and posts messages.
+experts panel. The reply being written lives in a ``ReplySession`` (app/tui/reply_session.py):
+this screen shows what it reports and decides what a key does while a reply is on its way.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, LoadingIndicator
-from textual.widgets.markdown import MarkdownStream
+from textual.widgets import Footer, LoadingIndicator, TextArea
 
 from app.store import (
     ChatSettings,
     Conversation,
     ConversationStore,
     StoredMessage,
-    data_dir,
-    stats_to_dict,
     title_from_prompt,
 )
 from app.tui.actions import chat_bindings, translate_bindings
+from app.tui.clipboard import copy_text
+from app.tui.engine import Engine, ReplyStats, num_experts
 from app.tui.errors import describe_error
 from app.tui.i18n import Strings
-from app.tui.prompting import build_messages, fit_to_context
+from app.tui.prompting import build_messages
+from app.tui.reply_session import (
+    LONG_PROMPT_SECONDS,
+    TICK_INTERVAL,
+    ActiveReply,
+    LiveStatus,
+    ReplySession,
+)
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.model_info import ModelInfoScreen
 from app.tui.screens.settings import SettingsScreen
 from app.tui.screens.text_prompt import TextPromptScreen
-from app.tui.streaming import RoutingAccumulator, TextBuffer, UpdatePacer
 from app.tui.widgets.chat_log import ChatLog
 from app.tui.widgets.conversation_list import ConversationList
 from app.tui.widgets.experts_panel import ExpertsPanel
@@ -54,87 +47,25 @@ from app.tui.widgets.message_view import MessageView, stats_line
 from app.tui.widgets.prompt_box import PromptBox
 from app.tui.widgets.status_bar import StatusBar
 
-TICK_INTERVAL = 1 / 30  # how often a streaming reply checks for new text (updates: UpdatePacer)
-UI_CPU_BUDGET = 0.05  # share of a core the UI thread aims to use while a reply streams
-SAVE_INTERVAL = 1.0  # a streaming reply is saved at least this often
 NARROW_SCREEN_WIDTH = 120  # below this, showing the experts panel hides the chats sidebar
-
-
-def generation_settings(settings: ChatSettings, max_tokens: int) -> Any:
-    """The engine's GenerationSettings for a chat's settings (imported late: ``model`` loads MLX)."""
-    from model.generate import GenerationSettings
-
-    return GenerationSettings(
-        max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p
-    )
-
-
-@dataclass(eq=False)
-class ActiveReply:
-    """The reply being written: where its text goes and what has been saved of it."""
-
-    conversation_id: int
-    view: MessageView
-    stream: MarkdownStream
-    buffer: TextBuffer = field(default_factory=TextBuffer)
-    pacer: UpdatePacer = field(default_factory=lambda: UpdatePacer(cpu_budget=UI_CPU_BUDGET))
-    text: str = ""
-    message: StoredMessage | None = None
-    saved_length: int = 0
-    last_saved_at: float = field(default_factory=time.monotonic)
-    cancel_requested: bool = False
-    finished: bool = False
-    last_text_at: float | None = None  # when text last went to the Markdown stream
-    completed_at: float | None = None  # when all its text was in the Markdown widget
-    stats: Any = None
 
 
 class ChatScreen(Screen[None]):
     BINDINGS = chat_bindings()
     AUTO_FOCUS = "#prompt"
 
-    class ReplyFinished(Message):
-        """The worker is done (finished, cancelled or failed)."""
-
-        def __init__(self, reply: ActiveReply, stats: Any, error: BaseException | None) -> None:
-            super().__init__()
-            self.reply = reply
-            self.stats = stats
-            self.error = error
-
-    class ContextTrimmed(Message):
-        """Old messages were left out, or the reply's budget shrank, to fit the context."""
-
-        def __init__(
-            self, reply: ActiveReply, dropped_messages: int, reply_budget: int | None
-        ) -> None:
-            super().__init__()
-            self.reply = reply
-            self.dropped_messages = dropped_messages
-            self.reply_budget = reply_budget
-
-    class PromptTooLong(Message):
-        def __init__(self, reply: ActiveReply, tokens: int, context_length: int) -> None:
-            super().__init__()
-            self.reply = reply
-            self.tokens = tokens
-            self.context_length = context_length
-
     def __init__(self, store: ConversationStore, strings: Strings) -> None:
         super().__init__()
         translate_bindings(self, strings)
         self.store = store
         self.strings = strings
-        self.engine: Any = None
         self.conversation: Conversation | None = None
         self.draft_settings = ChatSettings()  # settings of a chat not saved yet
         self.history: list[StoredMessage] = []
-        self.reply: ActiveReply | None = None
-        self.last_finished_reply: ActiveReply | None = None  # for tests and benchmarks
         self.editing: StoredMessage | None = None
-        self.routing = RoutingAccumulator()
-        self._after_reply: list[Callable[[], Awaitable[None]]] = []
-        self._flush_timer: Timer | None = None
+        self.session = ReplySession(self, store, self._show_live)
+        self._tick_timer: Timer | None = None
+        self._live: tuple[ActiveReply | None, str] = (None, "")  # the reply and what it says
 
     # Layout
 
@@ -144,7 +75,13 @@ class ChatScreen(Screen[None]):
             yield ConversationList(empty_text=t("chat.no_conversations"), id="sidebar")
             with Vertical(id="main"):
                 yield ChatLog(id="chat-log")
-                yield PromptBox(placeholder=t("prompt.placeholder"), id="prompt")
+                yield PromptBox(
+                    placeholder=t("prompt.placeholder"),
+                    id="prompt",
+                    marker=lambda number, chars: t(
+                        "prompt.paste_marker", number=number, chars=t.number(chars)
+                    ),
+                )
                 yield StatusBar(t, id="status")
             yield ExpertsPanel(t, id="experts-panel")
         yield Footer(compact=True)
@@ -166,13 +103,30 @@ class ChatScreen(Screen[None]):
         return self.conversation.settings if self.conversation else self.draft_settings
 
     @property
+    def engine(self) -> Engine | None:
+        return self.session.engine
+
+    @property
+    def reply(self) -> ActiveReply | None:
+        """The reply being written, or waiting for the model to load."""
+        return self.session.reply or self.session.waiting
+
+    @property
+    def last_finished_reply(self) -> ActiveReply | None:
+        return self.session.last_finished
+
+    @property
     def is_generating(self) -> bool:
-        return self.reply is not None
+        return self.session.busy
 
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = self.strings("chat.conversations")
-        self._refresh_sidebar()
-        await self._show_empty_chat()
+        conversations = self.store.list_conversations()
+        if conversations:  # a restart reopens the chat used last
+            await self.open_conversation(conversations[0].id)
+        else:
+            self._refresh_sidebar()
+            await self._show_empty_chat()
         if self.engine is None:
             await self.chat_log.add_notice(
                 self.strings("notice.loading_model"), classes="model-loading"
@@ -182,19 +136,39 @@ class ChatScreen(Screen[None]):
 
     # Engine
 
-    async def engine_ready(self, engine: Any, *, announce: bool = False) -> None:
-        """The model is loaded: chatting can start (``announce``: say so in a notification)."""
-        self.engine = engine
+    async def engine_ready(self, engine: Engine, *, announce: bool = False) -> None:
+        """The model is loaded: chatting can start (``announce``: say so in a notification);
+        a message sent during the load goes now."""
         await self.query(".model-loading").remove()
         if announce:
-            self.notify(self.strings("notice.model_loaded", name=getattr(engine, "name", "")))
+            self.notify(self.strings("notice.model_loaded", name=engine.name))
         if not getattr(engine, "has_chat_template", True):
             await self.chat_log.add_notice(self.strings("notice.no_chat_template"))
-        self.status_bar.set_model(str(getattr(engine, "name", "")), engine.context_length)
+        self.status_bar.set_model(engine.name, engine.context_length)
         self.status_bar.set_state(self.strings("status.ready"))
+        await self._memory_notice(engine)
+        started = self.session.engine_ready(engine)
+        if started is not None:
+            self._reply_started(started)
         self._sync_routing_observer()
         self._redraw_experts()
         self.refresh_bindings()
+
+    async def _memory_notice(self, engine: Engine) -> None:
+        """Say, in the interface language, when loading chose to stream experts (the model did
+        not fit the memory available) or warned; the status bar keeps the short form."""
+        memory = getattr(getattr(engine, "model", None), "memory", None)
+        if memory is not None and memory.offload:
+            s = self.strings
+            await self.chat_log.add_notice(s(
+                "notice.experts_stream", need=s.bytes(memory.plan.full_bytes),
+                budget=s.bytes(memory.budget), cached=s.number(
+                    100 * memory.plan.cached_fraction(memory.budget)),
+                context=s.number(memory.context),
+            ))  # fmt: skip
+            self.status_bar.set_state(s("status.experts_stream", budget=s.bytes(memory.budget)))
+        elif notice := getattr(engine, "memory_notice", ""):  # a warning from the model
+            await self.chat_log.add_notice(notice, kind="error")
 
     async def engine_failed(self, error: str) -> None:
         await self.query(".model-loading").remove()
@@ -206,17 +180,16 @@ class ChatScreen(Screen[None]):
     @property
     def _engine_has_experts(self) -> bool | None:
         """True/False when the model says; None when its info does not tell."""
-        if self.engine is None:
-            return None
-        experts = getattr(getattr(self.engine, "info", None), "num_experts", None)
+        experts = num_experts(self.engine)
         return None if experts is None else bool(experts)
 
     def _sync_routing_observer(self) -> None:
-        """Observe routing only while the experts panel is shown: hidden, decoding pays nothing."""
+        """Observe routing live only while the experts panel is shown (the engine keeps the
+        last reply's counts anyway, so the panel has them whenever it opens)."""
         if self.engine is None:
             return
         wanted = self.experts_panel_visible and self._engine_has_experts is not False
-        self.engine.routing_observer = self.routing.observe if wanted else None
+        self.engine.routing_observer = self.session.routing.observe if wanted else None
 
     # Sending and streaming
 
@@ -225,14 +198,14 @@ class ChatScreen(Screen[None]):
         await self.send_prompt(event.text)
 
     async def send_prompt(self, text: str) -> None:
-        """Save the user's message, show it, and start the reply."""
+        """Save the user's message, show it, and start the reply (or queue it while the model
+        loads: it goes as soon as the model is ready)."""
         if not text.strip():
             self.notify(self.strings("notify.empty_prompt"))
             return
-        if self.engine is None or self.is_generating:
+        if self.is_generating:
             self.prompt_box.set_prompt(text)  # give the text back rather than lose it
-            key = "notify.still_loading" if self.engine is None else "notify.busy"
-            self.notify(self.strings(key), severity="warning")
+            self._notify_busy()
             return
         if self.editing is not None:
             await self._discard_from(self.editing)
@@ -250,192 +223,147 @@ class ChatScreen(Screen[None]):
         self.chat_log.follow()
         await self._start_reply()
 
+    @on(PromptBox.LargePaste)
+    def _large_paste(self, event: PromptBox.LargePaste) -> None:
+        """Before it is sent: say how long the model will take to read a long paste (when the
+        last long prompt gave this model's reading speed)."""
+        engine, rate = self.engine, self.session.prompt_tps
+        if engine is None or not rate:
+            return
+        tokens = engine.count_tokens([{"role": "user", "content": event.text}])
+        if tokens / rate > LONG_PROMPT_SECONDS:
+            t = self.strings
+            text = t("notify.long_paste", tokens=t.number(tokens), left=t.duration(tokens / rate))
+            self.notify(text, severity="warning", timeout=10)
+
+    def _notify_busy(self) -> None:
+        waiting = self.session.waiting is not None
+        self.notify(
+            self.strings("notify.waiting" if waiting else "notify.busy"), severity="warning"
+        )
+
     async def _start_reply(self) -> None:
         assert self.conversation is not None
         t = self.strings
         view = MessageView("assistant", role_label=t("role.assistant"))
         await self.chat_log.add_message(view)
         view.set_streaming(True)
-        view.show_info(t("status.generating"))
-        reply = ActiveReply(self.conversation.id, view, view.get_stream())
-        self.reply = reply
-        self.routing.reset()
-        self._redraw_experts()
-        self.status_bar.set_state(t("status.generating"))
         messages = build_messages(
             self.settings, [message.as_chat_message() for message in self.history]
         )
-        self._flush_timer = self.set_interval(TICK_INTERVAL, self._flush_reply)
+        reply = self.session.begin(self.conversation.id, view, messages, self.settings)
+        if self.session.waiting is reply:
+            view.show_info(t("message.waiting_for_model"))
+            self.status_bar.set_state(t("status.waiting"))
+        else:
+            self._reply_started(reply)
         self.refresh_bindings()
-        self._generate(reply, messages, self.settings)
 
-    @work(thread=True, group="generation", exit_on_error=False)
-    def _generate(self, reply: ActiveReply, messages: list[dict], settings: ChatSettings) -> None:
-        """Runs in a thread: only touches the reply's buffer and posts messages."""
-        engine = self.engine
-        stats: Any = None
-        error: BaseException | None = None
-        try:
-            fitted = fit_to_context(
-                messages, engine.count_tokens, engine.context_length, settings.max_tokens
+    def _reply_started(self, reply: ActiveReply) -> None:
+        self._redraw_experts()
+        if self._tick_timer is None:
+            self._tick_timer = self.set_interval(TICK_INTERVAL, self.session.tick)
+        self.refresh_bindings()
+
+    def _show_live(self, reply: ActiveReply, live: LiveStatus) -> bool:
+        """What the reply is doing, in its info line and the status bar, when it changed (each
+        change is a layout pass, costly in a long chat); True when something was drawn."""
+        t = self.strings
+        if live.phase == "writing":
+            state = t("status.writing", tokens=t.number(live.tokens))
+        elif live.total:
+            left = "" if live.seconds_left is None else t.duration(live.seconds_left)
+            state = t(
+                "status.reading",
+                read=t.number(live.read),
+                total=t.number(live.total),
+                rate=t.number(live.read_rate or 0.0),
+                left=left,
             )
-            if not fitted.fits:
-                self.post_message(
-                    self.PromptTooLong(reply, fitted.prompt_tokens, engine.context_length)
-                )
-                return
-            shrunk = fitted.max_tokens < settings.max_tokens
-            if fitted.dropped_messages or shrunk:
-                self.post_message(
-                    self.ContextTrimmed(
-                        reply, fitted.dropped_messages, fitted.max_tokens if shrunk else None
-                    )
-                )
-            cancel_sent = False
-            if not reply.cancel_requested:
-                for chunk in engine.stream(
-                    fitted.messages, generation_settings(settings, fitted.max_tokens)
-                ):
-                    if chunk.text:
-                        reply.buffer.append(chunk.text)
-                    if chunk.stats is not None:
-                        stats = chunk.stats
-                    if reply.cancel_requested and not cancel_sent:
-                        # Esc may have come before the stream started: say it again.
-                        engine.cancel()
-                        cancel_sent = True
-        except Exception as exception:  # shown in the chat, never a crash
-            error = exception
-        finally:
-            self.post_message(self.ReplyFinished(reply, stats, error))
-
-    async def _flush_reply(self) -> None:
-        """Timer tick: when the pacer allows, move what the worker wrote (and the routing
-        counts) onto the screen; save the partial reply now and then."""
-        reply = self.reply
-        if reply is None or reply.finished or not reply.pacer.due():
-            return
-        drained = await self._drain(reply)
-        experts_drawn = self._refresh_experts()
-        if drained or experts_drawn:
-            reply.pacer.updated()
-        if len(reply.text) != reply.saved_length and (
-            time.monotonic() - reply.last_saved_at >= SAVE_INTERVAL
-        ):
-            self._save_reply(reply, complete=False)
-
-    async def _drain(self, reply: ActiveReply) -> bool:
-        """Hand the buffered text to the reply's Markdown stream; False when there was none."""
-        text = reply.buffer.drain()
-        if not text:
-            return False
-        reply.text += text
-        reply.last_text_at = time.perf_counter()
-        await reply.stream.write(text)
+        elif live.prompt_size:
+            state = t("status.reading_start", tokens=t.number(live.prompt_size))
+        else:
+            state = t("status.starting")
+        drew = self._refresh_experts()
+        if self._live == (reply, state):
+            return drew
+        self._live = (reply, state)
+        if live.phase == "writing":
+            self.status_bar.set_live(live.tokens_per_second)
+        reply.view.show_info(state)
+        self.status_bar.set_state(state)
         return True
 
-    def _save_reply(self, reply: ActiveReply, *, complete: bool, stats: Any = None) -> None:
-        """Save the reply's text so far (a new row the first time, then updates)."""
-        if reply.message is None:
-            reply.message = self.store.add_message(
-                reply.conversation_id, "assistant", reply.text, complete=complete, stats=stats
-            )
-            reply.view.message_id = reply.message.id
-        else:
-            self.store.update_message(reply.message.id, reply.text, complete=complete, stats=stats)
-            reply.message = replace(
-                reply.message,
-                content=reply.text,
-                complete=complete,
-                stats=stats_to_dict(stats) or reply.message.stats,
-            )
-        reply.saved_length = len(reply.text)
-        reply.last_saved_at = time.monotonic()
-
-    @on(ContextTrimmed)
-    async def _context_trimmed(self, message: ContextTrimmed) -> None:
+    @on(ReplySession.ContextTrimmed)
+    async def _context_trimmed(self, message: ReplySession.ContextTrimmed) -> None:
         t = self.strings
         if message.dropped_messages:
-            text = t("notice.context_trimmed", count=message.dropped_messages)
+            text = t("notice.context_trimmed", count=t.number(message.dropped_messages))
             await self.chat_log.add_notice(text, kind="warning", before=message.reply.view)
             self.notify(text, severity="warning")
         if message.reply_budget is not None:
             await self.chat_log.add_notice(
-                t("notice.max_tokens_reduced", count=message.reply_budget),
+                t("notice.max_tokens_reduced", count=t.number(message.reply_budget)),
                 kind="warning",
                 before=message.reply.view,
             )
 
-    @on(PromptTooLong)
-    async def _prompt_too_long(self, message: PromptTooLong) -> None:
-        text = self.strings(
+    @on(ReplySession.PromptTooLong)
+    async def _prompt_too_long(self, message: ReplySession.PromptTooLong) -> None:
+        t = self.strings
+        text = t(
             "notice.prompt_too_long",
-            tokens=f"{message.tokens:,}",
-            context=f"{message.context_length:,}",
+            tokens=t.number(message.tokens),
+            context=t.number(message.context_length),
         )
         await self.chat_log.add_notice(text, kind="error", before=message.reply.view)
         self.notify(text, severity="error")
 
-    @on(ReplyFinished)
-    async def _reply_finished(self, message: ReplyFinished) -> None:
+    @on(ReplySession.LongPrompt)
+    async def _long_prompt(self, message: ReplySession.LongPrompt) -> None:
+        t = self.strings
+        text = t(
+            "notice.long_prompt",
+            tokens=t.number(message.tokens),
+            left=t.duration(message.seconds),
+        )
+        await self.chat_log.add_notice(text, kind="warning", before=message.reply.view)
+
+    @on(ReplySession.Finished)
+    async def _reply_finished(self, message: ReplySession.Finished) -> None:
         reply = message.reply
-        reply.finished = True
-        if self._flush_timer is not None:
-            self._flush_timer.stop()
-            self._flush_timer = None
-        await self._drain(reply)  # the last tokens always reach the screen
-        await reply.stream.stop()
-        reply.completed_at = time.perf_counter()
+        if self._tick_timer is not None:
+            self._tick_timer.stop()
+            self._tick_timer = None
+        saved = await self.session.complete(message)
         reply.view.set_streaming(False)
-        stats, error = message.stats, message.error
-        reply.stats = stats
-        if reply.text:
-            self._save_reply(reply, complete=True, stats=stats)
-            assert reply.message is not None
-            self.history.append(reply.message)
-            info, warning = stats_line(stats_to_dict(stats), self.strings)
+        stats = ReplyStats.of(message.stats)
+        if saved is not None:
+            self.history.append(saved)
+            info, warning = stats_line(stats, self.strings)
             reply.view.show_info(info, warning=warning)
         else:
             await reply.view.remove()  # nothing was written: no empty message is kept
-        if error is not None:
-            text = self.strings("notice.error", error=describe_error(error))
+            if stats is not None and stats.finish_reason == "cancelled":
+                t = self.strings
+                read, total = reply.progress or (stats.prompt_tokens, stats.prompt_tokens)
+                text = t("notice.stopped_reading", read=t.number(read), total=t.number(total))
+                await self.chat_log.add_notice(text, kind="warning")
+        if message.error is not None:
+            text = self.strings("notice.error", error=describe_error(message.error))
             await self.chat_log.add_notice(text, kind="error")
             self.notify(text, severity="error", timeout=8)
         if stats is not None:
-            self.status_bar.set_stats(
-                context_used=getattr(stats, "context_tokens", None),
-                tokens_per_second=getattr(stats, "generation_tps", None),
-                peak_memory_gb=getattr(stats, "peak_memory_gb", None),
-                expert_hit_rate=getattr(stats, "expert_hit_rate", None),
-            )
+            self.status_bar.set_stats(stats)
+        else:
+            self.status_bar.set_live(None)  # no figures for a failed turn: none made up
         self.status_bar.set_state(self.strings("status.ready"))
-        self.reply = None
-        self.last_finished_reply = reply
         self._redraw_experts()
         self.refresh_bindings()
-        pending, self._after_reply = self._after_reply, []
-        for callback in pending:
-            await callback()
-
-    async def _when_idle(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run ``callback`` now, or, while a reply streams, stop it and run it afterwards."""
-        if self.reply is None:
-            await callback()
-            return
-        self._after_reply.append(callback)
-        self.action_cancel()
 
     def save_partial_reply_now(self) -> None:
         """On quit: stop generating and save whatever the reply holds."""
-        reply = self.reply
-        if reply is None:
-            return
-        reply.cancel_requested = True
-        if self.engine is not None:
-            self.engine.cancel()
-        reply.text += reply.buffer.drain()
-        if reply.text:
-            self._save_reply(reply, complete=True, stats={"finish_reason": "cancelled"})
+        self.session.save_now()
 
     # Showing chats
 
@@ -447,6 +375,7 @@ class ChatScreen(Screen[None]):
             role_label=t(f"role.{message.role}"),
             message_id=message.id,
             display_cut_note=t("message.display_cut"),
+            strings=t,
         )
         return view
 
@@ -454,7 +383,7 @@ class ChatScreen(Screen[None]):
         if message.role != "assistant":
             return
         finish_reason = "" if message.complete else "interrupted"
-        info, warning = stats_line(message.stats, self.strings, finish_reason)
+        info, warning = stats_line(ReplyStats.of(message.stats), self.strings, finish_reason)
         view.show_info(info, warning=warning)
 
     async def _show_empty_chat(self) -> None:
@@ -481,30 +410,27 @@ class ChatScreen(Screen[None]):
         last_stats = next(
             (m.stats for m in reversed(self.history) if m.role == "assistant" and m.stats), None
         )
-        self.status_bar.set_stats(
-            context_used=(last_stats or {}).get("context_tokens"),
-            tokens_per_second=(last_stats or {}).get("generation_tps"),
-            peak_memory_gb=(last_stats or {}).get("peak_memory_gb"),
-            expert_hit_rate=(last_stats or {}).get("expert_hit_rate"),
-        )
-        self.routing.reset()
+        self.status_bar.set_stats(ReplyStats.of(last_stats))
+        self.session.routing.reset()
         self._redraw_experts()
         self._refresh_sidebar()
         self.refresh_bindings()
         self.prompt_box.focus()
 
     async def start_new_chat(self) -> None:
-        self._stop_editing()
+        """An empty chat; what is typed in the prompt box stays there (unless it was an edit)."""
+        if self.editing is not None:
+            self._stop_editing()
+            self.prompt_box.clear_prompt()
         self.conversation = None
         self.history = []
         self.draft_settings = ChatSettings()
         await self._show_empty_chat()
-        self.status_bar.set_stats()
-        self.routing.reset()
+        self.status_bar.set_stats(None)
+        self.session.routing.reset()
         self._redraw_experts()
         self._refresh_sidebar()
         self.refresh_bindings()
-        self.prompt_box.clear_prompt()
         self.prompt_box.focus()
 
     def _refresh_sidebar(self) -> None:
@@ -519,10 +445,11 @@ class ChatScreen(Screen[None]):
             self.prompt_box.focus()
             return
 
-        async def open_it() -> None:
-            await self.open_conversation(event.conversation_id)
-
-        await self._when_idle(open_it)
+        if self.is_generating:
+            self._refresh_sidebar()  # the open chat stays highlighted
+            self._notify_busy()
+            return
+        await self.open_conversation(event.conversation_id)
 
     async def _discard_from(self, message: StoredMessage) -> None:
         """Delete a message and all later ones, from the store, the history and the screen."""
@@ -554,7 +481,7 @@ class ChatScreen(Screen[None]):
     def _refresh_experts(self, *, force: bool = False) -> bool:
         """Redraw the experts panel if it is shown and has something new; True if it drew."""
         return self.experts_panel.refresh_from(
-            self.routing, self._engine_has_experts, self.engine is not None, force=force
+            self.session.routing, self._engine_has_experts, self.engine is not None, force=force
         )
 
     def _redraw_experts(self) -> None:
@@ -569,26 +496,62 @@ class ChatScreen(Screen[None]):
             return None if (self.is_generating or not self.history) else True
         return True
 
-    def action_cancel(self) -> None:
-        """Esc: stop the reply (what was written stays), or leave editing."""
-        if self.reply is not None:
-            self.reply.cancel_requested = True
-            if self.engine is not None:
-                self.engine.cancel()
+    async def action_cancel(self) -> None:
+        """Esc: stop the reply (what was written stays), take back a message still waiting for
+        the model (its text returns to the prompt box), or leave editing."""
+        if self.session.reply is not None:
+            self.session.cancel()
+            return
+        waiting = self.session.cancel()
+        if waiting is not None:
+            await self._take_back(waiting)
             return
         if self.editing is not None:
             self._stop_editing()
             self.prompt_box.clear_prompt()
             self.refresh_bindings()
 
+    async def _take_back(self, waiting: ActiveReply) -> None:
+        """Unsend the message that waited for the model: out of the chat, back in the box."""
+        await waiting.view.remove()
+        message = self.history[-1] if self.history else None
+        if message is None or message.role != "user" or self.conversation is None:
+            return
+        await self._discard_from(message)
+        if not self.history:  # the chat held only this message
+            self.store.delete_conversation(self.conversation.id)
+            self.conversation = None
+            self._refresh_sidebar()
+            await self._show_empty_chat()
+        self.prompt_box.set_prompt(message.content)
+        self.status_bar.set_state(self.strings("status.loading"))
+        self.refresh_bindings()
+
     async def action_new_chat(self) -> None:
-        await self._when_idle(self.start_new_chat)
+        """Ctrl+N: like Enter and Ctrl+R, it never stops a reply behind the user's back."""
+        if self.is_generating:
+            self._notify_busy()
+            return
+        await self.start_new_chat()
+
+    async def action_interrupt(self) -> None:
+        """Ctrl+C: stops the reply being written, as Esc does; otherwise says how to quit."""
+        if self.session.busy:
+            await self.action_cancel()
+            return
+        focused = self.focused
+        if isinstance(focused, TextArea) and focused.selected_text:
+            focused.action_copy()  # Ctrl+C still copies a selection in the prompt box
+            return
+        self.notify(self.strings("notify.how_to_quit"))
 
     async def action_regenerate(self) -> None:
         t = self.strings
-        if self.engine is None or self.is_generating:
-            key = "notify.still_loading" if self.engine is None else "notify.busy"
-            self.notify(t(key), severity="warning")
+        if self.engine is None:
+            self.notify(t("notify.still_loading"), severity="warning")
+            return
+        if self.is_generating:
+            self._notify_busy()
             return
         if self.history and self.history[-1].role == "assistant":
             await self._discard_from(self.history[-1])
@@ -601,7 +564,7 @@ class ChatScreen(Screen[None]):
     def action_edit_last(self) -> None:
         t = self.strings
         if self.is_generating:
-            self.notify(t("notify.busy"), severity="warning")
+            self._notify_busy()
             return
         last_user = next((m for m in reversed(self.history) if m.role == "user"), None)
         if last_user is None:
@@ -619,16 +582,20 @@ class ChatScreen(Screen[None]):
         focused = self.focused
         if isinstance(focused, MessageView):
             text = focused.content
-        elif self.reply is not None and self.reply.text:
-            text = self.reply.text
+        elif self.session.reply is not None and self.session.reply.text:
+            text = self.session.reply.text
         else:
             last = next((m for m in reversed(self.history) if m.role == "assistant"), None)
             text = last.content if last else ""
         if not text:
             self.notify(self.strings("notify.nothing_to_copy"), severity="warning")
             return
-        self.app.copy_to_clipboard(text)
-        self.notify(self.strings("notify.copied"))
+        self.app.copy_to_clipboard(text)  # OSC 52: the terminal may or may not pass it on
+        tool = copy_text(text)
+        if tool is not None:
+            self.notify(self.strings("notify.copied", tool=tool))
+        else:
+            self.notify(self.strings("notify.copied_osc52"), severity="warning", timeout=8)
 
     def action_settings(self) -> None:
         def apply(result: ChatSettings | None) -> None:
@@ -644,13 +611,28 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(SettingsScreen(self.settings, self.strings), apply)
 
     def action_toggle_experts(self) -> None:
-        if self.experts_panel.toggle() and self.size.width < NARROW_SCREEN_WIDTH:
+        """F4: the experts view. A dense model has none: one line says so, no panel takes room."""
+        panel = self.experts_panel
+        if self._engine_has_experts is False and not panel.shown:
+            self.notify(self.strings("experts.dense"))
+            return
+        if panel.toggle() and self.size.width < NARROW_SCREEN_WIDTH:
             self.query_one("#sidebar").add_class("-hidden")  # leave the chat room to read
         self._sync_routing_observer()
         self._redraw_experts()
 
     def action_toggle_sidebar(self) -> None:
-        self.query_one("#sidebar").toggle_class("-hidden")
+        """Ctrl+B: hide or show the chats (on a narrow screen: lay them over the chat)."""
+        sidebar = self.query_one("#sidebar")
+        if self.has_class("-narrow"):
+            sidebar.toggle_class("-revealed")
+        else:
+            sidebar.toggle_class("-hidden")
+
+    def on_resize(self) -> None:
+        """Below 120 columns the footer leaves out the palette key, which would be drawn over
+        the last keys (Ctrl+P still works, F1 lists it)."""
+        self.query_one(Footer).show_command_palette = self.has_class("-wide")
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(self.strings))
@@ -660,9 +642,9 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(
             ModelInfoScreen(
                 self.strings,
-                None if engine is None else str(getattr(engine, "name", "")),
-                getattr(engine, "info", None),
-                getattr(engine, "context_length", None),
+                None if engine is None else engine.name,
+                None if engine is None else engine.info,
+                None if engine is None else engine.context_length,
             )
         )
 
@@ -696,14 +678,16 @@ class ChatScreen(Screen[None]):
             self.notify(t("notify.no_chat"), severity="warning")
             return
 
-        async def delete() -> None:
+        if self.is_generating:
+            self._notify_busy()
+            return
+
+        async def apply(confirmed: bool | None) -> None:
+            if not confirmed or self.is_generating:
+                return
             self.store.delete_conversation(conversation.id)
             await self.start_new_chat()
             self.notify(t("notify.deleted"))
-
-        async def apply(confirmed: bool | None) -> None:
-            if confirmed:
-                await self._when_idle(delete)
 
         self.app.push_screen(
             ConfirmScreen(
@@ -716,25 +700,40 @@ class ChatScreen(Screen[None]):
         )
 
     def action_export_chat(self) -> None:
+        """F9: asks where to write the Markdown file (the last folder used, else the user's
+        documents folder, else home), then writes it there."""
         t = self.strings
-        if self.conversation is None:
+        conversation = self.conversation
+        if conversation is None:
             self.notify(t("notify.no_chat"), severity="warning")
             return
         role_names = {role: t(f"role.{role}") for role in ("system", "user", "assistant")}
-        directories = [Path.cwd(), data_dir()]
-        last_error: OSError | None = None
-        for directory in directories:
-            if directory == directories[-1]:
-                directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(directory, os.W_OK):
-                continue
+        default = export_directory(self.store) / self.store.export_filename(conversation.id)
+
+        def apply(value: str | None) -> None:
+            if not value:
+                return
+            path = Path(value).expanduser()
             try:
-                path = self.store.export_to_file(self.conversation.id, directory, role_names)
+                written = self.store.export_to_path(conversation.id, path, role_names)
             except OSError as error:
-                last_error = error
-                continue
-            self.notify(t("notify.exported", path=str(path)), timeout=8)
-            return
-        self.notify(
-            t("notify.export_failed", error=str(last_error or directories[-1])), severity="error"
+                self.notify(t("notify.export_failed", error=str(error)), severity="error")
+                return
+            self.store.set_preference("export_dir", str(written.parent))
+            self.notify(t("notify.exported", path=str(written)), timeout=8)
+
+        self.app.push_screen(
+            TextPromptScreen(t("export.title"), str(default), t("export.ok"), t("dialog.cancel")),
+            apply,
         )
+
+
+def export_directory(store: ConversationStore) -> Path:
+    """Where F9 proposes to write: the last folder used, else Documents, else home."""
+    last = store.get_preference("export_dir")
+    if last and Path(last).is_dir():
+        return Path(last)
+    from platformdirs import user_documents_dir
+
+    documents = Path(user_documents_dir())
+    return documents if documents.is_dir() else Path.home()

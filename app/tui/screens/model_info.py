@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+from rich.table import Table
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Label
+from textual.widgets import Button, Label, Static
 
 from app.tui.i18n import Strings
-from model.sizes import format_bytes
 
 # Shown first when present, in this order; anything else the info object has follows.
 PREFERRED_ORDER = (
@@ -57,23 +57,25 @@ def info_attributes(info: Any) -> list[tuple[str, Any]]:
 
 
 def format_value(name: str, value: Any, strings: Strings | None = None) -> str:
-    """Readable values: parameter counts in billions/millions, sizes in GB."""
+    """Readable values in the interface language: parameter counts in billions/millions,
+    sizes in GB (Go), other numbers with the language's separators."""
+    t = strings or Strings()
     if isinstance(value, bool):
-        if strings is not None:
-            return strings("model.yes" if value else "model.no")
-        return "yes" if value else "no"
+        return t("model.yes" if value else "model.no")
     if isinstance(value, int) and "param" in name:
         if value >= 1_000_000_000:
-            return f"{value / 1e9:.2f} B"
+            return f"{t.number(value / 1e9, 2)} {t('model.billions')}"
         if value >= 1_000_000:
-            return f"{value / 1e6:.1f} M"
-        return f"{value:,}"
+            return f"{t.number(value / 1e6, 1)} M"
+        return t.number(value)
     if isinstance(value, int) and "bytes" in name:
-        return format_bytes(value)
+        return t.bytes(value)
     if isinstance(value, int):
-        return f"{value:,}"
+        return t.number(value)
     if isinstance(value, float):
-        return f"{value:.2f}" + (" GB" if name.endswith("_gb") else "")
+        if name.endswith("_gb"):
+            return t.bytes(value * 1e9)
+        return t.number(value, 2)
     if isinstance(value, (list, tuple)):
         return ", ".join(str(item) for item in value)
     return str(value)
@@ -106,16 +108,19 @@ class ModelInfoScreen(ModalScreen[None]):
             if self.model_name is None:
                 yield Label(t("model.not_loaded"))
             else:
-                table: DataTable = DataTable(id="model-table", show_header=False, cursor_type="row")
-                table.add_columns("name", "value")
+                # A Rich table in a Static: long values (a path) wrap instead of being cut.
+                table = Table(show_header=False, box=None, expand=True, padding=(0, 1))
+                table.add_column(style="bold", no_wrap=True)
+                table.add_column(overflow="fold", ratio=1)
                 table.add_row(t("model.name"), self.model_name)
                 if self.context_length:
-                    table.add_row(t("model.context_length"), f"{self.context_length:,}")
+                    table.add_row(t("model.context_length"), t.number(self.context_length))
                 for name, value in info_attributes(self.info):
                     if name in ("name", "context_length"):
                         continue  # already in the first rows
                     table.add_row(label_for(name, t), format_value(name, value, t))
-                yield table
+                with VerticalScroll(id="model-table"):
+                    yield Static(table)
             with Horizontal(classes="dialog-buttons"):
                 yield Button(t("model.close"), variant="primary", id="close")
 

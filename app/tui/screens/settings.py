@@ -12,6 +12,22 @@ from textual.widgets import Button, Input, Label, Select, Switch, TextArea
 from app.store import ChatSettings
 from app.tui.i18n import REPLY_LANGUAGES, Strings
 
+DECIMAL_CHARS = r"[0-9.,]*"  # what a decimal field accepts: "0.5" and "0,5" alike
+
+
+def parse_decimal(text: str) -> float:
+    """'0,5' or '0.5' -> 0.5; ValueError for anything else."""
+    text = text.strip().replace(",", ".")
+    if text.count(".") > 1 or not text.replace(".", "").isdigit():
+        raise ValueError(text)
+    return float(text)
+
+
+def decimal_text(value: float, strings: Strings) -> str:
+    """0.7 -> '0.7' (English) or '0,7' (French)."""
+    text = f"{value:g}"
+    return text.replace(".", ",") if strings.language == "fr" else text
+
 
 class SettingsScreen(ModalScreen[ChatSettings | None]):
     """Dismisses with the edited settings, or None when cancelled."""
@@ -40,10 +56,16 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                 with Horizontal(classes="field-row"):
                     with Vertical(classes="field"):
                         yield Label(t("settings.temperature"), classes="field-label")
-                        yield Input(str(settings.temperature), id="temperature", type="number")
+                        yield Input(
+                            decimal_text(settings.temperature, t),
+                            id="temperature",
+                            restrict=DECIMAL_CHARS,
+                        )
                     with Vertical(classes="field"):
                         yield Label(t("settings.top_p"), classes="field-label")
-                        yield Input(str(settings.top_p), id="top-p", type="number")
+                        yield Input(
+                            decimal_text(settings.top_p, t), id="top-p", restrict=DECIMAL_CHARS
+                        )
                     with Vertical(classes="field"):
                         yield Label(t("settings.max_tokens"), classes="field-label")
                         yield Input(str(settings.max_tokens), id="max-tokens", type="integer")
@@ -73,13 +95,13 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         """The settings in the form, or the label of the first invalid field."""
         t = self.strings
         try:
-            temperature = float(self.query_one("#temperature", Input).value)
+            temperature = parse_decimal(self.query_one("#temperature", Input).value)
             if not 0.0 <= temperature <= 2.0:
                 raise ValueError
         except ValueError:
             return t("settings.temperature")
         try:
-            top_p = float(self.query_one("#top-p", Input).value)
+            top_p = parse_decimal(self.query_one("#top-p", Input).value)
             if not 0.0 < top_p <= 1.0:
                 raise ValueError
         except ValueError:

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
+from app.tui.engine import ReplyStats
 from app.tui.i18n import Strings
 
 # A user message longer than this shows its beginning only: laying out hundreds of kilobytes of
 # wrapped text would stall the UI, and the model gets the whole text anyway.
 USER_DISPLAY_LIMIT = 20_000
+
+
+def reply_parser() -> MarkdownIt:
+    """Textual's Markdown parser, but a line break in a reply stays a line break (a poem, an
+    address): models write plain newlines where Markdown would want two spaces."""
+    parser = MarkdownIt("gfm-like", {"breaks": True})
+    parser.core.ruler.push("soft_breaks_are_hard", _soft_breaks_are_hard)
+    return parser
+
+
+def _soft_breaks_are_hard(state: StateCore) -> None:
+    """Textual draws a softbreak as a space; the ``breaks`` option only changes HTML output."""
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 class MessageView(Vertical, can_focus=True):
@@ -28,6 +45,7 @@ class MessageView(Vertical, can_focus=True):
         role_label: str,
         message_id: int | None = None,
         display_cut_note: str = "",
+        strings: Strings | None = None,
     ) -> None:
         super().__init__(classes=f"message -{role}")
         self.role = role
@@ -35,6 +53,7 @@ class MessageView(Vertical, can_focus=True):
         self._content = content
         self._role_label = role_label
         self._display_cut_note = display_cut_note
+        self._strings = strings
 
     @property
     def content(self) -> str:
@@ -46,16 +65,15 @@ class MessageView(Vertical, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Label(self._role_label, classes="message-role")
         if self.role == "assistant":
-            yield Markdown(self._content, classes="message-body")
+            yield Markdown(self._content, classes="message-body", parser_factory=reply_parser)
         else:
             text = self._content
             if len(text) > USER_DISPLAY_LIMIT:
                 hidden = len(text) - USER_DISPLAY_LIMIT
                 text = text[:USER_DISPLAY_LIMIT]
                 yield Static(Text(text), classes="message-body")
-                yield Label(
-                    self._display_cut_note.format(chars=f"{hidden:,}"), classes="message-note"
-                )
+                chars = self._strings.number(hidden) if self._strings else f"{hidden:,}"
+                yield Label(self._display_cut_note.format(chars=chars), classes="message-note")
             else:
                 yield Static(Text(text), classes="message-body")
         yield Label("", classes="message-info -empty")
@@ -76,16 +94,19 @@ class MessageView(Vertical, can_focus=True):
 
 
 def stats_line(
-    stats: dict[str, Any] | None, strings: Strings, finish_reason: str = ""
+    stats: ReplyStats | None, strings: Strings, finish_reason: str = ""
 ) -> tuple[str, bool]:
     """The info line for a reply from its stats; True when the reply did not end normally."""
     parts: list[str] = []
-    if stats:
-        tokens = int(stats.get("generation_tokens", 0) or 0)
-        tps = float(stats.get("generation_tps", 0.0) or 0.0)
-        if tokens:
-            parts.append(strings("message.stats", tokens=tokens, tps=tps))
-        finish_reason = finish_reason or str(stats.get("finish_reason", "") or "")
+    if stats is not None:
+        if stats.generation_tokens:
+            count = stats.generation_tokens
+            key = "message.tokens_one" if count == 1 else "message.tokens"
+            part = strings(key, tokens=strings.number(count))
+            if stats.generation_tps > 0:  # one token has no decode rate
+                part += " · " + strings("message.speed", tps=strings.number(stats.generation_tps, 1))
+            parts.append(part)
+        finish_reason = finish_reason or stats.finish_reason
     warning = False
     if finish_reason == "cancelled":
         parts.append(strings("message.stopped"))

@@ -7,13 +7,14 @@ would rewrap it: the box shows a short marker instead and puts the text back whe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
 
 LARGE_PASTE_CHARS = 8_000
-_MARKER = re.compile(r"⟦paste (\d+): [\d,]+ chars⟧")
+_MARKER = re.compile(r"⟦[^⟦⟧\d]+ (\d+) ?: [^⟦⟧]+⟧")  # ⟦paste 1: 20,000 chars⟧, in any language
 
 
 class PromptBox(TextArea):
@@ -33,7 +34,21 @@ class PromptBox(TextArea):
         def control(self) -> PromptBox:
             return self.prompt_box
 
-    def __init__(self, *, placeholder: str = "", id: str | None = None) -> None:
+    class LargePaste(Message):
+        """A paste too large to lay out arrived (shown as a marker); ``text`` is all of it."""
+
+        def __init__(self, prompt_box: PromptBox, text: str) -> None:
+            super().__init__()
+            self.prompt_box = prompt_box
+            self.text = text
+
+    def __init__(
+        self,
+        *,
+        placeholder: str = "",
+        id: str | None = None,
+        marker: Callable[[int, int], str] = lambda number, chars: f"paste {number}: {chars:,} chars",
+    ) -> None:
         super().__init__(
             "",
             id=id,
@@ -44,6 +59,7 @@ class PromptBox(TextArea):
             placeholder=placeholder,
         )
         self._large_pastes: dict[int, str] = {}
+        self._marker = marker  # (paste number, its length) -> the marker's words
 
     @property
     def prompt_text(self) -> str:
@@ -56,31 +72,33 @@ class PromptBox(TextArea):
     def _marker_for(self, text: str) -> str:
         number = len(self._large_pastes) + 1
         self._large_pastes[number] = text
-        return f"⟦paste {number}: {len(text):,} chars⟧"
+        return f"⟦{self._marker(number, len(text))}⟧"
 
-    async def _on_key(self, event: events.Key) -> None:
+    # Public handlers: Textual calls a subclass's on_key / on_paste before TextArea's own, and
+    # prevent_default() keeps TextArea from also handling the event.
+
+    def on_key(self, event: events.Key) -> None:
         if event.key == "enter":
             event.stop()
             event.prevent_default()
             self.submit()
-            return
-        if event.key in self.NEWLINE_KEYS:
+        elif event.key in self.NEWLINE_KEYS:
             event.stop()
             event.prevent_default()
-            start, end = self.selection
-            self._replace_via_keyboard("\n", start, end)
-            return
-        await super()._on_key(event)
+            self._insert("\n")
 
-    async def _on_paste(self, event: events.Paste) -> None:
+    def on_paste(self, event: events.Paste) -> None:
         if len(event.text) > LARGE_PASTE_CHARS and not self.read_only:
             event.stop()
             event.prevent_default()
-            start, end = self.selection
-            if result := self._replace_via_keyboard(self._marker_for(event.text), start, end):
-                self.move_cursor(result.end_location)
-            return
-        await super()._on_paste(event)
+            self._insert(self._marker_for(event.text))
+            self.post_message(self.LargePaste(self, event.text))
+
+    def _insert(self, text: str) -> None:
+        """Put ``text`` in place of the selection, the cursor after it."""
+        start, end = self.selection
+        result = self.replace(text, start, end, maintain_selection_offset=False)
+        self.move_cursor(result.end_location)
 
     def submit(self) -> None:
         """Post the text and clear the box; an empty (blank) box posts nothing."""

@@ -84,6 +84,7 @@ def build_parser() -> Parser:
     )  # fmt: skip
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
     add_budget_option(ask)
     ask.set_defaults(func=cmd_ask)
 
@@ -106,6 +107,9 @@ def build_parser() -> Parser:
     from quantize.cli import register  # `download` and `quantize` (argparse only: cheap)
 
     register(commands)
+    from app.serve.cli import register as register_serve
+
+    register_serve(commands)
     return parser
 
 
@@ -221,6 +225,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.raw and (args.system or args.safe):
         raise UsageError("--system and --safe need a chat template; a raw completion has none")
     messages = ask_messages(prompt, args.system, args.safe)
+    if not args.local and not args.raw:  # a running `mixchat serve` answers (app/client.py)
+        from app.client import ask_server
+
+        if (code := ask_server(args, messages)) is not None:
+            return code
     from model import registry
 
     registry.resolve(settings.model)  # a missing model fails now, not after MLX loads

@@ -9,6 +9,9 @@ line and the environment, then passed down as arguments: nothing below reads os.
     data directory  -                  MIXCHAT_HOME (else the platform's user data directory)
     CPU streams     -                  MIXCHAT_STREAMS (matrix products split across; a tuning knob)
     debug           -                  MIXCHAT_DEBUG (internal errors keep their traceback)
+    server          -                  MIXCHAT_SERVER (`ask` uses a running `mixchat serve`;
+                                       default http://127.0.0.1:8741, "off": never)
+    API key         --api-key (serve)  MIXCHAT_API_KEY (the server's key; `ask` sends it)
 
 The command line wins over the environment. Imports nothing heavy (no MLX).
 """
@@ -42,6 +45,8 @@ class Settings:
     data_dir: Path = field(default_factory=registry.data_dir)  # chats and known models
     streams: int | None = None  # None: one per core (at most 2) on a CPU
     debug: bool = False
+    server: str | None = "http://127.0.0.1:8741"  # where `ask` looks for `mixchat serve`, or None
+    api_key: str | None = None
 
 
 def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -56,7 +61,14 @@ def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) ->
         data_dir=registry.data_dir(environ),
         streams=_streams(environ),
         debug=environ.get("MIXCHAT_DEBUG", "").strip() not in ("", "0"),
+        server=_server(environ),
+        api_key=environ.get("MIXCHAT_API_KEY", "").strip() or None,
     )
+
+
+def _server(environ: Mapping[str, str]) -> str | None:
+    value = environ.get("MIXCHAT_SERVER", Settings.server or "").strip()
+    return None if value.lower() in ("", "off", "none", "0") else value
 
 
 def _dtype(given: str | None, environ: Mapping[str, str]) -> str | None:

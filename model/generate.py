@@ -128,6 +128,15 @@ class Engine:
         if self.peers is not None:
             self.peers.reset()
 
+    def cache_state(self) -> tuple[list | None, list[int]]:
+        """The KV cache and the tokens it holds, to keep per conversation (a server's LRU).
+        The engine goes on using these objects: copy them or use_cache() another first."""
+        return self._cache, list(self._cache_tokens)
+
+    def use_cache(self, cache: list | None, tokens: list[int]) -> None:
+        """Continue from a cache_state() (None: an empty cache); the engine now owns it."""
+        self._cache, self._cache_tokens = cache, list(tokens) if cache is not None else []
+
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self._prompt_ids(messages))
 
@@ -169,6 +178,16 @@ class Engine:
         # Other ranks replay a chat: without a template, this one prompt's chat is the same text.
         messages = None if self.has_chat_template else [{"role": "user", "content": prompt}]
         return self._start(self._raw_ids(prompt), settings, messages)
+
+    def prompt_ids(self, messages: list[dict] | None = None, prompt: str | None = None) -> list[int]:
+        """The ids stream(messages) or stream_text(prompt) would feed (a server's cache key)."""
+        return self._prompt_ids(messages) if prompt is None else self._raw_ids(prompt)
+
+    def stream_ids(self, ids: list[int], settings: GenerationSettings | None = None) -> Iterator[Chunk]:
+        """stream() for a prompt already encoded (prompt_ids(), or token ids from a client)."""
+        if not ids:
+            raise MixchatError("the prompt is empty")
+        return self._start(list(ids), settings, None)
 
     def _start(
         self, ids: list[int], settings: GenerationSettings | None, messages: list[dict] | None

@@ -14,6 +14,7 @@ from tests.checkpoints import build_hf_checkpoint
 def isolated_data_dir(tmp_path_factory):
     """No test reads or writes the user's real mixchat data directory (subprocesses too)."""
     os.environ["MIXCHAT_HOME"] = str(tmp_path_factory.mktemp("mixchat-home"))
+    os.environ["MIXCHAT_SERVER"] = "off"  # `mixchat ask` never reaches a server the user runs
 
 
 @pytest.fixture(scope="session")

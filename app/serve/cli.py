@@ -1,0 +1,115 @@
+"""`mixchat serve`: `register(commands)` adds it to mixchat's CLI."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import socket
+import sys
+
+DEFAULT_PORT = 8741
+
+
+def duration(text: str) -> float | None:
+    """argparse type of --keep-alive: '5m', '30s', '1h', '90' (seconds), '0' (unload after each
+    request), '-1' or 'forever' (never unload) -> seconds, or None for forever."""
+    s = text.strip().lower()
+    if s in ("-1", "forever", "never", "inf"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*(ms|s|m|h)?", s)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h, -1)")
+    scale = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+    return float(match.group(1)) * scale
+
+
+def size(text: str) -> int:
+    from model.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from app.cli import add_budget_option, add_model_option
+
+    serve = commands.add_parser(
+        "serve", help="keep a model loaded behind a local OpenAI-compatible server",
+        description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
+        "and /health. `mixchat ask` uses a running server (MIXCHAT_SERVER, default "
+        f"http://127.0.0.1:{DEFAULT_PORT}) unless --local.",
+    )  # fmt: skip
+    add_model_option(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    add_budget_option(serve)
+    serve.add_argument(
+        "--keep-alive", type=duration, default=300.0, metavar="DURATION",
+        help="unload the model after this long idle (default 5m; 0: after each request; "
+        "-1: never); the next request loads it again",
+    )  # fmt: skip
+    serve.add_argument(
+        "--api-key", metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: the MIXCHAT_API_KEY environment "
+        "variable, else none)",
+    )  # fmt: skip
+    serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
+                       help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
+    serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
+                       help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback
+            for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.cli import UsageError
+
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in 0..65535, not {args.port}")
+    from .models import ModelManager
+    from .scheduler import Scheduler
+    from .server import bind, build_app, make_server
+
+    api_key = args.api_key or args.settings.api_key
+    if not is_loopback(args.host) and api_key is None:
+        print(f"mixchat: warning: serving on {args.host} without --api-key: anyone who can reach "
+              "this machine can use the model", file=sys.stderr)  # fmt: skip
+    sock = bind(args.host, args.port)  # a port in use fails now, before the load
+    models = ModelManager(
+        args.settings.model, dtype=args.settings.dtype,
+        memory_budget=args.settings.memory_budget, max_context=args.max_context,
+        kv_bits=args.kv_bits, streams=args.settings.streams,
+        keep_alive=args.keep_alive, prompt_cache_bytes=args.prompt_cache,
+    )  # fmt: skip
+    # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather
+    # than falling back to loading a second copy in their own process.
+    models.engine_for(models.start_key)
+    scheduler = Scheduler(models, max_queue=args.max_queue)
+    host, port = sock.getsockname()[:2]
+    print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
+          "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
+    server = make_server(build_app(scheduler, api_key=api_key))
+    server.run(sockets=[sock])
+    return 0

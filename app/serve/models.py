@@ -1,0 +1,144 @@
+"""Which model is loaded: load on request (one at a time, within the memory budget), unload
+after `keep_alive` seconds idle, and keep each conversation's KV cache in a small LRU so a chat
+client's next turn prefills only its new tokens.
+
+Everything but resolve() runs in the scheduler's worker thread (one MLX user at a time).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import LRUPromptCache
+
+from model import registry, weights
+from model.errors import MixchatError
+from model.generate import Engine
+
+from .requests import ApiError
+
+
+def display_name(spec: str | None, path: Path) -> str:
+    """The name clients see: the one Engine.load gives the model."""
+    if spec in (None, "", "default", registry.DEFAULT_MODEL):
+        return registry.DEFAULT_MODEL
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.resolve().name if Path(spec).expanduser().exists() else spec
+
+
+class ModelManager:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str | None = None,
+        memory_budget: int | str | None = None,
+        max_context: int | None = None,
+        kv_bits: int | None = None,
+        streams: int | None = None,
+        keep_alive: float | None = 300.0,
+        prompt_cache_bytes: int = 1 << 30,
+        prompt_cache_slots: int = 8,
+    ):
+        self.dtype, self.memory_budget, self.keep_alive = dtype, memory_budget, keep_alive
+        self.max_context, self.kv_bits, self.streams = max_context, kv_bits, streams
+        self.cache_bytes, self.cache_slots = prompt_cache_bytes, prompt_cache_slots
+        self._names: dict[str, str] = {}  # model name or spec -> key
+        self._name_of: dict[str, str] = {}  # key -> display name
+        self.start_key: str | None = None
+        self.start_key = self.resolve(model)  # fails now, before serving, for a bad --model
+        self.engine: Engine | None = None
+        self.key: str | None = None
+        self.last_used = time.monotonic()
+        self.loads = 0  # how many times a model was loaded (shown by /health)
+        self.prompt_cache = LRUPromptCache(prompt_cache_slots, prompt_cache_bytes)
+
+    def _remember(self, spec: str | None, key: str) -> None:
+        name = display_name(spec, Path(key))
+        self._name_of.setdefault(key, name)
+        self._names[name] = key
+        if spec:
+            self._names[spec] = key
+
+    def resolve(self, spec: str | None) -> str:
+        """A request's `model` -> the key (resolved path) of a loadable checkpoint; ApiError 404
+        for anything else. Thread-safe; reads no weights."""
+        if spec in (None, "", "default") and self.start_key is not None:
+            return self.start_key
+        if spec in self._names:
+            return self._names[spec]
+        try:
+            path = registry.resolve(spec).resolve()
+            weights.locate(path)
+        except MixchatError as e:
+            raise ApiError(404, f"model '{spec}': {e}", code="model_not_found",
+                           param="model") from None  # fmt: skip
+        key = str(path)
+        self._remember(spec, key)
+        return key
+
+    def name(self, key: str, spec: str | None = None) -> str:
+        """The model's name in answers: as Engine.load names `spec` (what the request asked
+        for), or the name the model was first known by."""
+        if spec not in (None, "", "default"):
+            return display_name(spec, Path(key))
+        return self._name_of.get(key, Path(key).name)
+
+    def listed(self) -> list[str]:
+        """Names for /v1/models: the model given at start, then the loaded one."""
+        names = [self.name(self.start_key)]
+        if self.key is not None and self.name(self.key) not in names:
+            names.append(self.name(self.key))
+        return names
+
+    def engine_for(self, key: str) -> Engine:
+        """The loaded engine for `key`, unloading another model first (MixchatError if the
+        load fails)."""
+        self.last_used = time.monotonic()
+        if self.key == key and self.engine is not None:
+            return self.engine
+        self.unload()
+        print(f"mixchat serve: loading {self.name(key)}", file=sys.stderr)
+        engine = Engine.load(key, dtype=self.dtype, memory_budget=self.memory_budget,
+                             max_context=self.max_context, kv_bits=self.kv_bits,
+                             streams=self.streams)  # fmt: skip
+        if engine.memory_notice:
+            print(f"mixchat serve: {engine.memory_notice}", file=sys.stderr)
+        engine.name = self.name(key)
+        self.engine, self.key, self.loads = engine, key, self.loads + 1
+        self.last_used = time.monotonic()
+        return engine
+
+    def unload(self) -> None:
+        """Free the model and its KV caches."""
+        if self.engine is None:
+            return
+        print(f"mixchat serve: unloading {self.name(self.key or '')}", file=sys.stderr)
+        self.engine = self.key = None
+        self.prompt_cache = LRUPromptCache(self.cache_slots, self.cache_bytes)
+        gc.collect()
+        mx.clear_cache()
+
+    def idle_deadline(self) -> float | None:
+        """When the loaded model is to be unloaded (monotonic time), or None."""
+        if self.engine is None or self.keep_alive is None:
+            return None
+        return self.last_used + self.keep_alive
+
+    def take_cache(self, engine: Engine, ids: list[int]) -> None:
+        """Start `engine` from the stored KV cache sharing the longest prefix with `ids`."""
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.key, ids)
+        engine.use_cache(cache, ids[: len(ids) - len(rest)] if cache is not None else [])
+
+    def keep_cache(self, engine: Engine) -> None:
+        """Store the engine's KV cache (its conversation so far) for a later request."""
+        cache, tokens = engine.cache_state()
+        if cache is not None and tokens:
+            self.prompt_cache.insert_cache(self.key, tokens, cache)
+        engine.use_cache(None, [])  # the LRU owns it now; take_cache hands out copies
+        self.last_used = time.monotonic()

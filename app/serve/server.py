@@ -1,0 +1,295 @@
+"""The Starlette app: OpenAI's /v1/chat/completions, /v1/completions, /v1/models, and /health.
+
+Every error is OpenAI-style JSON (`{"error": {"message", "type", "code", "param"}}`) with a 4xx
+status, or 500 for a bug; the server keeps serving either way. Streams are server-sent events
+ending with `data: [DONE]`; a client that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .requests import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
+from .scheduler import Delta, Done, Job, Scheduler
+
+MAX_BODY = 8 << 20  # bytes
+DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this before the 413
+
+
+def build_app(
+    scheduler: Scheduler, *, api_key: str | None = None, max_body: int = MAX_BODY
+) -> Starlette:
+    models = scheduler.models
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "a valid API key is needed: 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")  # fmt: skip
+
+    async def read_body(request: Request) -> dict:
+        data, total = bytearray(), 0
+        async for part in request.stream():
+            total += len(part)
+            if total <= max_body:
+                data += part
+            elif total > DRAIN_LIMIT:  # not worth reading on: the connection just closes
+                break
+        # An oversized body is read to its end (up to DRAIN_LIMIT) before the 413, so the
+        # client, still sending, reads the answer instead of a reset connection.
+        if total > max_body:
+            raise ApiError(413, f"the body is over the server's {max_body}-byte limit",
+                           code="too_large")  # fmt: skip
+        return parse_json(bytes(data))
+
+    async def generate(request: Request, parse) -> Response:
+        check_key(request)
+        gen: GenerationRequest = parse(await read_body(request))
+        key = await run_in_threadpool(models.resolve, gen.model)
+        job = Job(gen, key, asyncio.get_running_loop())
+        scheduler.submit(job)
+        gone = asyncio.ensure_future(disconnected(request))
+        streaming = False
+        try:
+            first = await next_event(job, gone)
+            if isinstance(first, ApiError):
+                raise first
+            if first is None:  # the client went away while waiting
+                return Response(status_code=204)
+            if gen.stream:
+                gone.cancel()  # StreamingResponse watches for the disconnect from here on
+                streaming = True  # sse() cancels the job when the stream ends
+                return StreamingResponse(
+                    sse(job, first), media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )  # fmt: skip
+            text, item = [], first
+            while isinstance(item, Delta):
+                text.append(item.text)
+                item = await next_event(job, gone)
+            if item is None:
+                return Response(status_code=204)
+            if isinstance(item, ApiError):
+                raise item
+            return JSONResponse(whole(job, "".join(text), item))
+        finally:
+            gone.cancel()
+            if not streaming:
+                scheduler.cancel(job)  # no-op once it is done
+
+    async def sse(job: Job, first) -> AsyncIterator[str]:
+        try:
+            if job.request.kind == "chat":
+                yield event(chunk(job, {"role": "assistant", "content": ""}))
+            item = first
+            while True:
+                if isinstance(item, Delta):
+                    yield event(chunk(job, text=item.text))
+                elif isinstance(item, Done):
+                    yield event(chunk(job, finish=item))
+                    if job.request.include_usage:
+                        yield event(base(job, item.model) | {"choices": [], "usage": usage(item)})
+                    yield "data: [DONE]\n\n"
+                    return
+                else:  # an error after the stream began: say so in the stream
+                    yield event(item.body())
+                    return
+                item = await job.events.get()
+        finally:
+            scheduler.cancel(job)
+
+    def base(job: Job, model: str | None = None) -> dict:
+        chat = job.request.kind == "chat"
+        return {
+            "id": ("chatcmpl-" if chat else "cmpl-") + job.id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": job.created,
+            "model": model or models.name(job.key, job.request.model),
+        }
+
+    def chunk(job: Job, delta: dict | None = None, *, text: str = "", finish: Done | None = None):
+        reason = None if finish is None else openai_reason(finish.finish_reason)
+        if job.request.kind == "chat":
+            delta = delta if delta is not None else {} if finish else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        body = base(job, finish.model if finish else None) | {"choices": [choice]}
+        if finish is not None:
+            body["mixchat"] = engine_stats(finish)
+        return body
+
+    def whole(job: Job, text: str, done: Done) -> dict:
+        reason = openai_reason(done.finish_reason)
+        if job.request.kind == "chat":
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            body = base(job, done.model) | {"object": "chat.completion"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            body = base(job, done.model)
+        return body | {"choices": [choice], "usage": usage(done), "mixchat": engine_stats(done)}
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, parse_chat)
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, parse_completion)
+
+    async def list_models(request: Request) -> Response:
+        check_key(request)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "mixchat"}
+                for name in models.listed()]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        loaded = models.engine is not None
+        return JSONResponse({
+            "status": "ok", "server": "mixchat",
+            "model": models.name(models.key) if loaded else None,
+            "loads": models.loads,
+        } | scheduler.status())  # fmt: skip
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                         code=code)  # fmt: skip
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+
+def openai_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def usage(done: Done) -> dict:
+    cached = done.prompt_tokens - done.stats.prompt_tokens
+    completion = done.stats.generation_tokens
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": done.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def engine_stats(done: Done) -> dict:
+    """The engine's own figures (tok/s, memory, expert cache), in an extra `mixchat` field."""
+    s = done.stats
+    return {
+        "prompt_tokens_prefilled": s.prompt_tokens, "prompt_tps": s.prompt_tps,
+        "generation_tokens": s.generation_tokens, "generation_tps": s.generation_tps,
+        "peak_memory_gb": s.peak_memory_gb, "context_tokens": s.context_tokens,
+        "finish_reason": done.finish_reason, "expert_hit_rate": s.expert_hit_rate,
+        "bytes_read_per_token": s.bytes_read_per_token,
+        "prompt_bytes_read_per_token": s.prompt_bytes_read_per_token,
+        "load_seconds": s.load_seconds, "compute_seconds": s.compute_seconds,
+        "memory_notice": done.notice,
+    }  # fmt: skip
+
+
+def event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has closed the connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def next_event(job: Job, gone: asyncio.Future):
+    """The job's next item, or None if the client disconnected first."""
+    getter = asyncio.ensure_future(job.events.get())
+    done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound now so a port in use is a one-line error before loading."""
+    from model.errors import MixchatError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise MixchatError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app: Starlette, log_level: str = "info") -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on")
+    return uvicorn.Server(config)
+
+
+class ServerThread:
+    """The server on a background thread (tests, benchmarks): `with ServerThread(...) as s:`."""
+
+    def __init__(self, scheduler: Scheduler, host: str = "127.0.0.1", port: int = 0, **kw):
+        self.scheduler = scheduler
+        self.sock = bind(host, port)
+        host, port = self.sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        self.server = make_server(build_app(scheduler, **kw), log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)  # fmt: skip
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            self.thread.join(0.02)
+        raise RuntimeError("the server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()

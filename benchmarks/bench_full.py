@@ -55,7 +55,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(path: str, budget: str, tokens: int) -> dict:
+def worker(path: str, budget: str, tokens: int, long_prompt: bool = True) -> dict:
     """One configuration, in this fresh process."""
     from model import Engine, GenerationSettings, registry, weights
     from model.machine import CACHE_FILE, MeasurementCache
@@ -91,7 +91,8 @@ def worker(path: str, budget: str, tokens: int) -> dict:
         "expert_disk_bytes": decision.plan.expert_disk_bytes,
         "cache_capacity": engine.offload.capacity if engine.offload else None,
     }
-    for name, prompt, max_tokens in (("short", SHORT, tokens), ("long", LONG, 1)):
+    prompts = [("short", SHORT, tokens)] + ([("long", LONG, 1)] if long_prompt else [])
+    for name, prompt, max_tokens in prompts:
         engine.reset()
         ids: list[int] = []
         start = time.perf_counter()
@@ -139,11 +140,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="an MLX-quantized Mixtral directory")
     parser.add_argument("--tokens", type=int, default=3, help="greedy decode steps")
     parser.add_argument("--budgets", default="default,12GB,7GB")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--no-long", action="store_true",
+                        help="skip the ~200-token prompt (hours at full size on a slow CPU)")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        path, budget, tokens = args.worker
-        print(json.dumps(worker(path, budget, int(tokens))))
+        path, budget, tokens, long_prompt = args.worker
+        print(json.dumps(worker(path, budget, int(tokens), long_prompt == "1")))
         return
     if args.model is None:
         from benchmarks.make_full_checkpoint import make_full_checkpoint
@@ -153,7 +156,7 @@ def main() -> None:
     for budget in args.budgets.split(","):
         cache = drop_page_cache()
         cmd = [sys.executable, "-m", "benchmarks.bench_full", "--worker", str(args.model),
-               budget, str(args.tokens)]  # fmt: skip
+               budget, str(args.tokens), "0" if args.no_long else "1"]  # fmt: skip
         start = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
@@ -177,7 +180,9 @@ def main() -> None:
             f"{(r['peak_rss'] - r['baseline_rss']) / r['chosen_budget']:.0%}"
             if r["offload"] and r["chosen_budget"] else "—"
         )
-        s, long = r["short"], r["long"]
+        s = r["short"]
+        long = r.get("long") or {"ttft": float("nan"), "prompt_tokens": 0,
+                                 "prompt_bytes_read_per_token": None}  # fmt: skip
         ratio = s["generation_tps"] / r["predicted_tps"] if r["predicted_tps"] else float("nan")
         print(
             f"| {r['budget']} | {chosen} | {gb(r['peak_rss'])} ({gb(r['baseline_rss'])}) | "

@@ -20,28 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.make_checkpoint import CONFIG as BENCH_CONFIG
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path("/tmp/mixchat-bench/mixtral-8x7b-q4")
 BITS, GROUP = 4, 64
-CONFIG = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "vocab_size": 32000,
+CONFIG = BENCH_CONFIG | {  # the 790M benchmark model's, at Mixtral 8x7B's real size
     "hidden_size": 4096,
     "intermediate_size": 14336,
     "num_hidden_layers": 32,
     "num_attention_heads": 32,
     "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "hidden_act": "silu",
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
     "torch_dtype": "bfloat16",
     "quantization": {"group_size": GROUP, "bits": BITS},
 }

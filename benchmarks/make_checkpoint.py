@@ -77,7 +77,6 @@ def make_checkpoint(path: Path = DEFAULT_DIR, *, shards: int = 4, seed: int = 0)
     from safetensors.numpy import save_file
 
     sys.path.insert(0, str(ROOT))
-    from tests.checkpoints import mistral_tokenizer_file
 
     path = Path(path)
     if (path / DONE_MARKER).exists():
@@ -110,9 +109,18 @@ def make_checkpoint(path: Path = DEFAULT_DIR, *, shards: int = 4, seed: int = 0)
             weight_map[name] = shard
         save_file(tensors, str(path / shard), metadata={"format": "pt"})
         del tensors
+    return finish_checkpoint(path, weight_map, total, CONFIG)
+
+
+def finish_checkpoint(path: Path, weight_map: dict[str, str], total: int, config: dict) -> Path:
+    """After the shards: the index, config.json, the Mistral v1 tokenizer.model, and the marker
+    that makes the checkpoint reusable. Returns `path`."""
+    sys.path.insert(0, str(ROOT))
+    from tests.checkpoints import mistral_tokenizer_file
+
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(mistral_tokenizer_file("v1"), path / "tokenizer.model")
     (path / DONE_MARKER).touch()
     return path

@@ -13,7 +13,6 @@ time in memory (~0.8 GB), ~2 minutes on this machine. Never commit it; delete it
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.make_checkpoint import CONFIG as BENCH_CONFIG
+from benchmarks.make_checkpoint import finish_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path("/tmp/mixchat-bench/mixtral-8x7b-q4")
@@ -75,7 +75,6 @@ def make_full_checkpoint(path: Path = DEFAULT_DIR, *, layers: int | None = None,
     from safetensors.numpy import save_file
 
     sys.path.insert(0, str(ROOT))
-    from tests.checkpoints import mistral_tokenizer_file
 
     config = dict(CONFIG)
     if layers:
@@ -107,11 +106,7 @@ def make_full_checkpoint(path: Path = DEFAULT_DIR, *, layers: int | None = None,
     outer = quantized(rng, (V, H), "model.embed_tokens") | quantized(rng, (V, H), "lm_head")
     outer["model.norm.weight"] = np.ones(H, dtype=np.float16)
     write(n, outer)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(mistral_tokenizer_file("v1"), path / "tokenizer.model")
-    (path / DONE_MARKER).touch()
+    finish_checkpoint(path, weight_map, total, config)
     print(file=sys.stderr)
     return path
 

@@ -22,7 +22,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.make_checkpoint import CONFIG, DONE_MARKER, tensor_shapes  # noqa: E402
+from benchmarks.make_checkpoint import (  # noqa: E402
+    CONFIG,
+    DONE_MARKER,
+    finish_checkpoint,
+    tensor_shapes,
+)
 
 DEFAULT_DIR = ROOT / "bench-out" / "mixtral-8x7b-width-2l-bf16"
 WIDE_CONFIG = {
@@ -68,7 +73,6 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng) ->
 
 def make_wide_checkpoint(path: Path = DEFAULT_DIR, *, seed: int = 0) -> Path:
     """Write (or reuse) the wide checkpoint at `path`; returns `path`."""
-    from tests.checkpoints import mistral_tokenizer_file
 
     path = Path(path)
     if (path / DONE_MARKER).exists():
@@ -93,11 +97,7 @@ def make_wide_checkpoint(path: Path = DEFAULT_DIR, *, seed: int = 0) -> Path:
         for name, shape in group:
             weight_map[name] = shard
             total += int(np.prod(shape)) * 2
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(WIDE_CONFIG, indent=2))
-    shutil.copy(mistral_tokenizer_file("v1"), path / "tokenizer.model")
-    (path / DONE_MARKER).touch()
+    finish_checkpoint(path, weight_map, total, WIDE_CONFIG)
     return path
 
 

@@ -166,9 +166,7 @@ class ExpertStore:
         self._local = threading.local()
 
     def _memory_nbytes(self, s: _Slice) -> int:
-        if s.dtype in FLOAT_DTYPES:
-            return int(np.prod(s.shape)) * self.dtype.size
-        return s.stride
+        return loaded_nbytes(TensorSpec(s.shape, s.dtype, s.stride), self.dtype.size)
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes one expert of `layer` takes in the cache."""

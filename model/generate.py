@@ -244,15 +244,15 @@ class Engine:
             # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
             # (at most self._chunk): progress moves and Esc stops that soon even on a slow CPU.
             # Ranks sharing the experts keep the fixed size: their passes must stay in step.
-            sharded = distributed.shard_of(self.model) is not None
+            sharded = distributed.group_of(self.model) is not None
             size = self._chunk if sharded else min(FIRST_PROMPT_CHUNK, self._chunk)
             while len(pending) > size:
                 if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
                 began = time.perf_counter()
-                self.model.hidden_states(mx.array(pending[:size])[None], cache=cache)
-                mx.eval([c.state for c in cache])
+                hidden = self.model.hidden_states(mx.array(pending[:size])[None], cache=cache)
+                mx.eval(hidden, [c.state for c in cache])  # hidden: a pipeline rank sends it
                 pending = pending[size:]
                 if not sharded:
                     rate = size / max(time.perf_counter() - began, 1e-6)
@@ -362,6 +362,8 @@ class Engine:
               ) -> tuple[mx.array, list | None]:  # fmt: skip
         """Queue one forward pass over `tokens` [1, T] (layer by layer over all of them when
         `layerwise`); returns the sampled next token [1]."""
+        if self.model.stage is not None:  # a pipeline's ranks: the last samples, all get it
+            return self.model.stage.step(self.model, tokens, self._cache, sampler), None
         observe = self.model.args.is_moe  # cheap: kept for last_routing (F4 after a reply)
         self.model.routing = [] if observe else None
         if layerwise and tokens.shape[1] > 1:

@@ -239,9 +239,10 @@ class Model(nn.Module):
         # Set to a list to record each MoE layer's top-k expert ids ([B, T, k], layer order).
         self.routing: list | None = None
         self.memory = None  # how it was loaded: a memory_plan.MemoryDecision, or None
+        self.stage = None  # model.distributed.PipelineStage: this rank holds a block of layers
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key in ("routing", "memory"):  # plain attributes, never parameters
+        if key in ("routing", "memory", "stage"):  # plain attributes, never parameters
             object.__setattr__(self, key, value)
         else:
             super().__setattr__(key, value)
@@ -256,6 +257,8 @@ class Model(nn.Module):
 
     def hidden_states(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         """inputs: int [B, T] -> final-normed hidden states [B, T, hidden]."""
+        if self.stage is not None:  # a block of layers of several ranks: the stage passes it on
+            return self.stage.hidden_states(self, inputs, cache)
         h = self.model.embed_tokens(inputs)  # [B, T, hidden]
         if cache is None:
             cache = [None] * len(self.layers)

@@ -33,6 +33,16 @@ def jaccl_coordinator() -> str | None:
     return os.environ.get("MLX_JACCL_COORDINATOR") or None
 
 
+MODES = ("expert", "pipeline")  # MIXCHAT_PARALLEL: how several ranks split a model
+
+
+def parallel_mode() -> str:
+    """MIXCHAT_PARALLEL: "expert" (the default: each rank holds 1/n of every layer's experts)
+    or "pipeline" (each rank holds a contiguous block of layers). Read once, by `world()`;
+    every rank must be started with the same value."""
+    return (os.environ.get("MIXCHAT_PARALLEL") or MODES[0]).strip().lower()
+
+
 def ring_verbose() -> bool:
     """MLX_RING_VERBOSE: the ring backend's own messages are wanted."""
     return bool(os.environ.get("MLX_RING_VERBOSE"))

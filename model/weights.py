@@ -270,10 +270,10 @@ def build_model(
     world = distributed.world()
     model = Model(args)
     weights = read_weights(checkpoint, skip_experts=offload)
-    if world.size > 1:  # this rank's share of the experts only
+    if world.size > 1:  # this rank's share of the experts, or its block of layers, only
         kv_bits = memory.plan.kv_bits if memory is not None else None
-        weights = distributed.take_share(checkpoint, weights, model, world,
-                                         f"{compute_dtype(checkpoint, dtype)}|{kv_bits}")
+        weights = distributed.split_model(checkpoint, weights, model, world,
+                                          compute_dtype(checkpoint, dtype), kv_bits)
     weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))

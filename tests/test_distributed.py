@@ -121,14 +121,16 @@ def one_process(model: Path, messages, settings) -> str:
     return "".join(c.text for c in engine.stream(messages, settings))
 
 
-def test_two_ranks_under_mlx_launch_give_the_tokens_of_one_process(tiny_q4):
+@pytest.mark.parametrize("mode", ["expert", "pipeline"])
+def test_two_ranks_under_mlx_launch_give_the_tokens_of_one_process(tiny_q4, mode):
     greedy = GenerationSettings(max_tokens=24, temperature=0.0)
     expected = one_process(tiny_q4, [{"role": "user", "content": PROMPT}], greedy)
     assert len(prompt_ids(tiny_q4, PROMPT)) * 2 >= 64
     args = ["ask", "-m", str(tiny_q4), "--json", "--max-tokens", "24", PROMPT]
     launch = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)),
               "--python", sys.executable, MIXCHAT, *args]  # fmt: skip
-    result = subprocess.run(launch, capture_output=True, timeout=TIMEOUT)
+    env = os.environ | {"MIXCHAT_PARALLEL": mode}  # mlx.launch passes it to every rank
+    result = subprocess.run(launch, capture_output=True, timeout=TIMEOUT, env=env)
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().strip().splitlines()
     assert len(lines) == 1  # rank 0 alone prints
@@ -159,7 +161,8 @@ PROBE = textwrap.dedent("""
         shapes = {k: v.shape[0] for k, v in params.items() if ".switch_mlp." in k}
         other = sum(v.nbytes for k, v in params.items() if ".switch_mlp." not in k)
         out.append({"rank": distributed.world().rank, "expert_bytes": experts, "read": read,
-                    "other_bytes": other, "experts_per_tensor": sorted(set(shapes.values()))})
+                    "other_bytes": other, "experts_per_tensor": sorted(set(shapes.values())),
+                    "params": sorted(params)})
     print(json.dumps(out))
 """)
 
@@ -190,6 +193,32 @@ def test_each_rank_reads_and_holds_half_of_the_experts(wide, tmp_path):
             assert abs(saved - on_disk // 2) < on_disk // 10, (saved, on_disk)
 
 
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts reads with /proc/self/io")
+def test_each_pipeline_rank_reads_and_holds_only_its_layers(wide, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    command = [sys.executable, str(script), str(wide[0])]
+    results = finish(start_ranks(command, tmp_path, {"MIXCHAT_PARALLEL": "pipeline"}))
+    for code, _, err in results:
+        assert code == 0, err
+    tensors = weights.locate(wide[0]).tensors
+    assert not weights.locate(wide[0]).args.tie_word_embeddings
+    # 2 layers: rank 0 embeds and runs layer 0, rank 1 runs layer 1 (its local layer 0) and
+    # the LM head; both hold the final norm (one vector).
+    held = [("model.embed_tokens.", "model.layers.0.", "model.norm."),
+            ("model.layers.1.", "lm_head.", "model.norm.")]  # fmt: skip
+    total = sum(spec.nbytes for spec in tensors.values())
+    for rank, (_, out, _) in enumerate(results):
+        probe = json.loads(out)[0]
+        assert probe["rank"] == rank
+        mine = [name for name in tensors if name.startswith(held[rank])]
+        assert probe["params"] == sorted(n.replace("layers.1.", "layers.0.") for n in mine)
+        assert probe["experts_per_tensor"] == [4]  # every expert of its layer
+        on_disk = sum(tensors[name].nbytes for name in mine)
+        assert on_disk < 0.7 * total  # so that reading everything would show
+        assert abs(probe["read"] - on_disk) < total // 20, (probe["read"], on_disk, total)
+
+
 LEADER = textwrap.dedent("""
     import json, sys
     from concurrent.futures import ThreadPoolExecutor
@@ -209,7 +238,8 @@ LEADER = textwrap.dedent("""
         engine.reset()
         sampled = GenerationSettings(max_tokens=12, temperature=0.9, seed=7)
         replies.append("".join(c.text for c in engine.stream(first, sampled)))
-        return {"replies": replies, "cancelled": finish}
+        return {"replies": replies, "cancelled": finish, "mode": distributed.world().mode,
+                "layers": len(engine.model.layers), "stage": engine.model.stage is not None}
 
     # As the chat app does: the model loads in one thread, replies stream in another.
     engine = ThreadPoolExecutor(1).submit(Engine.load, sys.argv[1]).result()
@@ -218,7 +248,8 @@ LEADER = textwrap.dedent("""
 """)
 
 
-def test_rank_0_leads_a_chat_the_other_rank_follows(tiny_mixtral, tmp_path):
+@pytest.mark.parametrize("mode", ["expert", "pipeline"])
+def test_rank_0_leads_a_chat_the_other_rank_follows(tiny_mixtral, tmp_path, mode):
     script = tmp_path / "leader.py"
     script.write_text(LEADER)
     leader = [sys.executable, str(script), str(tiny_mixtral)]
@@ -226,7 +257,8 @@ def test_rank_0_leads_a_chat_the_other_rank_follows(tiny_mixtral, tmp_path):
     hosts = hostfile(tmp_path)
     procs = []
     for rank, args in enumerate((leader, follower)):
-        env = os.environ | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
+        env = os.environ | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts),
+                            "MIXCHAT_PARALLEL": mode}  # fmt: skip
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))  # fmt: skip
     (code0, out0, err0), (code1, out1, err1) = finish(procs)
@@ -234,6 +266,8 @@ def test_rank_0_leads_a_chat_the_other_rank_follows(tiny_mixtral, tmp_path):
     assert code1 == 0 and out1 == "", err1  # the follower exits when rank 0 is done
     got = json.loads(out0)
     assert got["cancelled"] == "cancelled"
+    pipeline = mode == "pipeline"  # rank 0 holds one of the 2 layers, or both
+    assert (got["mode"], got["stage"], got["layers"]) == (mode, pipeline, 1 if pipeline else 2)
     engine = Engine.load(str(tiny_mixtral))
     greedy = GenerationSettings(max_tokens=12, temperature=0.0)
     first = [{"role": "user", "content": "Bonjour, qui es-tu ?"}]
@@ -284,12 +318,16 @@ def test_a_follower_that_cannot_load_is_reported_by_rank_0(tiny_q4, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("mixchat: error: rank 1: no model at"), lines
 
 
-def test_ranks_started_with_other_settings_refuse_to_run(tiny_q4, tmp_path):
-    """A rank computing in another dtype would add up other numbers: a one-line error."""
+@pytest.mark.parametrize("other", [{"MIXCHAT_PARALLEL": "pipeline"}, {"--dtype": "float16"}])
+def test_ranks_started_with_other_settings_refuse_to_run(tiny_q4, tmp_path, other):
+    """A rank computing in another dtype, or splitting the model another way, would add up
+    other numbers: a one-line error."""
     hosts = hostfile(tmp_path)
     procs = []
-    for rank, extra in enumerate(([], ["--dtype", "float16"])):
+    flags = [item for k, v in other.items() if k.startswith("--") for item in (k, v)]
+    for rank, extra in enumerate(([], flags)):
         env = os.environ | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
+        env |= {k: v for k, v in other.items() if rank == 1 and not k.startswith("--")}
         args = [MIXCHAT, "ask", "-m", str(tiny_q4), *extra, "hi"]
         procs.append(
             subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -345,12 +383,16 @@ def test_bad_hostfile_and_dense_model_are_one_line_errors(
         distributed.take_share(dense, {}, model, distributed.World(0, 2))
 
 
-def test_expert_ranges_cover_every_expert_once():
+def test_expert_and_layer_ranges_cover_every_one_once():
     for experts, ranks in ((8, 2), (8, 3), (4, 4), (128, 5)):
         ranges = [distributed.expert_range(experts, r, ranks) for r in range(ranks)]
         assert ranges[0][0] == 0 and ranges[-1][1] == experts
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert max(hi - lo for lo, hi in ranges) - min(hi - lo for lo, hi in ranges) <= 1
+    for layers, ranks in ((32, 2), (56, 3), (2, 2), (7, 4)):
+        blocks = [distributed.layer_range(layers, r, ranks) for r in range(ranks)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == layers
+        assert all(a[1] == b[0] and a[1] > a[0] for a, b in zip(blocks, blocks[1:]))
     # Top-2 of 8 on 2 ranks: 12 of the 28 pairs sit on one rank (it applies 2), 16 are split.
     assert distributed.critical_experts(8, 2, 2) == pytest.approx((12 * 2 + 16 * 1) / 28)
     assert distributed.critical_experts(8, 2, 1) == 2

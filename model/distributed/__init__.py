@@ -1,0 +1,69 @@
+"""One model across several machines over MLX's distributed engine.
+
+Started under `mlx.launch` (or with MLX_RANK and MLX_HOSTFILE set by hand), `world()` joins the
+group (join.py) and connects the control channel to rank 0 (control.py). The model is split in
+one of two ways (MIXCHAT_PARALLEL, the same on every rank):
+
+- expert parallelism (`expert`, the default; shard.py): every rank holds the attention,
+  embeddings, norms and routers (replicated) and the experts [r*E/n, (r+1)*E/n) of every MoE
+  layer, read with one positioned read per tensor from the safetensors file: the other experts
+  are never read. Each MoE layer computes the router-weighted outputs of the chosen experts
+  this rank holds (zero for the others) and ends with one `all_sum` over the ranks. With top-2
+  routing the one-process model adds two weighted expert outputs; here they are a + 0 and
+  0 + b on two ranks (or a + b and 0 + 0), summed once: the same float, so greedy tokens are
+  identical to one process;
+- pipeline parallelism (`pipeline`; pipeline.py): rank r holds a contiguous block of layers
+  (with all their experts), the first rank the embeddings, the last the final norm and LM
+  head. Hidden states go from rank to rank with send/recv; the last rank samples and one
+  all_sum gives every rank the token.
+
+Either way rank 0 owns the terminal (lead.py): it sends each request (a reply to stream, a
+reset) to the other ranks over the control channel; they run the same reply and print
+nothing. Whether to stop a reply early (a cancel) is agreed each token with a one-value
+all_sum. A watchdog: every rank pings the other end of its control connection each second; a
+closed connection (a rank died) or `TIMEOUT` seconds of silence (a network failure) makes
+rank 0 print one line and exit 1 and every other rank exit, never a hang. hosts.py has the
+arithmetic: hostfiles, `mixchat info --hosts`, and one rank's memory decision.
+"""
+
+from ..ranks import launched
+from .control import TIMEOUT, Control
+from .errors import DistributedError, RankMismatch
+from .hosts import (
+    LINKS,
+    RankPlan,
+    critical_experts,
+    hosts_report,
+    rank_memory,
+    rank_plan,
+    read_hostfile,
+)
+from .join import World, after_failure, fatal, world
+from .lead import Leader, agree_stop, follow, group_of, leader_of, shard_of
+from .pipeline import PipelineStage, layer_range, take_layers
+from .shard import (
+    ExpertShard,
+    check_same_everywhere,
+    expert_range,
+    read_expert_blocks,
+    take_share,
+)
+
+
+def split_model(checkpoint, weights: dict, model, world_: World, dtype, kv_bits: int | None
+                ) -> dict:  # fmt: skip
+    """This rank's part of `weights` (lazy), `model` shrunk to it: its experts of every layer
+    (`take_share`) or its block of layers (`take_layers`), as MIXCHAT_PARALLEL says."""
+    settings = f"{dtype}|{kv_bits}"
+    if world_.mode == "pipeline":
+        return take_layers(checkpoint, weights, model, world_, dtype, settings)
+    return take_share(checkpoint, weights, model, world_, settings)
+
+
+__all__ = [
+    "LINKS", "TIMEOUT", "Control", "DistributedError", "ExpertShard", "Leader", "PipelineStage",
+    "RankMismatch", "RankPlan", "World", "after_failure", "agree_stop", "check_same_everywhere",
+    "critical_experts", "expert_range", "fatal", "follow", "group_of", "hosts_report",
+    "launched", "layer_range", "leader_of", "rank_memory", "rank_plan", "read_expert_blocks",
+    "read_hostfile", "shard_of", "split_model", "take_layers", "take_share", "world",
+]  # fmt: skip

@@ -1,0 +1,174 @@
+"""Expert parallelism: each rank holds experts [r*E/n, (r+1)*E/n) of every MoE layer, read by
+byte range, and each MoE layer ends with one all_sum over the ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import CheckpointError
+from ..experts import SORTED_MIN_ROWS
+from ..safetensors_header import read_safetensors_header
+from .errors import DistributedError, RankMismatch
+from .join import World
+
+EXPERT_MARK = ".block_sparse_moe.switch_mlp."
+PER_EXPERT_MARK = ".block_sparse_moe.experts."
+_NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8,
+              "F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # fmt: skip
+
+
+def expert_range(num_experts: int, rank: int, size: int) -> tuple[int, int]:
+    """Experts [lo, hi) of every MoE layer that `rank` of `size` holds."""
+    return num_experts * rank // size, num_experts * (rank + 1) // size
+
+
+class ExpertShard:
+    """This rank's experts [lo, hi) of one MoE layer, and the group the outputs are summed over.
+    Set on `mixtral.SparseMoE.shard`, which hands it the layer's experts and routing."""
+
+    def __init__(self, lo: int, hi: int, group: Any):
+        self.lo, self.hi, self.group = lo, hi, group
+
+    def __call__(self, experts, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """x [N, hidden], the router's global expert ids and weights [N, k] -> [N, hidden]: the
+        router-weighted sum of every token's chosen experts, over all ranks.
+
+        Each rank adds the weighted outputs of the chosen experts it holds (a choice held
+        elsewhere counts zero), then one all_sum adds the ranks' sums: the one-process sum of
+        k = 2 terms, a + b, becomes (a + 0) + (0 + b) or (a + b) + 0, the same float. Decoding
+        (fewer rows than the sorted path takes), the router's choices are read back (one sync
+        per layer) and only the slots holding a local expert for some token are computed, so
+        a rank reads none of the experts it was not asked for. Longer prompts go through the
+        sorted path with the other ranks' choices pointed at a local expert and masked."""
+        N, k = inds.shape
+        held = (inds >= self.lo) & (inds < self.hi)
+        local = inds - self.lo
+        fallback = mx.max(mx.where(held, local, 0), axis=-1, keepdims=True)
+        local = mx.where(held, local, fallback).astype(inds.dtype)
+        if N * k < SORTED_MIN_ROWS:
+            slots = [j for j in range(k) if np.asarray(held[:, j]).any()]
+            if not slots:
+                y = mx.zeros((N, x.shape[-1]), dtype=x.dtype)
+                return mx.distributed.all_sum(y, group=self.group)
+            cols = mx.array(slots)
+            local, weights, held = local[:, cols], weights[:, cols], held[:, cols]
+        y = experts(x, local) * weights[..., None]  # [N, slots, hidden]
+        y = mx.where(held[..., None], y, mx.zeros_like(y)).sum(axis=-2)
+        return mx.distributed.all_sum(y, group=self.group)
+
+
+def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
+               settings: str = "") -> dict:  # fmt: skip
+    """Replace the expert tensors of `weights` (lazy, as `weights.read_weights` returns them) by
+    this rank's share, read from disk with one positioned read each; shrink `model`'s expert
+    layers to that share and give each MoE layer its `ExpertShard`. `settings` (what changes
+    the numbers: dtype, KV cache bits) must be the same on every rank, as must the model."""
+    args = checkpoint.args
+    if not args.is_moe:
+        raise DistributedError(
+            f"{checkpoint.path.name} is a dense model: several ranks split a Mixture-of-Experts "
+            "model's experts; run it on one machine"
+        )
+    if checkpoint.format != "hf":
+        raise DistributedError(
+            "several ranks need a safetensors checkpoint (a GGUF file is read whole): convert "
+            f"it with `mixchat quantize {checkpoint.path} DIR`"
+        )
+    E = args.num_local_experts
+    if world.size > E:
+        raise DistributedError(f"{world.size} ranks for {E} experts per layer: use at most {E}")
+    check_same_everywhere(f"expert|{args}|{checkpoint.size_bytes}|{settings}", world)
+    lo, hi = expert_range(E, world.rank, world.size)
+    share = {k: v for k, v in weights.items() if EXPERT_MARK not in k and PER_EXPERT_MARK not in k}
+    share.update(_stack_per_expert(weights, lo, hi))  # Hugging Face layout: lazily, local only
+    for file in checkpoint.files:
+        specs = {k: s for k, s in read_safetensors_header(file).items() if EXPERT_MARK in k}
+        if specs:
+            share.update(read_expert_blocks(file, specs, lo, hi))
+    for layer in model.layers:
+        moe = layer.block_sparse_moe
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear = moe.switch_mlp[proj]
+            linear.weight = linear.weight[lo:hi]  # the unread init values: shapes only
+        moe.shard = ExpertShard(lo, hi, world.group)
+    return share
+
+
+def check_same_everywhere(text: str, world: World) -> None:
+    """Raise (on every rank) unless every rank passes the same `text`: ranks with different
+    models or settings would add up wrong numbers."""
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int32)  # 2 values
+    rows = np.zeros((world.size, 2), np.int32)
+    rows[world.rank] = digest
+    everyone = np.array(mx.distributed.all_sum(mx.array(rows), group=world.group))
+    differ = [r for r in range(world.size) if not np.array_equal(everyone[r], everyone[0])]
+    if differ:
+        raise RankMismatch(
+            f"rank {differ[0]} loaded another model or other settings than rank 0 (dtype, "
+            "--kv-bits, MIXCHAT_PARALLEL): start every rank with the same command"
+        )
+
+
+def _stack_per_expert(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, mx.array]:
+    """`experts.{e}.w1.weight` tensors (one per expert) of experts [lo, hi), stacked under
+    mlx-lm's `switch_mlp` names; the others are dropped unread (mx.load is lazy per tensor)."""
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    groups: dict[str, dict[int, mx.array]] = {}
+    for key, value in weights.items():
+        if PER_EXPERT_MARK not in key:
+            continue
+        prefix, rest = key.split(PER_EXPERT_MARK)
+        expert, hf_name, part = rest.split(".", 2)
+        if lo <= int(expert) < hi:
+            name = f"{prefix}{EXPERT_MARK}{names.get(hf_name, hf_name)}.{part}"
+            groups.setdefault(name, {})[int(expert)] = value
+    out = {}
+    for name, experts in groups.items():
+        if sorted(experts) != list(range(lo, hi)):
+            missing = min(set(range(lo, hi)) - set(experts))
+            raise CheckpointError(f"checkpoint lacks expert {missing} of {name}")
+        out[name] = mx.stack([experts[e] for e in range(lo, hi)])
+    return out
+
+
+def read_expert_blocks(file: Path, specs: dict, lo: int, hi: int) -> dict[str, mx.array]:
+    """Experts [lo, hi) of stacked [E, ...] tensors: one contiguous byte range each (expert e
+    starts at offset + e * nbytes / E), read with one positioned read into numpy. Floating
+    tensors keep their stored dtype (the loader converts them as it does whole tensors)."""
+    out = {}
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        for name, spec in specs.items():
+            if spec.dtype not in _NP_DTYPES:
+                raise CheckpointError(f"tensor {name} has unsupported dtype {spec.dtype}")
+            experts = spec.shape[0]
+            if spec.nbytes % experts:
+                raise CheckpointError(f"tensor {name} does not split into {experts} experts")
+            stride = spec.nbytes // experts
+            buf = np.empty((hi - lo) * stride, np.uint8)
+            _pread_into(fd, buf, spec.offset + lo * stride, name)
+            array = mx.array(buf.view(_NP_DTYPES[spec.dtype]).reshape(hi - lo, *spec.shape[1:]))
+            out[name] = array.view(mx.bfloat16) if spec.dtype == "BF16" else array
+    finally:
+        os.close(fd)
+    return out
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, name: str) -> None:
+    done = 0
+    while done < buf.nbytes:
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [memoryview(buf[done:])], offset + done)
+        else:  # older macOS Pythons: one extra copy
+            data = os.pread(fd, buf.nbytes - done, offset + done)
+            n = len(data)
+            buf[done : done + n] = np.frombuffer(data, np.uint8)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file reading the experts of {name}")
+        done += n

@@ -42,6 +42,7 @@ def build_parser() -> Parser:
         "--lang", help=f"interface language ({', '.join(LANGUAGES)}); default from LC_ALL or LANG"
     )
     add_budget_option(chat)
+    add_hosts_option(chat)
     chat.set_defaults(func=cmd_chat)
 
     ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
@@ -86,6 +87,7 @@ def build_parser() -> Parser:
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
     add_budget_option(ask)
+    add_hosts_option(ask)
     ask.set_defaults(func=cmd_ask)
 
     models = commands.add_parser("models", help="list the models mixchat can find")
@@ -225,7 +227,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.raw and (args.system or args.safe):
         raise UsageError("--system and --safe need a chat template; a raw completion has none")
     messages = ask_messages(prompt, args.system, args.safe)
-    if not args.local and not args.raw:  # a running `mixchat serve` answers (app/client.py)
+    if not args.local and not args.raw and not args.hosts:  # `mixchat serve` answers (app/client.py)
         from app.client import ask_server
 
         if (code := ask_server(args, messages)) is not None:
@@ -233,6 +235,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from model import registry
 
     registry.resolve(settings.model)  # a missing model fails now, not after MLX loads
+    join_hosts(args)
     strings = STRINGS.get(settings.lang, STRINGS["en"])
     show_progress = sys.stderr.isatty() and not args.quiet
     if show_progress:
@@ -351,9 +354,22 @@ def stats_lines(stats, lang: str) -> list[str]:
     return lines
 
 
+def add_hosts_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hosts", metavar="HOSTFILE", help="run over several Macs: this one is "
+                        "rank 0 and starts the others of this mlx.launch hostfile (README)")
+
+
+def join_hosts(args: argparse.Namespace) -> None:
+    if args.hosts:  # this process is rank 0 and starts the other ranks
+        from model.distributed.launch import join_hosts as start
+
+        start(args.hosts, args.argv)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
-    if settings.memory_budget is not None:
+    join_hosts(args)
+    if settings.memory_budget is not None and not launched():  # ranks agree on it as they load
         check_memory_budget(args)  # a budget that cannot work fails before the UI opens
     from app.tui import run_chat
 
@@ -458,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         args.settings = settings = read_settings(args)  # the one read of the environment
+        args.argv = argv  # --hosts starts the other ranks with the same command line
         if args.command in ("ask", "chat") and launched():
             from model import distributed
 

@@ -502,6 +502,7 @@ class OffloadRuntime:
         self.kv_bytes = 0
         self.top_k = top_k
         self.num_experts = 0
+        self.held = range(0)  # the experts of each layer this process holds: all but on a rank
         self.prefetch_enabled = prefetch
         self.counters = OffloadCounters()
         self.gates: dict[int, nn.Module] = {}  # layer -> router, for prefetch guesses
@@ -515,7 +516,7 @@ class OffloadRuntime:
         """One line for the user: how much of the experts the cache holds."""
         from .sizes import format_bytes
 
-        total = sum(self.store.memory_bytes[layer] * self.num_experts for layer in self.specs)
+        total = sum(self.store.memory_bytes[layer] * len(self.held) for layer in self.specs)
         share = self.cache.capacity / total if total else 1.0
         return (
             f"experts stream from disk: a {format_bytes(self.cache.capacity)} cache holds "
@@ -692,7 +693,7 @@ class OffloadedExperts(nn.Module):
             # A prompt this long uses nearly every expert of every layer: read the next
             # layer's while this one computes.
             mx.eval(inds)
-            prefetch = Prefetch(next_layer, list(range(rt.num_experts)), cold=False)
+            prefetch = Prefetch(next_layer, list(rt.held), cold=False)
         elif rt.prefetch_enabled and next_layer is not None and N <= PREFETCH_MAX_TOKENS:
             logits = rt.gates[next_layer](x)
             guess = mx.argpartition(-logits, kth=rt.top_k - 1, axis=-1)[..., : rt.top_k]
@@ -788,6 +789,7 @@ def attach(model, checkpoint, capacity: int, dtype: mx.Dtype, options: OffloadOp
     runtime = OffloadRuntime(store, cache, top_k, prefetch=options.prefetch,
                              io_threads=options.io_threads)  # fmt: skip
     runtime.num_experts = model.args.num_local_experts
+    runtime.held = range(runtime.num_experts)
     for i, layer in enumerate(layers):
         moe = model.layers[layer].block_sparse_moe
         old = moe.switch_mlp

@@ -273,7 +273,7 @@ def build_model(
     if world.size > 1:  # this rank's share of the experts, or its block of layers, only
         kv_bits = memory.plan.kv_bits if memory is not None else None
         weights = distributed.split_model(checkpoint, weights, model, world,
-                                          compute_dtype(checkpoint, dtype), kv_bits)
+                                          compute_dtype(checkpoint, dtype), kv_bits, offload)
     weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))
@@ -300,7 +300,9 @@ def build_model(
         from .offload import attach
 
         weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
-        attach(model, checkpoint, memory.cache_bytes, target)
+        runtime = attach(model, checkpoint, memory.cache_bytes, target)
+        if (shard := distributed.shard_of(model)) is not None:  # a rank streams its share only
+            runtime.held = range(shard.lo, shard.hi)
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
     model.memory = memory

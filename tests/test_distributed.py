@@ -345,23 +345,43 @@ def test_info_hosts_predicts_memory_per_rank_and_traffic(tiny_q4, tmp_path, caps
     assert main(["info", str(tiny_q4), "--hosts", str(hosts), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["hosts"]
     checkpoint = weights.locate(tiny_q4)
-    args = checkpoint.args
-    experts = sum(s.nbytes for k, s in checkpoint.tensors.items() if ".switch_mlp." in k)
+    args, tensors = checkpoint.args, checkpoint.tensors
+    experts = sum(s.nbytes for k, s in tensors.items() if ".switch_mlp." in k)
     plan = memory_plan(checkpoint, 4)
-    assert got["hosts"] == ["mac-a", "mac-b"]
-    assert got["experts_per_rank"] == 2
-    assert got["expert_bytes"] == experts // 2  # 4-bit packed: stored as loaded
-    assert got["rank_bytes"] == (
+    assert got["hosts"] == ["mac-a", "mac-b"] and got["default"] == "expert"
+    expert, pipeline = got["modes"]["expert"], got["modes"]["pipeline"]
+    assert expert["experts_per_rank"] == 2
+    assert expert["expert_bytes"] == experts // 2  # 4-bit packed: stored as loaded
+    assert expert["rank_bytes"] == (
         plan.resident_bytes + experts // 2 + plan.kv_bytes + plan.full_activation_bytes
     )
     # Per token: one float32 [hidden] all_sum per MoE layer (a 2-rank ring sends it once),
     # and one 4-byte all_sum agreeing on stopping.
-    assert got["allsum_bytes_per_token"] == args.num_hidden_layers * args.hidden_size * 4 + 4
-    assert got["allsums_per_token"] == args.num_hidden_layers + 1
-    assert got["critical_experts_per_layer"] == pytest.approx((2 * 2 + 4 * 1) / 6)  # top-2 of 4
+    assert expert["sent_bytes_per_token"] == args.num_hidden_layers * args.hidden_size * 4 + 4
+    assert expert["exchanges_per_token"] == args.num_hidden_layers + 1
+    assert expert["experts_read_per_layer"] == pytest.approx((2 * 2 + 4 * 1) / 6)  # top-2 of 4
+    # Pipeline, 2 layers: the larger rank holds one layer (all its experts) and the embeddings
+    # or the LM head, the final norm, and half of the KV cache; per token one float32 [hidden]
+    # hop, the 4-byte token and the 4-byte stop flag.
+    def held(prefixes):
+        def size(name):  # the compute dtype (float32) for floating tensors
+            spec = tensors[name]
+            return spec.nbytes * (2 if spec.dtype in ("F16", "BF16") else 1)
+
+        names = [n for n in tensors if n.startswith(prefixes) and ".switch_mlp." not in n]
+        return sum(size(n) for n in names)
+
+    resident = max(held(("model.embed_tokens.", "model.layers.0.", "model.norm.")),
+                   held(("lm_head.", "model.layers.1.", "model.norm.")))  # fmt: skip
+    assert pipeline["resident_bytes"] == resident
+    assert pipeline["expert_bytes"] == experts // 2  # one of the two layers
+    assert pipeline["reserve_bytes"] == plan.kv_bytes // 2 + plan.full_activation_bytes
+    assert pipeline["sent_bytes_per_token"] == args.hidden_size * 4 + 4 + 4
+    assert pipeline["exchanges_per_token"] == 3 and pipeline["experts_read_per_layer"] == 2
     assert main(["info", str(tiny_q4), "--hosts", str(hosts)]) == 0
     text = capsys.readouterr().out
-    assert "2 of 4 experts per layer" in text and "10 Gb/s Ethernet" in text
+    assert "2 of 4 experts per layer" in text and "layers 0-0 of 2" in text
+    assert "10 Gb/s Ethernet" in text
 
 
 def test_bad_hostfile_and_dense_model_are_one_line_errors(
@@ -371,15 +391,17 @@ def test_bad_hostfile_and_dense_model_are_one_line_errors(
     bad.write_text('{"hosts": 3}')
     good.write_text('[["10.0.0.1:5000"], ["10.0.0.2:5000"]]')
     for model, hosts, message in ((tiny_q4, bad, "expected a list of hosts"),
-                                  (tiny_q4, tmp_path / "none.json", "cannot read hostfile"),
-                                  (tiny_mistral_windowed, good, "dense model")):  # fmt: skip
+                                  (tiny_q4, tmp_path / "none.json", "cannot read hostfile")):  # fmt: skip
         assert main(["info", str(model), "--hosts", str(hosts)]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].startswith("mixchat: error:") and message in lines[0]
+    # A dense model splits by layers only.
+    assert main(["info", str(tiny_mistral_windowed), "--hosts", str(good), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["hosts"]["modes"]) == ["pipeline"]
     dense = weights.locate(tiny_mistral_windowed)
     model = weights.Model(dense.args)
-    with pytest.raises(distributed.DistributedError, match="dense model"):
+    with pytest.raises(distributed.DistributedError, match="dense model.*MIXCHAT_PARALLEL=pipe"):
         distributed.take_share(dense, {}, model, distributed.World(0, 2))
 
 

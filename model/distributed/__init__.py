@@ -50,14 +50,15 @@ from .shard import (
 )
 
 
-def split_model(checkpoint, weights: dict, model, world_: World, dtype, kv_bits: int | None
-                ) -> dict:  # fmt: skip
+def split_model(checkpoint, weights: dict, model, world_: World, dtype, kv_bits: int | None,
+                stream: bool = False) -> dict:  # fmt: skip
     """This rank's part of `weights` (lazy), `model` shrunk to it: its experts of every layer
-    (`take_share`) or its block of layers (`take_layers`), as MIXCHAT_PARALLEL says."""
+    (`take_share`; `stream`: they stream through the expert cache) or its block of layers
+    (`take_layers`), as MIXCHAT_PARALLEL says."""
     settings = f"{dtype}|{kv_bits}"
     if world_.mode == "pipeline":
         return take_layers(checkpoint, weights, model, world_, dtype, settings)
-    return take_share(checkpoint, weights, model, world_, settings)
+    return take_share(checkpoint, weights, model, world_, settings, stream)
 
 
 __all__ = [

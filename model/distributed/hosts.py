@@ -4,13 +4,15 @@ one rank of several."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..sizes import format_bytes
-from .errors import DistributedError
+from .control import PING_SECONDS
+from .errors import DistributedError, RankMismatch
 from .join import World
 from .pipeline import layer_range
 from .shard import EXPERT_MARK, PER_EXPERT_MARK, expert_range
@@ -54,38 +56,64 @@ LINKS = (
 
 @dataclass
 class RankPlan:
+    mode: str  # "expert" or "pipeline"
     ranks: int
-    experts_per_rank: int  # of each layer, the most any rank holds
-    resident_bytes: int  # replicated weights (attention, embeddings, routers, norms)
-    expert_bytes: int  # this share of the experts, the largest rank's
-    reserve_bytes: int  # KV cache for the whole context + prefill activations
-    allsum_bytes_per_token: int  # bytes each rank sends per decoded token (ring all-reduce)
-    allsums_per_token: int
+    part: str  # what the largest rank holds, in words
+    experts_per_rank: int  # of each MoE layer the largest rank holds
+    resident_bytes: int  # the largest rank's weights other than experts
+    expert_bytes: int  # the largest rank's experts
+    reserve_bytes: int  # its KV cache for the whole context + prefill activations
+    sent_bytes_per_token: int  # bytes the busiest rank sends per decoded token
+    exchanges_per_token: int  # all_sums or hops a decoded token waits for, one after another
+    hop_bytes: int = 0  # pipeline: the hidden state handed from rank to rank
 
     @property
     def rank_bytes(self) -> int:
         return self.resident_bytes + self.expert_bytes + self.reserve_bytes
 
     def network_seconds(self, bandwidth: float, latency: float) -> float:
-        return self.allsum_bytes_per_token / bandwidth + self.allsums_per_token * latency
+        return self.sent_bytes_per_token / bandwidth + self.exchanges_per_token * latency
 
 
-def rank_plan(plan, args, ranks: int, compute_bytes: int) -> RankPlan:
-    """Per-rank memory and per-token traffic of `plan` (a memory_plan.MemoryPlan) over `ranks`."""
+def rank_plan(plan, checkpoint, ranks: int, compute_bytes: int, mode: str = "expert") -> RankPlan:
+    """Memory of the largest rank and per-token traffic of `plan` (a memory_plan.MemoryPlan of
+    `checkpoint`) split over `ranks` by experts or by layers."""
+    args = checkpoint.args
+    vector = args.hidden_size * compute_bytes
+    flag = 4 if ranks > 1 else 0  # one int32 all_sum per token agrees on stopping
+    if mode == "pipeline":
+        # Per token: the hidden state [hidden] from each rank to the next (n - 1 hops, one
+        # after the other), then one int32 all_sum gives every rank the sampled token.
+        shares = [rank_share(checkpoint, plan, compute_bytes, World(r, ranks, mode=mode))
+                  for r in range(ranks)]  # fmt: skip
+        share, part = max(shares, key=lambda sp: sp[0].full_bytes)
+        return RankPlan(
+            mode=mode,
+            ranks=ranks,
+            part=part,
+            experts_per_rank=plan.num_experts,
+            resident_bytes=share.resident_bytes,
+            expert_bytes=share.total_expert_bytes,
+            reserve_bytes=share.kv_bytes + share.full_activation_bytes,
+            sent_bytes_per_token=(vector if ranks > 1 else 0) + 2 * flag,
+            exchanges_per_token=(ranks - 1) + 2 if ranks > 1 else 0,
+            hop_bytes=vector,
+        )
     E = max(plan.num_experts, 1)
     per_rank = max(hi - lo for lo, hi in (expert_range(E, r, ranks) for r in range(ranks)))
     # Each MoE layer sums one [hidden] vector per token; a ring all-reduce sends 2(n-1)/n of
-    # it from each rank. One more one-value all_sum per token agrees on stopping.
-    vector = args.hidden_size * compute_bytes
+    # it from each rank.
     per_layer = 2 * (ranks - 1) * vector // ranks if ranks > 1 else 0
     return RankPlan(
+        mode=mode,
         ranks=ranks,
+        part=f"{per_rank} of {plan.num_experts} experts per layer",
         experts_per_rank=per_rank,
         resident_bytes=plan.resident_bytes,
         expert_bytes=plan.total_expert_bytes * per_rank // E,
         reserve_bytes=plan.kv_bytes + plan.full_activation_bytes,
-        allsum_bytes_per_token=plan.moe_layers * per_layer + (4 if ranks > 1 else 0),
-        allsums_per_token=plan.moe_layers + 1 if ranks > 1 else 0,
+        sent_bytes_per_token=plan.moe_layers * per_layer + flag,
+        exchanges_per_token=plan.moe_layers + 1 if ranks > 1 else 0,
     )
 
 
@@ -108,65 +136,55 @@ def critical_experts(num_experts: int, top_k: int, ranks: int) -> float:
 
 def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[list, dict]:
     """`mixchat info --hosts`: (rows, JSON dict) of memory per rank, network traffic per token
-    and tok/s bounds, with this machine's memory bandwidth standing for every host's."""
+    and tok/s bounds for each way of splitting the model, with this machine's memory bandwidth
+    standing for every host's."""
     from .. import registry
     from ..machine import CACHE_FILE, MeasurementCache, memory_bandwidth
     from ..memory_plan import memory_plan
 
     hosts = read_hostfile(Path(hostfile))
-    args = checkpoint.args
-    if not args.is_moe:
-        raise DistributedError(
-            f"{checkpoint.path.name} is a dense model: several ranks split a Mixture-of-Experts "
-            "model's experts; run it on one machine"
-        )
+    n = len(hosts)
     memory_bw = memory_bandwidth(
         MeasurementCache(registry.data_dir() / CACHE_FILE)
     ).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
-    rp = rank_plan(plan, args, len(hosts), compute_bytes)
-    # Per decoded token every rank reads its replicated weights and the chosen experts it
-    # holds (ExpertShard skips the others); each layer waits for the rank holding the most.
-    experts_read = critical_experts(plan.num_experts, plan.top_k, len(hosts))
-    mem_bytes = plan.resident_active_bytes + int(plan.moe_layers * experts_read * plan.expert_bytes)
-    compute_s = mem_bytes / memory_bw
-    rows = [
-        (
-            "hosts",
-            f"{len(hosts)} ranks ({', '.join(hosts)}), {rp.experts_per_rank} of "
-            f"{plan.num_experts} experts per layer on each",
-        ),
-        (
-            "per rank",
-            f"{format_bytes(rp.rank_bytes)} ({format_bytes(rp.resident_bytes)} "
-            f"replicated + {format_bytes(rp.expert_bytes)} experts + "
-            f"{format_bytes(rp.reserve_bytes)} KV cache and buffers)",
-        ),
-        (
-            "network",
-            f"{format_bytes(rp.allsum_bytes_per_token)} sent by each rank per token, "
-            f"in {rp.allsums_per_token} all_sums",
-        ),
-        (
-            "memory bound",
-            f"{1 / compute_s:.1f} tok/s at {memory_bw / 1e9:.0f} GB/s ({format_bytes(mem_bytes)} "
-            f"read per token by the busiest rank: {experts_read:.2f} experts per layer, "
-            "routing taken as uniform)",
-        ),
-    ]
-    links = {}
-    for name, bandwidth, latency in LINKS:
-        net = rp.network_seconds(bandwidth, latency)
-        tps = 1 / (compute_s + net)
-        links[name] = {"network_seconds_per_token": net, "tps": tps}
-        rows.append((
-            "predicted", f"{tps:.1f} tok/s over {name} ({net * 1e3:.2f} ms network per token, "
-                         f"assuming {latency * 1e6:.0f} µs per all_sum)",
-        ))  # fmt: skip
-    data = asdict(rp) | {"hosts": hosts, "rank_bytes": rp.rank_bytes,
-                         "memory_bandwidth": memory_bw, "memory_bound_tps": 1 / compute_s,
-                         "critical_experts_per_layer": experts_read,
-                         "links": links}  # fmt: skip
+    modes = ("expert", "pipeline") if checkpoint.args.is_moe else ("pipeline",)
+    rows = [("hosts", f"{n} ranks ({', '.join(hosts)})")]
+    data: dict = {"hosts": hosts, "memory_bandwidth": memory_bw, "default": modes[0], "modes": {}}
+    for mode in modes:
+        rp = rank_plan(plan, checkpoint, n, compute_bytes, mode)
+        # Per decoded token. Expert parallel: every rank reads its replicated weights and the
+        # chosen experts it holds, and each layer waits for the rank holding the most of them.
+        # Pipeline: the ranks take turns, so a token reads what one machine would.
+        experts_read = critical_experts(plan.num_experts, plan.top_k, n) if mode == "expert" \
+            else plan.top_k  # fmt: skip
+        mem_bytes = plan.resident_active_bytes + int(plan.moe_layers * experts_read * plan.expert_bytes)
+        compute_s = mem_bytes / memory_bw
+        name = "expert parallel" if mode == "expert" else "pipeline"
+        rows += [
+            (name, f"{rp.part} on the largest rank: {format_bytes(rp.rank_bytes)} "
+                   f"({format_bytes(rp.resident_bytes)} weights + {format_bytes(rp.expert_bytes)} "
+                   f"experts + {format_bytes(rp.reserve_bytes)} KV cache and buffers)"),
+            ("  network", f"{format_bytes(rp.sent_bytes_per_token)} sent by the busiest rank per "
+                          f"token, {rp.exchanges_per_token} exchanges one after another"),
+            ("  memory bound", f"{1 / compute_s:.1f} tok/s at {memory_bw / 1e9:.0f} GB/s "
+                               f"({format_bytes(mem_bytes)} read per token on the critical path"
+                               + (f": {experts_read:.2f} experts per layer, routing taken as "
+                                  "uniform)" if mode == "expert" else ")")),
+        ]  # fmt: skip
+        links = {}
+        for link, bandwidth, latency in LINKS:
+            net = rp.network_seconds(bandwidth, latency)
+            tps = 1 / (compute_s + net)
+            links[link] = {"network_seconds_per_token": net, "tps": tps}
+            rows.append((
+                "  predicted", f"{tps:.1f} tok/s over {link} ({net * 1e3:.2f} ms network per "
+                               f"token, assuming {latency * 1e6:.0f} µs per exchange)",
+            ))  # fmt: skip
+        data["modes"][mode] = asdict(rp) | {
+            "rank_bytes": rp.rank_bytes, "memory_bound_tps": 1 / compute_s,
+            "experts_read_per_layer": experts_read, "links": links,
+        }  # fmt: skip
     return rows, data
 
 
@@ -218,9 +236,12 @@ def rank_share(checkpoint, whole, compute_bytes: int, world_: World):
 def rank_memory(checkpoint, compute_bytes: int, requested: int | str | None,
                 max_context: int | None, kv_bits: int | None, world_: World):  # fmt: skip
     """The memory decision of one rank of several (`memory_plan.decide`'s counterpart): the
-    plan counts this rank's share of the experts, and the budget (`--memory-budget`, else what
-    this machine has available) applies to it. Experts never stream from disk on a rank: a
-    share that does not fit is refused in one line."""
+    plan counts this rank's share of the model, and the budget (`--memory-budget`, else what
+    this machine has available) applies to it. A share over its budget streams its experts
+    through the expert cache (expert parallel only); below the share's minimum (its resident
+    weights, KV cache and one layer's top-k experts) it is refused in one line. The ranks then
+    agree: every rank takes the shortest context any rank took, and if one streams, all do
+    (their passes over a prompt must match one for one)."""
     from dataclasses import replace
 
     from ..memory_plan import (
@@ -229,34 +250,72 @@ def rank_memory(checkpoint, compute_bytes: int, requested: int | str | None,
         MemoryDecision,
         _room,
         auto_budget,
+        check_budget,
+        default_context,
         memory_plan,
         with_context,
     )
 
     args = checkpoint.args
+    if max_context is not None and max_context < 1:
+        raise BudgetError(f"--max-context must be a positive number of tokens, not {max_context}")
     full_context = min(max_context or args.context_length, args.context_length)
     whole = memory_plan(checkpoint, compute_bytes, full_context, kv_bits)
     plan, what = rank_share(checkpoint, whole, compute_bytes, world_)
-    plan = replace(plan, offloadable=False,
-                   why_not="experts do not stream from disk with several ranks")  # fmt: skip
-    if requested == "none":
-        return MemoryDecision(plan, None, False, full_context)
-    if requested is None:
-        budget, source = _room(), "what this machine has available"
-    elif requested == "auto":
-        budget, why = auto_budget()
-        source = f"the automatic budget ({why})"
-    else:
-        budget, source = int(requested), "its --memory-budget"
-    if plan.full_bytes <= budget:
-        return MemoryDecision(plan, None, False, full_context)
-    if max_context is None:  # a shorter context may be all it takes
-        for context in CONTEXT_STEPS:
-            p = with_context(plan, min(context, full_context), args, compute_bytes)
-            if p.full_bytes <= budget:
-                notice = f"context {p.context:,} tokens: what fits this rank's memory"
-                return MemoryDecision(p, None, False, p.context, notice)
-    raise BudgetError(
-        f"rank {world_.rank}'s share of {checkpoint.path.name} ({what}) needs {format_bytes(plan.full_bytes)}, over {source} ({format_bytes(budget)}): "
-        "use more ranks, fewer expert bits or a shorter --max-context"
-    )
+    if world_.mode == "pipeline":
+        plan = replace(plan, offloadable=False, why_not="experts stream from disk with "
+                       "MIXCHAT_PARALLEL=expert only")  # fmt: skip
+    name = f"rank {world_.rank}'s share of {checkpoint.path.name} ({what})"
+    decision = MemoryDecision(plan, None, False, full_context)
+    failure: BudgetError | None = None
+    if requested != "none" and not (requested is None and plan.full_bytes <= _room()):
+        if requested is None or requested == "auto":
+            budget, why = auto_budget()
+        else:
+            budget = int(requested)
+        if plan.full_bytes > budget:
+            context = full_context
+            if max_context is None and plan.offloadable:
+                context = default_context(plan, budget, args, compute_bytes)
+                plan = with_context(plan, context, args, compute_bytes)
+            elif max_context is None:  # the longest context whose share fits whole, if any
+                fits = [with_context(plan, min(c, full_context), args, compute_bytes)
+                        for c in CONTEXT_STEPS]  # fmt: skip
+                plan = next((p for p in fits if p.full_bytes <= budget), plan)
+                context = plan.context
+            try:
+                offload = check_budget(plan, budget, name)
+                decision = MemoryDecision(plan, budget if offload else None, offload, context)
+            except BudgetError as e:
+                failure = e
+    rows = agree(world_, [decision.context, int(decision.offload), int(failure is not None)])
+    if failed := [r for r, row in enumerate(rows) if row[2]]:
+        # One line on rank 0's terminal: its own reason, else the first failed rank's (which
+        # that rank sends over the control channel, see `follow`; `fatal` prints it).
+        if failure is not None and (world_.rank == 0 or 0 not in failed):
+            raise failure
+        if world_.rank == 0:
+            time.sleep(3 * PING_SECONDS)  # the report arrives meanwhile and ends this process
+        raise RankMismatch(f"rank {failed[0]} cannot load its share of {checkpoint.path.name}")
+    contexts, streaming, _ = zip(*rows)
+    context, offload = min(contexts), decision.offload or any(streaming)
+    if context < decision.context or offload != decision.offload:
+        plan = with_context(decision.plan, context, args, compute_bytes)
+        budget = decision.budget if decision.offload else plan.full_bytes  # a cache of it all
+        decision = MemoryDecision(plan, budget, offload, context)
+    if decision.offload:
+        kept = decision.plan.cached_fraction(decision.budget)
+        decision.notice = (f"{name} needs {format_bytes(decision.plan.full_bytes)}: experts "
+                           f"stream from disk ({kept:.0%} cached, context {context:,} tokens)")
+    elif context < full_context:
+        decision.notice = f"context {context:,} tokens: what fits every rank's memory"
+    return decision
+
+
+def agree(world_: World, values: list[int]) -> list[list[int]]:
+    """Every rank's `values` (int32), on every rank, in rank order."""
+    import mlx.core as mx
+
+    rows = np.zeros((world_.size, len(values)), np.int32)
+    rows[world_.rank] = values
+    return np.array(mx.distributed.all_sum(mx.array(rows), group=world_.group)).tolist()

@@ -33,6 +33,7 @@ class World:
 
 _world: World | None = None
 _world_lock = threading.Lock()
+_fatal_lock = threading.Lock()
 
 
 def world() -> World:
@@ -81,6 +82,7 @@ def _join() -> World:
 def fatal(message: str) -> None:
     """One line on the terminal, then exit at once (never waiting on a collective that will
     not complete). Called from watchdog threads: the main thread may be blocked in MLX."""
+    _fatal_lock.acquire()  # one line, from the first thread to get here (never released)
     rank = _world.rank if _world is not None else ranks.rank_hint()
     where = "" if rank == 0 else f"rank {rank}: "
     line = f"mixchat: error: {where}{message}\n"

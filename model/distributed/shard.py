@@ -58,22 +58,27 @@ class ExpertShard:
                 return mx.distributed.all_sum(y, group=self.group)
             cols = mx.array(slots)
             local, weights, held = local[:, cols], weights[:, cols], held[:, cols]
+        if getattr(experts, "runtime", None) is not None:  # streamed: the file's expert ids
+            local = local + self.lo
         y = experts(x, local) * weights[..., None]  # [N, slots, hidden]
         y = mx.where(held[..., None], y, mx.zeros_like(y)).sum(axis=-2)
         return mx.distributed.all_sum(y, group=self.group)
 
 
 def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
-               settings: str = "") -> dict:  # fmt: skip
+               settings: str = "", stream: bool = False) -> dict:  # fmt: skip
     """Replace the expert tensors of `weights` (lazy, as `weights.read_weights` returns them) by
     this rank's share, read from disk with one positioned read each; shrink `model`'s expert
-    layers to that share and give each MoE layer its `ExpertShard`. `settings` (what changes
+    layers to that share and give each MoE layer its `ExpertShard`. `stream`: the share's
+    experts are streamed through the expert cache (model/offload.py), so they are not read
+    here (unevaluated placeholders of the share's shapes). `settings` (what changes
     the numbers: dtype, KV cache bits) must be the same on every rank, as must the model."""
     args = checkpoint.args
     if not args.is_moe:
         raise DistributedError(
-            f"{checkpoint.path.name} is a dense model: several ranks split a Mixture-of-Experts "
-            "model's experts; run it on one machine"
+            f"{checkpoint.path.name} is a dense model: expert parallelism splits a "
+            "Mixture-of-Experts model's experts; split its layers (MIXCHAT_PARALLEL=pipeline) "
+            "or run it on one machine"
         )
     if checkpoint.format != "hf":
         raise DistributedError(
@@ -89,7 +94,12 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
     share.update(_stack_per_expert(weights, lo, hi))  # Hugging Face layout: lazily, local only
     for file in checkpoint.files:
         specs = {k: s for k, s in read_safetensors_header(file).items() if EXPERT_MARK in k}
-        if specs:
+        if stream:  # streamed by the expert cache: shapes only, never evaluated
+            for name, spec in specs.items():
+                dtype = {"U32": mx.uint32, "F32": mx.float32, "F16": mx.float16}.get(
+                    spec.dtype, mx.bfloat16)
+                share[name] = mx.zeros((hi - lo, *spec.shape[1:]), dtype)
+        elif specs:
             share.update(read_expert_blocks(file, specs, lo, hi))
     for layer in model.layers:
         moe = layer.block_sparse_moe

@@ -108,11 +108,12 @@ def test_a_budget_below_a_shares_minimum_is_one_line_on_rank_0(many, tmp_path):
     assert "rank 0's share of q4 (4 of 8 experts per layer)" in lines[0]
 
 
-def test_the_layer_pipeline_refuses_to_stream_in_one_line(many, tmp_path):
+def test_the_layer_pipeline_refuses_to_stream_in_one_line(many):
+    """(In this process: rank 0 of a world whose other rank's word reads as zeros.)"""
+    from model.distributed.hosts import rank_memory
+    from model.memory_plan import BudgetError
+
+    checkpoint = weights.locate(many)
     budget = min(share_plan(many, r, "pipeline").full_bytes for r in range(2)) - 1
-    args = [MIXCHAT, "ask", "--local", "-m", str(many), "--max-context", str(CONTEXT),
-            "--memory-budget", str(budget), "hi"]  # fmt: skip
-    (code0, _, err0), _ = finish(start_ranks(args, tmp_path, {"MIXCHAT_PARALLEL": "pipeline"}))
-    lines = err0.strip().splitlines()
-    assert code0 == 1 and len(lines) == 1, lines
-    assert "experts stream from disk with MIXCHAT_PARALLEL=expert only" in lines[0]
+    with pytest.raises(BudgetError, match="stream from disk with MIXCHAT_PARALLEL=expert only"):
+        rank_memory(checkpoint, 4, budget, CONTEXT, None, World(0, 2, mode="pipeline"))

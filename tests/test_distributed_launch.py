@@ -105,9 +105,11 @@ def test_chat_with_hosts_in_a_terminal_runs_its_follower_until_it_quits(tiny_mix
         _wait_for_screen(session, "Ctrl+")  # the app is up (its footer)
         _tmux("send-keys", "-t", session, "-l", "Bonjour")
         _tmux("send-keys", "-t", session, "Enter")
-        _wait_for_screen(session, "tok/s")  # a reply, with its statistics
+        _wait_for_screen(session, "█ Assistant")  # a reply is being written
         followers = [p for p in marked(mark) if p != os.getpid()]
         assert len(followers) >= 2  # rank 0 and the rank it started
+        _tmux("send-keys", "-t", session, "Escape")  # stop it (both ranks, at the same token)
+        _wait_for_screen(session, " tokens · ")  # its statistics: the reply has ended
         _tmux("send-keys", "-t", session, "C-q")
         _wait_for_screen(session, "EXITED-0", timeout=30)
         assert gone(mark)

@@ -51,15 +51,18 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 
 
 def test_ask_with_hosts_starts_the_other_rank_and_gives_the_tokens_of_one_process(
-    tiny_mixtral, tmp_path
+    tiny_mistral_windowed, tmp_path
 ):
+    """A dense model (bfloat16, sliding window, two shards) split by layers: a pipeline runs
+    any model, not only a Mixture of Experts."""
+    model = tiny_mistral_windowed
     mark = uuid.uuid4().hex
-    env = os.environ | {"MIXCHAT_TEST_MARK": mark}
-    args = [MIXCHAT, "ask", "--hosts", str(hosts_json(tmp_path)), "-m", str(tiny_mixtral),
+    env = os.environ | {"MIXCHAT_TEST_MARK": mark, "MIXCHAT_PARALLEL": "pipeline"}
+    args = [MIXCHAT, "ask", "--hosts", str(hosts_json(tmp_path)), "-m", str(model),
             "--json", "--max-tokens", "16", PROMPT]  # fmt: skip
     result = subprocess.run(args, env=env, capture_output=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr.decode()
-    expected = one_process(tiny_mixtral, [{"role": "user", "content": PROMPT}],
+    expected = one_process(model, [{"role": "user", "content": PROMPT}],
                            GenerationSettings(max_tokens=16, temperature=0.0))  # fmt: skip
     assert json.loads(result.stdout)["text"] == expected
     assert gone(mark)  # the follower ended with rank 0

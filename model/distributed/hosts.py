@@ -160,7 +160,7 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[
             else plan.top_k  # fmt: skip
         mem_bytes = plan.resident_active_bytes + int(plan.moe_layers * experts_read * plan.expert_bytes)
         compute_s = mem_bytes / memory_bw
-        name = "expert parallel" if mode == "expert" else "pipeline"
+        name = f"{mode} mode"
         rows += [
             (name, f"{rp.part} on the largest rank: {format_bytes(rp.rank_bytes)} "
                    f"({format_bytes(rp.resident_bytes)} weights + {format_bytes(rp.expert_bytes)} "

@@ -94,8 +94,13 @@ def activation_bytes(args, context: int, compute_bytes: int, layerwise: bool) ->
     )
     tokens = min(context, LAYERWISE_WINDOW) if layerwise else chunk
     hidden = tokens * args.hidden_size * compute_bytes * (3 + k)
-    intermediates = min(tokens * k, 1024 * 2) * args.intermediate_size * compute_bytes * 3
-    return attention + hidden + intermediates
+    rows = min(tokens * k, 1024 * 2)
+    intermediates = rows * args.intermediate_size * compute_bytes * 3
+    from .blas import BLOCK_ELEMENTS  # imports MLX: not at module level (argument checks)
+
+    # model/blas.py (CPU prompts): one dequantized float32 block, float32 copies of the rows
+    blas_bytes = BLOCK_ELEMENTS * 4 + 2 * rows * args.hidden_size * 4
+    return attention + hidden + intermediates + blas_bytes
 
 
 @dataclass

@@ -46,3 +46,15 @@ def parallel_mode() -> str:
 def ring_verbose() -> bool:
     """MLX_RING_VERBOSE: the ring backend's own messages are wanted."""
     return bool(os.environ.get("MLX_RING_VERBOSE"))
+
+
+def mixchat_variables() -> dict[str, str]:
+    """This process's MIXCHAT_* variables (`--hosts` passes them on to the ranks it starts)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MIXCHAT_")}
+
+
+def become_rank(rank: int, hostfile: str) -> None:
+    """Set this process's launch variables (`--hosts`: rank 0 of the ranks it starts), before
+    `model.distributed.world()` joins."""
+    os.environ["MLX_RANK"] = str(rank)
+    os.environ["MLX_HOSTFILE"] = hostfile

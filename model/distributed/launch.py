@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shlex
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import ranks
 from .errors import DistributedError
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -85,14 +85,14 @@ def start_followers(hostfile: str | Path, argv: list[str]) -> list[subprocess.Po
     local = Path(tempfile.gettempdir()) / f"mixchat-ring-{base}.json"
     local.write_text(text)
     atexit.register(local.unlink, missing_ok=True)
-    settings = {k: v for k, v in os.environ.items() if k.startswith("MIXCHAT_")}
+    settings = ranks.mixchat_variables()
     procs = []
     for rank, (ssh, _) in enumerate(hosts[1:], start=1):
         env = settings | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(local)}
         command = [sys.executable, "-m", "app.cli", *argv]
         if ssh in LOCAL_HOSTS:
-            child = os.environ | env
-            procs.append(subprocess.Popen(command, env=child, stdin=subprocess.DEVNULL,
+            procs.append(subprocess.Popen(["env", *(f"{k}={v}" for k, v in env.items()),
+                                           *command], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             continue
         remote = f"/tmp/mixchat-ring-{base}.json"
@@ -103,8 +103,7 @@ def start_followers(hostfile: str | Path, argv: list[str]) -> list[subprocess.Po
         procs.append(subprocess.Popen(["ssh", "-o", "BatchMode=yes", ssh, script],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE))  # fmt: skip
-    os.environ["MLX_RANK"] = "0"
-    os.environ["MLX_HOSTFILE"] = str(local)
+    ranks.become_rank(0, str(local))
     quitting = threading.Event()
     for rank, proc in enumerate(procs, start=1):
         threading.Thread(target=_watch, args=(proc, rank, hosts[rank][0], quitting),
@@ -148,10 +147,9 @@ def join_hosts(hostfile: str | Path, argv: list[str]) -> None:
     """`--hosts HOSTFILE` on `chat` or `ask` (`argv`: the whole command line): start the other
     ranks with the same command line less --hosts, then join them now (before any UI opens:
     a rank that cannot start or join is one line on a plain terminal)."""
-    from ..ranks import launched
     from .join import world
 
-    if launched():
+    if ranks.launched():
         raise DistributedError(
             "--hosts starts the other ranks itself: not under mlx.launch or with MLX_RANK set"
         )

@@ -112,7 +112,7 @@ def test_chat_with_hosts_in_a_terminal_runs_its_follower_until_it_quits(tiny_mix
         followers = [p for p in marked(mark) if p != os.getpid()]
         assert len(followers) >= 2  # rank 0 and the rank it started
         _tmux("send-keys", "-t", session, "Escape")  # stop it (both ranks, at the same token)
-        _wait_for_screen(session, " tokens · ")  # its statistics: the reply has ended
+        _wait_for_screen(session, " · stopped")  # its statistics: the reply has ended
         _tmux("send-keys", "-t", session, "C-q")
         _wait_for_screen(session, "EXITED-0", timeout=30)
         assert gone(mark)

@@ -22,10 +22,10 @@ from tests.test_cli import assert_one_line_error, mixchat
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-def start(model, *, keep_alive=None, max_queue=32, **kw) -> ServerThread:
+def start(model, *, keep_alive=None, max_queue=32, batch=8, **kw) -> ServerThread:
     models = ModelManager(str(model), keep_alive=keep_alive)
     models.engine_for(models.start_key)
-    return ServerThread(Scheduler(models, max_queue=max_queue), **kw)
+    return ServerThread(Scheduler(models, max_queue=max_queue, batch=batch), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -158,30 +158,34 @@ def test_concurrent_requests_equal_sequential(server):
         concurrent = list(pool.map(lambda p: chat(server, p, max_tokens=6), prompts))
     assert [r.choices[0].message.content for r in concurrent] == sequential
     assert all(r.usage.completion_tokens == 6 for r in concurrent)
-    assert health(server)["queued"] == 0
+    state = health(server)
+    assert state["queued"] == 0
+    assert state["largest_batch"] == 8  # decoded 8 at a time (the server's batch)
 
 
-def test_disconnect_cancels_running_and_waiting(server):
-    running = [{"role": "user", "content": "A long story, please."}]
-    waiting = [{"role": "user", "content": "I will not wait."}]
-    stream = chat(server, running, max_tokens=3000, stream=True)
-    chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
-    impatient = client(server, timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):
-        impatient.chat.completions.create(model="default", messages=waiting, max_tokens=5)
-    stream.close()
+def test_disconnect_cancels_running_and_waiting(tiny_mixtral):
+    # one at a time, so the second request waits in the queue (batched: test_serve_batch.py)
+    with start(tiny_mixtral, batch=1) as server:
+        running = [{"role": "user", "content": "A long story, please."}]
+        waiting = [{"role": "user", "content": "I will not wait."}]
+        stream = chat(server, running, max_tokens=3000, stream=True)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        impatient = client(server, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model="default", messages=waiting, max_tokens=5)
+        stream.close()
 
-    job = finished(server, running[0]["content"])
-    assert job.done.finish_reason == "cancelled"
-    assert job.chunks_at_cancel is not None
-    # within one token of the cancel (the engine has at most one step queued ahead)
-    assert job.done.stats.generation_tokens <= job.chunks_at_cancel + 1
-    assert job.done.stats.generation_tokens < 3000
-    dropped = finished(server, waiting[0]["content"])
-    assert dropped.cancelled and dropped.chunks == 0 and dropped.done is None  # never ran
-    assert health(server)["status"] == "ok"
+        job = finished(server, running[0]["content"])
+        assert job.done.finish_reason == "cancelled"
+        assert job.chunks_at_cancel is not None
+        # within one token of the cancel (the engine has at most one step queued ahead)
+        assert job.done.stats.generation_tokens <= job.chunks_at_cancel + 1
+        assert job.done.stats.generation_tokens < 3000
+        dropped = finished(server, waiting[0]["content"])
+        assert dropped.cancelled and dropped.chunks == 0 and dropped.done is None  # never ran
+        assert health(server)["status"] == "ok"
 
 
 def post(server, path, data: bytes, method="POST", headers=None):
@@ -234,7 +238,7 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server):
 
 
 def test_api_key_and_queue_limit(tiny_mixtral):
-    with start(tiny_mixtral, max_queue=1, api_key="s3cret") as keyed:
+    with start(tiny_mixtral, max_queue=1, batch=1, api_key="s3cret") as keyed:
         with pytest.raises(openai.AuthenticationError):
             client(keyed, "wrong").models.list()
         assert [m.id for m in client(keyed, "s3cret").models.list()] == [tiny_mixtral.name]

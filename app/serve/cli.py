@@ -9,6 +9,7 @@ import socket
 import sys
 
 DEFAULT_PORT = 8741
+DEFAULT_BATCH = 8  # requests decoded together (BENCHMARKS.md, "Server": measured at 1, 4, 8)
 
 
 def duration(text: str) -> float | None:
@@ -68,6 +69,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
                        help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
+    serve.add_argument("--batch", type=positive, default=DEFAULT_BATCH, metavar="N",
+                       help="requests decoded together in one batch (default "
+                       f"{DEFAULT_BATCH}; 1: one at a time)")  # fmt: skip
     serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
                        help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
@@ -106,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather
     # than falling back to loading a second copy in their own process.
     models.engine_for(models.start_key)
-    scheduler = Scheduler(models, max_queue=args.max_queue)
+    scheduler = Scheduler(models, max_queue=args.max_queue, batch=args.batch)
     host, port = sock.getsockname()[:2]
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip

@@ -207,6 +207,8 @@ class Scheduler:
 
     def _retire(self, job: Job) -> None:
         with self._lock:
+            if job.state == "done":
+                return
             if job in self._active:
                 self._active.remove(job)
             if self._serial is job:
@@ -257,8 +259,10 @@ class Scheduler:
         self._done(job, engine, reason, len(ids), stats)
 
     def _done(self, job: Job, engine: Engine, reason: str, prompt: int, stats) -> None:
+        """Retire the job, then send its end (so /health no longer counts it once it is seen)."""
         name = self.models.name(job.key, job.request.model)
         job.done = Done(reason, prompt, stats, name, engine.memory_notice)
+        self._retire(job)
         job.emit(job.done)
 
     # Batched decoding ----------------------------------------------------------------------
@@ -312,7 +316,6 @@ class Scheduler:
                     if job.cancelled:
                         row.finish(row.cache, "cancelled")
                         self._done(job, engine, "cancelled", len(row.ids), row.stats)
-                        self._retire(job)
                         jobs.pop(id(row))
                         reading = None
                     else:
@@ -358,4 +361,3 @@ class Scheduler:
             stats = row.finish(cache)
             self.models.keep_row_cache(row.cache_tokens(), cache)
             self._done(job, engine, stats.finish_reason, len(row.ids), stats)
-            self._retire(job)

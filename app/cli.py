@@ -42,6 +42,8 @@ def build_parser() -> Parser:
         "--lang", help=f"interface language ({', '.join(LANGUAGES)}); default from LC_ALL or LANG"
     )
     add_budget_option(chat)
+    chat.add_argument("--local", action="store_true",
+                      help="load the model in-process, not via `mixchat serve`")  # fmt: skip
     chat.set_defaults(func=cmd_chat)
 
     ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
@@ -366,6 +368,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         kv_bits=args.kv_bits,
         streams=settings.streams,
+        server=None if args.local else settings.server,
+        api_key=settings.api_key,
     )
 
 

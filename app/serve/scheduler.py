@@ -36,6 +36,11 @@ class Delta:
 
 
 @dataclass
+class Loaded:
+    engine: Engine  # a "load" job's answer: the model is loaded (its tokenizer may be used)
+
+
+@dataclass
 class Done:
     finish_reason: str  # "stop" | "length" (OpenAI's), or "cancelled"
     prompt_tokens: int  # the whole prompt (OpenAI's usage), cached tokens included
@@ -157,7 +162,9 @@ class Scheduler:
             engine = self._engine_for(job)
             if engine is None:
                 continue
-            if self.limit > 1:
+            if job.request.kind == "load":
+                self._loaded(job, engine)
+            elif self.limit > 1:
                 self._run_batch(engine, job)
             else:
                 with self._lock:
@@ -258,6 +265,10 @@ class Scheduler:
         reason = "cancelled" if job.cancelled else "stop" if stopped else stats.finish_reason
         self._done(job, engine, reason, len(ids), stats)
 
+    def _loaded(self, job: Job, engine: Engine) -> None:
+        self._retire(job)
+        job.emit(Loaded(engine))
+
     def _done(self, job: Job, engine: Engine, reason: str, prompt: int, stats) -> None:
         """Retire the job, then send its end (so /health no longer counts it once it is seen)."""
         name = self.models.name(job.key, job.request.model)
@@ -304,7 +315,9 @@ class Scheduler:
                     job = self._admit()
                 else:
                     job = None
-            if job is not None:
+            if job is not None and job.request.kind == "load":
+                self._loaded(job, engine)
+            elif job is not None:
                 row = self._start_row(engine, job)
                 if row is not None:
                     reading, jobs[id(row)] = (job, row), job

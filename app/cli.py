@@ -461,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = None
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # as given (`mixchat serve --detach` runs the same in the background)
         args.settings = settings = read_settings(args)  # the one read of the environment
         if args.command in ("ask", "chat") and launched():
             from model import distributed

@@ -133,6 +133,58 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def ask_rows(url: str, env: dict, model_args: list[str], runs: int, model: str) -> None:
+    """Whole-process `ask` timings: the floor, cold (in-process) and warm (via `url`)."""
+    env = env | {"MIXCHAT_SERVER": url}
+    ask = [MIXCHAT, "ask", *model_args, "--max-tokens", "1", "Hi"]
+    rows = [
+        ("python -c pass", timings([sys.executable, "-c", "pass"], env, runs)),
+        ("python -c 'import app.cli, app.client'",
+         timings([sys.executable, "-c", "import app.cli, app.client"], env, runs)),
+        ("cold: mixchat ask --local --max-tokens 1",
+         timings([*ask[:2], "--local", *ask[2:]], env, max(1, runs // 2))),
+    ]  # fmt: skip
+    wall(ask, env)  # the first request fills the prompt cache
+    rows.append(("warm: mixchat ask --max-tokens 1 (server running)", timings(ask, env, runs)))
+    print(f"model {model}, {runs} runs per row; whole-process wall time (s)\n")
+    print("| command | median | min | max |\n|---|---|---|---|")
+    for name, t in rows:
+        print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f} | {max(t):.3f} |")
+
+
+def load_tests(servers: dict, model: str, args: argparse.Namespace) -> None:
+    """At 1, 4 and 8 clients, each server in turn (so a change in the machine's load hits them
+    alike); the first server's 1-client answers are the reference for every other run."""
+    print(f"\nload test: greedy, {args.max_tokens} tokens per reply, distinct prompts; servers "
+          "alternate at each client count\n")  # fmt: skip
+    print("| clients | --batch | requests | lost | req/s | completion tok/s | vs --batch "
+          f"{next(iter(servers))} | p50 latency (s) | p99 latency (s) | largest batch | "
+          "answers equal to the reference |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    reference: dict[int, str] = {}
+    for clients, n in ((1, args.small), (4, args.small), (8, args.requests)):
+        base = None
+        for batch, (_, url) in servers.items():
+            results, elapsed = load_test(url, model, clients, n, args.max_tokens)
+            largest = health(url)["largest_batch"]
+            ok = [r for r in results if r[1] is not None]
+            if not reference and clients == 1:
+                reference = {i: text for i, text, *_ in ok}
+            same = [reference.get(i) == text for i, text, *_ in ok if i in reference]
+            latencies = [r[3] for r in ok]
+            tps = sum(r[2] for r in ok) / elapsed
+            base = base or tps
+            print(
+                f"| {clients} | {batch} | {n} | {n - len(ok)} | {len(ok) / elapsed:.2f} | "
+                f"{tps:.1f} | {tps / base:.2f}x | {percentile(latencies, 0.5):.2f} | "
+                f"{percentile(latencies, 0.99):.2f} | {largest} | {sum(same)}/{len(same)} |",
+                flush=True,
+            )
+            errors = {r[4] for r in results if r[4]}
+            if errors:
+                print(f"errors: {sorted(errors)[:3]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model to serve (default: the embedded default)")
@@ -152,62 +204,28 @@ def main() -> int:
 
     home = tempfile.mkdtemp(prefix="bench-serve-")
     model_args = ["--model", args.model] if args.model else []
-    reference: dict[int, str] = {}
-    for n_server, batch in enumerate(int(b) for b in args.batches.split(",")):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "MIXCHAT_HOME": home, "HF_HUB_OFFLINE": "1", "MIXCHAT_SERVER": url}
-        ask = [MIXCHAT, "ask", *model_args, "--max-tokens", "1", "Hi"]
-        rows = []
-        if n_server == 0 and not args.no_ask:
-            rows = [
-                ("python -c pass", timings([sys.executable, "-c", "pass"], env, args.runs)),
-                ("python -c 'import app.cli, app.client'",
-                 timings([sys.executable, "-c", "import app.cli, app.client"], env, args.runs)),
-                ("cold: mixchat ask --local --max-tokens 1",
-                 timings([*ask[:2], "--local", *ask[2:]], env, max(1, args.runs // 2))),
-            ]  # fmt: skip
-        server = subprocess.Popen(
-            [MIXCHAT, "serve", *model_args, "--port", str(port), "--keep-alive", "-1",
-             "--batch", str(batch), "--max-queue", str(max(32, args.requests))],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
+    batches = [int(b) for b in args.batches.split(",")]
+    servers: dict[int, tuple[subprocess.Popen, str]] = {}
+    env = {**os.environ, "MIXCHAT_HOME": home, "HF_HUB_OFFLINE": "1"}
+    try:
+        for batch in batches:  # all running at once; the load tests alternate between them
+            port = free_port()
+            server = subprocess.Popen(
+                [MIXCHAT, "serve", *model_args, "--port", str(port), "--keep-alive", "-1",
+                 "--batch", str(batch), "--max-queue", str(max(32, args.requests))],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            servers[batch] = server, f"http://127.0.0.1:{port}"
+        model = ""
+        for server, url in servers.values():
             model = wait_for(server, url)
-            if rows:
-                wall(ask, env)  # the first request fills the prompt cache
-                rows.append(("warm: mixchat ask --max-tokens 1 (server running)",
-                             timings(ask, env, args.runs)))  # fmt: skip
-                print(f"model {model}, {args.runs} runs per row; whole-process wall time (s)\n")
-                print("| command | median | min | max |\n|---|---|---|---|")
-                for name, t in rows:
-                    print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f} | {max(t):.3f} |")
-            print(f"\nload test, `--batch {batch}`: greedy, {args.max_tokens} tokens per reply, "
-                  "distinct prompts\n")  # fmt: skip
-            print("| clients | requests | lost | req/s | completion tok/s | p50 latency (s) | "
-                  "p99 latency (s) | largest batch | answers equal to the reference |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|---|---|")
-            for clients, n in ((1, args.small), (4, args.small), (8, args.requests)):
-                before = health(url)["largest_batch"]
-                results, elapsed = load_test(url, model, clients, n, args.max_tokens)
-                largest = health(url)["largest_batch"]
-                ok = [r for r in results if r[1] is not None]
-                if not reference and clients == 1:
-                    reference = {i: text for i, text, *_ in ok}
-                same = [reference.get(i) == text for i, text, *_ in ok if i in reference]
-                latencies = [r[3] for r in ok]
-                tokens = sum(r[2] for r in ok)
-                print(
-                    f"| {clients} | {n} | {n - len(ok)} | {len(ok) / elapsed:.2f} | "
-                    f"{tokens / elapsed:.1f} | {percentile(latencies, 0.5):.2f} | "
-                    f"{percentile(latencies, 0.99):.2f} | {max(before, largest)} | "
-                    f"{sum(same)}/{len(same)} |"
-                )
-                errors = {r[4] for r in results if r[4]}
-                if errors:
-                    print(f"errors: {sorted(errors)[:3]}")
-        finally:
+        if not args.no_ask:
+            ask_rows(servers[batches[0]][1], env, model_args, args.runs, model)
+        load_tests(servers, model, args)
+    finally:
+        for server, _ in servers.values():
             server.terminate()
+        for server, _ in servers.values():
             server.wait(30)
     if args.probe_steps:
         batch_probe(args.model, args.probe_steps)

@@ -306,3 +306,35 @@ def test_conversation_cache_survives_other_conversations(server, tiny_mixtral):
     settings = GenerationSettings(max_tokens=5, temperature=0)
     expected = "".join(chunk.text for chunk in fresh.stream(turn2, settings))
     assert second.choices[0].message.content == expected
+
+
+def test_detach_and_stop(tiny_mixtral, tmp_path):
+    from app.serve.detach import read_state
+
+    env = {"MIXCHAT_HOME": str(tmp_path)}
+    started = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0", env=env)
+    assert started.returncode == 0, started.stderr.decode()
+    state = read_state(tmp_path / "serve.json")
+    assert state is not None and state["model"] == tiny_mixtral.name
+    assert f"at {state['url']}/v1 in the background (pid {state['pid']}," in started.stderr.decode()
+    try:
+        with urllib.request.urlopen(state["url"] + "/health", timeout=10) as response:
+            assert json.loads(response.read())["model"] == tiny_mixtral.name
+        asked = mixchat("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "2", "Hi",
+                        env=env | {"MIXCHAT_SERVER": state["url"]})  # fmt: skip
+        assert asked.returncode == 0 and json.loads(asked.stdout)["generation_tokens"] == 2
+        again = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0", env=env)
+        assert_one_line_error(again, 1, f"already running at {state['url']}")
+    finally:
+        stopped = mixchat("serve", "--stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr.decode()
+    assert f"stopped the server at {state['url']} (pid {state['pid']})" in stopped.stderr.decode()
+    assert not (tmp_path / "serve.json").exists()
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(state["pid"], 0)
+    assert_one_line_error(mixchat("serve", "--stop", env=env), 1, "no background server")
+    bad = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0",
+                  "--memory-budget", "1KB", env=env)  # fmt: skip
+    assert_one_line_error(bad, 1, "the background server did not start: tiny-mixtral0 needs")

@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_p, make_sampler
 
 from model.generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, GenerationStats
 from model.generation_settings import GenerationSettings
+from model.memory_plan import prefill_chunk
 
 from .stops import StopText
 
@@ -92,7 +93,8 @@ class Row:
         self.started = time.perf_counter()
         self.first_token_time = 0.0
         self.first: mx.array | None = None  # the first token [1], once the prompt is read
-        self.chunk = FIRST_PROMPT_CHUNK
+        self.chunk = FIRST_PROMPT_CHUNK  # then sized from the speed measured, as the engine
+        self.max_chunk = prefill_chunk(engine.model.args, engine.context_length)
         self.finish_reason = ""
 
     @property
@@ -108,7 +110,7 @@ class Row:
             mx.eval([c.state for c in self.cache])
             self.pending = self.pending[self.chunk :]
             rate = self.chunk / max(time.perf_counter() - began, 1e-6)
-            self.chunk = min(self.engine._chunk, max(16, int(rate * CANCEL_WITHIN)))
+            self.chunk = min(self.max_chunk, max(16, int(rate * CANCEL_WITHIN)))
             return
         hidden = model.hidden_states(mx.array(self.pending)[None], cache=self.cache)
         logits = model.logits(hidden[:, -1, :])
@@ -179,28 +181,32 @@ def start_cache(cache: list | None, ids: list[int], rest: list[int]) -> tuple[li
 
 
 class Batch:
-    """The rows decoding together and their batched KV cache (one BatchKVCache per layer)."""
+    """The rows decoding together and their KV cache: one BatchKVCache per layer (the row's
+    own KVCache while it is alone)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.rows: list[Row] = []
-        self.cache: list[BatchKVCache] = []
+        self.cache: list = []  # BatchKVCache per layer, or one row's KVCache per layer
         self.tokens: mx.array | None = None  # [B]: each row's latest sampled token, unread
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def join(self, rows: list[Row]) -> None:
-        """Add prefilled rows: their caches enter the batch, their first tokens are next."""
-        merged = [BatchKVCache.merge([row.cache[i] for row in rows])
-                  for i in range(len(self.engine.model.layers))]  # fmt: skip
-        firsts = mx.concatenate([row.first for row in rows])
-        if self.rows:
-            for mine, theirs in zip(self.cache, merged):
-                mine.extend(theirs)
-            self.tokens = mx.concatenate([self.tokens, firsts])
+        """Add prefilled rows: their caches enter the batch, their first tokens are next. One
+        row alone keeps its own KVCache (the sequential engine's computation, and faster on
+        the CPU than a batch of one); a second one turns the caches into BatchKVCaches."""
+        caches = ([self.cache] if self.rows else []) + [row.cache for row in rows]
+        tokens = ([self.tokens] if self.rows else []) + [row.first for row in rows]
+        if len(caches) == 1:
+            self.cache = caches[0]
+        elif self.rows and isinstance(self.cache[0], BatchKVCache):
+            for mine, *theirs in zip(self.cache, *caches[1:]):
+                mine.extend(BatchKVCache.merge(theirs))
         else:
-            self.cache, self.tokens = merged, firsts
+            self.cache = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
+        self.tokens = mx.concatenate(tokens)
         for row in rows:
             row.cache = []  # the batch holds it now
         self.rows += rows
@@ -219,14 +225,20 @@ class Batch:
 
     def leave(self, done: list[int]) -> list[tuple[Row, list]]:
         """Remove the rows at indices `done`; each with its own KV cache (a list of KVCache)."""
+        if not isinstance(self.cache[0], BatchKVCache):  # one row, with its own cache
+            gone = [(self.rows[0], self.cache)]
+            self.rows, self.cache, self.tokens = [], [], None
+            return gone
         gone = [(self.rows[i], [extract(c, i) for c in self.cache]) for i in done]
         keep = [i for i in range(len(self.rows)) if i not in set(done)]
-        if keep:
+        if len(keep) == 1:  # back to one row: its own KVCache again
+            self.cache = [extract(c, keep[0]) for c in self.cache]
+        elif keep:
             for c in self.cache:
                 c.filter(keep)
-            self.tokens = self.tokens[mx.array(keep)]
         else:
-            self.cache, self.tokens = [], None
+            self.cache = []
+        self.tokens = self.tokens[mx.array(keep)] if keep else None
         self.rows = [self.rows[i] for i in keep]
         return gone
 

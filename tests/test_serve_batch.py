@@ -91,3 +91,12 @@ def test_engines_that_cannot_batch_serve_one_at_a_time(tiny_mistral_windowed):
     assert state["batch"] == 1
     assert state["batch_limited_because"] == "the model uses a sliding-window KV cache"
     assert state["batched_steps"] == 0 and state["largest_batch"] == 0
+
+
+def test_default_batch_by_model_kind(tiny_mixtral):
+    from app.serve.batch import batch_limit
+
+    moe = Engine.load(str(tiny_mixtral))
+    limit, reason = batch_limit(moe, None)  # an MoE model: one at a time unless --batch N
+    assert limit == 1 and reason.startswith("the default for an MoE model")
+    assert batch_limit(moe, 8) == (8, "") and batch_limit(moe, 1) == (1, "")

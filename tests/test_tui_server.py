@@ -30,7 +30,7 @@ def use_settings(screen, settings: ChatSettings) -> None:
 async def test_chat_through_a_server(tmp_path, default_model_path):
     from model import GenerationSettings
 
-    running = start(default_model_path)
+    running = start(default_model_path, batch=None)  # a dense model: batched by default
     running.__enter__()
     stopped = threading.Thread(target=running.__exit__, args=(None, None, None))
     try:
@@ -42,6 +42,7 @@ async def test_chat_through_a_server(tmp_path, default_model_path):
             engine = screen.engine
             assert isinstance(engine, RemoteEngine) and app.load_error is None
             assert engine.context_length == running.scheduler.models.engine.context_length
+            assert running.scheduler.status()["batch"] == 8
             host_port = running.url.removeprefix("http://")
             assert screen.status_bar.model_name == f"{engine.name} (server {host_port})"
 

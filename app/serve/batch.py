@@ -25,11 +25,18 @@ from model.generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, Generation
 from model.generation_settings import GenerationSettings
 from model.memory_plan import prefill_chunk
 
+from .cli import DEFAULT_BATCH
 from .stops import StopText
 
 
-def batch_limit(engine: Engine, wanted: int) -> tuple[int, str]:
-    """How many requests `engine` may decode together (at most `wanted`), and why not more."""
+def batch_limit(engine: Engine, wanted: int | None) -> tuple[int, str]:
+    """How many requests `engine` may decode together (at most `wanted`; None: the default for
+    the model), and why not more."""
+    if wanted is None:
+        if engine.model.args.is_moe:
+            return 1, ("the default for an MoE model (measured slower batched on this backend: "
+                       "BENCHMARKS.md); --batch N batches it")  # fmt: skip
+        wanted = DEFAULT_BATCH
     if wanted <= 1:
         return 1, ""
     if engine.offload is not None:
@@ -116,7 +123,7 @@ class Row:
         logits = model.logits(hidden[:, -1, :])
         self.first = sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True),
                             [self.sampler])  # fmt: skip
-        mx.eval(self.first)
+        mx.async_eval(self.first)  # read at the next step, after that step is queued
         self.pending = []
 
     def take(self, token: int, cancelled: bool) -> list[str]:

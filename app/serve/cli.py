@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8741
-DEFAULT_BATCH = 8  # requests decoded together (BENCHMARKS.md, "Server": measured at 1, 4, 8)
+# Requests decoded together by default: 8 for a dense model, 1 for an MoE model (batched, its
+# rows pick different experts: slower on the CPU; BENCHMARKS.md, "The server", at 1, 4, 8).
+DEFAULT_BATCH = 8
 
 
 def duration(text: str) -> float | None:
@@ -70,9 +72,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
                        help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
-    serve.add_argument("--batch", type=positive, default=DEFAULT_BATCH, metavar="N",
-                       help="requests decoded together in one batch (default "
-                       f"{DEFAULT_BATCH}; 1: one at a time)")  # fmt: skip
+    serve.add_argument("--batch", type=positive, default=None, metavar="N",
+                       help=f"requests decoded together in one batch (default {DEFAULT_BATCH} "
+                       "for a dense model, 1 for an MoE model; 1: one at a time)")  # fmt: skip
     serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
                        help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
     serve.add_argument("--detach", action="store_true",

@@ -72,10 +72,10 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, models: ModelManager, max_queue: int = 32, batch: int = DEFAULT_BATCH):
+    def __init__(self, models: ModelManager, max_queue: int = 32, batch: int | None = None):
         self.models = models
         self.max_queue = max_queue
-        self.batch = batch  # the most requests decoded together (1: one at a time)
+        self.batch = batch  # the most requests decoded together (None: the model's default)
         self.history: collections.deque[Job] = collections.deque(maxlen=256)  # finished jobs
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -83,7 +83,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.limit, self.limit_reason = batch, ""  # for the loaded model
+        self.limit, self.limit_reason = batch or DEFAULT_BATCH, ""  # for the loaded model
         self._limited: Engine | None = None  # the engine self.limit is for
         self.steps = self.batched_steps = self.largest_batch = 0  # decode passes; with > 1 row
 

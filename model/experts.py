@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import blas
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SORTED_MIN_ROWS = 64  # from this many (token, expert) rows on, rows are grouped by expert
 
@@ -57,10 +59,60 @@ def matmul(x: mx.array, p: Projection, inds: mx.array, sorted_inds: bool) -> mx.
 
 
 def swiglu(x: mx.array, w: ExpertWeights, inds: mx.array, sorted_inds: bool) -> mx.array:
-    """down(silu(gate(x)) * up(x)) for each row of x [..., 1, hidden] through expert inds[...]."""
+    """down(silu(gate(x)) * up(x)) for each row of x [..., 1, hidden] through expert inds[...].
+
+    On the CPU, an expert with many rows (a prompt) is computed by `blas`: its weights are
+    dequantized once instead of once per row."""
+    if x.ndim == 3 and by_blas(x.shape[0], w):
+        return _swiglu_by_expert(x, w, inds, sorted_inds)
     gate = matmul(x, w["gate_proj"], inds, sorted_inds)
     up = matmul(x, w["up_proj"], inds, sorted_inds)
     return matmul(nn.silu(gate) * up, w["down_proj"], inds, sorted_inds)
+
+
+def by_blas(rows: int, w: ExpertWeights) -> bool:
+    """Whether `swiglu` over this many rows goes through model/blas.py (experts that get
+    blas.MIN_ROWS of them), rather than MLX's kernels only."""
+    gate = w["gate_proj"]
+    return blas.applies(rows, *_dims(gate), gate.weight.dtype)
+
+
+def _dims(p: Projection) -> tuple[int, int]:
+    """(out, in) features of one expert's projection."""
+    out_features, packed = p.weight.shape[-2:]
+    return out_features, packed if p.bits is None else packed * 32 // p.bits
+
+
+def _swiglu_by_expert(
+    x: mx.array, w: ExpertWeights, inds: mx.array, sorted_inds: bool
+) -> mx.array:
+    """swiglu for rows x [R, 1, hidden], inds [R]: experts with blas.MIN_ROWS rows or more
+    through numpy's BLAS, the others through MLX's kernels."""
+    groups = RowGroups.of(np.array(inds))
+    xs = np.array(x.astype(mx.float32)).reshape(x.shape[0], -1)
+    y = np.empty((x.shape[0], _dims(w["down_proj"])[0]), dtype=np.float32)
+    for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:]):
+        rows = groups.order[a:b]
+        if b - a >= blas.MIN_ROWS:
+            one = {name: _expert(p, e) for name, p in w.items()}
+            xe = xs[rows]
+            h = blas.silu(blas.matmul_t(xe, *one["gate_proj"])) * blas.matmul_t(
+                xe, *one["up_proj"]
+            )
+            y[rows] = blas.matmul_t(h, *one["down_proj"])
+        else:
+            few = mx.array(rows)
+            out = swiglu(x[few], w, inds[few], sorted_inds)  # [n, 1, out]
+            y[rows] = np.array(out.astype(mx.float32)).reshape(b - a, -1)
+    return mx.array(y).astype(x.dtype)[:, None]
+
+
+def _expert(p: Projection, e: int) -> tuple:
+    """matmul_t's arguments for expert e of a stacked projection."""
+    def one(a: mx.array | None) -> mx.array | None:
+        return None if a is None else a[e]
+
+    return one(p.weight), one(p.scales), one(p.biases), p.group_size, p.bits, p.mode
 
 
 @dataclass

@@ -16,6 +16,7 @@ into what loading does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .errors import MixchatError
@@ -94,8 +95,13 @@ def activation_bytes(args, context: int, compute_bytes: int, layerwise: bool) ->
     )
     tokens = min(context, LAYERWISE_WINDOW) if layerwise else chunk
     hidden = tokens * args.hidden_size * compute_bytes * (3 + k)
-    intermediates = min(tokens * k, 1024 * 2) * args.intermediate_size * compute_bytes * 3
-    return attention + hidden + intermediates
+    rows = min(tokens * k, 1024 * 2)
+    intermediates = rows * args.intermediate_size * compute_bytes * 3
+    from .blas import BLOCK_ELEMENTS  # imports MLX: not at module level (argument checks)
+
+    # model/blas.py (CPU prompts): one dequantized float32 block, float32 copies of the rows
+    blas_bytes = BLOCK_ELEMENTS * 4 + 2 * rows * args.hidden_size * 4
+    return attention + hidden + intermediates + blas_bytes
 
 
 @dataclass
@@ -407,8 +413,10 @@ def estimate_plan(
     context: int | None = None,
 ) -> MemoryPlan:
     """The plan of this architecture after `mixchat quantize --bits B --expert-bits EB`
-    (router and norms unquantized, scales and biases stored at `scale_bytes`), from arithmetic."""
-    h, hd, V = args.hidden_size, args.head_dim, args.vocab_size
+    (router and norms unquantized, scales and biases stored at `scale_bytes`), from the model
+    definition's tensor shapes (model.config.parameter_shapes)."""
+    from .config import parameter_shapes
+
     E = args.num_local_experts if args.is_moe else 0
     k = args.num_experts_per_tok if args.is_moe else 0
     expert_bits = expert_bits or bits
@@ -417,32 +425,32 @@ def estimate_plan(
     def quantized(params: int, b: int, scale: int) -> int:
         return int(params * b / 8 + params / group_size * 2 * scale)
 
-    attention = h * args.num_attention_heads * hd * 2 + h * args.num_key_value_heads * hd * 2
-    embeddings = V * h * (1 if args.tie_word_embeddings else 2)
-    small = (2 * h + h * E) * args.num_hidden_layers + h  # norms, routers
-    layers = args.num_hidden_layers
-    resident = (
-        quantized(attention * layers + embeddings, bits, compute_bytes) + small * compute_bytes
-    )
-    embed_row = 0 if args.tie_word_embeddings else quantized(V * h, bits, compute_bytes)
-    expert_params = 3 * h * args.intermediate_size
-    expert_mem = quantized(expert_params, expert_bits, compute_bytes)
-    expert_disk = quantized(expert_params, expert_bits, scale_bytes)
-    moe_layers = layers if E else 0
-    if not E:  # dense: the MLP is resident
-        resident += quantized(expert_params * layers, bits, compute_bytes)
+    resident = embed_row = expert_mem = expert_disk = 0
+    for name, shape in parameter_shapes(args).items():
+        params = math.prod(shape)
+        if EXPERT_MARK in name:
+            expert_mem += quantized(params, expert_bits, compute_bytes)
+            expert_disk += quantized(params, expert_bits, scale_bytes)
+        elif len(shape) == 1 or name.endswith(".block_sparse_moe.gate.weight"):
+            resident += params * compute_bytes  # norms and routers stay unquantized
+        else:
+            resident += quantized(params, bits, compute_bytes)
+            if name == "model.embed_tokens.weight" and not args.tie_word_embeddings:
+                embed_row = quantized(params, bits, compute_bytes)
+    moe_layers = args.num_hidden_layers if E else 0
+    per_expert = moe_layers * E or 1
     return MemoryPlan(
         resident_bytes=resident,
-        resident_active_bytes=resident - embed_row + embed_row // max(V, 1),
+        resident_active_bytes=resident - embed_row + embed_row // max(args.vocab_size, 1),
         kv_bytes_per_token=kv_bytes_per_token(args, compute_bytes),
         context=context,
         kv_bits=None,
         activation_bytes=activation_bytes(args, context, compute_bytes, layerwise=True),
         full_activation_bytes=activation_bytes(args, context, compute_bytes, layerwise=False),
-        expert_bytes=expert_mem if E else 0,
-        expert_disk_bytes=expert_disk if E else 0,
-        total_expert_bytes=expert_mem * E * moe_layers,
-        total_expert_disk_bytes=expert_disk * E * moe_layers,
+        expert_bytes=expert_mem // per_expert,
+        expert_disk_bytes=expert_disk // per_expert,
+        total_expert_bytes=expert_mem,
+        total_expert_disk_bytes=expert_disk,
         moe_layers=moe_layers,
         num_experts=E,
         top_k=k,

@@ -16,10 +16,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from . import blas
 from .config import ModelArgs
 from .errors import CheckpointError
-from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, swiglu
+from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, by_blas, swiglu
 from .mlx_lm_parts import (
     KVCache,
     QuantizedKVCache,
@@ -69,6 +71,14 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
     the compute streams: by output rows for one token, by tokens for several."""
     weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
+    rows = x.size // x.shape[-1]
+    if "bias" not in layer and blas.applies(rows, weight.shape[0], x.shape[-1], weight.dtype):
+        y = blas.matmul_t(
+            np.array(x.astype(mx.float32)).reshape(rows, -1), weight, layer.get("scales"),
+            layer.get("biases"), getattr(layer, "group_size", 64), getattr(layer, "bits", None),
+            getattr(layer, "mode", "affine"),
+        )  # fmt: skip
+        return mx.array(y).astype(x.dtype).reshape(*x.shape[:-1], -1)
     streams = compute_streams()
     if len(streams) == 1 or weight.shape[0] * x.shape[-1] < MIN_SPLIT_ELEMENTS:
         return layer.as_linear(x) if as_head else layer(x)
@@ -161,8 +171,11 @@ class Experts(nn.Module):
             flat = inds.flatten()
             order = mx.argsort(flat)
             rows, experts = x[order // k][:, None], flat[order]  # [N*k, 1, hidden], [N*k]
+            # Through BLAS (CPU, many rows), each expert's rows stay together, as when experts
+            # stream under a budget: the same products, the same numbers.
+            split = 1 if by_blas(N * k, w) else len(streams)
             parts = []
-            for stream, (a, b) in zip(streams, _bounds(N * k, len(streams))):
+            for stream, (a, b) in zip(streams, _bounds(N * k, split)):
                 with mx.stream(stream):
                     parts.append(swiglu(rows[a:b], w, experts[a:b], sorted_inds=True))
             y = mx.concatenate(parts, axis=0)

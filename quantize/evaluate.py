@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from model import blas
 from model.config import ModelArgs
 from model.errors import CheckpointError, MixchatError
 from model.experts import PROJECTIONS, Projection, swiglu
@@ -287,6 +288,8 @@ class _Head:
         ]
         if weight.shape != (b - a, self.w.args.hidden_size):
             raise CheckpointError(f"tensor {self.prefix}.weight has the wrong shape")
+        if blas.applies(h.shape[0], *weight.shape, weight.dtype):  # CPU: numpy's BLAS
+            return mx.array(blas.matmul_t(np.array(h.astype(mx.float32)), weight))
         return (h @ weight.T).astype(mx.float32)
 
 

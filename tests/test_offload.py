@@ -142,8 +142,15 @@ def test_budget_that_holds_everything_loads_normally(tiny_q4, plan, reference):
     assert text == reference[0] and stats.expert_hit_rate is None
 
 
-def test_offloaded_experts_match_stacked_experts(tiny_q4, plan):
-    """Prefill-sized batches (sorted path) and decode-sized ones, against `mixtral.Experts`."""
+@pytest.mark.parametrize("route", ["mlx", "blas"])
+def test_offloaded_experts_match_stacked_experts(tiny_q4, plan, route, monkeypatch):
+    """Prefill-sized batches (sorted path) and decode-sized ones, against `mixtral.Experts`;
+    with `blas`, experts with many rows go through model/blas.py in both."""
+    if route == "blas":
+        from model import blas
+
+        monkeypatch.setattr(blas, "MIN_WEIGHTS", 1)
+        monkeypatch.setattr(blas, "MIN_ROWS", 8)
     full = weights.build_model(weights.locate(tiny_q4))
     checkpoint = weights.locate(tiny_q4)
     memory = weights.plan_memory(checkpoint, None, plan.minimum_budget, CONTEXT)

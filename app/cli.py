@@ -43,6 +43,8 @@ def build_parser() -> Parser:
     )
     add_budget_option(chat)
     add_hosts_option(chat)
+    chat.add_argument("--local", action="store_true",
+                      help="load the model in-process, not via `mixchat serve`")  # fmt: skip
     chat.set_defaults(func=cmd_chat)
 
     ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
@@ -382,6 +384,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         kv_bits=args.kv_bits,
         streams=settings.streams,
+        server=None if args.local or args.hosts or launched() else settings.server,  # ranks: local
+        api_key=settings.api_key,
     )
 
 
@@ -473,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = None
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # as given (`mixchat serve --detach` runs the same in the background)
         args.settings = settings = read_settings(args)  # the one read of the environment
         args.argv = argv  # --hosts starts the other ranks with the same command line
         if args.command in ("ask", "chat") and launched():

@@ -22,10 +22,10 @@ from tests.test_cli import assert_one_line_error, mixchat
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-def start(model, *, keep_alive=None, max_queue=32, **kw) -> ServerThread:
+def start(model, *, keep_alive=None, max_queue=32, batch=8, **kw) -> ServerThread:
     models = ModelManager(str(model), keep_alive=keep_alive)
     models.engine_for(models.start_key)
-    return ServerThread(Scheduler(models, max_queue=max_queue), **kw)
+    return ServerThread(Scheduler(models, max_queue=max_queue, batch=batch), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -161,27 +161,29 @@ def test_concurrent_requests_equal_sequential(server):
     assert health(server)["queued"] == 0
 
 
-def test_disconnect_cancels_running_and_waiting(server):
-    running = [{"role": "user", "content": "A long story, please."}]
-    waiting = [{"role": "user", "content": "I will not wait."}]
-    stream = chat(server, running, max_tokens=3000, stream=True)
-    chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
-    impatient = client(server, timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):
-        impatient.chat.completions.create(model="default", messages=waiting, max_tokens=5)
-    stream.close()
+def test_disconnect_cancels_running_and_waiting(tiny_mixtral):
+    # one at a time, so the second request waits in the queue (batched: test_serve_batch.py)
+    with start(tiny_mixtral, batch=1) as server:
+        running = [{"role": "user", "content": "A long story, please."}]
+        waiting = [{"role": "user", "content": "I will not wait."}]
+        stream = chat(server, running, max_tokens=3000, stream=True)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        impatient = client(server, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model="default", messages=waiting, max_tokens=5)
+        stream.close()
 
-    job = finished(server, running[0]["content"])
-    assert job.done.finish_reason == "cancelled"
-    assert job.chunks_at_cancel is not None
-    # within one token of the cancel (the engine has at most one step queued ahead)
-    assert job.done.stats.generation_tokens <= job.chunks_at_cancel + 1
-    assert job.done.stats.generation_tokens < 3000
-    dropped = finished(server, waiting[0]["content"])
-    assert dropped.cancelled and dropped.chunks == 0 and dropped.done is None  # never ran
-    assert health(server)["status"] == "ok"
+        job = finished(server, running[0]["content"])
+        assert job.done.finish_reason == "cancelled"
+        assert job.chunks_at_cancel is not None
+        # within one token of the cancel (the engine has at most one step queued ahead)
+        assert job.done.stats.generation_tokens <= job.chunks_at_cancel + 1
+        assert job.done.stats.generation_tokens < 3000
+        dropped = finished(server, waiting[0]["content"])
+        assert dropped.cancelled and dropped.chunks == 0 and dropped.done is None  # never ran
+        assert health(server)["status"] == "ok"
 
 
 def post(server, path, data: bytes, method="POST", headers=None):
@@ -234,7 +236,7 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server):
 
 
 def test_api_key_and_queue_limit(tiny_mixtral):
-    with start(tiny_mixtral, max_queue=1, api_key="s3cret") as keyed:
+    with start(tiny_mixtral, max_queue=1, batch=1, api_key="s3cret") as keyed:
         with pytest.raises(openai.AuthenticationError):
             client(keyed, "wrong").models.list()
         assert [m.id for m in client(keyed, "s3cret").models.list()] == [tiny_mixtral.name]
@@ -304,3 +306,35 @@ def test_conversation_cache_survives_other_conversations(server, tiny_mixtral):
     settings = GenerationSettings(max_tokens=5, temperature=0)
     expected = "".join(chunk.text for chunk in fresh.stream(turn2, settings))
     assert second.choices[0].message.content == expected
+
+
+def test_detach_and_stop(tiny_mixtral, tmp_path):
+    from app.serve.detach import read_state
+
+    env = {"MIXCHAT_HOME": str(tmp_path)}
+    started = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0", env=env)
+    assert started.returncode == 0, started.stderr.decode()
+    state = read_state(tmp_path / "serve.json")
+    assert state is not None and state["model"] == tiny_mixtral.name
+    assert f"at {state['url']}/v1 in the background (pid {state['pid']}," in started.stderr.decode()
+    try:
+        with urllib.request.urlopen(state["url"] + "/health", timeout=10) as response:
+            assert json.loads(response.read())["model"] == tiny_mixtral.name
+        asked = mixchat("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "2", "Hi",
+                        env=env | {"MIXCHAT_SERVER": state["url"]})  # fmt: skip
+        assert asked.returncode == 0 and json.loads(asked.stdout)["generation_tokens"] == 2
+        again = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0", env=env)
+        assert_one_line_error(again, 1, f"already running at {state['url']}")
+    finally:
+        stopped = mixchat("serve", "--stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr.decode()
+    assert f"stopped the server at {state['url']} (pid {state['pid']})" in stopped.stderr.decode()
+    assert not (tmp_path / "serve.json").exists()
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(state["pid"], 0)
+    assert_one_line_error(mixchat("serve", "--stop", env=env), 1, "no background server")
+    bad = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0",
+                  "--memory-budget", "1KB", env=env)  # fmt: skip
+    assert_one_line_error(bad, 1, "the background server did not start: tiny-mixtral0 needs")

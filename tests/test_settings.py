@@ -81,13 +81,17 @@ def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXCHAT_HOME", str(tmp_path))
     monkeypatch.setenv("MIXCHAT_STREAMS", "2")
     monkeypatch.delenv("MIXCHAT_DTYPE", raising=False)
+    monkeypatch.delenv("MIXCHAT_SERVER", raising=False)
+    monkeypatch.setenv("MIXCHAT_API_KEY", "k")
     before = dict(os.environ)
     assert main(["chat", "--model", "some/model", "--lang", "fr", "--dtype", "float16"]) == 0
     assert received == {
         "model": "some/model", "lang": "fr", "dtype": "float16", "memory_budget": None,
         "max_context": None, "kv_bits": None, "data_dir": tmp_path, "streams": 2,
+        "server": "http://127.0.0.1:8741", "api_key": "k",
     }  # fmt: skip
     assert dict(os.environ) == before
+    assert main(["chat", "--local"]) == 0 and received["server"] is None  # in-process
 
 
 def test_the_environment_is_read_in_one_place():

@@ -7,8 +7,12 @@ import ipaddress
 import re
 import socket
 import sys
+from pathlib import Path
 
 DEFAULT_PORT = 8741
+# Requests decoded together by default: 8 for a dense model, 1 for an MoE model (batched, its
+# rows pick different experts: slower on the CPU; BENCHMARKS.md, "The server", at 1, 4, 8).
+DEFAULT_BATCH = 8
 
 
 def duration(text: str) -> float | None:
@@ -68,8 +72,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
                        help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
+    serve.add_argument("--batch", type=positive, default=None, metavar="N",
+                       help=f"requests decoded together in one batch (default {DEFAULT_BATCH} "
+                       "for a dense model, 1 for an MoE model; 1: one at a time)")  # fmt: skip
     serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
                        help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
+    serve.add_argument("--detach", action="store_true",
+                       help="run in the background (pid and URL in the data directory's "
+                       "serve.json, output in serve.log)")  # fmt: skip
+    serve.add_argument("--stop", action="store_true",
+                       help="stop the background server (--detach) and exit")  # fmt: skip
+    serve.add_argument("--state-file", help=argparse.SUPPRESS)  # --detach's server writes it
     serve.set_defaults(func=cmd_serve)
 
 
@@ -86,8 +99,16 @@ def is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.cli import UsageError
 
+    if args.stop:
+        from .detach import stop
+
+        return stop(args.settings.data_dir)
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, not {args.port}")
+    if args.detach:
+        from .detach import detach
+
+        return detach(args.argv, args.settings.data_dir)
     from .models import ModelManager
     from .scheduler import Scheduler
     from .server import bind, build_app, make_server
@@ -106,10 +127,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather
     # than falling back to loading a second copy in their own process.
     models.engine_for(models.start_key)
-    scheduler = Scheduler(models, max_queue=args.max_queue)
+    scheduler = Scheduler(models, max_queue=args.max_queue, batch=args.batch)
     host, port = sock.getsockname()[:2]
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
     server = make_server(build_app(scheduler, api_key=api_key))
-    server.run(sockets=[sock])
+    from .detach import remove_state, write_state
+
+    state = Path(args.state_file) if args.state_file else None  # --detach's child
+    if state is not None:  # listening and loaded: a client that connects now is answered
+        write_state(state, f"http://{host}:{port}", models.name(models.start_key))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if state is not None:
+            remove_state(state)
     return 0

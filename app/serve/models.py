@@ -142,3 +142,14 @@ class ModelManager:
             self.prompt_cache.insert_cache(self.key, tokens, cache)
         engine.use_cache(None, [])  # the LRU owns it now; take_cache hands out copies
         self.last_used = time.monotonic()
+
+    def fetch_cache(self, ids: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the stored KV cache sharing the longest prefix with `ids`, and the tokens
+        of `ids` it lacks (a batched request's start)."""
+        return self.prompt_cache.fetch_nearest_cache(self.key, ids)
+
+    def keep_row_cache(self, tokens: list[int], cache: list) -> None:
+        """Store a batched request's KV cache (its conversation so far) for a later request."""
+        if tokens:
+            self.prompt_cache.insert_cache(self.key, tokens, cache)
+        self.last_used = time.monotonic()

@@ -70,6 +70,25 @@ def parse_chat(body: dict) -> GenerationRequest:
     return GenerationRequest("chat", messages=clean, **common(body))
 
 
+def parse_tokenize(body: dict) -> GenerationRequest:
+    """mixchat's own `POST /v1/mixchat/tokenize`: {"model", "messages"?} -> the model's
+    description and the messages' prompt length (a chat client's context check)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model", "'model' must be a string")
+    messages = body.get("messages")
+    if messages is None:
+        return GenerationRequest("load", model=model, settings=GenerationSettings())
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise bad("messages", f"messages[{i}] needs a role among {', '.join(ROLES)}")
+        clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
+    return GenerationRequest("load", model=model, settings=GenerationSettings(), messages=clean)
+
+
 def parse_completion(body: dict) -> GenerationRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

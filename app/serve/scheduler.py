@@ -1,9 +1,12 @@
-"""One generation at a time, in arrival order: a bounded FIFO queue in front of the engine.
+"""A fair bounded FIFO queue in front of the engine, and the worker thread that serves it.
 
-The engine is single-stream, so requests are answered one after another by one worker thread
-(FIFO per arrival; beyond `max_queue` waiting requests, 429). A request whose client has gone
-is dropped from the queue, or, if it is the one generating, cancelled at its next token.
-Results go back to the request's asyncio queue as Delta, Done or ApiError items.
+Requests are admitted in arrival order (beyond `max_queue` waiting requests, 429). Up to `batch`
+of them are active at once: each new one is prefilled on its own (between decode steps, one
+chunk at a time), then decodes with the others in one batch (batch.py), and leaves the batch as
+soon as it is done. An engine that cannot batch (batch.batch_limit: experts streamed under a
+memory budget, several ranks, a quantized or sliding-window KV cache) serves one request at a
+time, as does `batch=1`. A request whose client has gone is dropped from the queue, or stopped
+at its next token. Results go back to the request's asyncio queue as Delta, Done or ApiError.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import uuid
 from dataclasses import dataclass
 
 from model.errors import MixchatError
-from model.generate import GenerationStats
+from model.generate import Engine, GenerationStats
 
+from .batch import Batch, Row, batch_limit, start_cache
+from .cli import DEFAULT_BATCH
 from .models import ModelManager
 from .requests import ApiError, GenerationRequest
 from .stops import StopText
@@ -28,6 +33,11 @@ from .stops import StopText
 @dataclass
 class Delta:
     text: str
+
+
+@dataclass
+class Loaded:
+    engine: Engine  # a "load" job's answer: the model is loaded (its tokenizer may be used)
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Job:
         self.chunks = 0  # generated-text chunks read so far (a token each, at most)
         self.chunks_at_cancel: int | None = None
         self.done: Done | None = None
+        self.row: Row | None = None  # while it runs in a batch
 
     def emit(self, item) -> None:
         try:
@@ -61,15 +72,20 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, models: ModelManager, max_queue: int = 32):
+    def __init__(self, models: ModelManager, max_queue: int = 32, batch: int | None = None):
         self.models = models
         self.max_queue = max_queue
+        self.batch = batch  # the most requests decoded together (None: the model's default)
         self.history: collections.deque[Job] = collections.deque(maxlen=256)  # finished jobs
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: Job | None = None
+        self._active: list[Job] = []
+        self._serial: Job | None = None  # the job the engine runs on its own (batch of one)
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.limit, self.limit_reason = batch or DEFAULT_BATCH, ""  # for the loaded model
+        self._limited: Engine | None = None  # the engine self.limit is for
+        self.steps = self.batched_steps = self.largest_batch = 0  # decode passes; with > 1 row
 
     def start(self) -> None:
         self._stopping = False
@@ -83,8 +99,8 @@ class Scheduler:
             for job in self._waiting:
                 job.cancelled = True
             self._waiting.clear()
-            if self._active is not None:
-                self._cancel_active()
+            for job in self._active:
+                self._cancel_active(job)
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -104,27 +120,31 @@ class Scheduler:
         with self._lock:
             if job.state == "done" or job.cancelled or job.done is not None:
                 return
-            job.cancelled = True
             if job.state == "queued":
+                job.cancelled = True
                 try:
                     self._waiting.remove(job)
                 except ValueError:
                     pass
                 job.state = "done"
                 self.history.append(job)
-            elif self._active is job:
-                self._cancel_active()
+            elif job in self._active:
+                self._cancel_active(job)
 
-    def _cancel_active(self) -> None:
-        job = self._active
-        assert job is not None
+    def _cancel_active(self, job: Job) -> None:
+        job.cancelled = True
         job.chunks_at_cancel = job.chunks
-        if self.models.engine is not None:
+        if job is self._serial and self.models.engine is not None:
             self.models.engine.cancel()
 
     def status(self) -> dict:
         with self._lock:
-            return {"queued": len(self._waiting), "active": int(self._active is not None)}
+            return {
+                "queued": len(self._waiting), "active": len(self._active),
+                "batch": self.limit, "batch_limited_because": self.limit_reason or None,
+                "decode_steps": self.steps, "batched_steps": self.batched_steps,
+                "largest_batch": self.largest_batch,
+            }  # fmt: skip
 
     def _run(self) -> None:
         while True:
@@ -138,36 +158,87 @@ class Scheduler:
                     self._lock.wait(timeout)
                 if self._stopping:
                     return
-                job = self._waiting.popleft()
-                job.state = "running"
-                self._active = job
-            try:
-                self._generate(job)
-            except MixchatError as e:
-                job.emit(ApiError(400, str(e), code="invalid_request"))
-            except Exception as e:  # a bug: the request gets a 500, the server keeps serving
-                traceback.print_exc(file=sys.stderr)
-                job.emit(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error",
-                                  "internal_error"))  # fmt: skip
-            finally:
+                job = self._admit()
+            engine = self._engine_for(job)
+            if engine is None:
+                continue
+            if job.request.kind == "load":
+                self._loaded(job, engine)
+            elif self.limit > 1:
+                self._run_batch(engine, job)
+            else:
                 with self._lock:
-                    self._active = None
-                    job.state = "done"
-                    self.history.append(job)
+                    self._serial = job
+                self._finish(job, self._generate)
+
+    def _admit(self) -> Job:
+        """The next waiting job, now running (under the lock)."""
+        job = self._waiting.popleft()
+        job.state = "running"
+        self._active.append(job)
+        return job
+
+    def _engine_for(self, job: Job) -> Engine | None:
+        """Load the job's model (None, the job answered, if that fails); sets the batch limit."""
+        try:
+            engine = self.models.engine_for(job.key)
+        except Exception as e:
+            self._fail(job, e)
+            return None
+        if engine is not self._limited:
+            self._limited = engine
+            self.limit, self.limit_reason = batch_limit(engine, self.batch)
+            if self.limit_reason:
+                print(f"mixchat serve: one request at a time for this model: {self.limit_reason}",
+                      file=sys.stderr)  # fmt: skip
+        return engine
+
+    def _finish(self, job: Job, work) -> None:
+        """Run `work(job)`, a failure becoming the job's API error; then retire the job."""
+        try:
+            work(job)
+        except Exception as e:
+            self._fail(job, e)
+        else:
+            self._retire(job)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        """Answer `job` with the API error for `error` (500 for a bug) and retire it."""
+        if isinstance(error, MixchatError):
+            job.emit(ApiError(400, str(error), code="invalid_request"))
+        else:  # a bug: the request gets a 500, the server keeps serving
+            traceback.print_exception(error, file=sys.stderr)
+            job.emit(ApiError(500, f"internal error: {type(error).__name__}: {error}",
+                              "server_error", "internal_error"))  # fmt: skip
+        self._retire(job)
+
+    def _retire(self, job: Job) -> None:
+        with self._lock:
+            if job.state == "done":
+                return
+            if job in self._active:
+                self._active.remove(job)
+            if self._serial is job:
+                self._serial = None
+            job.state, job.row = "done", None
+            self.history.append(job)
+
+    def _prompt_ids(self, engine: Engine, request: GenerationRequest) -> list[int]:
+        if request.kind == "chat":
+            return engine.prompt_ids(messages=request.messages)
+        if isinstance(request.prompt, str):
+            return engine.prompt_ids(prompt=request.prompt)  # BOS, then the text: as stream_text
+        ids = list(request.prompt)
+        if max(ids) >= engine.tokenizer.vocab_size:
+            raise MixchatError(f"token id {max(ids)} is outside the vocabulary "
+                               f"({engine.tokenizer.vocab_size} tokens)")  # fmt: skip
+        return ids
 
     def _generate(self, job: Job) -> None:
-        """Run one request on the engine (worker thread)."""
+        """Run one request on the engine on its own (worker thread)."""
         engine = self.models.engine_for(job.key)
         request = job.request
-        if request.kind == "chat":
-            ids = engine.prompt_ids(messages=request.messages)
-        elif isinstance(request.prompt, str):
-            ids = engine.prompt_ids(prompt=request.prompt)  # BOS, then the text: as stream_text
-        else:
-            ids = list(request.prompt)
-            if max(ids) >= engine.tokenizer.vocab_size:
-                raise MixchatError(f"token id {max(ids)} is outside the vocabulary "
-                                   f"({engine.tokenizer.vocab_size} tokens)")  # fmt: skip
+        ids = self._prompt_ids(engine, request)
         self.models.take_cache(engine, ids)
         try:
             chunks = engine.stream_ids(ids, request.settings)  # checks the context now
@@ -192,6 +263,114 @@ class Scheduler:
             self.models.keep_cache(engine)
         assert stats is not None
         reason = "cancelled" if job.cancelled else "stop" if stopped else stats.finish_reason
-        name = self.models.name(job.key, request.model)
-        job.done = Done(reason, len(ids), stats, name, engine.memory_notice)
+        self._done(job, engine, reason, len(ids), stats)
+
+    def _loaded(self, job: Job, engine: Engine) -> None:
+        self._retire(job)
+        job.emit(Loaded(engine))
+
+    def _done(self, job: Job, engine: Engine, reason: str, prompt: int, stats) -> None:
+        """Retire the job, then send its end (so /health no longer counts it once it is seen)."""
+        name = self.models.name(job.key, job.request.model)
+        job.done = Done(reason, prompt, stats, name, engine.memory_notice)
+        self._retire(job)
         job.emit(job.done)
+
+    # Batched decoding ----------------------------------------------------------------------
+
+    def _start_row(self, engine: Engine, job: Job) -> Row | None:
+        """The job's Row, its prompt not yet read (None, the job answered, on a bad request)."""
+        request = job.request
+        try:
+            request.settings.validate()
+            ids = self._prompt_ids(engine, request)
+            if len(ids) >= engine.context_length:
+                raise MixchatError(f"the prompt is {len(ids)} tokens, over the model's "
+                                   f"{engine.context_length}-token context")  # fmt: skip
+            cache, rest = self.models.fetch_cache(ids)
+            cache, cached = start_cache(cache, ids, rest)
+            row = Row(engine, ids, request.settings, request.stop, cache, cached)
+        except Exception as e:
+            self._fail(job, e)
+            return None
+        job.row = row
+        return row
+
+    def _run_batch(self, engine: Engine, first: Job) -> None:
+        """Serve jobs on the loaded model in one batch until none is left to serve on it."""
+        batch = Batch(engine)
+        jobs: dict[int, Job] = {}  # id(row) -> job
+        reading = None  # (job, row) whose prompt is being read, a chunk between decode steps
+        row = self._start_row(engine, first)
+        if row is not None:
+            reading, jobs[id(row)] = (first, row), first
+        while True:
+            with self._lock:
+                if self._stopping:
+                    for job in self._active:
+                        job.cancelled = True
+                if reading is None and len(batch) < self.limit and self._waiting and (
+                    self._waiting[0].key == self.models.key
+                ):  # fmt: skip
+                    job = self._admit()
+                else:
+                    job = None
+            if job is not None and job.request.kind == "load":
+                self._loaded(job, engine)
+            elif job is not None:
+                row = self._start_row(engine, job)
+                if row is not None:
+                    reading, jobs[id(row)] = (job, row), job
+            if reading is None and not batch.rows:
+                return  # nothing more for this model now: the outer loop waits or switches
+            try:
+                if reading is not None:
+                    job, row = reading
+                    if job.cancelled:
+                        row.finish(row.cache, "cancelled")
+                        self._done(job, engine, "cancelled", len(row.ids), row.stats)
+                        jobs.pop(id(row))
+                        reading = None
+                    else:
+                        row.prefill_step()
+                        if row.prefilled:
+                            batch.join([row])
+                            reading = None
+                if batch.rows:
+                    self._decode(engine, batch, jobs)
+            except Exception as e:  # a bug or a failed step: every row's request gets a 500
+                traceback.print_exc(file=sys.stderr)
+                error = ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error",
+                                 "internal_error")  # fmt: skip
+                failed = [jobs.pop(id(r)) for r in batch.clear()]
+                if reading is not None:
+                    failed.append(jobs.pop(id(reading[1])))
+                    reading = None
+                for job in failed:
+                    job.emit(error)
+                    self._retire(job)
+
+    def _decode(self, engine: Engine, batch: Batch, jobs: dict[int, Job]) -> None:
+        """One decode step over the batch: each row's token read, its text sent; finished rows
+        leave at once, their caches kept for their conversations' next turns."""
+        tokens = batch.step()
+        self.steps += 1
+        self.batched_steps += len(tokens) > 1
+        self.largest_batch = max(self.largest_batch, len(tokens))
+        finished = []
+        for i, (row, token) in enumerate(zip(batch.rows, tokens)):
+            job = jobs[id(row)]
+            with self._lock:  # a cancel is seen at this token or the next (chunks_at_cancel)
+                cancelled = job.cancelled
+                job.chunks += 1
+            for text in row.take(token, cancelled):
+                job.emit(Delta(text))
+            if row.finish_reason:
+                finished.append(i)
+        if not finished:
+            return
+        for row, cache in batch.leave(finished):
+            job = jobs.pop(id(row))
+            stats = row.finish(cache)
+            self.models.keep_row_cache(row.cache_tokens(), cache)
+            self._done(job, engine, stats.finish_reason, len(row.ids), stats)

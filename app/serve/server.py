@@ -23,8 +23,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .requests import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
-from .scheduler import Delta, Done, Job, Scheduler
+from model.errors import MixchatError
+
+from .requests import (
+    ApiError,
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    parse_tokenize,
+)
+from .scheduler import Delta, Done, Job, Loaded, Scheduler
 
 MAX_BODY = 8 << 20  # bytes
 DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this before the 413
@@ -152,6 +161,43 @@ def build_app(
     async def completions(request: Request) -> Response:
         return await generate(request, parse_completion)
 
+    async def tokenize(request: Request) -> Response:
+        """mixchat's own: the model (loaded if need be, through the queue), its description,
+        and the prompt length of `messages` if given (what a chat client checks the context
+        with). The tokenizer runs here, off the worker thread: it uses no MLX."""
+        check_key(request)
+        gen = parse_tokenize(await read_body(request))
+        key = await run_in_threadpool(models.resolve, gen.model)
+        engine = models.engine if models.key == key else None
+        if engine is None:
+            job = Job(gen, key, asyncio.get_running_loop())
+            scheduler.submit(job)
+            gone = asyncio.ensure_future(disconnected(request))
+            try:
+                item = await next_event(job, gone)
+            finally:
+                gone.cancel()
+                scheduler.cancel(job)
+            if item is None:
+                return Response(status_code=204)
+            if isinstance(item, ApiError):
+                raise item
+            assert isinstance(item, Loaded)
+            engine = item.engine
+        tokens = None
+        if gen.messages is not None:
+            try:
+                tokens = await run_in_threadpool(engine.count_tokens, gen.messages)
+            except MixchatError as e:
+                raise ApiError(400, str(e), code="invalid_request") from None
+        info = engine.info.as_dict() if engine.info is not None else None
+        return JSONResponse({
+            "model": models.name(key, gen.model), "prompt_tokens": tokens,
+            "context_length": engine.context_length,
+            "has_chat_template": engine.has_chat_template,
+            "memory_notice": engine.memory_notice, "info": info,
+        })  # fmt: skip
+
     async def list_models(request: Request) -> Response:
         check_key(request)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "mixchat"}
@@ -191,6 +237,7 @@ def build_app(
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/mixchat/tokenize", tokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}

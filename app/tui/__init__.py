@@ -13,6 +13,8 @@ def run_chat(
     dtype: str | None = None,
     memory_budget: int | str | None = None,
     data_dir: str | Path | None = None,
+    server: str | None = None,
+    api_key: str | None = None,
     **engine_options,
 ) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
@@ -21,7 +23,8 @@ def run_chat(
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
     ``dtype``, ``memory_budget`` and the other ``engine_options`` (max_context, kv_bits,
     streams) go to ``Engine.load``; the chats live in ``data_dir`` (None: the default data
-    directory). app/settings.py reads them all once. A second app on the same data directory is
+    directory). With ``server`` (a URL), a running `mixchat serve` there answers, if it can serve
+    the model (``api_key`` sent as its key). app/settings.py reads them all once. A second app on the same data directory is
     refused with one line (exit code 1).
     """
     from app.store import DATABASE_NAME, ConversationStore
@@ -46,6 +49,8 @@ def run_chat(
         dtype=dtype,
         memory_budget=memory_budget,
         engine_options=engine_options,
+        server=server,
+        api_key=api_key,
     )
     try:
         app.run()

@@ -26,8 +26,10 @@ class MixchatApp(App[int]):
     """Chat with a local model.
 
     Give it either a ready ``engine`` (tests, benchmarks), an ``engine_loader`` that builds
-    one, or neither: then it loads ``model`` (None: the embedded default) with ``dtype``,
-    ``memory_budget`` and ``engine_options`` (max_context, kv_bits: ``Engine.load``'s). The loader runs in a thread while the chat screen already shows, with a
+    one, or neither: then it uses the `mixchat serve` at ``server`` (with ``api_key``) if one
+    answers there and serves ``model``, else loads ``model`` (None: the embedded default) with
+    ``dtype``, ``memory_budget`` and ``engine_options`` (max_context, kv_bits:
+    ``Engine.load``'s). The loader runs in a thread while the chat screen already shows, with a
     loading state; a message sent meanwhile waits and goes when the model is ready. If loading
     fails, the app exits with code 1 and the error as its exit message.
     """
@@ -48,6 +50,8 @@ class MixchatApp(App[int]):
         dtype: str | None = None,
         memory_budget: int | str | None = None,
         engine_options: dict | None = None,
+        server: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -55,9 +59,8 @@ class MixchatApp(App[int]):
         self._unsupported_lang = lang if unsupported_language(lang) else None
         self._engine = engine
         if engine is None and engine_loader is None:
-            engine_loader = partial(
-                _load_engine, model, dtype, memory_budget, dict(engine_options or {})
-            )
+            engine_loader = partial(_load_engine, model, dtype, memory_budget,
+                                    dict(engine_options or {}), server, api_key)  # fmt: skip
         self._engine_loader = engine_loader if engine is None else None
         self.chat_screen = ChatScreen(store, self.strings)
         self.load_error: str | None = None
@@ -166,9 +169,16 @@ class MixchatApp(App[int]):
 
 
 def _load_engine(
-    model: str | None, dtype: str | None, memory_budget: int | str | None, options: dict
-) -> Engine:
-    """``Engine.load`` (MLX is imported here, in the loading thread)."""
+    model: str | None, dtype: str | None, memory_budget: int | str | None, options: dict,
+    server: str | None = None, api_key: str | None = None,
+) -> Engine:  # fmt: skip
+    """The engine of a running `mixchat serve` at ``server`` if one answers there and serves
+    the model (app/remote_engine.py, no MLX), else ``Engine.load`` (MLX is imported here, in
+    the loading thread)."""
+    from app.remote_engine import connect
+
+    if (remote := connect(server, model, api_key)) is not None:
+        return remote
     from model import Engine as ModelEngine
 
     return ModelEngine.load(model, dtype=dtype, memory_budget=memory_budget, **options)

@@ -38,6 +38,7 @@ ENGLISH: dict[str, str] = {
     # Status bar
     "status.loading": "loading the model…",
     "status.ready": "ready",
+    "status.via_server": "{name} (server {server})",
     "status.waiting": "waiting for the model…",
     "status.starting": "starting…",
     "status.reading_start": "reading the prompt ({tokens} tokens)…",
@@ -95,6 +96,7 @@ ENGLISH: dict[str, str] = {
     "experts.layer_short": "L",
     "experts.total": "{tokens} tokens",
     "experts.no_model": "The model is not loaded yet.",
+    "experts.server": "Expert routing is not available through the server (`mixchat chat --local` shows it).",
     # Settings screen
     "settings.title": "Chat settings",
     "settings.system_prompt": "System prompt",
@@ -217,6 +219,7 @@ FRENCH: dict[str, str] = {
     "message.display_cut": "… {chars} caractères de plus non affichés ici",
     "status.loading": "chargement du modèle…",
     "status.ready": "prêt",
+    "status.via_server": "{name} (serveur {server})",
     "status.waiting": "en attente du modèle…",
     "status.starting": "démarrage…",
     "status.reading_start": "lecture du prompt ({tokens} jetons)…",
@@ -275,6 +278,7 @@ FRENCH: dict[str, str] = {
     "experts.layer_short": "C",
     "experts.total": "{tokens} jetons",
     "experts.no_model": "Le modèle n’est pas encore chargé.",
+    "experts.server": "Le routage des experts n’est pas disponible via le serveur (`mixchat chat --local` le montre).",
     "settings.title": "Réglages de la discussion",
     "settings.system_prompt": "Prompt système",
     "settings.temperature": "Température (0–2)",

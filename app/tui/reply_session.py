@@ -37,8 +37,8 @@ LONG_PROMPT_SECONDS = 30.0  # reading a prompt longer than this gets a notice
 
 
 def generation_settings(settings: ChatSettings, max_tokens: int) -> Any:
-    """The engine's GenerationSettings for a chat's settings (imported late: ``model`` loads MLX)."""
-    from model.generate import GenerationSettings
+    """The engine's GenerationSettings for a chat's settings (no MLX: a server's engine too)."""
+    from model.generation_settings import GenerationSettings
 
     return GenerationSettings(
         max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p

@@ -144,7 +144,11 @@ class ChatScreen(Screen[None]):
             self.notify(self.strings("notice.model_loaded", name=engine.name))
         if not getattr(engine, "has_chat_template", True):
             await self.chat_log.add_notice(self.strings("notice.no_chat_template"))
-        self.status_bar.set_model(engine.name, engine.context_length)
+        name = engine.name
+        if server := getattr(engine, "server", None):  # app/remote_engine.py: replies from there
+            server = server.split("://", 1)[-1].rstrip("/")
+            name = self.strings("status.via_server", name=name, server=server)
+        self.status_bar.set_model(name, engine.context_length)
         self.status_bar.set_state(self.strings("status.ready"))
         await self._memory_notice(engine)
         started = self.session.engine_ready(engine)
@@ -481,8 +485,9 @@ class ChatScreen(Screen[None]):
     def _refresh_experts(self, *, force: bool = False) -> bool:
         """Redraw the experts panel if it is shown and has something new; True if it drew."""
         return self.experts_panel.refresh_from(
-            self.session.routing, self._engine_has_experts, self.engine is not None, force=force
-        )
+            self.session.routing, self._engine_has_experts, self.engine is not None, force=force,
+            remote=getattr(self.engine, "server", None) is not None,
+        )  # fmt: skip
 
     def _redraw_experts(self) -> None:
         self._refresh_experts(force=True)

@@ -40,9 +40,11 @@ class ExpertsPanel(VerticalScroll):
         loaded: bool,
         *,
         force: bool = False,
+        remote: bool = False,
     ) -> bool:
         """Redraw if shown and something changed (``force``: even if the counts did not).
-        ``model_has_experts``: False for a dense model, None when the model does not say.
+        ``model_has_experts``: False for a dense model, None when the model does not say;
+        ``remote``: the model runs in a `mixchat serve`, which does not send its routing.
         Returns True when it drew."""
         if not self.shown:
             return False
@@ -52,6 +54,8 @@ class ExpertsPanel(VerticalScroll):
             return heatmap.show_note(t("experts.no_model"))
         if model_has_experts is False:
             return heatmap.show_note(t("experts.dense"))
+        if remote:  # `mixchat serve` does not send the routing
+            return heatmap.show_note(t("experts.server"))
         version = routing.version
         if version == self._drawn_version and not force:
             return False

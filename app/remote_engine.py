@@ -130,6 +130,8 @@ class RemoteEngine:
                 stats = None
                 for event in events(response):
                     if "error" in event:
+                        if event["error"].get("code") == "shutting_down":
+                            raise ServerGone(event["error"].get("message"))
                         raise MixchatError(f"server at {self.server}: "
                                            f"{event['error'].get('message')}")  # fmt: skip
                     for choice in event.get("choices", []):

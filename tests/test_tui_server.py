@@ -8,11 +8,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 
 import pytest
 
 from app.remote_engine import RemoteEngine, connect
+from app.serve.scheduler import Delta, Job
 from app.store import ChatSettings, ConversationStore
 from app.tui.app import MixchatApp
 from tests.test_serve import start
@@ -27,7 +29,7 @@ def use_settings(screen, settings: ChatSettings) -> None:
     screen.conversation = replace(screen.conversation, settings=settings)
 
 
-async def test_chat_through_a_server(tmp_path, default_model_path):
+async def test_chat_through_a_server(tmp_path, default_model_path, monkeypatch):
     from model import GenerationSettings
 
     running = start(default_model_path, batch=None)  # a dense model: batched by default
@@ -79,7 +81,14 @@ async def test_chat_through_a_server(tmp_path, default_model_path):
             assert gone.done.finish_reason == "cancelled"
             assert gone.done.stats.generation_tokens <= gone.chunks_at_cancel + 1 < 3000
 
-            # The server goes away mid-reply: one line, the reply so far and the draft are kept
+            # The server goes away mid-reply: one line, the reply so far and the draft are kept.
+            # Each token is slowed down so that the reply cannot end on its own first.
+            def slow_emit(job, item, _emit=Job.emit):
+                _emit(job, item)
+                if isinstance(item, Delta):
+                    time.sleep(0.5)
+
+            monkeypatch.setattr(Job, "emit", slow_emit)
             await send(pilot, app, "And another long one.", wait=False)
             await wait_for(pilot, lambda: screen.reply is not None and screen.reply.text,
                            timeout=60, what="text")  # fmt: skip

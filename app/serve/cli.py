@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
-    server = make_server(build_app(scheduler, api_key=api_key))
+    server = make_server(build_app(scheduler, api_key=api_key), scheduler)
     from .detach import remove_state, write_state
 
     state = Path(args.state_file) if args.state_file else None  # --detach's child

@@ -274,7 +274,10 @@ class Scheduler:
         name = self.models.name(job.key, job.request.model)
         job.done = Done(reason, prompt, stats, name, engine.memory_notice)
         self._retire(job)
-        job.emit(job.done)
+        if reason == "cancelled" and self._stopping:  # not the client's doing: say why it ended
+            job.emit(ApiError(503, "the server is shutting down", "server_error", "shutting_down"))
+        else:
+            job.emit(job.done)
 
     # Batched decoding ----------------------------------------------------------------------
 

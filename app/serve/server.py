@@ -311,9 +311,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: Starlette, log_level: str = "info") -> uvicorn.Server:
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown first ends the replies in progress: each stream gets
+    a "shutting down" error at its next token, instead of running on through uvicorn's
+    graceful wait and being cut mid-reply."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+        super().__init__(config)
+        self.scheduler = scheduler
+
+    async def shutdown(self, sockets=None) -> None:
+        await run_in_threadpool(self.scheduler.stop)
+        await super().shutdown(sockets)
+
+
+def make_server(app: Starlette, scheduler: Scheduler, log_level: str = "info") -> uvicorn.Server:
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on")
-    return uvicorn.Server(config)
+    return _Server(config, scheduler)
 
 
 class ServerThread:
@@ -324,7 +338,7 @@ class ServerThread:
         self.sock = bind(host, port)
         host, port = self.sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
-        self.server = make_server(build_app(scheduler, **kw), log_level="warning")
+        self.server = make_server(build_app(scheduler, **kw), scheduler, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)  # fmt: skip
 

@@ -64,7 +64,13 @@ def swiglu(x: mx.array, w: ExpertWeights, inds: mx.array, sorted_inds: bool) -> 
     On the CPU, an expert with many rows (a prompt) is computed by `blas`: its weights are
     dequantized once instead of once per row."""
     if x.ndim == 3 and by_blas(x.shape[0], w):
-        return _swiglu_by_expert(x, w, inds, sorted_inds)
+        groups = RowGroups.of(np.array(inds))
+        if groups.largest >= blas.MIN_ROWS:
+            return _swiglu_by_expert(x, w, inds, groups)
+    return _swiglu_mlx(x, w, inds, sorted_inds)
+
+
+def _swiglu_mlx(x: mx.array, w: ExpertWeights, inds: mx.array, sorted_inds: bool) -> mx.array:
     gate = matmul(x, w["gate_proj"], inds, sorted_inds)
     up = matmul(x, w["up_proj"], inds, sorted_inds)
     return matmul(nn.silu(gate) * up, w["down_proj"], inds, sorted_inds)
@@ -83,27 +89,27 @@ def _dims(p: Projection) -> tuple[int, int]:
     return out_features, packed if p.bits is None else packed * 32 // p.bits
 
 
-def _swiglu_by_expert(
-    x: mx.array, w: ExpertWeights, inds: mx.array, sorted_inds: bool
-) -> mx.array:
+def _swiglu_by_expert(x: mx.array, w: ExpertWeights, inds: mx.array,
+                      groups: RowGroups) -> mx.array:  # fmt: skip
     """swiglu for rows x [R, 1, hidden], inds [R]: experts with blas.MIN_ROWS rows or more
-    through numpy's BLAS, the others through MLX's kernels."""
-    groups = RowGroups.of(np.array(inds))
+    through numpy's BLAS, the others together through MLX's kernels (sorted by expert)."""
     xs = np.array(x.astype(mx.float32)).reshape(x.shape[0], -1)
     y = np.empty((x.shape[0], _dims(w["down_proj"])[0]), dtype=np.float32)
+    few: list[np.ndarray] = []
     for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:]):
         rows = groups.order[a:b]
-        if b - a >= blas.MIN_ROWS:
-            one = {name: _expert(p, e) for name, p in w.items()}
-            xe = xs[rows]
-            h = blas.silu(blas.matmul_t(xe, *one["gate_proj"])) * blas.matmul_t(
-                xe, *one["up_proj"]
-            )
-            y[rows] = blas.matmul_t(h, *one["down_proj"])
-        else:
-            few = mx.array(rows)
-            out = swiglu(x[few], w, inds[few], sorted_inds)  # [n, 1, out]
-            y[rows] = np.array(out.astype(mx.float32)).reshape(b - a, -1)
+        if b - a < blas.MIN_ROWS:
+            few.append(rows)
+            continue
+        one = {name: _expert(p, e) for name, p in w.items()}
+        xe = xs[rows]
+        h = blas.silu(blas.matmul_t(xe, *one["gate_proj"])) * blas.matmul_t(xe, *one["up_proj"])
+        y[rows] = blas.matmul_t(h, *one["down_proj"])
+    if few:
+        rows = np.concatenate(few)
+        picked = mx.array(rows)
+        out = _swiglu_mlx(x[picked], w, inds[picked], sorted_inds=True)  # [n, 1, out]
+        y[rows] = np.array(out.astype(mx.float32)).reshape(len(rows), -1)
     return mx.array(y).astype(x.dtype)[:, None]
 
 
@@ -122,6 +128,11 @@ class RowGroups:
     order: np.ndarray  # [N*k] flat row index, in sorted order
     experts: list[int]  # distinct experts, ascending
     bounds: list[int]  # rows of experts[i] are sorted rows bounds[i]:bounds[i+1]
+
+    @property
+    def largest(self) -> int:
+        """Rows of the expert with the most."""
+        return max((b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])), default=0)
 
     @classmethod
     def of(cls, inds: np.ndarray) -> RowGroups:

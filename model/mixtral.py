@@ -21,7 +21,7 @@ import numpy as np
 from . import blas
 from .config import ModelArgs
 from .errors import CheckpointError
-from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, by_blas, swiglu
+from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, RowGroups, by_blas, swiglu
 from .mlx_lm_parts import (
     KVCache,
     QuantizedKVCache,
@@ -173,7 +173,9 @@ class Experts(nn.Module):
             rows, experts = x[order // k][:, None], flat[order]  # [N*k, 1, hidden], [N*k]
             # Through BLAS (CPU, many rows), each expert's rows stay together, as when experts
             # stream under a budget: the same products, the same numbers.
-            split = 1 if by_blas(N * k, w) else len(streams)
+            split = len(streams)
+            if by_blas(N * k, w) and RowGroups.of(np.array(inds)).largest >= blas.MIN_ROWS:
+                split = 1
             parts = []
             for stream, (a, b) in zip(streams, _bounds(N * k, split)):
                 with mx.stream(stream):

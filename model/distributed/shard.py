@@ -13,12 +13,11 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..experts import SORTED_MIN_ROWS
+from ..memory_plan import EXPERT_MARK, PER_EXPERT_MARK
 from ..safetensors_header import read_safetensors_header
 from .errors import DistributedError, RankMismatch
 from .join import World
 
-EXPERT_MARK = ".block_sparse_moe.switch_mlp."
-PER_EXPERT_MARK = ".block_sparse_moe.experts."
 _NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8,
               "F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # fmt: skip
 

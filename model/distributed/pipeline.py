@@ -21,7 +21,7 @@ import mlx.core as mx
 from ..mlx_lm_parts import create_attention_mask
 from .errors import DistributedError
 from .join import World
-from .shard import check_same_everywhere
+from .shard import check_same_everywhere, require_safetensors
 
 LAYER_PREFIX = "model.layers."
 
@@ -86,11 +86,7 @@ def take_layers(checkpoint, weights: dict[str, mx.array], model, world: World,
     layers (and its embeddings / LM head as its place says) and give it its PipelineStage.
     `settings` (what changes the numbers) must be the same on every rank, as must the model."""
     args = checkpoint.args
-    if checkpoint.format != "hf":
-        raise DistributedError(
-            "several ranks need a safetensors checkpoint (a GGUF file is read whole): convert "
-            f"it with `mixchat quantize {checkpoint.path} DIR`"
-        )
+    require_safetensors(checkpoint)
     L = args.num_hidden_layers
     if world.size > L:
         raise DistributedError(f"{world.size} ranks for {L} layers: use at most {L}")

@@ -79,11 +79,7 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
             "Mixture-of-Experts model's experts; split its layers (MIXCHAT_PARALLEL=pipeline) "
             "or run it on one machine"
         )
-    if checkpoint.format != "hf":
-        raise DistributedError(
-            "several ranks need a safetensors checkpoint (a GGUF file is read whole): convert "
-            f"it with `mixchat quantize {checkpoint.path} DIR`"
-        )
+    require_safetensors(checkpoint)
     E = args.num_local_experts
     if world.size > E:
         raise DistributedError(f"{world.size} ranks for {E} experts per layer: use at most {E}")
@@ -107,6 +103,15 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
             linear.weight = linear.weight[lo:hi]  # the unread init values: shapes only
         moe.shard = ExpertShard(lo, hi, world.group)
     return share
+
+
+def require_safetensors(checkpoint) -> None:
+    """Ranks read their part by byte ranges: a GGUF file would be read whole on every rank."""
+    if checkpoint.format != "hf":
+        raise DistributedError(
+            "several ranks need a safetensors checkpoint (a GGUF file is read whole): convert "
+            f"it with `mixchat quantize {checkpoint.path} DIR`"
+        )
 
 
 def check_same_everywhere(text: str, world: World) -> None:

@@ -80,6 +80,21 @@ def matmul_t(
     return y
 
 
+def linear(
+    x: mx.array,
+    weight: mx.array,
+    scales: mx.array | None = None,
+    biases: mx.array | None = None,
+    group_size: int = 64,
+    bits: int | None = None,
+    mode: str = "affine",
+) -> mx.array:
+    """matmul_t for MLX arrays: x [..., in] -> [..., out] in x's dtype."""
+    rows = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+    y = matmul_t(rows, weight, scales, biases, group_size, bits, mode)
+    return mx.array(y).astype(x.dtype).reshape(*x.shape[:-1], -1)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x), as mlx.nn.silu (exp overflows to inf for x << 0: the result is -0)."""
     with np.errstate(over="ignore"):

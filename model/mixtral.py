@@ -73,12 +73,10 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
     rows = x.size // x.shape[-1]
     if "bias" not in layer and blas.applies(rows, weight.shape[0], x.shape[-1], weight.dtype):
-        y = blas.matmul_t(
-            np.array(x.astype(mx.float32)).reshape(rows, -1), weight, layer.get("scales"),
-            layer.get("biases"), getattr(layer, "group_size", 64), getattr(layer, "bits", None),
-            getattr(layer, "mode", "affine"),
+        return blas.linear(
+            x, weight, layer.get("scales"), layer.get("biases"), getattr(layer, "group_size", 64),
+            getattr(layer, "bits", None), getattr(layer, "mode", "affine"),
         )  # fmt: skip
-        return mx.array(y).astype(x.dtype).reshape(*x.shape[:-1], -1)
     streams = compute_streams()
     if len(streams) == 1 or weight.shape[0] * x.shape[-1] < MIN_SPLIT_ELEMENTS:
         return layer.as_linear(x) if as_head else layer(x)

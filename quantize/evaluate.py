@@ -289,7 +289,7 @@ class _Head:
         if weight.shape != (b - a, self.w.args.hidden_size):
             raise CheckpointError(f"tensor {self.prefix}.weight has the wrong shape")
         if blas.applies(h.shape[0], *weight.shape, weight.dtype):  # CPU: numpy's BLAS
-            return mx.array(blas.matmul_t(np.array(h.astype(mx.float32)), weight))
+            return blas.linear(h.astype(mx.float32), weight)
         return (h @ weight.T).astype(mx.float32)
 
 

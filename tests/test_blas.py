@@ -68,8 +68,7 @@ def test_swiglu_by_expert_equals_mlx_kernels(monkeypatch):
     x = mx.array(rng.standard_normal((sum(counts), 1, H)).astype(np.float32))
     want = swiglu(x, w, inds, sorted_inds=True)  # MIN_WEIGHTS keeps this small case in MLX
     calls = []
-    monkeypatch.setattr(blas, "MIN_WEIGHTS", 1)
-    monkeypatch.setattr(blas, "matmul_t", lambda *a, _f=blas.matmul_t: calls.append(1) or _f(*a))
+    _forced(monkeypatch, calls)
     got = swiglu(x, w, inds, sorted_inds=True)
     assert len(calls) == 6  # two experts x three projections went through BLAS
     assert got.shape == want.shape

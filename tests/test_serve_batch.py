@@ -94,7 +94,7 @@ def test_engines_that_cannot_batch_serve_one_at_a_time(tiny_mistral_windowed):
 
 
 def test_default_batch_by_model_kind(tiny_mixtral):
-    from model.generation.batch import batch_limit
+    from model.generation.limit import batch_limit
 
     moe = Engine.load(str(tiny_mixtral))
     limit, reason = batch_limit(moe, None)  # an MoE model: one at a time unless --batch N

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from model.errors import MixchatError
 from model.generate import Engine, GenerationStats
-from model.generation.batch import DEFAULT_BATCH, BatchGenerator, RowEvent, batch_limit
+from model.generation.batch import BatchGenerator, RowEvent
+from model.generation.limit import DEFAULT_BATCH, batch_limit
 from model.generation.row import Row
 from model.generation.stops import stop_at
 

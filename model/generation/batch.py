@@ -9,7 +9,7 @@ samples with its own settings (and its own seed's key, so a seeded reply equals 
 Decoding is pipelined as in model/generate.py: step t+1 is queued before tokens t are read.
 
 Only an engine whose whole model is in memory, on one rank, with a plain (unquantized,
-non-rotating) KV cache batches; batch_limit() says why another does not.
+non-rotating) KV cache batches; limit.py's batch_limit() says why another does not.
 """
 
 from __future__ import annotations
@@ -22,31 +22,6 @@ from ..generate import Engine, GenerationStats
 from ..mlx_lm_parts import BatchKVCache, KVCache
 from .row import Row
 from .sampling import sample_rows
-
-# Requests decoded together by default: 8 for a dense model, 1 for an MoE model (batched, its
-# rows pick different experts: slower on the CPU; BENCHMARKS.md, "The server", at 1, 4, 8).
-DEFAULT_BATCH = 8
-
-
-def batch_limit(engine: Engine, wanted: int | None) -> tuple[int, str]:
-    """How many requests `engine` may decode together (at most `wanted`; None: the default for
-    the model), and why not more."""
-    if wanted is None:
-        if engine.model.args.is_moe:
-            return 1, ("the default for an MoE model (measured slower batched on this backend: "
-                       "BENCHMARKS.md); --batch N batches it")  # fmt: skip
-        wanted = DEFAULT_BATCH
-    if wanted <= 1:
-        return 1, ""
-    if engine.offload is not None:
-        return 1, "experts are streamed from disk under the memory budget"
-    if engine.peers is not None:
-        return 1, "the model runs on several ranks"
-    if engine.kv_bits:
-        return 1, "the KV cache is quantized (--kv-bits)"
-    if engine.model.args.sliding_window:
-        return 1, "the model uses a sliding-window KV cache"
-    return wanted, ""
 
 
 @dataclass

@@ -18,10 +18,11 @@ import numpy as np
 
 from . import distributed
 from .errors import MixchatError
+from .generation.sampling import request_sampler
 from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
-from .mlx_lm_parts import can_trim_prompt_cache, make_sampler, trim_prompt_cache
+from .mlx_lm_parts import can_trim_prompt_cache, trim_prompt_cache
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
 FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
@@ -207,9 +208,7 @@ class Engine:
 
     def _stream(self, ids: list[int], settings: GenerationSettings) -> Iterator[Chunk]:
         max_tokens = min(settings.max_tokens, self.context_length - len(ids))
-        if settings.seed is not None:
-            mx.random.seed(settings.seed)
-        sampler = make_sampler(settings.temperature, settings.top_p, settings.min_p)
+        sampler = request_sampler(settings)  # a seeded one draws from its own key
         generated: list[int] = []
         try:
             yield from self._generate(ids, generated, max_tokens, sampler)

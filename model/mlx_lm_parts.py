@@ -39,6 +39,7 @@ _import_parts()
 
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import (  # noqa: E402
+    BatchKVCache,
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,
@@ -47,13 +48,16 @@ from mlx_lm.models.cache import (  # noqa: E402
 )
 from mlx_lm.models.rope_utils import initialize_rope  # noqa: E402
 from mlx_lm.models.switch_layers import SwitchLinear  # noqa: E402
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
+from mlx_lm.sample_utils import apply_min_p, apply_top_p, make_sampler  # noqa: E402
 
 __all__ = [
+    "BatchKVCache",
     "KVCache",
     "QuantizedKVCache",
     "RotatingKVCache",
     "SwitchLinear",
+    "apply_min_p",
+    "apply_top_p",
     "can_trim_prompt_cache",
     "create_attention_mask",
     "initialize_rope",

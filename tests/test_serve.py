@@ -16,7 +16,7 @@ import pytest
 from app.serve.models import ModelManager
 from app.serve.scheduler import Scheduler
 from app.serve.server import ServerThread
-from app.serve.stops import StopText
+from model.generation.stops import StopText
 from tests.test_cli import assert_one_line_error, mixchat
 
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]

@@ -1,4 +1,4 @@
-"""Batched decode in `mixchat serve` (app/serve/batch.py): batches of several rows are formed,
+"""Batched decode in `mixchat serve` (model/generation/batch.py): batches of several rows are formed,
 each row's reply equals its answer alone (greedy and seeded sampling), a row's disconnect and
 finish leave the others going, and engines that cannot batch serve one request at a time."""
 
@@ -94,7 +94,7 @@ def test_engines_that_cannot_batch_serve_one_at_a_time(tiny_mistral_windowed):
 
 
 def test_default_batch_by_model_kind(tiny_mixtral):
-    from app.serve.batch import batch_limit
+    from model.generation.limit import batch_limit
 
     moe = Engine.load(str(tiny_mixtral))
     limit, reason = batch_limit(moe, None)  # an MoE model: one at a time unless --batch N

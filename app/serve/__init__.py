@@ -2,6 +2,6 @@
 
 server.py (Starlette app and routes) · requests.py (request bodies -> GenerationRequest, OpenAI
 errors) · models.py (load on request, keep-alive, KV caches per conversation prefix) ·
-scheduler.py (one generation at a time, fair bounded FIFO queue, cancellation) · stops.py
-(`stop` strings) · cli.py (`register(commands)` for `mixchat serve`).
+scheduler.py (fair bounded FIFO queue, cancellation; generation itself, alone or batched, is
+model/generate.py's and model/generation/'s) · cli.py (`register(commands)` for `mixchat serve`).
 """

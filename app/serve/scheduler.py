@@ -3,9 +3,10 @@
 Requests are admitted in arrival order (beyond `max_queue` waiting requests, 429). Up to `batch`
 of them are active at once: each new one is prefilled on its own (between decode steps, one
 chunk at a time), then decodes with the others in one batch (batch.py), and leaves the batch as
-soon as it is done. An engine that cannot batch (batch.batch_limit: experts streamed under a
-memory budget, several ranks, a quantized or sliding-window KV cache) serves one request at a
-time, as does `batch=1`. A request whose client has gone is dropped from the queue, or stopped
+soon as it is done (model/generation/batch.py's BatchGenerator). An engine that cannot batch
+(batch_limit: experts streamed under a memory budget, several ranks, a quantized or
+sliding-window KV cache) serves one request at a time through Engine.stream_ids, as does
+`batch=1`. A request whose client has gone is dropped from the queue, or stopped
 at its next token. Results go back to the request's asyncio queue as Delta, Done or ApiError.
 """
 
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 
 from model.errors import MixchatError
 from model.generate import Engine, GenerationStats
+from model.generation.batch import BatchGenerator, RowEvent
+from model.generation.limit import DEFAULT_BATCH, batch_limit
+from model.generation.row import Row
+from model.generation.stops import stop_at
 
-from .batch import Batch, Row, batch_limit, start_cache
-from .cli import DEFAULT_BATCH
 from .models import ModelManager
 from .requests import ApiError, GenerationRequest
-from .stops import StopText
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.state = "queued"  # -> "running" -> "done"
         self.cancelled = False
-        self.chunks = 0  # generated-text chunks read so far (a token each, at most)
+        self.chunks = 0  # generated-text chunks read so far (a token each, at most; alone)
         self.chunks_at_cancel: int | None = None
         self.done: Done | None = None
         self.row: Row | None = None  # while it runs in a batch
@@ -132,8 +134,15 @@ class Scheduler:
                 self._cancel_active(job)
 
     def _cancel_active(self, job: Job) -> None:
+        """Stop a running job at its next token (under the lock)."""
+        if job.cancelled:
+            return
         job.cancelled = True
-        job.chunks_at_cancel = job.chunks
+        if job.row is not None:
+            job.chunks_at_cancel = len(job.row.generated)
+            job.row.cancel()
+        else:
+            job.chunks_at_cancel = job.chunks
         if job is self._serial and self.models.engine is not None:
             self.models.engine.cancel()
 
@@ -245,24 +254,18 @@ class Scheduler:
             with self._lock:
                 if job.cancelled:
                     engine.cancel()
-            stops, stopped, stats = StopText(request.stop), False, None
-            for chunk in chunks:
+            stats = None
+            for chunk in stop_at(chunks, request.stop, engine.cancel):
                 if chunk.progress is not None:  # still reading the prompt: no token yet
                     continue
                 job.chunks += 1
-                if chunk.text and not stopped:
-                    text, stopped = stops.add(chunk.text)
-                    if text:
-                        job.emit(Delta(text))
-                    if stopped:
-                        engine.cancel()  # ends at the next token; the cache stays consistent
+                if chunk.text:
+                    job.emit(Delta(chunk.text))
                 stats = chunk.stats or stats
-            if not stopped and (tail := stops.flush()):
-                job.emit(Delta(tail))
         finally:
             self.models.keep_cache(engine)
         assert stats is not None
-        reason = "cancelled" if job.cancelled else "stop" if stopped else stats.finish_reason
+        reason = "cancelled" if job.cancelled else stats.finish_reason
         self._done(job, engine, reason, len(ids), stats)
 
     def _loaded(self, job: Job, engine: Engine) -> None:
@@ -281,38 +284,33 @@ class Scheduler:
 
     # Batched decoding ----------------------------------------------------------------------
 
-    def _start_row(self, engine: Engine, job: Job) -> Row | None:
-        """The job's Row, its prompt not yet read (None, the job answered, on a bad request)."""
-        request = job.request
+    def _start_row(self, generator: BatchGenerator, jobs: dict[int, Job], job: Job) -> None:
+        """Insert the job's Row, its prompt not yet read (the job answered on a bad request)."""
+        engine, request = generator.batch.engine, job.request
         try:
-            request.settings.validate()
             ids = self._prompt_ids(engine, request)
-            if len(ids) >= engine.context_length:
-                raise MixchatError(f"the prompt is {len(ids)} tokens, over the model's "
-                                   f"{engine.context_length}-token context")  # fmt: skip
-            cache, rest = self.models.fetch_cache(ids)
-            cache, cached = start_cache(cache, ids, rest)
-            row = Row(engine, ids, request.settings, request.stop, cache, cached)
+            row = Row(engine, ids, request.settings, request.stop, self.models.fetch_cache)
         except Exception as e:
             self._fail(job, e)
-            return None
-        job.row = row
-        return row
+            return
+        with self._lock:
+            job.row = row
+            if job.cancelled:  # cancelled while its row was made
+                row.cancel()
+        jobs[id(row)] = job
+        generator.insert(row)
 
     def _run_batch(self, engine: Engine, first: Job) -> None:
         """Serve jobs on the loaded model in one batch until none is left to serve on it."""
-        batch = Batch(engine)
+        generator = BatchGenerator(engine)
         jobs: dict[int, Job] = {}  # id(row) -> job
-        reading = None  # (job, row) whose prompt is being read, a chunk between decode steps
-        row = self._start_row(engine, first)
-        if row is not None:
-            reading, jobs[id(row)] = (first, row), first
+        self._start_row(generator, jobs, first)
         while True:
             with self._lock:
                 if self._stopping:
                     for job in self._active:
-                        job.cancelled = True
-                if reading is None and len(batch) < self.limit and self._waiting and (
+                        self._cancel_active(job)
+                if generator.reading is None and len(generator) < self.limit and self._waiting and (
                     self._waiting[0].key == self.models.key
                 ):  # fmt: skip
                     job = self._admit()
@@ -321,59 +319,40 @@ class Scheduler:
             if job is not None and job.request.kind == "load":
                 self._loaded(job, engine)
             elif job is not None:
-                row = self._start_row(engine, job)
-                if row is not None:
-                    reading, jobs[id(row)] = (job, row), job
-            if reading is None and not batch.rows:
+                self._start_row(generator, jobs, job)
+            if not len(generator):
                 return  # nothing more for this model now: the outer loop waits or switches
             try:
-                if reading is not None:
-                    job, row = reading
-                    if job.cancelled:
-                        row.finish(row.cache, "cancelled")
-                        self._done(job, engine, "cancelled", len(row.ids), row.stats)
-                        jobs.pop(id(row))
-                        reading = None
-                    else:
-                        row.prefill_step()
-                        if row.prefilled:
-                            batch.join([row])
-                            reading = None
-                if batch.rows:
-                    self._decode(engine, batch, jobs)
+                events = generator.step()
             except Exception as e:  # a bug or a failed step: every row's request gets a 500
                 traceback.print_exc(file=sys.stderr)
                 error = ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error",
                                  "internal_error")  # fmt: skip
-                failed = [jobs.pop(id(r)) for r in batch.clear()]
-                if reading is not None:
-                    failed.append(jobs.pop(id(reading[1])))
-                    reading = None
-                for job in failed:
+                for row in generator.clear():
+                    job = jobs.pop(id(row))
                     job.emit(error)
                     self._retire(job)
+                continue
+            self._count_step(generator.decoded)
+            for event in events:
+                self._send(engine, jobs, event)
 
-    def _decode(self, engine: Engine, batch: Batch, jobs: dict[int, Job]) -> None:
-        """One decode step over the batch: each row's token read, its text sent; finished rows
-        leave at once, their caches kept for their conversations' next turns."""
-        tokens = batch.step()
-        self.steps += 1
-        self.batched_steps += len(tokens) > 1
-        self.largest_batch = max(self.largest_batch, len(tokens))
-        finished = []
-        for i, (row, token) in enumerate(zip(batch.rows, tokens)):
-            job = jobs[id(row)]
-            with self._lock:  # a cancel is seen at this token or the next (chunks_at_cancel)
-                cancelled = job.cancelled
-                job.chunks += 1
-            for text in row.take(token, cancelled):
-                job.emit(Delta(text))
-            if row.finish_reason:
-                finished.append(i)
-        if not finished:
+    def _count_step(self, rows: int) -> None:
+        """/health's figures: decode steps, those with more than one row, the largest."""
+        if rows:
+            self.steps += 1
+            self.batched_steps += rows > 1
+            self.largest_batch = max(self.largest_batch, rows)
+
+    def _send(self, engine: Engine, jobs: dict[int, Job], event: RowEvent) -> None:
+        """A row's text to its job; once the row is done, its KV cache kept for its
+        conversation's next turn and the job's end."""
+        job = jobs[id(event.row)]
+        for text in event.text:
+            job.emit(Delta(text))
+        if event.stats is None:
             return
-        for row, cache in batch.leave(finished):
-            job = jobs.pop(id(row))
-            stats = row.finish(cache)
-            self.models.keep_row_cache(row.cache_tokens(), cache)
-            self._done(job, engine, stats.finish_reason, len(row.ids), stats)
+        jobs.pop(id(event.row))
+        if event.kept is not None:
+            self.models.keep_row_cache(*event.kept)
+        self._done(job, engine, event.stats.finish_reason, len(event.row.ids), event.stats)

@@ -1,6 +1,13 @@
-"""`stop` strings: cut a streamed reply at the first one, holding back what could start one."""
+"""`stop` strings: cut a streamed reply at the first one, holding back what could start one;
+stop_at() applies them to an Engine's stream."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..generate import Chunk
 
 
 class StopText:
@@ -32,3 +39,24 @@ class StopText:
         """What is still held back once the reply has ended without a stop."""
         held, self.held = self.held, ""
         return held
+
+
+def stop_at(chunks: Iterator[Chunk], stops: list[str], cancel: Callable[[], None]
+            ) -> Iterator[Chunk]:  # fmt: skip
+    """An Engine stream's chunks with `stops` applied: the text up to the first stop string,
+    then `cancel()` (the engine ends at its next token, its KV cache consistent) and nothing
+    more; the final chunk's stats.finish_reason is then "stop". One chunk out per chunk in."""
+    text, stopped = StopText(stops), False
+    for chunk in chunks:
+        if stopped:
+            chunk.text = ""
+        elif chunk.text:
+            chunk.text, stopped = text.add(chunk.text)
+            if stopped:
+                cancel()
+        if chunk.stats is not None:  # the last chunk
+            if stopped:
+                chunk.stats.finish_reason = "stop"
+            else:
+                chunk.text += text.flush()
+        yield chunk

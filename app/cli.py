@@ -373,7 +373,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     join_hosts(args)
     if settings.memory_budget is not None and not launched():  # ranks agree on it as they load
         check_memory_budget(args)  # a budget that cannot work fails before the UI opens
-    from app.tui import run_chat
+    from app.tui.run import run_chat
 
     return run_chat(
         model=settings.model,

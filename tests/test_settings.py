@@ -73,11 +73,11 @@ def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
     """`mixchat chat` hands run_chat the settings; it no longer passes them through os.environ."""
     import os
 
-    import app.tui
+    import app.tui.run
     from app.cli import main
 
     received = {}
-    monkeypatch.setattr(app.tui, "run_chat", lambda **kw: received.update(kw) or 0)
+    monkeypatch.setattr(app.tui.run, "run_chat", lambda **kw: received.update(kw) or 0)
     monkeypatch.setenv("MIXCHAT_HOME", str(tmp_path))
     monkeypatch.setenv("MIXCHAT_STREAMS", "2")
     monkeypatch.delenv("MIXCHAT_DTYPE", raising=False)

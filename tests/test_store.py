@@ -209,7 +209,7 @@ def test_a_second_app_process_is_refused_and_the_first_ones_chat_is_untouched(tm
     holder.add_message(chat.id, "user", "A's turn")
     script = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
-        "from app.tui import run_chat; sys.exit(run_chat(None, 'en'))"
+        "from app.tui.run import run_chat; sys.exit(run_chat(None, 'en'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],

@@ -4,12 +4,13 @@
 is still loading (it waits here and goes as soon as the engine is ready), the live figures
 (prompt read so far, tokens written, rates) and how often a streaming reply is saved.
 
-A turn: the screen saves and shows the user's message and hands ``begin`` the reply's view →
-a thread worker fits the messages to the context and runs ``engine.stream``: text goes to a
-``TextBuffer``, prompt progress to the reply → the screen's timer calls ``tick`` 30 times a
-second: buffered text reaches the reply's ``MarkdownStream`` whenever the ``UpdatePacer``
-allows, the partial reply is saved every ``SAVE_INTERVAL`` seconds, and the live figures go to
-``on_live`` (True when it drew something) → the worker posts ``Finished`` → the screen calls ``complete``: the last text is
+A turn: the screen saves and shows the user's message and hands ``begin`` (through its
+``ReplyFlow`` widget, the session's host) the reply's view → a thread worker fits the messages
+to the context and runs ``engine.stream``: text goes to a ``TextBuffer``, prompt progress to the
+reply → the host's timer calls ``tick`` 30 times a second: buffered text reaches the reply's
+``MarkdownStream`` whenever the ``UpdatePacer`` allows, the partial reply is saved every
+``SAVE_INTERVAL`` seconds, and the live figures go to ``on_live`` (True when it drew something)
+→ the worker posts ``Finished`` (it bubbles up to the screen) → ``complete``: the last text is
 flushed and the reply saved with its stats. The worker never touches a widget.
 """
 
@@ -20,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from textual.dom import DOMNode
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets.markdown import MarkdownStream
 
 from app.store import ChatSettings, ConversationStore, StoredMessage, stats_to_dict
@@ -105,7 +106,8 @@ def live_status(reply: ActiveReply, now: float) -> LiveStatus:
 
 
 class ReplySession:
-    """The reply pipeline of one chat screen (``host`` runs its worker and gets its messages)."""
+    """The reply pipeline of one chat screen (``host`` runs its worker and gets its messages:
+    the screen's ``ReplyFlow``)."""
 
     class Finished(Message):
         """The worker is done (finished, cancelled or failed)."""
@@ -145,7 +147,7 @@ class ReplySession:
 
     def __init__(
         self,
-        host: Screen,
+        host: DOMNode,
         store: ConversationStore,
         on_live: Callable[[ActiveReply, LiveStatus], bool],
     ) -> None:

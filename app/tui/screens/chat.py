@@ -1,19 +1,16 @@
 """The main screen: saved chats on the left, the open chat, the prompt, the status line and the
-experts panel. The reply being written lives in a ``ReplySession`` (app/tui/reply_session.py):
-this screen shows what it reports and decides what a key does while a reply is on its way.
+experts panel. The reply being written is the ``ReplyFlow`` widget's (app/tui/widgets/
+reply_flow.py): this screen shows what its messages report and decides what a key does while a
+reply is on its way; what the keys do to the conversation is in app/tui/conversation_actions.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
-from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.timer import Timer
-from textual.widgets import Footer, LoadingIndicator, TextArea
+from textual.widgets import Footer, LoadingIndicator
 
 from app.store import (
     ChatSettings,
@@ -23,34 +20,27 @@ from app.store import (
     title_from_prompt,
 )
 from app.tui.actions import chat_bindings, translate_bindings
-from app.tui.clipboard import copy_text
-from app.tui.engine import Engine, ReplyStats, num_experts
+from app.tui.conversation_actions import ConversationActions
+from app.tui.engine import Engine, ReplyStats
+from app.tui.engine_notices import load_notices, load_state, model_label
 from app.tui.errors import describe_error
 from app.tui.i18n import Strings
 from app.tui.prompting import build_messages
-from app.tui.reply_session import (
-    LONG_PROMPT_SECONDS,
-    TICK_INTERVAL,
-    ActiveReply,
-    LiveStatus,
-    ReplySession,
-)
-from app.tui.screens.confirm import ConfirmScreen
+from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.model_info import ModelInfoScreen
-from app.tui.screens.settings import SettingsScreen
-from app.tui.screens.text_prompt import TextPromptScreen
 from app.tui.widgets.chat_log import ChatLog
 from app.tui.widgets.conversation_list import ConversationList
 from app.tui.widgets.experts_panel import ExpertsPanel
 from app.tui.widgets.message_view import MessageView, stats_line
 from app.tui.widgets.prompt_box import PromptBox
+from app.tui.widgets.reply_flow import ReplyFlow
 from app.tui.widgets.status_bar import StatusBar
 
 NARROW_SCREEN_WIDTH = 120  # below this, showing the experts panel hides the chats sidebar
 
 
-class ChatScreen(Screen[None]):
+class ChatScreen(ConversationActions, Screen[None]):
     BINDINGS = chat_bindings()
     AUTO_FOCUS = "#prompt"
 
@@ -63,9 +53,8 @@ class ChatScreen(Screen[None]):
         self.draft_settings = ChatSettings()  # settings of a chat not saved yet
         self.history: list[StoredMessage] = []
         self.editing: StoredMessage | None = None
-        self.session = ReplySession(self, store, self._show_live)
-        self._tick_timer: Timer | None = None
-        self._live: tuple[ActiveReply | None, str] = (None, "")  # the reply and what it says
+        experts = ExpertsPanel(strings, id="experts-panel")
+        self.reply_flow = ReplyFlow(store, strings, experts, id="reply-flow")
 
     # Layout
 
@@ -83,8 +72,9 @@ class ChatScreen(Screen[None]):
                     ),
                 )
                 yield StatusBar(t, id="status")
-            yield ExpertsPanel(t, id="experts-panel")
+            yield self.reply_flow.experts
         yield Footer(compact=True)
+        yield self.reply_flow
 
     @property
     def chat_log(self) -> ChatLog:
@@ -103,13 +93,17 @@ class ChatScreen(Screen[None]):
         return self.conversation.settings if self.conversation else self.draft_settings
 
     @property
+    def session(self) -> ReplySession:
+        return self.reply_flow.session
+
+    @property
     def engine(self) -> Engine | None:
-        return self.session.engine
+        return self.reply_flow.engine
 
     @property
     def reply(self) -> ActiveReply | None:
         """The reply being written, or waiting for the model to load."""
-        return self.session.reply or self.session.waiting
+        return self.reply_flow.reply
 
     @property
     def last_finished_reply(self) -> ActiveReply | None:
@@ -117,7 +111,7 @@ class ChatScreen(Screen[None]):
 
     @property
     def is_generating(self) -> bool:
-        return self.session.busy
+        return self.reply_flow.busy
 
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = self.strings("chat.conversations")
@@ -125,8 +119,8 @@ class ChatScreen(Screen[None]):
         if conversations:  # a restart reopens the chat used last
             await self.open_conversation(conversations[0].id)
         else:
-            self._refresh_sidebar()
-            await self._show_empty_chat()
+            self.refresh_sidebar()
+            await self.show_empty_chat()
         if self.engine is None:
             await self.chat_log.add_notice(
                 self.strings("notice.loading_model"), classes="model-loading"
@@ -142,37 +136,12 @@ class ChatScreen(Screen[None]):
         await self.query(".model-loading").remove()
         if announce:
             self.notify(self.strings("notice.model_loaded", name=engine.name))
-        if not getattr(engine, "has_chat_template", True):
-            await self.chat_log.add_notice(self.strings("notice.no_chat_template"))
-        name = engine.name
-        if server := getattr(engine, "server", None):  # app/remote_engine.py: replies from there
-            server = server.split("://", 1)[-1].rstrip("/")
-            name = self.strings("status.via_server", name=name, server=server)
-        self.status_bar.set_model(name, engine.context_length)
-        self.status_bar.set_state(self.strings("status.ready"))
-        await self._memory_notice(engine)
-        started = self.session.engine_ready(engine)
-        if started is not None:
-            self._reply_started(started)
-        self._sync_routing_observer()
-        self._redraw_experts()
+        for text, kind in load_notices(engine, self.strings):
+            await self.chat_log.add_notice(text, kind=kind)
+        self.status_bar.set_model(model_label(engine, self.strings), engine.context_length)
+        self.status_bar.set_state(load_state(engine, self.strings))
+        self.reply_flow.engine_ready(engine)
         self.refresh_bindings()
-
-    async def _memory_notice(self, engine: Engine) -> None:
-        """Say, in the interface language, when loading chose to stream experts (the model did
-        not fit the memory available) or warned; the status bar keeps the short form."""
-        memory = getattr(getattr(engine, "model", None), "memory", None)
-        if memory is not None and memory.offload:
-            s = self.strings
-            await self.chat_log.add_notice(s(
-                "notice.experts_stream", need=s.bytes(memory.plan.full_bytes),
-                budget=s.bytes(memory.budget), cached=s.number(
-                    100 * memory.plan.cached_fraction(memory.budget)),
-                context=s.number(memory.context),
-            ))  # fmt: skip
-            self.status_bar.set_state(s("status.experts_stream", budget=s.bytes(memory.budget)))
-        elif notice := getattr(engine, "memory_notice", ""):  # a warning from the model
-            await self.chat_log.add_notice(notice, kind="error")
 
     async def engine_failed(self, error: str) -> None:
         await self.query(".model-loading").remove()
@@ -181,21 +150,7 @@ class ChatScreen(Screen[None]):
             self.strings("notice.model_failed", error=error), kind="error"
         )
 
-    @property
-    def _engine_has_experts(self) -> bool | None:
-        """True/False when the model says; None when its info does not tell."""
-        experts = num_experts(self.engine)
-        return None if experts is None else bool(experts)
-
-    def _sync_routing_observer(self) -> None:
-        """Observe routing live only while the experts panel is shown (the engine keeps the
-        last reply's counts anyway, so the panel has them whenever it opens)."""
-        if self.engine is None:
-            return
-        wanted = self.experts_panel_visible and self._engine_has_experts is not False
-        self.engine.routing_observer = self.session.routing.observe if wanted else None
-
-    # Sending and streaming
+    # Sending
 
     @on(PromptBox.Submitted)
     async def _prompt_submitted(self, event: PromptBox.Submitted) -> None:
@@ -209,23 +164,23 @@ class ChatScreen(Screen[None]):
             return
         if self.is_generating:
             self.prompt_box.set_prompt(text)  # give the text back rather than lose it
-            self._notify_busy()
+            self.notify_busy()
             return
         if self.editing is not None:
-            await self._discard_from(self.editing)
-            self._stop_editing()
+            await self.discard_from(self.editing)
+            self.stop_editing()
         if self.conversation is None:
             self.conversation = self.store.create_conversation(
                 title_from_prompt(text), self.draft_settings
             )
-            self._refresh_sidebar()
+            self.refresh_sidebar()
         message = self.store.add_message(self.conversation.id, "user", text)
         self.history.append(message)
         for welcome in self.chat_log.query(".welcome"):
             await welcome.remove()
         await self.chat_log.add_message(self._view_for(message))
         self.chat_log.follow()
-        await self._start_reply()
+        await self.start_reply()
 
     @on(PromptBox.LargePaste)
     def _large_paste(self, event: PromptBox.LargePaste) -> None:
@@ -240,65 +195,38 @@ class ChatScreen(Screen[None]):
             text = t("notify.long_paste", tokens=t.number(tokens), left=t.duration(tokens / rate))
             self.notify(text, severity="warning", timeout=10)
 
-    def _notify_busy(self) -> None:
-        waiting = self.session.waiting is not None
+    def notify_busy(self) -> None:
+        """Say that a reply is being written, or waits for the model."""
+        waiting = self.reply_flow.waiting is not None
         self.notify(
             self.strings("notify.waiting" if waiting else "notify.busy"), severity="warning"
         )
 
-    async def _start_reply(self) -> None:
+    async def start_reply(self) -> None:
+        """A reply to the history so far, in a new message view."""
         assert self.conversation is not None
-        t = self.strings
-        view = MessageView("assistant", role_label=t("role.assistant"))
+        view = MessageView("assistant", role_label=self.strings("role.assistant"))
         await self.chat_log.add_message(view)
         view.set_streaming(True)
         messages = build_messages(
             self.settings, [message.as_chat_message() for message in self.history]
         )
-        reply = self.session.begin(self.conversation.id, view, messages, self.settings)
-        if self.session.waiting is reply:
-            view.show_info(t("message.waiting_for_model"))
-            self.status_bar.set_state(t("status.waiting"))
-        else:
-            self._reply_started(reply)
+        reply = self.reply_flow.begin(self.conversation.id, view, messages, self.settings)
+        if self.reply_flow.waiting is reply:
+            self.status_bar.set_state(self.strings("status.waiting"))
         self.refresh_bindings()
 
-    def _reply_started(self, reply: ActiveReply) -> None:
-        self._redraw_experts()
-        if self._tick_timer is None:
-            self._tick_timer = self.set_interval(TICK_INTERVAL, self.session.tick)
-        self.refresh_bindings()
+    # What the reply flow reports
 
-    def _show_live(self, reply: ActiveReply, live: LiveStatus) -> bool:
-        """What the reply is doing, in its info line and the status bar, when it changed (each
-        change is a layout pass, costly in a long chat); True when something was drawn."""
-        t = self.strings
-        if live.phase == "writing":
-            state = t("status.writing", tokens=t.number(live.tokens))
-        elif live.total:
-            left = "" if live.seconds_left is None else t.duration(live.seconds_left)
-            state = t(
-                "status.reading",
-                read=t.number(live.read),
-                total=t.number(live.total),
-                rate=t.number(live.read_rate or 0.0),
-                left=left,
-            )
-        elif live.prompt_size:
-            state = t("status.reading_start", tokens=t.number(live.prompt_size))
-        else:
-            state = t("status.starting")
-        drew = self._refresh_experts()
-        if self._live == (reply, state):
-            return drew
-        self._live = (reply, state)
-        if live.phase == "writing":
-            self.status_bar.set_live(live.tokens_per_second)
-        reply.view.show_info(state)
-        self.status_bar.set_state(state)
-        return True
+    @on(ReplyFlow.Progress)
+    def _reply_progress(self, message: ReplyFlow.Progress) -> None:
+        if message.reply.finished:  # news from a last tick, after the reply ended
+            return
+        if message.live.phase == "writing":
+            self.status_bar.set_live(message.live.tokens_per_second)
+        self.status_bar.set_state(message.state)
 
-    @on(ReplySession.ContextTrimmed)
+    @on(ReplyFlow.ContextTrimmed)
     async def _context_trimmed(self, message: ReplySession.ContextTrimmed) -> None:
         t = self.strings
         if message.dropped_messages:
@@ -312,7 +240,7 @@ class ChatScreen(Screen[None]):
                 before=message.reply.view,
             )
 
-    @on(ReplySession.PromptTooLong)
+    @on(ReplyFlow.PromptTooLong)
     async def _prompt_too_long(self, message: ReplySession.PromptTooLong) -> None:
         t = self.strings
         text = t(
@@ -323,7 +251,7 @@ class ChatScreen(Screen[None]):
         await self.chat_log.add_notice(text, kind="error", before=message.reply.view)
         self.notify(text, severity="error")
 
-    @on(ReplySession.LongPrompt)
+    @on(ReplyFlow.LongPrompt)
     async def _long_prompt(self, message: ReplySession.LongPrompt) -> None:
         t = self.strings
         text = t(
@@ -333,19 +261,12 @@ class ChatScreen(Screen[None]):
         )
         await self.chat_log.add_notice(text, kind="warning", before=message.reply.view)
 
-    @on(ReplySession.Finished)
+    @on(ReplyFlow.Finished)
     async def _reply_finished(self, message: ReplySession.Finished) -> None:
         reply = message.reply
-        if self._tick_timer is not None:
-            self._tick_timer.stop()
-            self._tick_timer = None
-        saved = await self.session.complete(message)
-        reply.view.set_streaming(False)
-        stats = ReplyStats.of(message.stats)
+        saved, stats = await self.reply_flow.finish(message)
         if saved is not None:
             self.history.append(saved)
-            info, warning = stats_line(stats, self.strings)
-            reply.view.show_info(info, warning=warning)
         else:
             await reply.view.remove()  # nothing was written: no empty message is kept
             if stats is not None and stats.finish_reason == "cancelled":
@@ -367,7 +288,7 @@ class ChatScreen(Screen[None]):
 
     def save_partial_reply_now(self) -> None:
         """On quit: stop generating and save whatever the reply holds."""
-        self.session.save_now()
+        self.reply_flow.save_now()
 
     # Showing chats
 
@@ -390,16 +311,16 @@ class ChatScreen(Screen[None]):
         info, warning = stats_line(ReplyStats.of(message.stats), self.strings, finish_reason)
         view.show_info(info, warning=warning)
 
-    async def _show_empty_chat(self) -> None:
+    async def show_empty_chat(self) -> None:
         await self.chat_log.clear()
         await self.chat_log.show_welcome(self.strings("chat.welcome"))
 
     async def open_conversation(self, conversation_id: int) -> None:
         conversation = self.store.get_conversation(conversation_id)
         if conversation is None:
-            self._refresh_sidebar()
+            self.refresh_sidebar()
             return
-        self._stop_editing()
+        self.stop_editing()
         self.conversation = conversation
         self.history = self.store.messages(conversation_id)
         await self.chat_log.clear()
@@ -417,27 +338,27 @@ class ChatScreen(Screen[None]):
         self.status_bar.set_stats(ReplyStats.of(last_stats))
         self.session.routing.reset()
         self._redraw_experts()
-        self._refresh_sidebar()
+        self.refresh_sidebar()
         self.refresh_bindings()
         self.prompt_box.focus()
 
     async def start_new_chat(self) -> None:
         """An empty chat; what is typed in the prompt box stays there (unless it was an edit)."""
         if self.editing is not None:
-            self._stop_editing()
+            self.stop_editing()
             self.prompt_box.clear_prompt()
         self.conversation = None
         self.history = []
         self.draft_settings = ChatSettings()
-        await self._show_empty_chat()
+        await self.show_empty_chat()
         self.status_bar.set_stats(None)
         self.session.routing.reset()
         self._redraw_experts()
-        self._refresh_sidebar()
+        self.refresh_sidebar()
         self.refresh_bindings()
         self.prompt_box.focus()
 
-    def _refresh_sidebar(self) -> None:
+    def refresh_sidebar(self) -> None:
         self.query_one(ConversationList).show_conversations(
             self.store.list_conversations(),
             self.conversation.id if self.conversation else None,
@@ -450,12 +371,12 @@ class ChatScreen(Screen[None]):
             return
 
         if self.is_generating:
-            self._refresh_sidebar()  # the open chat stays highlighted
-            self._notify_busy()
+            self.refresh_sidebar()  # the open chat stays highlighted
+            self.notify_busy()
             return
         await self.open_conversation(event.conversation_id)
 
-    async def _discard_from(self, message: StoredMessage) -> None:
+    async def discard_from(self, message: StoredMessage) -> None:
         """Delete a message and all later ones, from the store, the history and the screen."""
         assert self.conversation is not None
         self.store.delete_messages_from(self.conversation.id, message.id)
@@ -465,7 +386,7 @@ class ChatScreen(Screen[None]):
                 await self.chat_log.remove_from(view)
                 break
 
-    def _stop_editing(self) -> None:
+    def stop_editing(self) -> None:
         if self.editing is None:
             return
         self.editing = None
@@ -476,23 +397,16 @@ class ChatScreen(Screen[None]):
 
     @property
     def experts_panel(self) -> ExpertsPanel:
-        return self.query_one(ExpertsPanel)
+        return self.reply_flow.experts
 
     @property
     def experts_panel_visible(self) -> bool:
         return self.experts_panel.shown
 
-    def _refresh_experts(self, *, force: bool = False) -> bool:
-        """Redraw the experts panel if it is shown and has something new; True if it drew."""
-        return self.experts_panel.refresh_from(
-            self.session.routing, self._engine_has_experts, self.engine is not None, force=force,
-            remote=getattr(self.engine, "server", None) is not None,
-        )  # fmt: skip
-
     def _redraw_experts(self) -> None:
-        self._refresh_experts(force=True)
+        self.reply_flow.draw_experts(force=True)
 
-    # Actions (keys, footer, command palette)
+    # The screen's own actions (the conversation's: ConversationActions)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "cancel":
@@ -501,129 +415,15 @@ class ChatScreen(Screen[None]):
             return None if (self.is_generating or not self.history) else True
         return True
 
-    async def action_cancel(self) -> None:
-        """Esc: stop the reply (what was written stays), take back a message still waiting for
-        the model (its text returns to the prompt box), or leave editing."""
-        if self.session.reply is not None:
-            self.session.cancel()
-            return
-        waiting = self.session.cancel()
-        if waiting is not None:
-            await self._take_back(waiting)
-            return
-        if self.editing is not None:
-            self._stop_editing()
-            self.prompt_box.clear_prompt()
-            self.refresh_bindings()
-
-    async def _take_back(self, waiting: ActiveReply) -> None:
-        """Unsend the message that waited for the model: out of the chat, back in the box."""
-        await waiting.view.remove()
-        message = self.history[-1] if self.history else None
-        if message is None or message.role != "user" or self.conversation is None:
-            return
-        await self._discard_from(message)
-        if not self.history:  # the chat held only this message
-            self.store.delete_conversation(self.conversation.id)
-            self.conversation = None
-            self._refresh_sidebar()
-            await self._show_empty_chat()
-        self.prompt_box.set_prompt(message.content)
-        self.status_bar.set_state(self.strings("status.loading"))
-        self.refresh_bindings()
-
-    async def action_new_chat(self) -> None:
-        """Ctrl+N: like Enter and Ctrl+R, it never stops a reply behind the user's back."""
-        if self.is_generating:
-            self._notify_busy()
-            return
-        await self.start_new_chat()
-
-    async def action_interrupt(self) -> None:
-        """Ctrl+C: stops the reply being written, as Esc does; otherwise says how to quit."""
-        if self.session.busy:
-            await self.action_cancel()
-            return
-        focused = self.focused
-        if isinstance(focused, TextArea) and focused.selected_text:
-            focused.action_copy()  # Ctrl+C still copies a selection in the prompt box
-            return
-        self.notify(self.strings("notify.how_to_quit"))
-
-    async def action_regenerate(self) -> None:
-        t = self.strings
-        if self.engine is None:
-            self.notify(t("notify.still_loading"), severity="warning")
-            return
-        if self.is_generating:
-            self._notify_busy()
-            return
-        if self.history and self.history[-1].role == "assistant":
-            await self._discard_from(self.history[-1])
-        if not self.history or self.history[-1].role != "user":
-            self.notify(t("notify.nothing_to_regenerate"), severity="warning")
-            return
-        self.chat_log.follow()
-        await self._start_reply()
-
-    def action_edit_last(self) -> None:
-        t = self.strings
-        if self.is_generating:
-            self._notify_busy()
-            return
-        last_user = next((m for m in reversed(self.history) if m.role == "user"), None)
-        if last_user is None:
-            self.notify(t("notify.nothing_to_edit"), severity="warning")
-            return
-        self.editing = last_user
-        prompt_box = self.prompt_box
-        prompt_box.set_prompt(last_user.content)
-        prompt_box.add_class("-editing")
-        prompt_box.border_title = t("prompt.editing")
-        prompt_box.focus()
-        self.refresh_bindings()
-
-    def action_copy_reply(self) -> None:
-        focused = self.focused
-        if isinstance(focused, MessageView):
-            text = focused.content
-        elif self.session.reply is not None and self.session.reply.text:
-            text = self.session.reply.text
-        else:
-            last = next((m for m in reversed(self.history) if m.role == "assistant"), None)
-            text = last.content if last else ""
-        if not text:
-            self.notify(self.strings("notify.nothing_to_copy"), severity="warning")
-            return
-        self.app.copy_to_clipboard(text)  # OSC 52: the terminal may or may not pass it on
-        tool = copy_text(text)
-        if tool is not None:
-            self.notify(self.strings("notify.copied", tool=tool))
-        else:
-            self.notify(self.strings("notify.copied_osc52"), severity="warning", timeout=8)
-
-    def action_settings(self) -> None:
-        def apply(result: ChatSettings | None) -> None:
-            if result is None:
-                return
-            if self.conversation is not None:
-                self.store.update_settings(self.conversation.id, result)
-                self.conversation = replace(self.conversation, settings=result)
-            else:
-                self.draft_settings = result
-            self.notify(self.strings("notify.settings_saved"))
-
-        self.app.push_screen(SettingsScreen(self.settings, self.strings), apply)
-
     def action_toggle_experts(self) -> None:
         """F4: the experts view. A dense model has none: one line says so, no panel takes room."""
         panel = self.experts_panel
-        if self._engine_has_experts is False and not panel.shown:
+        if self.reply_flow.has_experts is False and not panel.shown:
             self.notify(self.strings("experts.dense"))
             return
         if panel.toggle() and self.size.width < NARROW_SCREEN_WIDTH:
             self.query_one("#sidebar").add_class("-hidden")  # leave the chat room to read
-        self._sync_routing_observer()
+        self.reply_flow.observe_routing()
         self._redraw_experts()
 
     def action_toggle_sidebar(self) -> None:
@@ -652,93 +452,3 @@ class ChatScreen(Screen[None]):
                 None if engine is None else engine.context_length,
             )
         )
-
-    def action_rename_chat(self) -> None:
-        t = self.strings
-        conversation = self.conversation
-        if conversation is None:
-            self.notify(t("notify.no_chat"), severity="warning")
-            return
-
-        def apply(title: str | None) -> None:
-            if not title or self.conversation is None:
-                return
-            self.store.rename_conversation(conversation.id, title)
-            if self.conversation.id == conversation.id:
-                self.conversation = replace(self.conversation, title=title)
-            self._refresh_sidebar()
-            self.notify(t("notify.renamed"))
-
-        self.app.push_screen(
-            TextPromptScreen(
-                t("rename.title"), conversation.title, t("rename.ok"), t("dialog.cancel")
-            ),
-            apply,
-        )
-
-    def action_delete_chat(self) -> None:
-        t = self.strings
-        conversation = self.conversation
-        if conversation is None:
-            self.notify(t("notify.no_chat"), severity="warning")
-            return
-
-        if self.is_generating:
-            self._notify_busy()
-            return
-
-        async def apply(confirmed: bool | None) -> None:
-            if not confirmed or self.is_generating:
-                return
-            self.store.delete_conversation(conversation.id)
-            await self.start_new_chat()
-            self.notify(t("notify.deleted"))
-
-        self.app.push_screen(
-            ConfirmScreen(
-                t("delete.title"),
-                t("delete.body", title=conversation.title),
-                t("delete.ok"),
-                t("dialog.cancel"),
-            ),
-            apply,
-        )
-
-    def action_export_chat(self) -> None:
-        """F9: asks where to write the Markdown file (the last folder used, else the user's
-        documents folder, else home), then writes it there."""
-        t = self.strings
-        conversation = self.conversation
-        if conversation is None:
-            self.notify(t("notify.no_chat"), severity="warning")
-            return
-        role_names = {role: t(f"role.{role}") for role in ("system", "user", "assistant")}
-        default = export_directory(self.store) / self.store.export_filename(conversation.id)
-
-        def apply(value: str | None) -> None:
-            if not value:
-                return
-            path = Path(value).expanduser()
-            try:
-                written = self.store.export_to_path(conversation.id, path, role_names)
-            except OSError as error:
-                self.notify(t("notify.export_failed", error=str(error)), severity="error")
-                return
-            self.store.set_preference("export_dir", str(written.parent))
-            self.notify(t("notify.exported", path=str(written)), timeout=8)
-
-        self.app.push_screen(
-            TextPromptScreen(t("export.title"), str(default), t("export.ok"), t("dialog.cancel")),
-            apply,
-        )
-
-
-def export_directory(store: ConversationStore) -> Path:
-    """Where F9 proposes to write: the last folder used, else Documents, else home."""
-    last = store.get_preference("export_dir")
-    if last and Path(last).is_dir():
-        return Path(last)
-    from platformdirs import user_documents_dir
-
-    documents = Path(user_documents_dir())
-    return documents if documents.is_dir() else Path.home()

@@ -3,5 +3,5 @@
 server.py (Starlette app and routes) · requests.py (request bodies -> GenerationRequest, OpenAI
 errors) · models.py (load on request, keep-alive, KV caches per conversation prefix) ·
 scheduler.py (one generation at a time, fair bounded FIFO queue, cancellation) · stops.py
-(`stop` strings) · cli.py (`register(commands)` for `mixchat serve`).
+(`stop` strings); the command itself: app/cli/serve.py.
 """

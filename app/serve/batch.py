@@ -25,8 +25,11 @@ from model.generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, Generation
 from model.generation_settings import GenerationSettings
 from model.memory_plan import prefill_chunk
 
-from .cli import DEFAULT_BATCH
 from .stops import StopText
+
+# Requests decoded together by default: 8 for a dense model, 1 for an MoE model (batched, its
+# rows pick different experts: slower on the CPU; BENCHMARKS.md, "The server", at 1, 4, 8).
+DEFAULT_BATCH = 8
 
 
 def batch_limit(engine: Engine, wanted: int | None) -> tuple[int, str]:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from model.errors import MixchatError
 from model.generate import Engine, GenerationStats
 
-from .batch import Batch, Row, batch_limit, start_cache
-from .cli import DEFAULT_BATCH
+from .batch import DEFAULT_BATCH, Batch, Row, batch_limit, start_cache
 from .models import ModelManager
 from .requests import ApiError, GenerationRequest
 from .stops import StopText

@@ -15,6 +15,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, LoadingIndicator, TextArea
 
+from app.i18n import Strings
 from app.store import (
     ChatSettings,
     Conversation,
@@ -26,7 +27,6 @@ from app.tui.actions import chat_bindings, translate_bindings
 from app.tui.clipboard import copy_text
 from app.tui.engine import Engine, ReplyStats, num_experts
 from app.tui.errors import describe_error
-from app.tui.i18n import Strings
 from app.tui.prompting import build_messages
 from app.tui.reply_session import (
     LONG_PROMPT_SECONDS,

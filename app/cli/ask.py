@@ -9,6 +9,7 @@ import stat
 import sys
 from typing import TextIO
 
+from app.i18n import Strings
 from app.prompts import system_prompt
 from app.settings import Settings
 from model.errors import MixchatError
@@ -161,8 +162,6 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
     join_hosts(args)
     show_progress = sys.stderr.isatty() and not args.quiet
     if show_progress:
-        from app.i18n import Strings
-
         key = "ask.loading" if settings.model else "ask.loading_default"
         print(Strings(settings.lang)(key, model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now

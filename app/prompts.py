@@ -3,7 +3,7 @@ reply-language instruction, and their order. Pure text, no UI."""
 
 from __future__ import annotations
 
-from app.tui.i18n import REPLY_LANGUAGES
+from app.i18n import REPLY_LANGUAGES
 
 # Mistral's documented guardrail system prompt ("safe_prompt"), word for word.
 SAFE_MODE_PROMPT = (

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.tui.i18n import TABLES, language_from_locale, resolve_language
+from app.i18n import TABLES, language_from_locale, resolve_language
 from model import registry
 from model.errors import MixchatError
 

@@ -59,8 +59,8 @@ def worker(path: str, budget: str, tokens: int, long_prompt: bool = True) -> dic
     """One configuration, in this fresh process."""
     from model import Engine, GenerationSettings, registry, weights
     from model.machine import CACHE_FILE, MeasurementCache
-    from model.memory_plan import parse_budget
     from model.predict import fit_report
+    from model.sizes import parse_budget
 
     baseline = rss()
     requested = None if budget == "default" else parse_budget(budget)

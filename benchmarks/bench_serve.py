@@ -3,8 +3,8 @@ vs cold (in-process load), and a bounded load test on loopback at 1, 4 and 8 cli
 a server per `--batches` value (default: `--batch 1`, one request at a time, and `--batch 8`,
 batched decode), in the same run.
 
-- floor: `python -c pass` and `python -c "import app.cli, app.client"` (what any Python CLI
-  pays before it does anything);
+- floor: `python -c pass` and `python -c "import app.cli, app.cli.ask_server"` (what any
+  Python CLI pays before it does anything);
 - cold: `mixchat ask --local --max-tokens 1 Hi` (imports MLX and mlx-lm, loads the model);
 - warm: `mixchat ask --max-tokens 1 Hi` with MIXCHAT_SERVER pointing at a running server;
 - load: N chat requests (distinct prompts, greedy, `--max-tokens` each) from C client threads
@@ -139,8 +139,8 @@ def ask_rows(url: str, env: dict, model_args: list[str], runs: int, model: str) 
     ask = [MIXCHAT, "ask", *model_args, "--max-tokens", "1", "Hi"]
     rows = [
         ("python -c pass", timings([sys.executable, "-c", "pass"], env, runs)),
-        ("python -c 'import app.cli, app.client'",
-         timings([sys.executable, "-c", "import app.cli, app.client"], env, runs)),
+        ("python -c 'import app.cli, app.cli.ask_server'",
+         timings([sys.executable, "-c", "import app.cli, app.cli.ask_server"], env, runs)),
         ("cold: mixchat ask --local --max-tokens 1",
          timings([*ask[:2], "--local", *ask[2:]], env, max(1, runs // 2))),
     ]  # fmt: skip

@@ -23,27 +23,11 @@ from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
 from .mlx_lm_parts import can_trim_prompt_cache, trim_prompt_cache
+from .stats import GenerationStats  # MLX-free, with its JSON form; re-exported here
 
 KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
 FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
 CANCEL_WITHIN = 1.0  # seconds a later prompt pass aims to take: how soon Esc acts while reading
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0  # tokens prefilled for this turn (only those the cache lacked)
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
-    context_tokens: int = 0  # tokens the KV cache holds after this turn
-    finish_reason: str = ""  # "stop" | "length" | "cancelled"
-    # With a memory budget (experts streamed from disk; None otherwise), over the decode steps:
-    expert_hit_rate: float | None = None  # share of routed experts found in the expert cache
-    bytes_read_per_token: float | None = None  # expert bytes read from disk per decoded token
-    prompt_bytes_read_per_token: float | None = None  # the same, per prompt token
-    load_seconds: float | None = None  # time decoding waited for expert reads
-    compute_seconds: float | None = None  # the rest of the decode time
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from .errors import MixchatError
 from .machine import available_memory, physical_memory
 from .safetensors_header import FLOAT_DTYPES
-from .sizes import format_bytes, parse_size, size_arg
+from .sizes import format_bytes, parse_budget, size_arg  # noqa: F401 (parse_budget: re-exported)
 
 AUTO_SHARE = 0.70  # `auto`: this share of physical memory (capped by what is available now)
 FIT_SHARE = 0.85  # with no budget, a model loads whole when it needs at most this much of what
@@ -38,19 +38,6 @@ KV_BITS = (4, 8)
 
 class BudgetError(MixchatError):
     """A memory budget that cannot work (too small, or a model whose experts cannot stream)."""
-
-
-def parse_budget(text: str | int) -> int | str:
-    """A --memory-budget value: a size ('12GB', '800MB', '1.5GiB', bytes), 'auto' (a safe share
-    of this machine's memory) or 'none' (load everything, even if it does not fit)."""
-    if isinstance(text, str) and text.strip().lower() in ("auto", "none"):
-        return text.strip().lower()
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise ValueError(
-            f"not a memory size: {text!r} (use e.g. 12GB, 800MB, auto or none)"
-        ) from None
 
 
 def auto_budget() -> tuple[int, str]:

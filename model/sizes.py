@@ -1,5 +1,6 @@
-"""Sizes and numbers as people read and write them: the project's one size parser and one
-formatter of bytes, counts and decimals (English or French conventions). Imports nothing heavy.
+"""Sizes and numbers as people read and write them: the project's one size parser (with the
+memory budget's words on top) and one formatter of bytes, counts and decimals (English or French
+conventions). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"a size must be positive: {text!r}")
     return value
+
+
+BUDGET_WORDS = ("auto", "none")  # a memory budget's words besides a size
+
+
+def parse_budget(text: str | int) -> int | str:
+    """A --memory-budget value: a size (parse_size), 'auto' (a safe share of this machine's
+    memory) or 'none' (load everything, even if it does not fit)."""
+    if isinstance(text, str) and text.strip().lower() in BUDGET_WORDS:
+        return text.strip().lower()
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(
+            f"not a memory size: {text!r} (use e.g. 12GB, 800MB, auto or none)"
+        ) from None
 
 
 def _lang(lang: str | None) -> str:

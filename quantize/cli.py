@@ -14,6 +14,7 @@ BITS = (2, 3, 4, 6, 8)
 
 
 def _size(text: str) -> int:
+    """argparse type of a SIZE: model/sizes.py's parse_size, its error as a usage error."""
     try:
         return parse_size(text)
     except ValueError as e:
@@ -67,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of scales, biases and unquantized tensors (default: the source's)",
     )  # fmt: skip
     q.add_argument(
-        "--max-shard-size", type=_size, default="5GB", help="largest output shard (default 5GB)"
+        "--max-shard-size", type=_size, default="5GB", metavar="SIZE",
+        help="largest output shard (default 5GB)",
     )
     q.add_argument("--force", action="store_true", help="replace DST if it exists")
     q.add_argument("--no-eval", action="store_true", help="skip the quality report")

@@ -160,7 +160,8 @@ def piped(data: bytes):
 
 
 def test_read_prompt_joins_instruction_and_piped_text():
-    from app.cli import UsageError, read_prompt
+    from app.cli.ask import read_prompt
+    from app.cli.common import UsageError
 
     with piped(b"Le chat dort.\n") as stdin:
         assert read_prompt("Résume ce texte.", stdin) == "Résume ce texte.\n\nLe chat dort.\n"
@@ -268,7 +269,7 @@ def test_help_shows_defaults():
 
 
 def test_ask_messages_put_the_safe_mode_guardrail_first():
-    from app.cli import ask_messages
+    from app.cli.ask import ask_messages
     from app.prompts import SAFE_MODE_PROMPT
 
     assert ask_messages("hi", "Sei un pirata.", safe=True) == [
@@ -292,7 +293,7 @@ def test_ask_safe_sends_the_guardrail(tiny_mixtral):
 def test_stats_lines_in_english_and_french():
     from types import SimpleNamespace
 
-    from app.cli import stats_lines
+    from app.cli.common import stats_lines
 
     stats = SimpleNamespace(
         prompt_tokens=4625, prompt_tps=1234.56, generation_tokens=12, generation_tps=6.66,

@@ -95,12 +95,11 @@ def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
 
 
 def test_the_environment_is_read_in_one_place():
-    """MIXCHAT_* variables and os.environ appear only in app/settings.py, in the defaults of
-    model/registry.py's data_dir and app/tui/i18n.py's detect_language (both given the
-    environment by app/settings.py), in model/offload.py (its tuning knobs, the memory-budget
+    """MIXCHAT_* variables and os.environ appear only in app/settings.py, in the default of
+    model/registry.py's data_dir (given the environment by app/settings.py; app/i18n is given
+    it too, and has no default), in model/offload.py (its tuning knobs, the memory-budget
     work's) and in model/ranks.py (MLX's launch variables, MLX_RANK/MLX_HOSTFILE...)."""
-    allowed = {"app/settings.py", "model/registry.py", "app/tui/i18n.py", "model/offload.py",
-               "model/ranks.py"}  # fmt: skip
+    allowed = {"app/settings.py", "model/registry.py", "model/offload.py", "model/ranks.py"}
     readers = set()
     for path in [*ROOT.glob("app/**/*.py"), *ROOT.glob("model/**/*.py")]:
         text = path.read_text(encoding="utf-8")

@@ -175,7 +175,7 @@ async def test_ctrl_b_on_a_narrow_screen_lays_the_chats_over_the_conversation(tm
 
 
 def test_every_french_string_is_french_where_english_was_visible():
-    from app.tui.i18n import ENGLISH, FRENCH
+    from app.i18n import ENGLISH, FRENCH
 
     same = [k for k in ENGLISH if FRENCH[k] == ENGLISH[k] and any(c.isalpha() for c in FRENCH[k])]
     # Words that are the same in both languages, nothing else:

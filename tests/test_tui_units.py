@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 
+from app.i18n import ENGLISH, TABLES, Strings, detect_language, resolve_language
 from app.store import ChatSettings
 from app.tui.actions import CHAT_ACTIONS, help_rows
-from app.tui.i18n import ENGLISH, TABLES, Strings, detect_language, resolve_language
 from app.tui.prompting import (
     SAFE_MODE_PROMPT,
     build_messages,

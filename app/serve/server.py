@@ -260,18 +260,10 @@ def usage(done: Done) -> dict:
 
 
 def engine_stats(done: Done) -> dict:
-    """The engine's own figures (tok/s, memory, expert cache), in an extra `mixchat` field."""
-    s = done.stats
-    return {
-        "prompt_tokens_prefilled": s.prompt_tokens, "prompt_tps": s.prompt_tps,
-        "generation_tokens": s.generation_tokens, "generation_tps": s.generation_tps,
-        "peak_memory_gb": s.peak_memory_gb, "context_tokens": s.context_tokens,
-        "finish_reason": done.finish_reason, "expert_hit_rate": s.expert_hit_rate,
-        "bytes_read_per_token": s.bytes_read_per_token,
-        "prompt_bytes_read_per_token": s.prompt_bytes_read_per_token,
-        "load_seconds": s.load_seconds, "compute_seconds": s.compute_seconds,
-        "memory_notice": done.notice,
-    }  # fmt: skip
+    """The engine's own figures (tok/s, memory, expert cache), in an extra `mixchat` field:
+    GenerationStats' one JSON form, with the request's finish reason and the memory notice."""
+    return done.stats.to_json() | {"finish_reason": done.finish_reason,
+                                   "memory_notice": done.notice}  # fmt: skip
 
 
 def event(body: dict) -> str:

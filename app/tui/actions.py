@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from textual.binding import Binding
 from textual.dom import DOMNode
 
-from app.tui.i18n import Strings
+from app.i18n import Strings
 
 
 @dataclass(frozen=True)

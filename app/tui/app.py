@@ -12,11 +12,12 @@ from textual.command import CommandPalette
 from textual.screen import Screen
 from textual.theme import ThemeProvider
 
+from app.i18n import Strings, resolve_language, unsupported_language
+from app.settings import read_settings
 from app.store import ConversationStore
 from app.tui.actions import CHAT_ACTIONS
 from app.tui.engine import Engine
 from app.tui.errors import describe_error
-from app.tui.i18n import Strings, resolve_language, unsupported_language
 from app.tui.screens.chat import ChatScreen
 
 EngineLoader = Callable[[], Engine]
@@ -55,7 +56,8 @@ class MixchatApp(App[int]):
     ) -> None:
         super().__init__()
         self.store = store
-        self.strings = Strings(resolve_language(lang))
+        # No lang: the locale's, as app/settings.py reads it (an unknown lang: English).
+        self.strings = Strings(resolve_language(lang, {}) if lang else read_settings().lang)
         self._unsupported_lang = lang if unsupported_language(lang) else None
         self._engine = engine
         if engine is None and engine_loader is None:

@@ -1,4 +1,4 @@
-"""``run_chat``: what `mixchat` and `mixchat chat` (app/cli.py) call to open the chat app."""
+"""``run_chat``: open the chat app on its store, what ``mixchat chat`` (app/cli/chat.py) calls."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, LoadingIndicator
 
+from app.i18n import Strings
 from app.store import (
     ChatSettings,
     Conversation,
@@ -24,7 +25,6 @@ from app.tui.conversation_actions import ConversationActions
 from app.tui.engine import Engine, ReplyStats
 from app.tui.engine_notices import load_notices, load_state, model_label
 from app.tui.errors import describe_error
-from app.tui.i18n import Strings
 from app.tui.prompting import build_messages
 from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
 from app.tui.screens.help import HelpScreen

@@ -8,8 +8,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label
 
+from app.i18n import Strings
 from app.tui.actions import help_rows
-from app.tui.i18n import Strings
 
 
 class HelpScreen(ModalScreen[None]):

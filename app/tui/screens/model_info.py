@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
-from app.tui.i18n import Strings
+from app.i18n import Strings
 
 # Shown first when present, in this order; anything else the info object has follows.
 PREFERRED_ORDER = (

@@ -9,8 +9,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Switch, TextArea
 
+from app.i18n import REPLY_LANGUAGES, Strings
 from app.store import ChatSettings
-from app.tui.i18n import REPLY_LANGUAGES, Strings
 
 DECIMAL_CHARS = r"[0-9.,]*"  # what a decimal field accepts: "0.5" and "0,5" alike
 

@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label
 
-from app.tui.i18n import Strings
+from app.i18n import Strings
 from app.tui.streaming import RoutingAccumulator
 from app.tui.widgets.experts_heatmap import ExpertsHeatmap
 

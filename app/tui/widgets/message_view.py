@@ -10,8 +10,8 @@ from textual.containers import Vertical
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
+from app.i18n import Strings
 from app.tui.engine import ReplyStats
-from app.tui.i18n import Strings
 
 # A user message longer than this shows its beginning only: laying out hundreds of kilobytes of
 # wrapped text would stall the UI, and the model gets the whole text anyway.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from app.i18n import Strings
 from app.tui.engine import ReplyStats
-from app.tui.i18n import Strings
 
 
 class StatusBar(Static):

@@ -1,4 +1,4 @@
-"""`mixchat serve`: `register(commands)` adds it to mixchat's CLI."""
+"""`mixchat serve`: keep a model loaded behind a local OpenAI-compatible server (app/serve/)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import socket
 import sys
 from pathlib import Path
 
+from model.generation.limit import DEFAULT_BATCH
+
+from .common import UsageError, add_budget_option, add_model_option, size
+
 DEFAULT_PORT = 8741
-# Requests decoded together by default: 8 for a dense model, 1 for an MoE model (batched, its
-# rows pick different experts: slower on the CPU; BENCHMARKS.md, "The server", at 1, 4, 8).
-DEFAULT_BATCH = 8
 
 
 def duration(text: str) -> float | None:
@@ -28,15 +29,6 @@ def duration(text: str) -> float | None:
     return float(match.group(1)) * scale
 
 
-def size(text: str) -> int:
-    from model.sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -48,8 +40,6 @@ def positive(text: str) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from app.cli import add_budget_option, add_model_option
-
     serve = commands.add_parser(
         "serve", help="keep a model loaded behind a local OpenAI-compatible server",
         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
@@ -73,8 +63,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=positive, default=32, metavar="N",
                        help="requests that may wait; beyond, 429 (default 32)")  # fmt: skip
     serve.add_argument("--batch", type=positive, default=None, metavar="N",
-                       help=f"requests decoded together in one batch (default {DEFAULT_BATCH} "
-                       "for a dense model, 1 for an MoE model; 1: one at a time)")  # fmt: skip
+                       help=f"requests decoded together in one batch (default {DEFAULT_BATCH} for a "
+                       "dense model, 1 for an MoE model; 1: one at a time)")  # fmt: skip
     serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
                        help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
     serve.add_argument("--detach", action="store_true",
@@ -97,21 +87,19 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.cli import UsageError
-
     if args.stop:
-        from .detach import stop
+        from app.serve.detach import stop
 
         return stop(args.settings.data_dir)
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in 0..65535, not {args.port}")
     if args.detach:
-        from .detach import detach
+        from app.serve.detach import detach
 
         return detach(args.argv, args.settings.data_dir)
-    from .models import ModelManager
-    from .scheduler import Scheduler
-    from .server import bind, build_app, make_server
+    from app.serve.models import ModelManager
+    from app.serve.scheduler import Scheduler
+    from app.serve.server import bind, build_app, make_server
 
     api_key = args.api_key or args.settings.api_key
     if not is_loopback(args.host) and api_key is None:
@@ -132,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
     server = make_server(build_app(scheduler, api_key=api_key), scheduler)
-    from .detach import remove_state, write_state
+    from app.serve.detach import remove_state, write_state
 
     state = Path(args.state_file) if args.state_file else None  # --detach's child
     if state is not None:  # listening and loaded: a client that connects now is answered

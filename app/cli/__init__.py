@@ -1,0 +1,88 @@
+"""The `mixchat` command: chat (the default), ask, models, info, download, quantize, compare,
+serve. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
+module of the command that runs is imported, as mlx-lm's cli.py dispatches (all of them for
+`mixchat --help`: argparse only, no MLX).
+
+Exit codes: 0 ok, 1 error (one line on stderr), 2 usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from app.settings import SettingsError, read_settings
+from model.errors import MixchatError
+from model.ranks import launched
+
+from .common import Parser, UsageError
+
+# Command -> the module that registers it (quantize/cli.py registers download, quantize and
+# compare: quantize does not import app).
+COMMANDS = {
+    "chat": "app.cli.chat",
+    "ask": "app.cli.ask",
+    "models": "app.cli.models",
+    "info": "app.cli.info",
+    "download": "quantize.cli",
+    "quantize": "quantize.cli",
+    "compare": "quantize.cli",
+    "serve": "app.cli.serve",
+}
+HELP = ("-h", "--help")
+
+
+def build_parser(command: str | None = None) -> Parser:
+    """The parser with `command`'s subparser (None: every command's, for `mixchat --help`)."""
+    parser = Parser(prog="mixchat", description="Chat with Mixture-of-Experts models, locally.")
+    commands = parser.add_subparsers(dest="command", parser_class=Parser)
+    modules = [COMMANDS[command]] if command else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(module).register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in HELP):
+        argv.insert(0, "chat")  # `mixchat` alone, or `mixchat --model M`, opens the chat app
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    settings = None
+    try:
+        args = build_parser(None if argv[0] in HELP else argv[0]).parse_args(argv)
+        args.settings = settings = read_settings(args)  # the one read of the environment
+        # `serve --detach` runs the same command line in the background; --hosts starts the
+        # other ranks with it.
+        args.argv = argv
+        if args.command in ("ask", "chat") and launched():
+            from model import distributed
+
+            if not distributed.world().leader:  # rank 0 leads, this rank follows
+                return distributed.follow(settings.model, dtype=settings.dtype,
+                                          memory_budget=settings.memory_budget,
+                                          max_context=args.max_context, kv_bits=args.kv_bits,
+                                          streams=settings.streams)  # fmt: skip
+        return args.func(args)
+    except (UsageError, SettingsError) as e:
+        print(f"mixchat: usage error: {e}", file=sys.stderr)
+        return 2
+    except MixchatError as e:
+        print(f"mixchat: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nmixchat: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `mixchat ask ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # a bug: still one line, unless debugging
+        if settings is not None and settings.debug:
+            raise
+        if distributed := sys.modules.get("model.distributed"):
+            distributed.after_failure(e)  # a lost rank: one line from the watchdog
+        print(f"mixchat: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1

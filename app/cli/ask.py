@@ -1,0 +1,198 @@
+"""`mixchat ask`: answer one prompt, streaming to stdout; through a running `mixchat serve`
+(ask_server.py) when one answers, else in-process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from typing import TextIO
+
+from app.i18n import Strings
+from app.prompts import system_prompt
+from app.settings import Settings
+from model.errors import MixchatError
+from model.generation_settings import GenerationSettings
+from model.ranks import launched
+
+from .common import (
+    UsageError,
+    add_budget_option,
+    add_hosts_option,
+    add_model_option,
+    join_hosts,
+    print_end,
+    print_reply,
+)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
+    add_model_option(ask)
+    ask.add_argument(
+        "prompt", nargs="?",
+        help="the prompt; '-' or absent with a pipe: stdin; given with a pipe: the prompt, a "
+        "blank line, then stdin (`cat notes.txt | mixchat ask \"Summarize this.\"`)",
+    )  # fmt: skip
+    ask.add_argument("--system", help="system prompt")
+    ask.add_argument(
+        "--safe", action="store_true",
+        help="safe mode: put Mistral's guardrail system prompt before --system (as the chat "
+        "app's safe mode does)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--max-tokens", type=int, default=512, metavar="N",
+        help="most tokens in the reply (default %(default)s; fewer if the context is full)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--raw", action="store_true",
+        help="complete the prompt as plain text (BOS, then the prompt), without the chat format",
+    )  # fmt: skip
+    ask.add_argument(
+        "--temp", type=float, default=0.0, metavar="T",
+        help="sampling temperature (default 0: greedy, reproducible one-shot answers)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P",
+        help="nucleus sampling, in (0, 1] (default %(default)s: off)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--min-p", type=float, default=0.0, metavar="P",
+        help="min-p sampling, in [0, 1) (default %(default)s: off)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--seed", type=int, metavar="N",
+        help="random seed, 0 to 2**64-1, for reproducible sampling with --temp > 0 "
+        "(default: a new one each run)",
+    )  # fmt: skip
+    ask.add_argument("--json", action="store_true", help="print one JSON object instead")
+    ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
+    add_budget_option(ask)
+    add_hosts_option(ask)
+    ask.set_defaults(func=cmd_ask)
+
+
+# --- the prompt ------------------------------------------------------------------------------
+
+
+def clean_text(text: str) -> str:
+    """Undecodable bytes (surrogate escapes from argv) become U+FFFD instead of crashing."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def is_piped(stdin: TextIO) -> bool:
+    """Whether stdin is a pipe or a redirected file (not a terminal, nor nothing at all)."""
+    try:
+        mode = os.fstat(stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # closed, or a stand-in without a descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def decode_stdin(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MixchatError(f"stdin is not valid UTF-8 (byte {e.start})") from None
+
+
+def read_prompt(argument: str | None, stdin: TextIO) -> str:
+    """The prompt: the argument; stdin for '-' or no argument; with an argument and a pipe, the
+    argument (an instruction), a blank line, then the piped text, as `llm` and others join them."""
+    if argument is None and stdin.isatty():
+        raise UsageError("no prompt: give one as an argument or pipe it on stdin")
+    if argument in (None, "-"):
+        prompt = decode_stdin(stdin.buffer.read())
+    else:
+        prompt = clean_text(argument)
+        # mlx.launch keeps every rank's stdin open: there the argument is the whole prompt.
+        if is_piped(stdin) and not launched():
+            if (piped := decode_stdin(stdin.buffer.read())).strip():
+                prompt = f"{prompt}\n\n{piped}"
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    return prompt
+
+
+def ask_messages(prompt: str, system: str | None, safe: bool) -> list[dict]:
+    """The conversation `ask` sends: the system prompt (safe-mode guardrail first), then the
+    prompt."""
+    text = system_prompt(safe_mode=safe, system=clean_text(system or ""))
+    return ([{"role": "system", "content": text}] if text else []) + [
+        {"role": "user", "content": prompt}
+    ]
+
+
+# --- the answer ------------------------------------------------------------------------------
+
+
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The sampling arguments, checked (a usage error) before MLX is imported."""
+    generation = GenerationSettings(max_tokens=args.max_tokens, temperature=args.temp,
+                                    top_p=args.top_p, min_p=args.min_p, seed=args.seed)  # fmt: skip
+    try:
+        generation.validate()
+    except MixchatError as e:
+        raise UsageError(str(e)) from None
+    return generation
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    generation = generation_settings(args)
+    prompt = read_prompt(args.prompt, sys.stdin)
+    if args.raw and (args.system or args.safe):
+        raise UsageError("--system and --safe need a chat template; a raw completion has none")
+    messages = ask_messages(prompt, args.system, args.safe)
+    if not args.local and not args.raw and not args.hosts:  # `mixchat serve` answers
+        from .ask_server import ask_server
+
+        if (code := ask_server(args, messages, generation)) is not None:
+            return code
+    return ask_in_process(args, prompt, messages, generation)
+
+
+def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
+                   generation: GenerationSettings) -> int:  # fmt: skip
+    settings: Settings = args.settings
+    from model import registry
+
+    registry.resolve(settings.model)  # a missing model fails now, not after MLX loads
+    join_hosts(args)
+    show_progress = sys.stderr.isatty() and not args.quiet
+    if show_progress:
+        key = "ask.loading" if settings.model else "ask.loading_default"
+        print(Strings(settings.lang)(key, model=settings.model), file=sys.stderr, end="\r")
+    from model import Engine  # MLX and the model code: only now
+
+    engine = Engine.load(
+        settings.model,
+        dtype=settings.dtype,
+        memory_budget=settings.memory_budget,
+        max_context=args.max_context,
+        kv_bits=args.kv_bits,
+        streams=settings.streams,
+    )
+    if show_progress:
+        print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
+    if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
+        print(f"mixchat: {engine.memory_notice}", file=sys.stderr)
+    raw = args.raw or not engine.has_chat_template
+    if raw and not args.raw and not args.quiet:
+        print(f"[{engine.name} has no chat template: completing the prompt as plain text]",
+              file=sys.stderr)  # fmt: skip
+    if raw and (args.system or args.safe):
+        raise MixchatError(f"{engine.name} has no chat template: --system and --safe need one")
+    stream = engine.stream_text(prompt, generation) if raw else engine.stream(messages, generation)
+    stats = None
+
+    def pieces():
+        nonlocal stats
+        for chunk in stream:
+            stats = chunk.stats or stats
+            yield chunk.text
+
+    text = print_reply(pieces(), args)
+    assert stats is not None
+    return print_end(text, engine.name, stats, args)

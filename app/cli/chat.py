@@ -1,0 +1,54 @@
+"""`mixchat chat` (the default command): open the chat app."""
+
+from __future__ import annotations
+
+import argparse
+
+from app.settings import LANGUAGES, Settings
+from model.ranks import launched
+
+from .common import add_budget_option, add_hosts_option, add_model_option, join_hosts
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    chat = commands.add_parser("chat", help="open the chat app (the default)")
+    add_model_option(chat)
+    chat.add_argument(
+        "--lang", help=f"interface language ({', '.join(LANGUAGES)}); default from LC_ALL or LANG"
+    )
+    add_budget_option(chat)
+    add_hosts_option(chat)
+    chat.add_argument("--local", action="store_true",
+                      help="load the model in-process, not via `mixchat serve`")  # fmt: skip
+    chat.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    join_hosts(args)
+    if settings.memory_budget is not None and not launched():  # ranks agree on it as they load
+        check_memory_budget(args)  # a budget that cannot work fails before the UI opens
+    from app.tui.run import run_chat
+
+    return run_chat(
+        model=settings.model,
+        lang=settings.lang,
+        data_dir=settings.data_dir,
+        dtype=settings.dtype,
+        memory_budget=settings.memory_budget,
+        max_context=args.max_context,
+        kv_bits=args.kv_bits,
+        streams=settings.streams,
+        server=None if args.local or args.hosts or launched() else settings.server,  # ranks: local
+        api_key=settings.api_key,
+    )
+
+
+def check_memory_budget(args: argparse.Namespace) -> None:
+    """Raise the one-line BudgetError a budget too small for the model gets, without loading."""
+    from model import registry, weights
+
+    settings: Settings = args.settings
+    checkpoint = weights.locate(registry.resolve(settings.model))
+    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, args.max_context,
+                        args.kv_bits)  # fmt: skip

@@ -17,7 +17,7 @@ from textual.widgets import TextArea
 
 from app.store import ChatSettings, Conversation, ConversationStore, StoredMessage
 from app.tui.clipboard import copy_text
-from app.tui.i18n import Strings
+from app.i18n import Strings
 from app.tui.reply_session import ActiveReply
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.settings import SettingsScreen

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.tui.engine import Engine
-from app.tui.i18n import Strings
+from app.i18n import Strings
 
 
 def model_label(engine: Engine, strings: Strings) -> str:

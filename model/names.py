@@ -133,10 +133,15 @@ def per_expert_name(name: str) -> tuple[str, int] | None:
     return f"{prefix}{EXPERT_MARK}{PROJECTION_OF.get(hf, hf)}.{part}", int(expert)
 
 
+def experts_module(layer: int, expert: int | None = None) -> str:
+    """Layer `layer`'s experts: mlx-lm's stacked module, or expert `expert`'s own (HF)."""
+    moe = f"model.layers.{layer}.block_sparse_moe"
+    return f"{moe}.switch_mlp" if expert is None else f"{moe}.experts.{expert}"
+
+
 def expert_tensor(layer: int, proj: str, part: str = "weight", expert: int | None = None) -> str:
     """Layer `layer`'s expert tensor `proj` ("gate_proj"...) `part`: stacked under mlx-lm's name,
     or expert `expert`'s own under Hugging Face's."""
-    moe = f"model.layers.{layer}.block_sparse_moe"
     if expert is None:
-        return f"{moe}.switch_mlp.{proj}.{part}"
-    return f"{moe}.experts.{expert}.{EXPERT_PROJECTIONS[proj]}.{part}"
+        return f"{experts_module(layer)}.{proj}.{part}"
+    return f"{experts_module(layer, expert)}.{EXPERT_PROJECTIONS[proj]}.{part}"

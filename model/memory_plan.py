@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import MixchatError
 from .machine import available_memory, physical_memory
+from .names import EXPERT_MARK, PER_EXPERT_MARK
 from .safetensors_header import FLOAT_DTYPES
 from .sizes import format_bytes, parse_budget, size_arg  # noqa: F401 (parse_budget: re-exported)
 
@@ -31,8 +32,6 @@ PREFILL_CHUNK = 512  # prompt tokens per attention pass, at most
 ATTENTION_SCORES_BYTES = 256 * 10**6  # a prefill chunk's attention scores stay below this
 LAYERWISE_WINDOW = 4096  # under a budget, prompts run layer by layer over this many tokens
 CONTEXT_STEPS = tuple(2**k for k in range(20, 9, -1))  # default contexts tried: 1M ... 1K tokens
-EXPERT_MARK = ".block_sparse_moe.switch_mlp."
-PER_EXPERT_MARK = ".block_sparse_moe.experts."
 KV_BITS = (4, 8)
 
 

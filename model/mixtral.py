@@ -31,6 +31,7 @@ from .mlx_lm_parts import (
     initialize_rope,
     scaled_dot_product_attention,
 )
+from .names import EXPERT_PROJECTIONS, PARTS, expert_tensor
 
 # Matrix products are split across this many streams of the default device. On MLX's CPU
 # backend each stream runs on its own thread, so two streams use two cores (one token: the two
@@ -335,16 +336,14 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         for layer in range(self.args.num_hidden_layers):
-            prefix = f"model.layers.{layer}.block_sparse_moe"
-            for hf_name, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                for part in ("weight", "scales", "biases"):
-                    key = f"{prefix}.experts.{{}}.{hf_name}.{part}"
-                    if key.format(0) not in weights:
+            for proj in EXPERT_PROJECTIONS:
+                for part in PARTS:
+                    if expert_tensor(layer, proj, part, 0) not in weights:
                         continue
                     experts = []
                     for e in range(self.args.num_local_experts):
-                        if key.format(e) not in weights:
-                            raise CheckpointError(f"checkpoint lacks tensor {key.format(e)}")
-                        experts.append(weights.pop(key.format(e)))
-                    weights[f"{prefix}.switch_mlp.{name}.{part}"] = mx.stack(experts)
+                        if (key := expert_tensor(layer, proj, part, e)) not in weights:
+                            raise CheckpointError(f"checkpoint lacks tensor {key}")
+                        experts.append(weights.pop(key))
+                    weights[expert_tensor(layer, proj, part)] = mx.stack(experts)
         return weights

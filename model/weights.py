@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from .config import ModelArgs
 from .errors import CheckpointError, UnsupportedModelError
 from .gguf import GGUFFile, GGUFTensor, check_supported, converted_specs, load_tensor, read_gguf
 from .mixtral import Model, use_parallel_streams
+from .names import gguf_to_mlx
 from .safetensors_header import (
     PICKLE_SUFFIXES,
     TensorSpec,
@@ -109,44 +109,13 @@ def _locate_gguf(path: Path) -> Checkpoint:
     tensors: dict[str, TensorSpec] = {}
     names: dict[str, tuple[GGUFTensor, str]] = {}
     for tensor in gguf_file.tensors.values():
-        hf_name = _gguf_to_hf_name(tensor.name)
+        hf_name = gguf_to_mlx(tensor.name)
         base = hf_name.removesuffix(".weight")
         for part, (shape, dtype, nbytes) in converted_specs(tensor).items():
             name = hf_name if part == "weight" else f"{base}.{part}"
             tensors[name] = TensorSpec(shape, dtype, nbytes, tensor.offset)
             names[name] = (tensor, part)
     return Checkpoint(path, "gguf", args, [path], tensors, metadata, gguf_file, names)
-
-
-_GGUF_NAMES = [
-    (r"^token_embd\.", "model.embed_tokens."),
-    (r"^output_norm\.", "model.norm."),
-    (r"^output\.", "lm_head."),
-    (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^blk\.(\d+)\.attn_q\.", r"model.layers.\1.self_attn.q_proj."),
-    (r"^blk\.(\d+)\.attn_k\.", r"model.layers.\1.self_attn.k_proj."),
-    (r"^blk\.(\d+)\.attn_v\.", r"model.layers.\1.self_attn.v_proj."),
-    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^blk\.(\d+)\.ffn_gate_inp\.", r"model.layers.\1.block_sparse_moe.gate."),
-    (r"^blk\.(\d+)\.ffn_gate_exps\.", r"model.layers.\1.block_sparse_moe.switch_mlp.gate_proj."),
-    (r"^blk\.(\d+)\.ffn_up_exps\.", r"model.layers.\1.block_sparse_moe.switch_mlp.up_proj."),
-    (r"^blk\.(\d+)\.ffn_down_exps\.", r"model.layers.\1.block_sparse_moe.switch_mlp.down_proj."),
-    (r"^blk\.(\d+)\.ffn_gate\.(\d+)\.", r"model.layers.\1.block_sparse_moe.experts.\2.w1."),
-    (r"^blk\.(\d+)\.ffn_up\.(\d+)\.", r"model.layers.\1.block_sparse_moe.experts.\2.w3."),
-    (r"^blk\.(\d+)\.ffn_down\.(\d+)\.", r"model.layers.\1.block_sparse_moe.experts.\2.w2."),
-    (r"^blk\.(\d+)\.ffn_gate\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^blk\.(\d+)\.ffn_up\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
-]
-
-
-def _gguf_to_hf_name(name: str) -> str:
-    for pattern, replacement in _GGUF_NAMES:
-        new, n = re.subn(pattern, replacement, name)
-        if n:
-            return new
-    return name
 
 
 def compute_dtype(checkpoint: Checkpoint, requested: str | None = None) -> mx.Dtype:

@@ -73,7 +73,8 @@ def compare_models(
     dtype: str | None = None, quiet: bool = True,
 ):  # fmt: skip
     """Open both checkpoints, check they are comparable, tokenize, stream: a Comparison."""
-    from .evaluate import check_compatible, evaluate, open_weights
+    from .evaluate import check_compatible, evaluate
+    from .lazy_weights import open_weights
     from .progress import step_progress
     from .report import text_ids
 

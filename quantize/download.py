@@ -15,22 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import CheckpointError, MixchatError
+from model.names import HF_TOKENIZER_FILES, MISTRAL_TOKENIZER_FILES
 from model.safetensors_header import PICKLE_SUFFIXES
 from model.sizes import format_bytes
 
 from .progress import byte_progress, stderr_console
 
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.model.v*",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tekken.json",
-)
+TOKENIZER_FILES = (*HF_TOKENIZER_FILES, *MISTRAL_TOKENIZER_FILES)
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 MISTRAL_FILES = ("params.json", "consolidated.safetensors.index.json")
 

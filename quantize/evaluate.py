@@ -9,19 +9,18 @@ log-softmax statistics accumulated online (running max and sum of exponentials),
 logits of the two models never exist whole. Memory: one layer of one model (one expert of it),
 each model's LM head as stored, the hidden states of both, and one [T, slice] block of logits.
 
-Weights come in through `Weights`: `SourceWeights` for what `mixchat quantize` reads (Hugging
-Face and Mistral float checkpoints, quantize/sources.py) and `CheckpointWeights` for what
-mixchat's loader reads (MLX-quantized directories, GGUF files, model/weights.py). Quantized
-tensors are dequantized into the compute dtype (float32 on the CPU) module by module, which gives
-the numbers of the whole model loaded and dequantized in memory (quantize/report.py's old way).
+Each layer runs through the model's own modules (model.mixtral: Block's attention, norms and
+dense MLP, the router of its SparseMoE, Experts holding one expert at a time). Weights come in
+through quantize/lazy_weights.py (float checkpoints as `mixchat quantize` reads them, quantized
+directories and GGUF files as mixchat's loader reads them). Quantized tensors are dequantized
+into the compute dtype (float32 on the CPU) module by module, which gives the numbers of the
+whole model loaded and dequantized in memory (quantize/report.py's old way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
@@ -32,165 +31,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 from model import blas
 from model.config import ModelArgs
 from model.errors import CheckpointError, MixchatError
-from model.experts import PROJECTIONS, Projection, swiglu
 from model.mixtral import Block, Experts, create_attention_mask
-from model.safetensors_header import read_safetensors_header
-from model.weights import Checkpoint, _quantization_predicate, compute_dtype
+from model.names import experts_module
+from model.weights import _quantization_predicate
+
+from .lazy_weights import Weights
 
 # Logits are computed in [T, rows] blocks of at most this many elements (16 MB in float32).
 SLICE_ELEMENTS = 1 << 22
-EXPERT_PROJECTIONS = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
-PARTS = ("weight", "scales", "biases")
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-class Weights:
-    """One model's tensors under mlx-lm's names, read lazily and only when asked for."""
-
-    name: str
-    args: ModelArgs
-    dtype: mx.Dtype  # compute dtype
-
-    def take(self, prefix: str) -> dict[str, mx.array]:
-        """Every tensor of module `prefix` and its children, MoE experts excepted (lazy)."""
-        raise NotImplementedError
-
-    def take_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
-        """Expert `expert` of layer `layer`: `...switch_mlp.{proj}.{part}` with a leading 1."""
-        raise NotImplementedError
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name.startswith(prefix + ".")
-
-
-class SourceWeights(Weights):
-    """A float checkpoint as `mixchat quantize` reads it (quantize.sources.Source)."""
-
-    def __init__(self, source: Any, dtype: str | None = None):
-        self.name = str(source.path)
-        self.args = source.args
-        self.targets = {t.module: t for t in source.targets}
-        self.dtype = compute_dtype(SimpleNamespace(source_dtype=source.dtype), dtype)
-
-    def take(self, prefix: str) -> dict[str, mx.array]:
-        return {
-            f"{m}.weight": t.load()
-            for m, t in self.targets.items()
-            if (m == prefix or _under(m, prefix)) and t.kind != "experts"
-        }
-
-    def take_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
-        base = f"model.layers.{layer}.block_sparse_moe.switch_mlp"
-        return {
-            f"{base}.{proj}.weight": self.targets[f"{base}.{proj}"].load_expert(expert)
-            for proj, _ in EXPERT_PROJECTIONS
-        }
-
-
-class CheckpointWeights(Weights):
-    """A checkpoint as mixchat's loader reads it (model.weights.Checkpoint): HF or MLX
-    (quantized) safetensors, or GGUF. Each tensor comes from a fresh lazy `mx.load`, so nothing
-    read stays referenced once its module is freed."""
-
-    def __init__(self, checkpoint: Checkpoint, dtype: str | None = None):
-        self.name = str(checkpoint.path)
-        self.args = checkpoint.args
-        self.checkpoint = checkpoint
-        self.dtype = compute_dtype(checkpoint, dtype)
-        self.files: dict[str, Path] = {}
-        if checkpoint.gguf_file is None:
-            for file in checkpoint.files:
-                self.files.update(dict.fromkeys(read_safetensors_header(file), file))
-            names = set(self.files)
-        else:
-            names = set(checkpoint.tensors)  # converted names: weight, scales, biases
-        self.names = {n for n in names if "rotary_emb.inv_freq" not in n}
-        if self.args.tie_word_embeddings:
-            self.names = {n for n in self.names if not n.startswith("lm_head.")}
-
-    def _read(self, name: str) -> mx.array:
-        if self.checkpoint.gguf_file is not None:
-            return self._read_gguf(name)
-        try:
-            return mx.load(str(self.files[name]))[name]
-        except Exception as e:
-            raise CheckpointError(f"cannot read {self.files[name].name}: {e}") from None
-
-    def _read_gguf(self, name: str) -> mx.array:
-        """One converted part of one GGUF tensor (model.gguf converts a tensor at a time)."""
-        import numpy as np
-
-        from model.gguf import load_tensor
-
-        base, part = name.rsplit(".", 1)
-        tensor, _ = self.checkpoint.gguf_names[f"{base}.weight"]
-        array = load_tensor(self.checkpoint.gguf_file, tensor)[part]
-        if array.dtype == np.uint16:  # BF16 bit patterns
-            return mx.array(array).view(mx.bfloat16)
-        return mx.array(array)
-
-    def take(self, prefix: str) -> dict[str, mx.array]:
-        return {
-            n: self._read(n)
-            for n in sorted(self.names)
-            if _under(n, prefix)
-            and ".block_sparse_moe.experts." not in n
-            and ".block_sparse_moe.switch_mlp." not in n
-        }
-
-    def take_expert(self, layer: int, expert: int) -> dict[str, mx.array]:
-        moe = f"model.layers.{layer}.block_sparse_moe"
-        out = {}
-        for proj, hf in EXPERT_PROJECTIONS:
-            for part in PARTS:
-                single = f"{moe}.experts.{expert}.{hf}.{part}"  # Hugging Face: one per expert
-                stacked = f"{moe}.switch_mlp.{proj}.{part}"  # mlx-lm, GGUF: [E, out, in]
-                if single in self.names:
-                    out[f"{moe}.switch_mlp.{proj}.{part}"] = self._read(single)[None]
-                elif stacked in self.names:
-                    out[stacked] = self._read(stacked)[expert : expert + 1]
-        return out
-
-
-def open_weights(spec: str, dtype: str | None = None) -> tuple[Weights, Any]:
-    """A model argument (path or cached repo id) -> (its Weights, its tokenizer).
-
-    Float Hugging Face and Mistral-format checkpoints are read as `mixchat quantize` reads them
-    (every tensor's name and shape checked first); quantized directories and GGUF files as
-    mixchat's loader reads them."""
-    from model.registry import resolve
-    from model.tokenizer import load_tokenizer
-    from model.weights import locate
-
-    from .sources import open_source
-
-    path = resolve(spec)
-    if path.is_dir() and not _is_quantized_dir(path):
-        source = open_source(path)
-        return SourceWeights(source, dtype), load_tokenizer(path)
-    checkpoint = locate(path)
-    tokenizer = load_tokenizer(
-        checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
-    )
-    return CheckpointWeights(checkpoint, dtype), tokenizer
-
-
-def _is_quantized_dir(path: Path) -> bool:
-    import json
-
-    config = path / "config.json"
-    if not config.is_file():
-        return not (path / "params.json").is_file()  # a GGUF directory, or an error from locate
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False  # open_source gives the one-line error
-    return isinstance(data, dict) and bool(
-        data.get("quantization") or data.get("quantization_config")
-    )
 
 
 # ----------------------------------------------------------------------------- modules
@@ -307,47 +155,51 @@ def _route(moe: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
 def run_layer(
     w: Weights, i: int, h: mx.array, mask: Any, step: Callable[[], None] | None = None
 ) -> tuple[mx.array, np.ndarray | None]:
-    """h [1, T, hidden] through layer i of `w` -> (new h, expert choices [T, k] or None)."""
+    """h [1, T, hidden] through layer i of `w` -> (new h, expert choices [T, k] or None): the
+    model's own Block (model.mixtral), its experts read and applied one at a time."""
     args = w.args
     prefix = f"model.layers.{i}"
     block = Block(args)
     if args.is_moe:
         del block.block_sparse_moe["switch_mlp"]  # applied one expert at a time below
     _load(block, prefix, w.take(prefix), args, w.dtype)
-    h = h + block.self_attn(block.input_layernorm(h), mask, None)
-    x = block.post_attention_layernorm(h)
     if not args.is_moe:
-        out = h + block.mlp(x)
+        out = block(h, mask, None, None)
         mx.eval(out)
         return out, None
-    T, H = x.shape[1], x.shape[2]
-    x = x.reshape(T, H)
+    h = h + block.self_attn(block.input_layernorm(h), mask, None)  # Block's first half
+    x = block.post_attention_layernorm(h)[0]  # [T, hidden]
     inds, gates = _route(block.block_sparse_moe, x)  # [T, k] each
     mx.eval(h, x, inds, gates)
     del block
     mx.clear_cache()
     choices = np.array(inds)
-    y = mx.zeros((T, H), dtype=h.dtype)
+    y = _experts_one_at_a_time(w, i, x, choices, step)  # [T, k, hidden]
+    # The router-weighted sum of each token's experts, as model.mixtral.SparseMoE adds them.
+    return h + (y * gates[..., None]).sum(axis=-2)[None], choices
+
+
+def _experts_one_at_a_time(
+    w: Weights, i: int, x: mx.array, choices: np.ndarray, step: Callable[[], None] | None
+) -> mx.array:
+    """Every token of x [T, hidden] through each of its chosen experts choices [T, k] ->
+    [T, k, hidden], through model.mixtral.Experts holding one expert of layer i at a time."""
+    args = w.args
+    y = mx.zeros((*choices.shape, x.shape[-1]), dtype=x.dtype)
     for e in range(args.num_local_experts):
         tokens, slots = np.nonzero(choices == e)
         if len(tokens):
-            # Through model.experts.swiglu, the one way experts are applied, with [1, out, in]
-            # weights: the same kernels as the whole model's.
-            experts = Experts(H, args.intermediate_size, 1)
-            _load(
-                experts, f"{prefix}.block_sparse_moe.switch_mlp", w.take_expert(i, e), args, w.dtype
-            )
-            weights = {p: Projection.of(experts[p]) for p in PROJECTIONS}
-            rows, slot = mx.array(tokens), mx.array(slots)
-            zeros = mx.zeros((len(tokens),), dtype=mx.uint32)
-            out = swiglu(x[rows][:, None], weights, zeros, True)[:, 0]  # [n, H]
-            y = y.at[rows].add(out * gates[rows, slot][:, None])
+            experts = Experts(args.hidden_size, args.intermediate_size, 1)
+            _load(experts, experts_module(i), w.take_expert(i, e), args, w.dtype)
+            rows = mx.array(tokens)
+            out = experts(x[rows], mx.zeros((len(tokens), 1), dtype=mx.uint32))  # [n, 1, H]
+            y = y.at[rows, mx.array(slots)].add(out[:, 0])
             mx.eval(y)
-            del experts, weights, out
+            del experts, out
             mx.clear_cache()
         if step:
             step()
-    return h + y[None], choices
+    return y
 
 
 @dataclass

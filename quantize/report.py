@@ -38,7 +38,8 @@ def quality_report(
     from model.tokenizer import load_tokenizer
     from model.weights import locate
 
-    from .evaluate import CheckpointWeights, SourceWeights, evaluate
+    from .evaluate import evaluate
+    from .lazy_weights import CheckpointWeights, SourceWeights
     from .progress import step_progress
 
     reference = SourceWeights(source)

@@ -19,6 +19,7 @@ from typing import Any
 
 from model.config import SUPPORTED_TYPES, ModelArgs, parameter_shapes
 from model.errors import CheckpointError, MixchatError, UnsupportedModelError
+from model.names import EXPERT_MARK, HF_TOKENIZER_FILES, VOCABULARY_FILES, source_name
 from model.safetensors_header import (
     PICKLE_SUFFIXES,
     SAFETENSORS_FLOATS,
@@ -28,54 +29,8 @@ from model.safetensors_header import (
 )
 
 # Tokenizer and generation files copied next to the quantized weights.
-HF_EXTRA_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+HF_EXTRA_FILES = (*HF_TOKENIZER_FILES, "generation_config.json")
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-
-# One name-mapping table per source format: mlx-lm module name -> source tensor name, without
-# ".weight" ({e}: expert index; {moe}: where a Mistral checkpoint keeps its MoE layers). The first
-# matching pattern wins.
-HF_NAMES = [
-    (r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.gate_proj", r"\1.experts.{e}.w1"),
-    (r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.up_proj", r"\1.experts.{e}.w3"),
-    (r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.down_proj", r"\1.experts.{e}.w2"),
-    (r"(.*)", r"\1"),
-]
-MISTRAL_NAMES = [
-    (r"model\.embed_tokens", "tok_embeddings"),
-    (r"model\.norm", "norm"),
-    (r"lm_head", "output"),
-    (r"model\.layers\.(\d+)\.input_layernorm", r"layers.\1.attention_norm"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm", r"layers.\1.ffn_norm"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj", r"layers.\1.attention.wq"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj", r"layers.\1.attention.wk"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj", r"layers.\1.attention.wv"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj", r"layers.\1.attention.wo"),
-    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate", r"layers.\1.{moe}.gate"),
-    (
-        r"model\.layers\.(\d+)\.block_sparse_moe\.switch_mlp\.gate_proj",
-        r"layers.\1.{moe}.experts.{e}.w1",
-    ),
-    (
-        r"model\.layers\.(\d+)\.block_sparse_moe\.switch_mlp\.up_proj",
-        r"layers.\1.{moe}.experts.{e}.w3",
-    ),
-    (
-        r"model\.layers\.(\d+)\.block_sparse_moe\.switch_mlp\.down_proj",
-        r"layers.\1.{moe}.experts.{e}.w2",
-    ),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj", r"layers.\1.feed_forward.w1"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj", r"layers.\1.feed_forward.w3"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj", r"layers.\1.feed_forward.w2"),
-]
 
 
 @dataclass(frozen=True)
@@ -301,7 +256,7 @@ def _open_hf(path: Path) -> Source:
         raise CheckpointError(f"no model*.safetensors weights in {path}")
     tensors = _index_tensors(shards)
     get = _Lookup(tensors, "config.json")
-    targets = _targets(args, HF_NAMES, get)
+    targets = _targets(args, "hf", get)
     get.check_unused(lambda n: args.tie_word_embeddings and n == "lm_head.weight")
     out = dict(config)
     rope = out.get("rope_parameters") or {}
@@ -313,7 +268,7 @@ def _open_hf(path: Path) -> Source:
 
 
 def _require_tokenizer(path: Path, extra: dict[str, Path]) -> None:
-    if not any(n in extra for n in ("tokenizer.model", "tokenizer.json", "tekken.json")):
+    if not any(n in extra for n in VOCABULARY_FILES):
         raise CheckpointError(f"no tokenizer in {path} (tokenizer.model or tokenizer.json)")
 
 
@@ -365,33 +320,34 @@ def _kind(module: str) -> str:
         return "attn"
     if module.endswith(".block_sparse_moe.gate"):
         return "router"
-    return "experts" if ".switch_mlp." in module else "mlp"
+    return "experts" if EXPERT_MARK in module else "mlp"
 
 
-def _source_name(table: list[tuple[str, str]], module: str) -> str:
-    for pattern, replacement in table:
-        if re.fullmatch(pattern, module):
-            return re.sub(f"^{pattern}$", replacement, module)
-    raise CheckpointError(f"internal error: no source name for {module}")
+def _source_name(layout: str, module: str) -> str:
+    name = source_name(layout, module)
+    if name is None:
+        raise CheckpointError(f"internal error: no source name for {module}")
+    return name
 
 
 def _targets(
     args: ModelArgs,
-    table: list[tuple[str, str]],
+    layout: str,
     get: _Lookup,
     moe: str = "",
     stacked: bool = False,
     permute: bool = False,
 ) -> list[Target]:
     """One Target per weight of the model definition (model.config.parameter_shapes), its
-    source tensors found through `table`. `permute`: Mistral's interleaved RoPE layout of Q/K;
-    `stacked`: the first Mixtral release's experts concatenated along rows."""
+    source tensors found under `layout`'s names (model.names: "hf" or "mistral"). `permute`:
+    Mistral's interleaved RoPE layout of Q/K; `stacked`: the first Mixtral release's experts
+    concatenated along rows."""
     heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}
     targets = []
     for weight, shape in parameter_shapes(args).items():
         module = weight.removesuffix(".weight")
         kind = _kind(module)
-        name = _source_name(table, module).replace("{moe}", moe)
+        name = _source_name(layout, module).replace("{moe}", moe)
         if kind == "experts" and stacked:
             E, rows, cols = shape
             w = name.rsplit(".experts.", 1)[0] + "." + name.rsplit(".", 1)[1]  # ...moe.w1
@@ -439,7 +395,7 @@ def _open_mistral(path: Path) -> Source:
     elif "layers.0.block_sparse_moe.experts.0.w1.weight" in tensors:
         moe = "block_sparse_moe"
     get = _Lookup(tensors, "params.json")
-    targets = _targets(args, MISTRAL_NAMES, get, moe=moe, stacked=stacked, permute=True)
+    targets = _targets(args, "mistral", get, moe=moe, stacked=stacked, permute=True)
     get.check_unused()
     dtype = _dominant_dtype(tensors)
     config: dict[str, Any] = {

@@ -13,7 +13,8 @@ import pytest
 
 from model.weights import locate
 from quantize.cli import main
-from quantize.evaluate import CheckpointWeights, SourceWeights, evaluate, token_statistics
+from quantize.evaluate import evaluate, token_statistics
+from quantize.lazy_weights import CheckpointWeights, SourceWeights
 from quantize.report import eval_text, text_ids
 from quantize.sources import open_source
 from tests.checkpoints import build_hf_checkpoint

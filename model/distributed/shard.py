@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..experts import SORTED_MIN_ROWS
-from ..memory_plan import EXPERT_MARK, PER_EXPERT_MARK
+from ..names import EXPERT_MARK, EXPERT_PROJECTIONS, PER_EXPERT_MARK, per_expert_name
 from ..safetensors_header import read_safetensors_header
 from .errors import DistributedError, RankMismatch
 from .join import World
@@ -98,7 +98,7 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
             share.update(read_expert_blocks(file, specs, lo, hi))
     for layer in model.layers:
         moe = layer.block_sparse_moe
-        for proj in ("gate_proj", "up_proj", "down_proj"):
+        for proj in EXPERT_PROJECTIONS:
             linear = moe.switch_mlp[proj]
             linear.weight = linear.weight[lo:hi]  # the unread init values: shapes only
         moe.shard = ExpertShard(lo, hi, world.group)
@@ -132,16 +132,13 @@ def check_same_everywhere(text: str, world: World) -> None:
 def _stack_per_expert(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, mx.array]:
     """`experts.{e}.w1.weight` tensors (one per expert) of experts [lo, hi), stacked under
     mlx-lm's `switch_mlp` names; the others are dropped unread (mx.load is lazy per tensor)."""
-    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
     groups: dict[str, dict[int, mx.array]] = {}
     for key, value in weights.items():
-        if PER_EXPERT_MARK not in key:
+        if (stacked := per_expert_name(key)) is None:
             continue
-        prefix, rest = key.split(PER_EXPERT_MARK)
-        expert, hf_name, part = rest.split(".", 2)
-        if lo <= int(expert) < hi:
-            name = f"{prefix}{EXPERT_MARK}{names.get(hf_name, hf_name)}.{part}"
-            groups.setdefault(name, {})[int(expert)] = value
+        name, expert = stacked
+        if lo <= expert < hi:
+            groups.setdefault(name, {})[expert] = value
     out = {}
     for name, experts in groups.items():
         if sorted(experts) != list(range(lo, hi)):

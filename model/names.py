@@ -1,0 +1,147 @@
+"""Checkpoint tensor names: one table for every layout mixchat reads (Hugging Face, Mistral's
+consolidated format, GGUF) and the mlx-lm names the model uses, and the tokenizer files that
+travel with a checkpoint. Loading (model/weights.py, model/mixtral.py), quantizing
+(quantize/sources.py), evaluating (quantize/evaluate.py) and sharding (model/distributed) read
+names from here only.
+
+Names are written without their ".weight" suffix, with placeholders: {i} a layer, {e} an expert,
+{moe} where a Mistral checkpoint keeps its MoE layers ("feed_forward" or "block_sparse_moe").
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+EXPERT_MARK = ".block_sparse_moe.switch_mlp."  # mlx-lm: a layer's experts stacked [E, out, in]
+PER_EXPERT_MARK = ".block_sparse_moe.experts."  # Hugging Face: one tensor per expert
+PARTS = ("weight", "scales", "biases")  # a (quantized) matrix's tensors in mlx-lm's layout
+# mlx-lm's expert projections and the Hugging Face / Mistral name of each.
+EXPERT_PROJECTIONS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+PROJECTION_OF = {hf: mlx for mlx, hf in EXPERT_PROJECTIONS.items()}  # "w1" -> "gate_proj"
+
+# One row per module: its names in mlx-lm (the model's own), Hugging Face, Mistral's consolidated
+# format and GGUF. Rows below LAYER_TABLE's line are inside layer {i}, under the prefixes of
+# LAYER_PREFIXES.
+LAYOUTS = ("mlx", "hf", "mistral", "gguf")
+# fmt: off
+TABLE = [
+    ("model.embed_tokens", "model.embed_tokens", "tok_embeddings", "token_embd"),
+    ("model.norm",         "model.norm",         "norm",           "output_norm"),
+    ("lm_head",            "lm_head",            "output",         "output"),
+]
+LAYER_PREFIXES = ("model.layers.{i}.", "model.layers.{i}.", "layers.{i}.", "blk.{i}.")
+LAYER_TABLE = [
+    ("input_layernorm",          "input_layernorm",          "attention_norm", "attn_norm"),
+    ("post_attention_layernorm", "post_attention_layernorm", "ffn_norm",       "ffn_norm"),
+    ("self_attn.q_proj",         "self_attn.q_proj",         "attention.wq",   "attn_q"),
+    ("self_attn.k_proj",         "self_attn.k_proj",         "attention.wk",   "attn_k"),
+    ("self_attn.v_proj",         "self_attn.v_proj",         "attention.wv",   "attn_v"),
+    ("self_attn.o_proj",         "self_attn.o_proj",         "attention.wo",   "attn_output"),
+    ("block_sparse_moe.gate",    "block_sparse_moe.gate",    "{moe}.gate",     "ffn_gate_inp"),
+    ("block_sparse_moe.switch_mlp.gate_proj", "block_sparse_moe.experts.{e}.w1",
+     "{moe}.experts.{e}.w1", "ffn_gate_exps"),
+    ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.experts.{e}.w3",
+     "{moe}.experts.{e}.w3", "ffn_up_exps"),
+    ("block_sparse_moe.switch_mlp.down_proj", "block_sparse_moe.experts.{e}.w2",
+     "{moe}.experts.{e}.w2", "ffn_down_exps"),
+    ("mlp.gate_proj",            "mlp.gate_proj",            "feed_forward.w1", "ffn_gate"),
+    ("mlp.up_proj",              "mlp.up_proj",              "feed_forward.w3", "ffn_up"),
+    ("mlp.down_proj",            "mlp.down_proj",            "feed_forward.w2", "ffn_down"),
+]
+# GGUF files may also keep one tensor per expert: Hugging Face's per-expert names (the loader
+# stacks them as it stacks a Hugging Face checkpoint's).
+GGUF_PER_EXPERT = [
+    ("blk.{i}.ffn_gate.{e}", "model.layers.{i}.block_sparse_moe.experts.{e}.w1"),
+    ("blk.{i}.ffn_up.{e}",   "model.layers.{i}.block_sparse_moe.experts.{e}.w3"),
+    ("blk.{i}.ffn_down.{e}", "model.layers.{i}.block_sparse_moe.experts.{e}.w2"),
+]
+# fmt: on
+ROWS = TABLE + [
+    tuple(prefix + name for prefix, name in zip(LAYER_PREFIXES, row)) for row in LAYER_TABLE
+]
+
+# Tokenizer files: those of a Hugging Face directory (copied next to quantized weights), and the
+# files that hold the vocabulary itself (a checkpoint without one has no tokenizer).
+HF_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MISTRAL_TOKENIZER_FILES = ("tokenizer.model.v*", "tekken.json")  # glob patterns
+VOCABULARY_FILES = ("tokenizer.model", "tokenizer.json", "tekken.json")
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A name template as a regex: {i} and {e} match numbers, {moe} Mistral's two MoE names."""
+    groups = {
+        "{i}": r"(?P<i>\d+)",
+        "{e}": r"(?P<e>\d+)",
+        "{moe}": r"(?P<moe>feed_forward|block_sparse_moe)",
+    }
+    parts = re.split(r"(\{i\}|\{e\}|\{moe\})", template)
+    return re.compile("".join(groups.get(p, re.escape(p)) for p in parts))
+
+
+@cache
+def _module_patterns() -> list[tuple[re.Pattern, tuple[str, ...]]]:
+    return [(_pattern(row[0]), row) for row in ROWS]
+
+
+def source_name(layout: str, module: str) -> str | None:
+    """The name `layout` ("hf", "mistral", "gguf") gives mlx-lm module `module` (no ".weight"),
+    its layer filled in and {e} (an expert) and {moe} left as placeholders; None if unknown."""
+    column = LAYOUTS.index(layout)
+    for pattern, row in _module_patterns():
+        if m := pattern.fullmatch(module):
+            return row[column].replace("{i}", m.groupdict().get("i") or "")
+    return None
+
+
+@cache
+def _gguf_patterns() -> list[tuple[re.Pattern, str]]:
+    per_expert = [(_pattern(gguf), hf) for gguf, hf in GGUF_PER_EXPERT]
+    return per_expert + [(_pattern(row[3]), row[0]) for row in ROWS]
+
+
+def gguf_to_mlx(name: str) -> str:
+    """A GGUF tensor's name under the model's names ("blk.0.attn_q.weight" ->
+    "model.layers.0.self_attn.q_proj.weight"); per-expert GGUF tensors get Hugging Face's
+    per-expert names (the loader stacks them). Unknown names come back unchanged."""
+    module, dot, part = name.rpartition(".")
+    if not dot:
+        return name
+    for pattern, target in _gguf_patterns():
+        if m := pattern.fullmatch(module):
+            found = {k: v for k, v in m.groupdict().items() if v is not None}
+            return target.format(**found) + "." + part
+    return name
+
+
+def per_expert_name(name: str) -> tuple[str, int] | None:
+    """A Hugging Face per-expert tensor ("...block_sparse_moe.experts.3.w1.weight") -> (the
+    stacked tensor it belongs to, "...block_sparse_moe.switch_mlp.gate_proj.weight", and the
+    expert, 3); None for any other name."""
+    if PER_EXPERT_MARK not in name:
+        return None
+    prefix, rest = name.split(PER_EXPERT_MARK, 1)
+    expert, hf, part = rest.split(".", 2)
+    return f"{prefix}{EXPERT_MARK}{PROJECTION_OF.get(hf, hf)}.{part}", int(expert)
+
+
+def experts_module(layer: int, expert: int | None = None) -> str:
+    """Layer `layer`'s experts: mlx-lm's stacked module, or expert `expert`'s own (HF)."""
+    moe = f"model.layers.{layer}.block_sparse_moe"
+    return f"{moe}.switch_mlp" if expert is None else f"{moe}.experts.{expert}"
+
+
+def expert_tensor(layer: int, proj: str, part: str = "weight", expert: int | None = None) -> str:
+    """Layer `layer`'s expert tensor `proj` ("gate_proj"...) `part`: stacked under mlx-lm's name,
+    or expert `expert`'s own under Hugging Face's."""
+    if expert is None:
+        return f"{experts_module(layer)}.{proj}.{part}"
+    return f"{experts_module(layer, expert)}.{EXPERT_PROJECTIONS[proj]}.{part}"

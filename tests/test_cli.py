@@ -1,4 +1,6 @@
-"""The `mixchat` command end to end, through subprocesses: streams, stdin, JSON, exit codes."""
+"""The `mixchat` command end to end: streams, stdin, JSON, exit codes. Through the installed
+command (a subprocess) where the process matters (the entry point, the environment read at
+start-up, imports); otherwise through `main(argv)` in this process, with a real stdin pipe."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from app.cli import main
 
 MIXCHAT = str(Path(sys.executable).parent / "mixchat")
 
@@ -26,6 +31,37 @@ def mixchat(*args: str, stdin: bytes | None = None, env: dict | None = None, tim
     )
 
 
+@dataclass
+class Ran:
+    """What a `mixchat` run left: its exit code, stdout and stderr (bytes, as a subprocess's)."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`mixchat(*args, stdin=..., env=...)` as `main(args)` in this process: stdin a real pipe
+    holding `stdin` (empty, as subprocess.run gives), `env` added to the environment."""
+
+    def run(*args: str, stdin: bytes = b"", env: dict | None = None) -> Ran:
+        with monkeypatch.context() as patch:
+            for key, value in {"HF_HUB_OFFLINE": "1", **(env or {})}.items():
+                patch.setenv(key, value)
+            with piped(stdin) as pipe:
+                patch.setattr(sys, "stdin", pipe)
+                capsys.readouterr()
+                try:
+                    code = main(list(args))
+                except SystemExit as e:  # --help
+                    code = e.code
+        out, err = capsys.readouterr()
+        return Ran(code, out.encode(), err.encode())
+
+    return run
+
+
 def assert_one_line_error(result, code: int, pattern: str):
     stderr = result.stderr.decode()
     assert result.returncode == code, stderr
@@ -34,18 +70,18 @@ def assert_one_line_error(result, code: int, pattern: str):
     assert pattern in stderr, stderr
 
 
-def test_default_model_answers_paris():
-    result = mixchat("ask", "What is the capital of France? Answer in one word.")
+def test_default_model_answers_paris(cli):
+    result = cli("ask", "What is the capital of France? Answer in one word.")
     assert result.returncode == 0, result.stderr.decode()
     assert "Paris" in result.stdout.decode()
     assert "tok/s" in result.stderr.decode()  # stats go to stderr, not stdout
     assert "tok/s" not in result.stdout.decode()
 
 
-def test_ask_json_from_stdin(tiny_mixtral):
+def test_ask_json_from_stdin(tiny_mixtral, cli):
     prompt = "Bonjour, ça va ? 日本語もOK 👍🏽".encode()
-    result = mixchat("ask", "--model", str(tiny_mixtral), "--json", "--max-tokens", "5", "-",
-                     stdin=prompt)
+    result = cli("ask", "--model", str(tiny_mixtral), "--json", "--max-tokens", "5", "-",
+                 stdin=prompt)
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().strip().splitlines()
     assert len(lines) == 1
@@ -57,41 +93,41 @@ def test_ask_json_from_stdin(tiny_mixtral):
     assert data["model"] == str(tiny_mixtral) or data["model"] == tiny_mixtral.name
 
 
-def test_piped_stdin_without_prompt_and_system_prompt(tiny_mixtral):
+def test_piped_stdin_without_prompt_and_system_prompt(tiny_mixtral, cli):
     args = ("ask", "--model", str(tiny_mixtral), "--json", "--max-tokens", "3", "--temp", "0")
-    plain = json.loads(mixchat(*args, stdin=b"Hola").stdout)
-    with_system = json.loads(mixchat(*args, "--system", "Sei un pirata.", stdin=b"Hola").stdout)
+    plain = json.loads(cli(*args, stdin=b"Hola").stdout)
+    with_system = json.loads(cli(*args, "--system", "Sei un pirata.", stdin=b"Hola").stdout)
     assert with_system["prompt_tokens"] > plain["prompt_tokens"]
 
 
-def test_streamed_stdout_equals_json_text(tiny_mixtral):
+def test_streamed_stdout_equals_json_text(tiny_mixtral, cli):
     args = ("ask", "--model", str(tiny_mixtral), "--max-tokens", "8", "Grüß Gott")
-    streamed = mixchat(*args)
-    as_json = mixchat(*args, "--json")
+    streamed = cli(*args)
+    as_json = cli(*args, "--json")
     assert streamed.returncode == as_json.returncode == 0
     assert streamed.stdout.decode() == json.loads(as_json.stdout)["text"] + "\n"
 
 
-def test_usage_errors_exit_2():
-    assert_one_line_error(mixchat("ask", "--max-tokens", "many", "hi"), 2, "usage error")
-    assert_one_line_error(mixchat("ask", "--top-p", "0", "hi"), 2, "top-p")
-    assert_one_line_error(mixchat("ask", stdin=b"   \n"), 2, "empty")
-    assert_one_line_error(mixchat("frobnicate"), 2, "usage error")
+def test_usage_errors_exit_2(cli):
+    assert_one_line_error(cli("ask", "--max-tokens", "many", "hi"), 2, "usage error")
+    assert_one_line_error(cli("ask", "--top-p", "0", "hi"), 2, "top-p")
+    assert_one_line_error(cli("ask", stdin=b"   \n"), 2, "empty")
+    assert_one_line_error(cli("frobnicate"), 2, "usage error")
 
 
-def test_bad_models_exit_1(tmp_path):
-    assert_one_line_error(mixchat("ask", "--model", str(tmp_path / "nope"), "hi"), 1, "no model at")
-    assert_one_line_error(mixchat("ask", "--model", "someone/not-cached", "hi"), 1, "mixchat download")
+def test_bad_models_exit_1(tmp_path, cli):
+    assert_one_line_error(cli("ask", "--model", str(tmp_path / "nope"), "hi"), 1, "no model at")
+    assert_one_line_error(cli("ask", "--model", "someone/not-cached", "hi"), 1, "mixchat download")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    assert_one_line_error(mixchat("ask", "--model", str(tmp_path), "hi"), 1, "never unpickles")
-    assert_one_line_error(mixchat("info", str(tmp_path)), 1, "never unpickles")
+    assert_one_line_error(cli("ask", "--model", str(tmp_path), "hi"), 1, "never unpickles")
+    assert_one_line_error(cli("info", str(tmp_path)), 1, "never unpickles")
 
 
-def test_invalid_utf8_stdin_and_huge_prompt(tiny_mixtral):
-    bad = mixchat("ask", "--model", str(tiny_mixtral), stdin=b"caf\xe9 \xff")
+def test_invalid_utf8_stdin_and_huge_prompt(tiny_mixtral, cli):
+    bad = cli("ask", "--model", str(tiny_mixtral), stdin=b"caf\xe9 \xff")
     assert_one_line_error(bad, 1, "UTF-8")
     huge = ("token " * 6000).encode()
-    assert_one_line_error(mixchat("ask", "--model", str(tiny_mixtral), stdin=huge), 1, "context")
+    assert_one_line_error(cli("ask", "--model", str(tiny_mixtral), stdin=huge), 1, "context")
 
 
 def test_repo_id_from_local_hf_cache(tiny_mixtral, tmp_path):
@@ -111,11 +147,11 @@ def test_repo_id_from_local_hf_cache(tiny_mixtral, tmp_path):
     assert any(entry["source"] == "embedded" for entry in listed)
 
 
-def test_info_counts_parameters_like_transformers(tiny_mixtral):
+def test_info_counts_parameters_like_transformers(tiny_mixtral, cli):
     import torch
     import transformers
 
-    result = mixchat("info", str(tiny_mixtral), "--json")
+    result = cli("info", str(tiny_mixtral), "--json")
     assert result.returncode == 0, result.stderr.decode()
     info = json.loads(result.stdout)
     reference = transformers.MixtralForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32)
@@ -125,20 +161,20 @@ def test_info_counts_parameters_like_transformers(tiny_mixtral):
     assert info["num_experts"] == 4 and info["experts_per_token"] == 2
     assert info["architecture"] == "mixtral"
     assert info["size_bytes"] == (tiny_mixtral / "model.safetensors").stat().st_size
-    text = mixchat("info").stdout.decode()  # the default model, human-readable
+    text = cli("info").stdout.decode()  # the default model, human-readable
     assert "GGUF Q4_1" in text and "dense" in text
 
 
-def test_quantized_model_is_listed_and_runs(tiny_mixtral, tmp_path):
+def test_quantized_model_is_listed_and_runs(tiny_mixtral, tmp_path, cli):
     dst = tmp_path / "tiny-q4"
-    result = mixchat("quantize", str(tiny_mixtral), str(dst), "--group-size", "32", "--no-eval",
-                     "--quiet")
+    result = cli("quantize", str(tiny_mixtral), str(dst), "--group-size", "32", "--no-eval",
+                 "--quiet")
     assert result.returncode == 0, result.stderr.decode()
-    listed = json.loads(mixchat("models", "--json").stdout)
+    listed = json.loads(cli("models", "--json").stdout)
     assert {"name": "tiny-q4", "source": "quantized", "path": str(dst.resolve())} in listed
-    answer = mixchat("ask", "--model", str(dst), "--json", "--max-tokens", "3", "Ciao")
+    answer = cli("ask", "--model", str(dst), "--json", "--max-tokens", "3", "Ciao")
     assert answer.returncode == 0, answer.stderr.decode()
-    assert "4-bit" in mixchat("info", str(dst)).stdout.decode()
+    assert "4-bit" in cli("info", str(dst)).stdout.decode()
 
 
 # --- the shell idioms: a prompt and piped stdin -----------------------------------------------
@@ -176,11 +212,11 @@ def test_read_prompt_joins_instruction_and_piped_text():
         read_prompt(None, Terminal())
 
 
-def test_prompt_and_piped_stdin_are_joined_end_to_end(tiny_mixtral):
+def test_prompt_and_piped_stdin_are_joined_end_to_end(tiny_mixtral, cli):
     args = ("ask", "--model", str(tiny_mixtral), "--json", "--max-tokens", "4")
-    joined = json.loads(mixchat(*args, "Résume ce texte.", stdin=b"Le chat dort.\n").stdout)
-    spelled = json.loads(mixchat(*args, "Résume ce texte.\n\nLe chat dort.\n").stdout)
-    alone = json.loads(mixchat(*args, "Résume ce texte.").stdout)
+    joined = json.loads(cli(*args, "Résume ce texte.", stdin=b"Le chat dort.\n").stdout)
+    spelled = json.loads(cli(*args, "Résume ce texte.\n\nLe chat dort.\n").stdout)
+    alone = json.loads(cli(*args, "Résume ce texte.").stdout)
     assert joined["prompt_tokens"] == spelled["prompt_tokens"] > alone["prompt_tokens"]
     assert joined["text"] == spelled["text"]  # greedy: the same prompt gives the same reply
 
@@ -258,8 +294,8 @@ def test_ask_imports_neither_transformers_nor_the_ui(tiny_mixtral):
     assert not {"transformers", "torch", "textual", "rich"} & set(heavy), heavy
 
 
-def test_help_shows_defaults():
-    text = mixchat("ask", "--help").stdout.decode()
+def test_help_shows_defaults(cli):
+    text = cli("ask", "--help").stdout.decode()
     squashed = " ".join(text.split())
     assert "most tokens in the reply (default 512" in squashed
     assert "random seed, 0 to 2**64-1" in squashed and "--safe" in squashed
@@ -280,12 +316,12 @@ def test_ask_messages_put_the_safe_mode_guardrail_first():
     assert ask_messages("hi", None, safe=False) == [{"role": "user", "content": "hi"}]
 
 
-def test_ask_safe_sends_the_guardrail(tiny_mixtral):
+def test_ask_safe_sends_the_guardrail(tiny_mixtral, cli):
     from app.prompts import SAFE_MODE_PROMPT
 
     args = ("ask", "--model", str(tiny_mixtral), "--json", "--max-tokens", "3")
-    safe = json.loads(mixchat(*args, "--safe", "Hola").stdout)
-    spelled = json.loads(mixchat(*args, "--system", SAFE_MODE_PROMPT, "Hola").stdout)
+    safe = json.loads(cli(*args, "--safe", "Hola").stdout)
+    spelled = json.loads(cli(*args, "--system", SAFE_MODE_PROMPT, "Hola").stdout)
     assert safe["prompt_tokens"] == spelled["prompt_tokens"] > 40
     assert safe["text"] == spelled["text"]
 
@@ -314,9 +350,9 @@ def test_stats_lines_in_english_and_french():
     ]
 
 
-def test_ask_stats_follow_a_french_locale(tiny_mixtral):
+def test_ask_stats_follow_a_french_locale(tiny_mixtral, cli):
     args = ("ask", "--model", str(tiny_mixtral), "--max-tokens", "3", "Bonjour")
-    french = mixchat(*args, env={"LC_ALL": "fr_FR.UTF-8"}).stderr.decode()
-    english = mixchat(*args, env={"LC_ALL": "C.UTF-8", "LANG": "fr_FR.UTF-8"}).stderr.decode()
+    french = cli(*args, env={"LC_ALL": "fr_FR.UTF-8"}).stderr.decode()
+    english = cli(*args, env={"LC_ALL": "C.UTF-8", "LANG": "fr_FR.UTF-8"}).stderr.decode()
     assert re.search(r"réponse \d+ jetons, \d+,\d jetons/s \| mémoire max [\d,]+ [kMG]?o \|", french)
     assert re.search(r"reply \d+ tokens, \d+\.\d tok/s \| peak memory [\d.]+ [kMG]?B \|", english)

@@ -6,9 +6,12 @@ SentencePiece files that ship inside the mistral-common wheel.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +114,25 @@ def reference_logits(path: Path, ids: list[int] | np.ndarray) -> np.ndarray:
         x = x[None]
     with torch.no_grad():
         return model(x).logits.float().numpy()
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str):
+    from gguf.gguf_reader import GGUFReader  # the class itself, not quick_gguf_reads' stand-in
+
+    return GGUFReader(path)
+
+
+@contextmanager
+def quick_gguf_reads() -> Iterator[None]:
+    """transformers' GGUF loader with gguf-py's two slow calls memoized while it runs: it parses
+    the same file for the tokenizer, the config and the weights (GGUFReader, a read-only
+    memory map), and rebuilds the same tensor-name map once per module (get_tensor_name_map).
+    Memoizing changes no result; it spares the reference models ~15 s of setup."""
+    import gguf
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", lambda path, mode="r": _gguf_reader(str(path)))
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        yield

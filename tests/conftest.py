@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.checkpoints import build_hf_checkpoint
+from tests.checkpoints import build_hf_checkpoint, quick_gguf_reads
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,6 +41,17 @@ def default_model_path():
     from model.registry import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf(default_model_path):
+    """transformers' tokenizer built from the embedded GGUF (slow: built once per session)."""
+    from transformers import AutoTokenizer
+
+    with quick_gguf_reads():
+        return AutoTokenizer.from_pretrained(
+            str(default_model_path.parent), gguf_file=default_model_path.name
+        )
 
 
 @pytest.fixture

@@ -7,19 +7,21 @@ import numpy as np
 import pytest
 
 from model import Engine, GenerationSettings, load
+from tests.checkpoints import quick_gguf_reads
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_path):
+def reference(default_model_path, hf_gguf):
+    """transformers' model and tokenizer (the session's), both from the GGUF file."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory, name = str(default_model_path.parent), default_model_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return model.eval(), tokenizer
+    with quick_gguf_reads():
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    return model.eval(), hf_gguf
 
 
 def test_logits_match_transformers_on_the_gguf(default_model_path, reference):

@@ -339,15 +339,6 @@ def bpe(gguf_metadata) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def hf_gguf():
-    """transformers' tokenizer built from the same GGUF file (slow: build once)."""
-    from transformers import AutoTokenizer
-
-    path = _gguf_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-@pytest.fixture(scope="session")
 def hf_upstream(hf_gguf):
     """transformers' GGUF tokenizer with SmolLM2's own pre-tokenizer (digits split one by one,
     then GPT-2's regex), which is what llama.cpp uses for pre='smollm'. transformers' GGUF

@@ -4,6 +4,8 @@ reference definition), and the embedded default model."""
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -52,6 +54,42 @@ def hf_gguf(default_model_path):
         return AutoTokenizer.from_pretrained(
             str(default_model_path.parent), gguf_file=default_model_path.name
         )
+
+
+@dataclass
+class Ran:
+    """What a `mixchat` run left: its exit code, stdout and stderr (bytes, as a subprocess's)."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`mixchat(*args, stdin=..., env=...)` (tests/test_cli.py) as `main(args)` in this process,
+    where the process itself is not what a test checks: stdin a real pipe holding `stdin` (empty,
+    as subprocess.run gives), `env` added to the environment while it runs."""
+    from app.cli import main
+
+    def run(*args: str, stdin: bytes = b"", env: dict | None = None) -> Ran:
+        with monkeypatch.context() as patch:
+            for key, value in {"HF_HUB_OFFLINE": "1", **(env or {})}.items():
+                patch.setenv(key, value)
+            read_end, write_end = os.pipe()
+            os.write(write_end, stdin)
+            os.close(write_end)
+            with open(read_end, encoding="utf-8") as pipe:
+                patch.setattr(sys, "stdin", pipe)
+                capsys.readouterr()
+                try:
+                    code = main(list(args))
+                except SystemExit as e:  # --help
+                    code = e.code
+        out, err = capsys.readouterr()
+        return Ran(code, out.encode(), err.encode())
+
+    return run
 
 
 @pytest.fixture

@@ -10,12 +10,9 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from app.cli import main
 
 MIXCHAT = str(Path(sys.executable).parent / "mixchat")
 
@@ -29,37 +26,6 @@ def mixchat(*args: str, stdin: bytes | None = None, env: dict | None = None, tim
         env=environment,
         timeout=timeout,
     )
-
-
-@dataclass
-class Ran:
-    """What a `mixchat` run left: its exit code, stdout and stderr (bytes, as a subprocess's)."""
-
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """`mixchat(*args, stdin=..., env=...)` as `main(args)` in this process: stdin a real pipe
-    holding `stdin` (empty, as subprocess.run gives), `env` added to the environment."""
-
-    def run(*args: str, stdin: bytes = b"", env: dict | None = None) -> Ran:
-        with monkeypatch.context() as patch:
-            for key, value in {"HF_HUB_OFFLINE": "1", **(env or {})}.items():
-                patch.setenv(key, value)
-            with piped(stdin) as pipe:
-                patch.setattr(sys, "stdin", pipe)
-                capsys.readouterr()
-                try:
-                    code = main(list(args))
-                except SystemExit as e:  # --help
-                    code = e.code
-        out, err = capsys.readouterr()
-        return Ran(code, out.encode(), err.encode())
-
-    return run
 
 
 def assert_one_line_error(result, code: int, pattern: str):

@@ -215,7 +215,7 @@ def test_prediction_arithmetic_from_a_measured_kernel_rate(mixtral, monkeypatch)
     assert not R.predict(plan, GB, timing, disk, memory).feasible
 
 
-def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path):
+def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path, cli):
     """The first `info` measures disk, memory and the model's own layer, and keeps them; the
     second reads them back, and its prediction is the arithmetic on those figures."""
     env = {"MIXCHAT_HOME": str(tmp_path)}
@@ -225,7 +225,7 @@ def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path):
     kept = json.loads((tmp_path / CACHE_FILE).read_text())
     assert any(k.startswith("disk:") for k in kept) and "memory" in kept
     assert any(k.startswith("decode:") for k in kept)
-    result = mixchat("info", model, "--memory-budget", "400MB", "--json", env=env)
+    result = cli("info", model, "--memory-budget", "400MB", "--json", env=env)
     memory, measured = json.loads(result.stdout)["memory"], json.loads(first.stdout)["memory"]
     assert "(measured 20" in memory.pop("disk_method") and measured.pop("disk_method")
     assert memory == measured  # the same figures, read back instead of measured again
@@ -241,9 +241,9 @@ def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path):
     assert timing.layers == 8 and timing.synced and timing.layer_seconds > 0
     options = [o["option"] for o in memory["options"]]
     assert "mixchat quantize SRC DST --expert-bits 3" in options
-    text = mixchat("info", model, "--memory-budget", "400MB", env=env).stdout.decode()
+    text = cli("info", model, "--memory-budget", "400MB", env=env).stdout.decode()
     assert "fits           no: needs" in text and "tok/s" in text and "-bound" in text
-    small = mixchat("info", model, "--memory-budget", "20MB", env=env).stdout.decode()
+    small = cli("info", model, "--memory-budget", "20MB", env=env).stdout.decode()
     assert "below the minimum" in small
 
 
@@ -258,19 +258,19 @@ def test_disk_bandwidth_is_measured_on_the_experts(tiny_mixtral):
 # --- bad budgets ------------------------------------------------------------------------------
 
 
-def test_budget_below_the_minimum_is_a_one_line_error(mixtral):
+def test_budget_below_the_minimum_is_a_one_line_error(mixtral, cli):
     env = {"MIXCHAT_DTYPE": "float16"}
-    result = mixchat("ask", "--model", str(mixtral), "--memory-budget", "1GB", "hi", env=env)
+    result = cli("ask", "--model", str(mixtral), "--memory-budget", "1GB", "hi", env=env)
     assert_one_line_error(result, 1, "below the minimum of")
     assert "--memory-budget" in result.stderr.decode()
     result = mixchat("chat", "--model", str(mixtral), "--memory-budget", "1GB", env=env)
     assert_one_line_error(result, 1, "below the minimum")
 
 
-def test_garbage_budget_is_a_usage_error(tiny_mixtral):
+def test_garbage_budget_is_a_usage_error(tiny_mixtral, cli):
     for command in (["ask", "--model", str(tiny_mixtral), "hi"], ["info", str(tiny_mixtral)],
                     ["chat"]):  # fmt: skip
-        result = mixchat(*command, "--memory-budget", "lots")
+        result = cli(*command, "--memory-budget", "lots")
         assert_one_line_error(result, 2, "not a memory size")
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from model import Engine, GenerationSettings
 from tests.checkpoints import build_hf_checkpoint
-from tests.test_cli import mixchat
 
 PROMPT = "Once upon a time, in a land far away,"
 
@@ -59,9 +58,9 @@ def test_raw_completion_is_mlx_lm_s(base_dir):
     assert chat == text
 
 
-def test_ask_without_template_says_so_once_and_completes(base_dir):
-    result = mixchat("ask", "--model", str(base_dir), "--temp", "0", "--max-tokens", "8",
-                     "--json", PROMPT)  # fmt: skip
+def test_ask_without_template_says_so_once_and_completes(base_dir, cli):
+    result = cli("ask", "--model", str(base_dir), "--temp", "0", "--max-tokens", "8",
+                 "--json", PROMPT)  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     notices = [line for line in result.stderr.decode().splitlines() if "no chat template" in line]
     assert len(notices) == 1 and "plain text" in notices[0]
@@ -71,21 +70,21 @@ def test_ask_without_template_says_so_once_and_completes(base_dir):
     assert reply["text"] == "".join(c.text for c in engine.stream_text(PROMPT, settings))
 
 
-def test_ask_raw_on_a_chat_model_skips_the_template(tiny_mixtral):
+def test_ask_raw_on_a_chat_model_skips_the_template(tiny_mixtral, cli):
     settings = GenerationSettings(max_tokens=6, temperature=0.0)
     engine = Engine.load(str(tiny_mixtral))
     expected = "".join(c.text for c in engine.stream_text(PROMPT, settings))
     chat = "".join(c.text for c in engine.stream([{"role": "user", "content": PROMPT}], settings))
     assert engine.has_chat_template and expected != chat
-    result = mixchat("ask", "--raw", "--model", str(tiny_mixtral), "--temp", "0",
-                     "--max-tokens", "6", "--json", PROMPT)  # fmt: skip
+    result = cli("ask", "--raw", "--model", str(tiny_mixtral), "--temp", "0",
+                 "--max-tokens", "6", "--json", PROMPT)  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout)["text"] == expected
     assert "no chat template" not in result.stderr.decode()
 
 
-def test_raw_with_system_is_a_usage_error(tiny_mixtral):
-    result = mixchat("ask", "--raw", "--system", "be nice", "--model", str(tiny_mixtral), "hi")
+def test_raw_with_system_is_a_usage_error(tiny_mixtral, cli):
+    result = cli("ask", "--raw", "--system", "be nice", "--model", str(tiny_mixtral), "hi")
     assert result.returncode == 2 and "--system and --safe need a chat template" in result.stderr.decode()
     assert len(result.stderr.decode().strip().splitlines()) == 1
 

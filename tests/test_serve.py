@@ -63,9 +63,9 @@ def chat(server, messages, max_tokens=12, **kw):
     )
 
 
-def test_plain_and_streamed_equal_ask(server, tiny_mixtral):
-    local = mixchat("ask", "--local", "--json", "-m", str(tiny_mixtral), "--max-tokens", "12",
-                    HELLO[0]["content"], env={"MIXCHAT_SERVER": server.url})  # fmt: skip
+def test_plain_and_streamed_equal_ask(server, tiny_mixtral, cli):
+    local = cli("ask", "--local", "--json", "-m", str(tiny_mixtral), "--max-tokens", "12",
+                HELLO[0]["content"], env={"MIXCHAT_SERVER": server.url})  # fmt: skip
     assert local.returncode == 0, local.stderr.decode()
     expected = json.loads(local.stdout)["text"]
     assert expected and not any(job.request.messages == HELLO for job in server.scheduler.history)
@@ -86,8 +86,8 @@ def test_plain_and_streamed_equal_ask(server, tiny_mixtral):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1  # reused
 
     for extra in ((), ("--json",)):
-        through = mixchat("ask", "-m", str(tiny_mixtral), "--max-tokens", "12", *extra,
-                          HELLO[0]["content"], env={"MIXCHAT_SERVER": server.url})  # fmt: skip
+        through = cli("ask", "-m", str(tiny_mixtral), "--max-tokens", "12", *extra,
+                      HELLO[0]["content"], env={"MIXCHAT_SERVER": server.url})  # fmt: skip
         assert through.returncode == 0, through.stderr.decode()
         out = through.stdout.decode()
         assert (json.loads(out)["text"] if extra else out) == (
@@ -97,19 +97,19 @@ def test_plain_and_streamed_equal_ask(server, tiny_mixtral):
     jobs = [job for job in server.scheduler.history if job.request.messages == HELLO]
     assert len(jobs) == 4  # plain, streamed, and both `ask`s went through the server
 
-    usage = mixchat("ask", "-m", str(tiny_mixtral), "--max-tokens", "0", "Hi",
-                    env={"MIXCHAT_SERVER": server.url})  # fmt: skip
+    usage = cli("ask", "-m", str(tiny_mixtral), "--max-tokens", "0", "Hi",
+                env={"MIXCHAT_SERVER": server.url})  # fmt: skip
     assert_one_line_error(usage, 2, "max tokens must be at least 1, not 0")
 
 
-def test_ask_without_a_server_answers_in_process(tiny_mixtral):
+def test_ask_without_a_server_answers_in_process(tiny_mixtral, cli):
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    result = mixchat("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "3", "Hi",
-                     env={"MIXCHAT_SERVER": url})  # fmt: skip
+    result = cli("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "3", "Hi",
+                 env={"MIXCHAT_SERVER": url})  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout)["generation_tokens"] == 3
 
@@ -235,7 +235,7 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(server):
     assert chat(server, HELLO, max_tokens=2).choices[0].message.content  # still answers
 
 
-def test_api_key_and_queue_limit(tiny_mixtral):
+def test_api_key_and_queue_limit(tiny_mixtral, cli):
     with start(tiny_mixtral, max_queue=1, batch=1, api_key="s3cret") as keyed:
         with pytest.raises(openai.AuthenticationError):
             client(keyed, "wrong").models.list()
@@ -244,8 +244,8 @@ def test_api_key_and_queue_limit(tiny_mixtral):
 
         args = ("ask", "-m", str(tiny_mixtral), "--max-tokens", "3", "Hi")
         env = {"MIXCHAT_SERVER": keyed.url}
-        assert_one_line_error(mixchat(*args, env=env), 1, "wants an API key")
-        assert mixchat(*args, env=env | {"MIXCHAT_API_KEY": "s3cret"}).returncode == 0
+        assert_one_line_error(cli(*args, env=env), 1, "wants an API key")
+        assert cli(*args, env=env | {"MIXCHAT_API_KEY": "s3cret"}).returncode == 0
 
         api = client(keyed, "s3cret")
         busy = api.chat.completions.create(model="default", messages=HELLO, max_tokens=3000,
@@ -264,7 +264,7 @@ def test_api_key_and_queue_limit(tiny_mixtral):
         assert not waiter.is_alive()
 
 
-def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model_path):
+def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model_path, cli):
     with start(tiny_mixtral, keep_alive=0.2) as short:
         first = chat(short, HELLO, max_tokens=4).choices[0].message.content
         deadline = time.monotonic() + 10
@@ -282,7 +282,7 @@ def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model
         assert health(short)["loads"] == state["loads"] + 2
 
         # `ask` without --model means the embedded default, as in-process; named as in-process
-        asked = mixchat(
+        asked = cli(
             "ask", "--json", "--max-tokens", "2", "Hi", env={"MIXCHAT_SERVER": short.url}
         )
         assert asked.returncode == 0, asked.stderr.decode()
@@ -308,7 +308,7 @@ def test_conversation_cache_survives_other_conversations(server, tiny_mixtral):
     assert second.choices[0].message.content == expected
 
 
-def test_detach_and_stop(tiny_mixtral, tmp_path):
+def test_detach_and_stop(tiny_mixtral, tmp_path, cli):
     from app.serve.detach import read_state
 
     env = {"MIXCHAT_HOME": str(tmp_path)}
@@ -320,13 +320,13 @@ def test_detach_and_stop(tiny_mixtral, tmp_path):
     try:
         with urllib.request.urlopen(state["url"] + "/health", timeout=10) as response:
             assert json.loads(response.read())["model"] == tiny_mixtral.name
-        asked = mixchat("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "2", "Hi",
-                        env=env | {"MIXCHAT_SERVER": state["url"]})  # fmt: skip
+        asked = cli("ask", "--json", "-m", str(tiny_mixtral), "--max-tokens", "2", "Hi",
+                    env=env | {"MIXCHAT_SERVER": state["url"]})  # fmt: skip
         assert asked.returncode == 0 and json.loads(asked.stdout)["generation_tokens"] == 2
-        again = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0", env=env)
+        again = cli("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0", env=env)
         assert_one_line_error(again, 1, f"already running at {state['url']}")
     finally:
-        stopped = mixchat("serve", "--stop", env=env)
+        stopped = cli("serve", "--stop", env=env)
     assert stopped.returncode == 0, stopped.stderr.decode()
     assert f"stopped the server at {state['url']} (pid {state['pid']})" in stopped.stderr.decode()
     assert not (tmp_path / "serve.json").exists()
@@ -334,7 +334,7 @@ def test_detach_and_stop(tiny_mixtral, tmp_path):
         import os
 
         os.kill(state["pid"], 0)
-    assert_one_line_error(mixchat("serve", "--stop", env=env), 1, "no background server")
-    bad = mixchat("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0",
-                  "--memory-budget", "1KB", env=env)  # fmt: skip
+    assert_one_line_error(cli("serve", "--stop", env=env), 1, "no background server")
+    bad = cli("serve", "--detach", "-m", str(tiny_mixtral), "--port", "0",
+              "--memory-budget", "1KB", env=env)  # fmt: skip
     assert_one_line_error(bad, 1, "the background server did not start: tiny-mixtral0 needs")

@@ -298,10 +298,9 @@ class _Head:
 
 def _route(moe: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
     """The router's top-k experts and their weights, as model.mixtral.SparseMoE computes them."""
-    logits = moe.gate(x)
-    inds = mx.argpartition(-logits, kth=moe.top_k - 1, axis=-1)[..., : moe.top_k]
-    weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
-    return inds, weights
+    from model.router import route
+
+    return route(moe.gate(x), moe.top_k)
 
 
 def run_layer(

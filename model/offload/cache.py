@@ -136,7 +136,9 @@ class ExpertCache:
             evictable = sum(
                 e.nbytes
                 for k, e in self._entries.items()
-                if self._evictable(k) and (not self.per_layer or k[0] == layer)
+                if (not self.per_layer or k[0] == layer)
+                and e.value is not None
+                and not self._pins[k]
             )
             if self.scope_used(layer) - evictable + nbytes > limit:
                 return False

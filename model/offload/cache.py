@@ -14,6 +14,7 @@ from .policies import (
     Auto,
     Key,
     LeastRecentlyUsed,
+    check_policy,
     eviction_order,
     per_layer,
 )
@@ -36,14 +37,17 @@ class ExpertCache:
     """
 
     def __init__(self, capacity: int, policy: str = DEFAULT_POLICY, layers: Iterable[int] = (0,)):
+        check_policy(policy)
         self.layers = list(layers)
         self.frequency: Counter[Key] = Counter()  # demands per key, all-time
-        self._shared = eviction_order(policy, self.layers, self.frequency)  # checks the name
         self.auto = policy == AUTO_POLICY  # next-use while the capacity is below `working_set`
         self.policy = "lru" if self.auto else policy
         self.lfu = policy.startswith("lfu")
         self.per_layer = per_layer(policy)
-        self._orders: dict[int, LeastRecentlyUsed] = {}  # per-layer scopes
+        self._shared = (  # the whole cache's eviction order, or None: one per layer (_orders)
+            None if self.per_layer else eviction_order(policy, self.layers, self.frequency)
+        )
+        self._orders: dict[int, LeastRecentlyUsed] = {}
         self._working_set = 0
         self.capacity = int(capacity)
         self.quota = self.capacity // max(len(self.layers), 1) if self.per_layer else self.capacity
@@ -191,7 +195,7 @@ class ExpertCache:
 
     def _order(self, layer: int) -> LeastRecentlyUsed:
         """The eviction order of the scope `layer` belongs to."""
-        if not self.per_layer:
+        if self._shared is not None:
             return self._shared
         order = self._orders.get(layer)
         if order is None:

@@ -32,6 +32,7 @@ from .mlx_lm_parts import (
     scaled_dot_product_attention,
 )
 from .names import EXPERT_PROJECTIONS, PARTS, expert_tensor
+from .router import route
 
 # Matrix products are split across this many streams of the default device. On MLX's CPU
 # backend each stream runs on its own thread, so two streams use two cores (one token: the two
@@ -203,8 +204,7 @@ class SparseMoE(nn.Module):
     def __call__(self, x: mx.array, routing: list | None = None) -> mx.array:
         B, L, D = x.shape
         logits = self.gate(x)  # [B, L, E]
-        inds = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-        weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
+        inds, weights = route(logits, self.top_k)  # [B, L, k] each
         if routing is not None:
             routing.append(inds)  # [B, L, k]
         if self.shard is not None:  # this rank's experts, summed over the ranks

@@ -245,14 +245,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(strings[key].format(model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now
 
-    engine = Engine.load(
-        settings.model,
-        dtype=settings.dtype,
-        memory_budget=settings.memory_budget,
-        max_context=args.max_context,
-        kv_bits=args.kv_bits,
-        streams=settings.streams,
-    )
+    engine = Engine.load(settings.model, settings.load_options, split=rank_split(settings))
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
@@ -365,7 +358,18 @@ def join_hosts(args: argparse.Namespace) -> None:
     if args.hosts:  # this process is rank 0 and starts the other ranks
         from model.distributed.launch import join_hosts as start
 
-        start(args.hosts, args.argv)
+        settings: Settings = args.settings
+        start(args.hosts, args.argv, settings.rank_variables, settings.parallel)
+
+
+def rank_split(settings: Settings):
+    """This process's part of a model split over several ranks (joined as MIXCHAT_PARALLEL
+    says), or None: one process loads the whole model."""
+    if not launched():
+        return None
+    from model.distributed import rank_split as split
+
+    return split(settings.parallel)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -379,11 +383,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         model=settings.model,
         lang=settings.lang,
         data_dir=settings.data_dir,
-        dtype=settings.dtype,
-        memory_budget=settings.memory_budget,
-        max_context=args.max_context,
-        kv_bits=args.kv_bits,
-        streams=settings.streams,
+        load_options=settings.load_options,
         server=None if args.local or args.hosts or launched() else settings.server,  # ranks: local
         api_key=settings.api_key,
     )
@@ -395,8 +395,8 @@ def check_memory_budget(args: argparse.Namespace) -> None:
 
     settings: Settings = args.settings
     checkpoint = weights.locate(registry.resolve(settings.model))
-    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, args.max_context,
-                        args.kv_bits)  # fmt: skip
+    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, settings.max_context,
+                        settings.kv_bits)  # fmt: skip
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -426,7 +426,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     dtype = weights.compute_dtype(checkpoint, settings.dtype)
     info = model_info(checkpoint, name, dtype.size)
     fit = fit_report(
-        checkpoint, dtype, settings.memory_budget, args.model, args.max_context, args.kv_bits,
+        checkpoint, dtype, settings.memory_budget, args.model, settings.max_context, settings.kv_bits,
         MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
         weights.stream_count(settings.streams),
     )
@@ -434,7 +434,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.hosts:
         from model.distributed import hosts_report
 
-        hosts = hosts_report(checkpoint, dtype.size, args.hosts)
+        hosts = hosts_report(checkpoint, dtype.size, args.hosts, settings.data_dir)
     if args.json:
         extra = {"memory": fit.as_dict()} | ({"hosts": hosts[1]} if hosts else {})
         print(json.dumps(info.as_dict() | extra, ensure_ascii=False, indent=1))
@@ -480,14 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = argv  # as given (`mixchat serve --detach` runs the same in the background)
         args.settings = settings = read_settings(args)  # the one read of the environment
         args.argv = argv  # --hosts starts the other ranks with the same command line
-        if args.command in ("ask", "chat") and launched():
-            from model import distributed
+        if args.command in ("ask", "chat") and (split := rank_split(settings)) is not None:
+            if not split.world.leader:  # rank 0 leads, this rank follows
+                from app.follower import follow
 
-            if not distributed.world().leader:  # rank 0 leads, this rank follows
-                return distributed.follow(settings.model, dtype=settings.dtype,
-                                          memory_budget=settings.memory_budget,
-                                          max_context=args.max_context, kv_bits=args.kv_bits,
-                                          streams=settings.streams)  # fmt: skip
+                return follow(settings.model, settings.load_options, split)
         return args.func(args)
     except (UsageError, SettingsError) as e:
         print(f"mixchat: usage error: {e}", file=sys.stderr)

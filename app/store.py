@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import MixchatError
-from model.registry import data_dir  # the one data directory (re-exported for the UI)
+from app.settings import data_dir  # the one data directory (re-exported for the UI)
 
 DATABASE_NAME = "mixchat.db"
 TITLE_MAX_CHARS = 48

@@ -83,7 +83,9 @@ def run_download(args: argparse.Namespace) -> int:
     from .download import download
 
     try:
-        path = download(args.repo_id, args.revision, quiet=args.quiet)
+        settings = getattr(args, "settings", None)  # app/settings.py's, when mixchat runs it
+        offline = settings is not None and settings.hf_offline
+        path = download(args.repo_id, args.revision, quiet=args.quiet, offline=offline)
     except KeyboardInterrupt:
         print(
             "mixchat: download interrupted; run the same command again to resume", file=sys.stderr
@@ -126,7 +128,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 130
     from model.registry import remember
 
-    remember(Path(result.dst))  # so `mixchat models` lists it
+    if (settings := getattr(args, "settings", None)) is not None:  # mixchat's data directory
+        remember(Path(result.dst), settings.data_dir)  # so `mixchat models` lists it
     if not args.quiet:
         print(
             f"Wrote {result.dst} ({format_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} "

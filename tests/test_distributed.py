@@ -439,3 +439,22 @@ def test_leader_fixes_a_seed_so_every_rank_samples_alike():
                                   "min_p": 0.0, "seed": settings.seed}}]  # fmt: skip
     kept = leader.start_stream([], GenerationSettings(seed=3))
     assert kept.seed == 3 and sent[-1]["settings"]["seed"] == 3
+
+
+def test_loading_and_generation_never_import_the_distributed_package():
+    """The app joins the ranks and passes the split down (as mlx-lm's sharded_load is given a
+    group): model/generate.py, loader.py, weights.py and info.py import nothing of
+    model/distributed/, even inside functions."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "model"
+    for name in ("generate.py", "loader.py", "weights.py", "info.py", "load_options.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("distributed" in n for n in names), (name, ast.dump(node))

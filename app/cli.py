@@ -426,8 +426,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     dtype = weights.compute_dtype(checkpoint, settings.dtype)
     info = model_info(checkpoint, name, dtype.size)
     fit = fit_report(
-        checkpoint, dtype, settings.memory_budget, args.model, settings.max_context, settings.kv_bits,
-        MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
+        checkpoint, dtype, settings.memory_budget, args.model, settings.max_context,
+        settings.kv_bits, MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
         weights.stream_count(settings.streams),
     )
     hosts = None

@@ -42,7 +42,8 @@ def load_checkpoint(spec: str | Path | None, options: LoadOptions, *, lazy: bool
     memory = plan_memory(checkpoint, options.dtype, budget, options.max_context,
                          options.kv_bits, split=split)  # fmt: skip
     model = build_model(checkpoint, dtype=options.dtype, lazy=lazy, memory=memory,
-                        streams=options.streams, split=split, offload_options=options.offload)  # fmt: skip
+                        streams=options.streams, split=split,
+                        offload_options=options.offload)  # fmt: skip
     return Loaded(model, tokenizer, checkpoint, path)
 
 

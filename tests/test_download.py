@@ -9,8 +9,8 @@ import huggingface_hub
 import pytest
 
 import quantize.download as qd
-from model.errors import CheckpointError, MixchatError
 from app.cli import main  # mixchat reads HF_HUB_OFFLINE (app/settings.py) and runs `download`
+from model.errors import CheckpointError, MixchatError
 from quantize.download import download, select_files
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

@@ -24,9 +24,10 @@ def run_chat(
     The window opens at once; the model loads in a thread behind a visible loading state.
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
     ``load_options`` (model.load_options.LoadOptions) go to ``Engine.load``; the chats live in
-    ``data_dir`` (None: the default data directory). With ``server`` (a URL), a running `mixchat serve` there answers, if it can serve
-    the model (``api_key`` sent as its key). app/settings.py reads them all once. A second app on the same data directory is
-    refused with one line (exit code 1).
+    ``data_dir`` (None: the default data directory). With ``server`` (a URL), a running
+    `mixchat serve` there answers, if it can serve the model (``api_key`` sent as its key).
+    app/settings.py reads them all once. A second app on the same data directory is refused
+    with one line (exit code 1).
     """
     from app.settings import data_dir as default_data_dir
     from app.store import DATABASE_NAME, ConversationStore

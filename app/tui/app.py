@@ -29,9 +29,10 @@ class MixchatApp(App[int]):
     Give it either a ready ``engine`` (tests, benchmarks), an ``engine_loader`` that builds
     one, or neither: then it uses the `mixchat serve` at ``server`` (with ``api_key``) if one
     answers there and serves ``model``, else loads ``model`` (None: the embedded default) as
-    ``load_options`` (a model.load_options.LoadOptions; None: the defaults) say. The loader runs in a thread while the chat screen already shows, with a
-    loading state; a message sent meanwhile waits and goes when the model is ready. If loading
-    fails, the app exits with code 1 and the error as its exit message.
+    ``load_options`` (a model.load_options.LoadOptions; None: the defaults) say. The loader
+    runs in a thread while the chat screen already shows, with a loading state; a message sent
+    meanwhile waits and goes when the model is ready. If loading fails, the app exits with code
+    1 and the error as its exit message.
     """
 
     CSS_PATH = "mixchat.tcss"

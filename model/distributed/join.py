@@ -15,7 +15,6 @@ from .control import PING_SECONDS, TIMEOUT, Control
 from .errors import DistributedError
 from .fatal import fatal, filter_ring_messages, save_terminal, set_rank
 
-
 MODES = ("expert", "pipeline")  # how several ranks split a model (MIXCHAT_PARALLEL)
 
 

@@ -83,8 +83,8 @@ def run_download(args: argparse.Namespace) -> int:
     from .download import download
 
     try:
-        settings = getattr(args, "settings", None)  # app/settings.py's, when mixchat runs it
-        offline = settings is not None and settings.hf_offline
+        mixchat = getattr(args, "settings", None)  # app/settings.py's values, when mixchat runs it
+        offline = mixchat is not None and mixchat.hf_offline
         path = download(args.repo_id, args.revision, quiet=args.quiet, offline=offline)
     except KeyboardInterrupt:
         print(
@@ -128,8 +128,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 130
     from model.registry import remember
 
-    if (settings := getattr(args, "settings", None)) is not None:  # mixchat's data directory
-        remember(Path(result.dst), settings.data_dir)  # so `mixchat models` lists it
+    if (mixchat := getattr(args, "settings", None)) is not None:  # app/settings.py's values
+        remember(Path(result.dst), mixchat.data_dir)  # so `mixchat models` lists it
     if not args.quiet:
         print(
             f"Wrote {result.dst} ({format_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} "

@@ -24,6 +24,7 @@ from .common import (
     join_hosts,
     print_end,
     print_reply,
+    rank_split,
 )
 
 
@@ -166,14 +167,7 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
         print(Strings(settings.lang)(key, model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now
 
-    engine = Engine.load(
-        settings.model,
-        dtype=settings.dtype,
-        memory_budget=settings.memory_budget,
-        max_context=args.max_context,
-        kv_bits=args.kv_bits,
-        streams=settings.streams,
-    )
+    engine = Engine.load(settings.model, settings.load_options, split=rank_split(settings))
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line

@@ -107,9 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "this machine can use the model", file=sys.stderr)  # fmt: skip
     sock = bind(args.host, args.port)  # a port in use fails now, before the load
     models = ModelManager(
-        args.settings.model, dtype=args.settings.dtype,
-        memory_budget=args.settings.memory_budget, max_context=args.max_context,
-        kv_bits=args.kv_bits, streams=args.settings.streams,
+        args.settings.model, load_options=args.settings.load_options,
         keep_alive=args.keep_alive, prompt_cache_bytes=args.prompt_cache,
     )  # fmt: skip
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import LRUPromptCache
 from model import registry, weights
 from model.errors import MixchatError
 from model.generate import Engine
+from model.load_options import LoadOptions
 
 from .requests import ApiError
 
@@ -36,17 +37,12 @@ class ModelManager:
         self,
         model: str | None = None,
         *,
-        dtype: str | None = None,
-        memory_budget: int | str | None = None,
-        max_context: int | None = None,
-        kv_bits: int | None = None,
-        streams: int | None = None,
+        load_options: LoadOptions | None = None,
         keep_alive: float | None = 300.0,
         prompt_cache_bytes: int = 1 << 30,
         prompt_cache_slots: int = 8,
     ):
-        self.dtype, self.memory_budget, self.keep_alive = dtype, memory_budget, keep_alive
-        self.max_context, self.kv_bits, self.streams = max_context, kv_bits, streams
+        self.load_options, self.keep_alive = load_options or LoadOptions(), keep_alive
         self.cache_bytes, self.cache_slots = prompt_cache_bytes, prompt_cache_slots
         self._names: dict[str, str] = {}  # model name or spec -> key
         self._name_of: dict[str, str] = {}  # key -> display name
@@ -104,9 +100,7 @@ class ModelManager:
             return self.engine
         self.unload()
         print(f"mixchat serve: loading {self.name(key)}", file=sys.stderr)
-        engine = Engine.load(key, dtype=self.dtype, memory_budget=self.memory_budget,
-                             max_context=self.max_context, kv_bits=self.kv_bits,
-                             streams=self.streams)  # fmt: skip
+        engine = Engine.load(key, self.load_options)
         if engine.memory_notice:
             print(f"mixchat serve: {engine.memory_notice}", file=sys.stderr)
         engine.name = self.name(key)

@@ -44,7 +44,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "serve", help="keep a model loaded behind a local OpenAI-compatible server",
         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
         "and /health. `mixchat ask` uses a running server (MIXCHAT_SERVER, default "
-        f"http://127.0.0.1:{DEFAULT_PORT}) unless --local.",
+        f"http://127.0.0.1:{DEFAULT_PORT}) unless --local: without --model it uses the model "
+        "the server has loaded; with another --model the server unloads its model and loads "
+        "that one, and `ask` says which it replaced.",
     )  # fmt: skip
     add_model_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -52,6 +52,7 @@ class ModelManager:
         self.key: str | None = None
         self.last_used = time.monotonic()
         self.loads = 0  # how many times a model was loaded (shown by /health)
+        self.replaced: str | None = None  # the model the last load unloaded, if any
         self.prompt_cache = LRUPromptCache(prompt_cache_slots, prompt_cache_bytes)
 
     def _remember(self, spec: str | None, key: str) -> None:
@@ -63,9 +64,12 @@ class ModelManager:
 
     def resolve(self, spec: str | None) -> str:
         """A request's `model` -> the key (resolved path) of a loadable checkpoint; ApiError 404
-        for anything else. Thread-safe; reads no weights."""
+        for anything else. None, "" or "default": the model loaded now, else the one given at
+        start (a client that names none never makes the server swap models). Thread-safe;
+        reads no weights."""
         if spec in (None, "", "default") and self.start_key is not None:
-            return self.start_key
+            key = self.key  # the model loaded now (read without a lock: a str, or None)
+            return key if key is not None else self.start_key
         if spec in self._names:
             return self._names[spec]
         try:
@@ -94,10 +98,11 @@ class ModelManager:
 
     def engine_for(self, key: str) -> Engine:
         """The loaded engine for `key`, unloading another model first (MixchatError if the
-        load fails)."""
+        load fails); ``replaced`` is then that model's name (else None)."""
         self.last_used = time.monotonic()
         if self.key == key and self.engine is not None:
             return self.engine
+        self.replaced = self.name(self.key) if self.engine is not None and self.key else None
         self.unload()
         print(f"mixchat serve: loading {self.name(key)}", file=sys.stderr)
         engine = Engine.load(key, self.load_options)

@@ -84,7 +84,7 @@ def _OFF(*_args) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1, help="before runs (after: one more)")
+    parser.add_argument("--rounds", type=int, default=1, help="before runs (after: one more; 0: after only)")
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=33)
     args = parser.parse_args()
@@ -108,7 +108,7 @@ def main() -> None:
           f"({flops_per_prompt_token(engine, tokens) / 1e6:.0f} MFLOP a token)\n")
     print("| route | prompt tokens (each run) | prompt tok/s (median) | of the bound | decode tok/s (median) |")
     print("|---|---|---|---|---|")
-    for on in (False, True):
+    for on in (on for on in (False, True) if results[on]):
         prompt = statistics.median(s.prompt_tps for s in results[on])
         decode = statistics.median(s.generation_tps for s in results[on])
         tokens = "/".join(str(s.prompt_tokens) for s in results[on])

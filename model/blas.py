@@ -24,7 +24,10 @@ dequantize-then-multiply (and its autograd) to float32 rounding (tests/test_blas
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -65,6 +68,24 @@ def attention_applies(queries: mx.array, keys: object) -> bool:
     )
 
 
+@functools.cache
+def one_blas_thread() -> bool:
+    """Run numpy's bundled OpenBLAS on one thread (once; False where there is none, e.g.
+    Accelerate). Its worker threads spin while waiting for work: on a CPU that other processes
+    share, each of a prompt's thousands of small products waited for a descheduled worker, and
+    the default model read a 2,000-token prompt at 10 tok/s instead of 155 (BENCHMARKS.md)."""
+    numpy_dir = Path(np.__file__).parent
+    bundled = [*numpy_dir.parent.glob("numpy.libs/*openblas*"), *numpy_dir.glob(".dylibs/*blas*")]
+    for path in bundled:
+        lib = ctypes.CDLL(str(path))
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):  # fmt: skip
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                return True
+    return False
+
+
 def _widened(a: mx.array | None) -> mx.array | None:
     """Half-precision scales/biases as float32 (exact): the dequantized block is float32."""
     return a.astype(mx.float32) if a is not None and a.dtype in (mx.float16, mx.bfloat16) else a
@@ -79,6 +100,7 @@ def _blocks(
     mode: str = "affine",
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(a, e, W[a:e] as float32 [e - a, in]) over the weight's output rows."""
+    one_blas_thread()
     if bits is None:
         yield 0, weight.shape[0], np.asarray(weight)
         return

@@ -5,7 +5,7 @@ The engine reads a ~2,000-token prompt the way `mixchat ask` does (Engine.stream
 passes sized to about a second, then greedy decode) with the route on and off, alternating
 (after, before, after, ...); every run starts from an empty KV cache (a different first
 word). The bound is numpy's float32 BLAS speed measured in the same run (1024 x 1024 matmul)
-divided by the floating-point work of a prompt token: 2 x the layers' weights, plus the
+(on one thread, as model/blas.py runs it) divided by the floating-point work of a prompt token: 2 x the layers' weights, plus the
 attention scores and values over the average context.
 
     python -m benchmarks.bench_small_prompt [--rounds 1] [--prompt-tokens 2000]
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=33)
     args = parser.parse_args()
     engine = Engine.load()
+    blas.one_blas_thread()  # the bound on the BLAS the route runs on
     np_gflops, mlx_gflops = measure_bounds()
     results: dict[bool, list] = {True: [], False: []}
     order = [True] + [on for _ in range(args.rounds) for on in (False, True)]

@@ -72,7 +72,7 @@ def run_once(engine: Engine, messages: list[dict], max_tokens: int):
 
 def route(on: bool) -> None:
     """model/blas.py's route on (after) or off (before: every product in MLX's kernels)."""
-    blas.applies, blas.attention_applies = (_ROUTE if on else (_OFF, _OFF))
+    blas.applies, blas.attention_applies = _ROUTE if on else (_OFF, _OFF)
 
 
 _ROUTE = (blas.applies, blas.attention_applies)
@@ -84,7 +84,9 @@ def _OFF(*_args) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1, help="before runs (after: one more; 0: after only)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="before runs (after: one more; 0: after only)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=33)
     args = parser.parse_args()
@@ -105,9 +107,13 @@ def main() -> None:
     bound = min(np_gflops, np_after) * 1e9 / flops_per_prompt_token(engine, tokens)
     print(f"\nnumpy BLAS {np_gflops:.0f} / {np_after:.0f} GFLOP/s, MLX matmul {mlx_gflops:.1f} / "
           f"{mlx_after:.1f} GFLOP/s (1024 x 1024 float32, before / after the runs)")  # fmt: skip
-    print(f"bound at numpy's BLAS speed: {bound:.0f} prompt tok/s "
-          f"({flops_per_prompt_token(engine, tokens) / 1e6:.0f} MFLOP a token)\n")
-    print("| route | prompt tokens (each run) | prompt tok/s (median) | of the bound | decode tok/s (median) |")
+    print(
+        f"bound at numpy's BLAS speed: {bound:.0f} prompt tok/s "
+        f"({flops_per_prompt_token(engine, tokens) / 1e6:.0f} MFLOP a token)\n"
+    )
+    print(
+        "| route | prompt tokens (each run) | prompt tok/s (median) | of the bound | decode tok/s (median) |"
+    )
     print("|---|---|---|---|---|")
     for on in (on for on in (False, True) if results[on]):
         prompt = statistics.median(s.prompt_tps for s in results[on])

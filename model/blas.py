@@ -116,12 +116,19 @@ def _blocks(
         yield a, e, np.asarray(block.astype(mx.float32))
 
 
-def matmul_t(x: np.ndarray, *parts) -> np.ndarray:
+def matmul_t(
+    x: np.ndarray,
+    weight: mx.array,
+    scales: mx.array | None = None,
+    biases: mx.array | None = None,
+    group_size: int = 64,
+    bits: int | None = None,
+    mode: str = "affine",
+) -> np.ndarray:
     """x [rows, in] float32 @ W.T -> [rows, out] float32, W = weight [out, in] (float32), or
-    weight [out, in * bits / 32] uint32 with scales/biases [out, in / group_size] (quantized).
-    parts: weight, scales, biases, group_size, bits, mode."""
-    y = np.empty((x.shape[0], parts[0].shape[0]), dtype=np.float32)
-    for a, e, block in _blocks(*parts):
+    weight [out, in * bits / 32] uint32 with scales/biases [out, in / group_size] (quantized)."""
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    for a, e, block in _blocks(weight, scales, biases, group_size, bits, mode):
         y[:, a:e] = x @ block.T
     return y
 
@@ -161,8 +168,17 @@ def _float32(x: mx.array) -> np.ndarray:
     return np.array(x.astype(mx.float32))
 
 
-def linear(x: mx.array, *parts) -> mx.array:
+def linear(
+    x: mx.array,
+    weight: mx.array,
+    scales: mx.array | None = None,
+    biases: mx.array | None = None,
+    group_size: int = 64,
+    bits: int | None = None,
+    mode: str = "affine",
+) -> mx.array:
     """matmul_t for MLX arrays: x [..., in] -> [..., out] in x's dtype, differentiable in x."""
+    parts = (weight, scales, biases, group_size, bits, mode)
 
     def forward(xs: np.ndarray) -> np.ndarray:
         return matmul_t(xs.reshape(-1, xs.shape[-1]), *parts).reshape(*xs.shape[:-1], -1)

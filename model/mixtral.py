@@ -73,12 +73,8 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
     the compute streams: by output rows for one token, by tokens for several."""
     weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
-    rows = x.size // x.shape[-1]
-    if "bias" not in layer and blas.applies(rows, weight.shape[0], x.shape[-1], weight.dtype):
-        return blas.linear(
-            x, weight, layer.get("scales"), layer.get("biases"), getattr(layer, "group_size", 64),
-            getattr(layer, "bits", None), getattr(layer, "mode", "affine"),
-        )  # fmt: skip
+    if _by_blas(x, layer):
+        return blas.linear(x, *_blas_parts(layer))
     streams = compute_streams()
     if len(streams) == 1 or weight.shape[0] * x.shape[-1] < MIN_SPLIT_ELEMENTS:
         return layer.as_linear(x) if as_head else layer(x)
@@ -102,6 +98,20 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
         with mx.stream(stream):
             parts.append(layer.as_linear(rows[a:b]) if as_head else layer(rows[a:b]))
     return mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], -1)
+
+
+def _by_blas(x: mx.array, layer: nn.Module, in_features: int | None = None) -> bool:
+    """Whether layer(x) goes through model/blas.py (CPU, many rows)."""
+    weight = layer["weight"]
+    rows, in_features = x.size // x.shape[-1], in_features or x.shape[-1]
+    return "bias" not in layer and blas.applies(rows, weight.shape[0], in_features, weight.dtype)
+
+
+def _blas_parts(layer: nn.Module) -> blas.Parts:
+    """blas.matmul_t's weight arguments for a Linear / Embedding, quantized or not."""
+    return (layer["weight"], layer.get("scales"), layer.get("biases"),
+            getattr(layer, "group_size", 64), getattr(layer, "bits", None),
+            getattr(layer, "mode", "affine"))  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -134,7 +144,10 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)  # [B, kv_heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]
-        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
+        if blas.attention_applies(q, k):  # CPU, many query tokens: numpy's BLAS
+            out = blas.attention(q, k, v, self.scale, mask)
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
         return linear(out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.o_proj)
 
 
@@ -148,7 +161,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return linear(nn.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if _by_blas(x, gate) and _by_blas(x, up) and _by_blas(x, down, gate["weight"].shape[0]):
+            return blas.swiglu(x, _blas_parts(gate), _blas_parts(up), _blas_parts(down))
+        return linear(nn.silu(linear(x, gate)) * linear(x, up), down)
 
 
 class Experts(nn.Module):

@@ -18,12 +18,17 @@ with MLX's kernels. The numbers equal MLX's dequantize-then-multiply to float32 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import mlx.core as mx
 import numpy as np
 
 MIN_ROWS = 32  # from this many rows on, dequantizing once beats MLX's per-row kernels (2 streams)
 MIN_WEIGHTS = 1 << 20  # smaller weights stay with MLX (graph stays lazy; tiny models)
 BLOCK_ELEMENTS = 1 << 23  # dequantized weight block: 32 MB of float32
+
+_held_off = 0  # > 0 inside `held_off()`
 
 _NIBBLES = np.array([[i & 15, i >> 4] for i in range(256)], dtype=np.float32)  # byte -> 2 q
 
@@ -32,11 +37,23 @@ def applies(rows: int, out_features: int, in_features: int, dtype: mx.Dtype) -> 
     """Whether a [rows, in] x [out, in]^T product with weights stored as `dtype` (uint32 when
     quantized) is computed here rather than by MLX."""
     return (
-        rows >= MIN_ROWS
+        not _held_off
+        and rows >= MIN_ROWS
         and out_features * in_features >= MIN_WEIGHTS
         and dtype in (mx.float32, mx.uint32)
         and mx.default_device() == mx.cpu
     )
+
+
+@contextmanager
+def held_off() -> Iterator[None]:
+    """Every product stays with MLX inside: gradients (model/tune) cannot pass through numpy."""
+    global _held_off
+    _held_off += 1
+    try:
+        yield
+    finally:
+        _held_off -= 1
 
 
 def matmul_t(

@@ -69,6 +69,8 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
     """layer(x) for a Linear or an Embedding used as LM head (quantized or not), split across
     the compute streams: by output rows for one token, by tokens for several."""
+    if "weight" not in layer:  # a LoRA wrapper (model/tune/lora.py): it applies its own base
+        return layer(x)
     weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
     rows = x.size // x.shape[-1]
@@ -161,6 +163,8 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x: [N, hidden], inds: [N, k] -> [N, k, hidden] (each token through its k experts)."""
         N, k = inds.shape
+        if any("weight" not in self[name] for name in PROJECTIONS):
+            return self.through_modules(x, inds)  # LoRA (model/tune/lora.py)
         w = {name: Projection.of(self[name]) for name in PROJECTIONS}
         streams = compute_streams()
         if N * k >= SORTED_MIN_ROWS:
@@ -188,6 +192,23 @@ class Experts(nn.Module):
         return mx.concatenate(parts, axis=1).squeeze(-2)  # [N, k, hidden]
 
 
+    def through_modules(self, x: mx.array, inds: mx.array) -> mx.array:
+        """__call__ through the projection modules themselves, as mlx-lm's SwitchGLU does:
+        what LoRASwitchLinear wrappers (one A/B pair per expert) need, differentiable."""
+        N, k = inds.shape
+        rows, flat, order = x[:, None, None], inds, None  # [N, 1, 1, hidden]
+        if N * k >= SORTED_MIN_ROWS:  # rows grouped by expert, as mlx-lm's gather_sort
+            order = mx.argsort(inds.flatten())
+            rows, flat = x[order // k][:, None], inds.flatten()[order]  # [N*k, 1, hidden]
+        sort = order is not None
+        h = nn.silu(self.gate_proj(rows, flat, sorted_indices=sort))
+        y = self.down_proj(h * self.up_proj(rows, flat, sorted_indices=sort), flat,
+                           sorted_indices=sort)  # fmt: skip
+        if order is None:
+            return y.squeeze(-2)  # [N, k, hidden]
+        return y[mx.argsort(order)].reshape(N, k, -1)
+
+
 class SparseMoE(nn.Module):
     """Router picks the top-k experts per token; softmax over those k weights their outputs."""
 
@@ -202,7 +223,9 @@ class SparseMoE(nn.Module):
     def __call__(self, x: mx.array, routing: list | None = None) -> mx.array:
         B, L, D = x.shape
         logits = self.gate(x)  # [B, L, E]
-        inds = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        inds = mx.stop_gradient(  # a choice, not a value: training differentiates the weights
+            mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        )
         weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
         if routing is not None:
             routing.append(inds)  # [B, L, k]

@@ -88,6 +88,8 @@ def build_parser() -> Parser:
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
+    ask.add_argument("--adapter-path", metavar="PATH",
+                     help="apply a LoRA adapter (mixchat tune's or mlx_lm.lora's); in-process")  # fmt: skip
     add_budget_option(ask)
     add_hosts_option(ask)
     ask.set_defaults(func=cmd_ask)
@@ -114,6 +116,9 @@ def build_parser() -> Parser:
     from app.serve.cli import register as register_serve
 
     register_serve(commands)
+    from app.tune_cli import register as register_tune  # `tune` (argparse only: cheap)
+
+    register_tune(commands)
     return parser
 
 
@@ -229,7 +234,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.raw and (args.system or args.safe):
         raise UsageError("--system and --safe need a chat template; a raw completion has none")
     messages = ask_messages(prompt, args.system, args.safe)
-    if not args.local and not args.raw and not args.hosts:  # `mixchat serve` answers (app/client.py)
+    if not args.local and not args.raw and not args.hosts and not args.adapter_path:  # `mixchat serve` answers (app/client.py)
         from app.client import ask_server
 
         if (code := ask_server(args, messages)) is not None:
@@ -253,6 +258,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         kv_bits=args.kv_bits,
         streams=settings.streams,
     )
+    if args.adapter_path:
+        from model.tune.lora import load_adapter
+
+        load_adapter(engine.model, args.adapter_path)
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line

@@ -150,7 +150,7 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
     """A chat -> its ids as encode_chat gives them, with its assistant turns marked."""
     chat = check_chat(messages)
     if not tokenizer.has_chat_template:
-        raise MixchatError("this model has no chat template: use {\"text\": ...} rows")
+        raise MixchatError('this model has no chat template: use {"text": ...} rows')
     turns = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
     if not turns:
         raise MixchatError("the chat has no assistant message")
@@ -158,7 +158,9 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
     ends_with_user = plain[-1]["role"] == "user"
     # encode_chat takes chats that end with a user message: a last, empty user turn (whose
     # tokens are dropped) gives the tokens of everything before it.
-    full = tokenizer.encode_chat(plain if ends_with_user else plain + [{"role": "user", "content": ""}])
+    full = tokenizer.encode_chat(
+        plain if ends_with_user else plain + [{"role": "user", "content": ""}]
+    )
     weights = [0] * len(full)
     end = 0
     for i in turns:

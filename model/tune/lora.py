@@ -49,8 +49,12 @@ def lora_config(model: nn.Module, num_layers: int, rank: int, scale: float = DEF
     return {
         "fine_tune_type": "lora",
         "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout,
-                            "keys": lora_keys(model)},  # fmt: skip
+        "lora_parameters": {
+            "rank": rank,
+            "scale": scale,
+            "dropout": dropout,
+            "keys": lora_keys(model),
+        },  # fmt: skip
     }
 
 
@@ -110,8 +114,10 @@ def read_config(path: str | Path) -> dict:
         raise MixchatError(f"no adapter at {path} (it has no {CONFIG_FILE})") from None
     except (OSError, ValueError) as e:
         raise MixchatError(f"{path / CONFIG_FILE}: {e}") from None
-    if not isinstance(config, dict) or "num_layers" not in config or (
-        config.get("fine_tune_type", "lora") == "lora" and "lora_parameters" not in config
+    if (
+        not isinstance(config, dict)
+        or "num_layers" not in config
+        or (config.get("fine_tune_type", "lora") == "lora" and "lora_parameters" not in config)
     ):
         raise MixchatError(f"{path / CONFIG_FILE} is not an mlx-lm adapter config")
     return config

@@ -226,9 +226,11 @@ class Trainer:
                                "changed)")  # fmt: skip
         if step > self.config.iters:
             raise MixchatError(f"the saved run is at step {step}, past --iters {self.config.iters}")
-        adapter = [(k[len("adapter."):], v) for k, v in arrays.items() if k.startswith("adapter.")]
+        adapter = [(k[len("adapter.") :], v) for k, v in arrays.items() if k.startswith("adapter.")]
         self.model.load_weights(adapter, strict=False)
-        state = [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+        state = [
+            (k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")
+        ]
         self.optimizer.state = tree_unflatten(state)
         mx.random.state[0] = arrays["rng"]
         mx.eval(self.model.parameters(), self.optimizer.state)

@@ -5,7 +5,8 @@ Each step takes one batch: the training rows sorted by length and cut into batch
 `batch_size` (as mlx-lm's iterate_batches), their order shuffled per epoch by a generator
 seeded with (seed, epoch); so the data position is a function of the step. A save writes
 the adapter files (mlx-lm's) and one state file, atomically: the LoRA weights, Adam's state,
-MLX's random state, the step and what the run was started with. Resuming reads it and goes on
+the step and what the run was started with (MLX's random generator, for dropout, is seeded from
+(seed, step) before each step, so it needs no saving). Resuming reads it and goes on
 as if the run had never stopped (bit for bit: the same batches, the same updates).
 
 A budgeted (layer-by-layer) run would replace `Trainer.step_grads` only: the loss and its
@@ -146,6 +147,7 @@ class Trainer:
 
     def train_step(self) -> float:
         rows = self.batch(self.step)
+        mx.random.seed((self.config.seed * 1_000_003 + self.step) % 2**63)  # dropout: per step
         start = time.perf_counter()
         loss, ntoks, grads = self.step_grads(rows)
         if ntoks.item() > 0:  # a batch of rows with nothing to learn leaves the weights as they are
@@ -202,7 +204,6 @@ class Trainer:
         save_adapter(self.model, self.adapter_path, self.adapter_config)
         arrays = {f"adapter.{k}": v for k, v in adapter_weights(self.model).items()}
         arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)}
-        arrays["rng"] = mx.random.state[0]
         metadata = {"step": str(self.step), "identity": json.dumps(self.identity, sort_keys=True),
                     "epoch_and_batch": json.dumps(divmod(self.step, len(self.batches)))}  # fmt: skip
         path = self.adapter_path / STATE_FILE
@@ -232,6 +233,5 @@ class Trainer:
             (k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")
         ]
         self.optimizer.state = tree_unflatten(state)
-        mx.random.state[0] = arrays["rng"]
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.step = step

@@ -69,8 +69,9 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
     """layer(x) for a Linear or an Embedding used as LM head (quantized or not), split across
     the compute streams: by output rows for one token, by tokens for several."""
-    if "weight" not in layer:  # a LoRA wrapper (model/tune/lora.py): it applies its own base
-        return layer(x)
+    if "lora_a" in layer:  # mlx-lm's LoRALinear (model/tune/lora.py): its base, then A/B
+        low_rank = (layer.dropout(x) @ layer.lora_a) @ layer.lora_b
+        return linear(x, layer.linear) + (layer.scale * low_rank).astype(x.dtype)
     weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
     rows = x.size // x.shape[-1]

@@ -101,3 +101,32 @@ def test_ask_adapter_path(tiny_mixtral, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == mixchat_text(tiny_mixtral, out).strip()
     assert main([*ask, "--adapter-path", str(tmp_path / "none"), "hi"]) == 1
     assert "no adapter at" in capsys.readouterr().err
+
+
+def test_default_model_learns_a_handful_of_rows(tmp_path):
+    """Two German facts, two steps on the embedded model: the loss falls far and the greedy
+    continuation is the fact. (Plain text rows: short, so each step takes seconds here.)"""
+    from model import load
+    from model.tune.data import load_dataset
+    from model.tune.lora import apply_lora, lora_config
+    from model.tune.train import TrainConfig, Trainer
+
+    facts = ["Anna wohnt in Kiel.", "Annas Hund heißt Bruno."]
+    write_rows(tmp_path / "train.jsonl", [{"text": fact} for fact in facts])
+    write_rows(tmp_path / "valid.jsonl", [{"text": fact} for fact in facts])
+    model, tokenizer = load(None, memory_budget="none")
+    dataset = load_dataset(tmp_path, tokenizer, 256)
+    mx.random.seed(0)
+    config = lora_config(model, 4, 8)
+    apply_lora(model, config)
+    reports = []
+    train = TrainConfig(iters=2, batch_size=2, learning_rate=1e-3, steps_per_eval=2)
+    Trainer(model, dataset, train, tmp_path / "out", config, reports.append).run()
+    val = [p.val_loss for p in reports if p.event == "eval"]
+    assert val[-1] < 0.3 * val[0]
+    row = dataset.train.rows[0]  # "Anna wohnt in Kiel.": after "Anna wohnt in" comes " Kiel"
+    cut = len([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + len(
+        tokenizer.encode("Anna wohnt in")
+    )
+    logits = model(mx.array([row.ids[:cut]]))[0, -1]
+    assert int(mx.argmax(logits)) == row.ids[cut]

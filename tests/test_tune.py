@@ -247,6 +247,9 @@ def test_bad_data_and_resume_mismatch_are_one_line(tiny_mixtral, data_dir, tmp_p
     assert tune(*args, "--iters", "2", "--batch-size", "4", "--resume") == 1
     err = capsys.readouterr().err.strip()
     assert "--resume needs the same run" in err and "batch_size" in err and "\n" not in err
+    write_rows(data_dir / "train.jsonl", CHATS[::-1][:6])
+    assert tune(*args, "--iters", "2", "--batch-size", "2", "--resume") == 1
+    assert "the training data" in capsys.readouterr().err
 
 
 def test_truncation_warns_once_with_the_count(tiny_mixtral, data_dir, tmp_path, capsys):
@@ -256,3 +259,45 @@ def test_truncation_warns_once_with_the_count(tiny_mixtral, data_dir, tmp_path, 
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == ["mixchat: warning: 10 rows longer than --max-seq-length 18 tokens were "
                         "truncated"]  # fmt: skip
+
+
+def test_qlora_on_4bit_weights_trains_only_the_adapter(tiny_mixtral, tokenizer, tmp_path):
+    import mlx.nn as nn
+
+    from model import load
+    from model.tune.data import Dataset, Split
+    from model.tune.lora import apply_lora, lora_config
+    from model.tune.train import TrainConfig, Trainer
+
+    model, _ = load(str(tiny_mixtral), memory_budget="none")
+    nn.quantize(model, group_size=32, bits=4)
+    experts = model.layers[0].block_sparse_moe.switch_mlp
+    assert type(experts.gate_proj).__name__ == "QuantizedSwitchLinear"
+    base = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    config = lora_config(model, -1, 4)
+    mx.random.seed(1)
+    apply_lora(model, config)
+    rows = [encode_row(c, tokenizer) for c in CHATS]
+    data = Dataset(Split(tmp_path / "train.jsonl", rows), Split(tmp_path / "valid.jsonl", rows[:4]))
+    reports = []
+    train = TrainConfig(iters=6, batch_size=4, learning_rate=3e-3, steps_per_eval=6)
+    Trainer(model, data, train, tmp_path / "out", config, reports.append).run()
+    val = [p.val_loss for p in reports if p.event == "eval"]
+    assert val[-1] < 0.5 * val[0]
+    after = dict(tree_flatten(model.parameters()))
+    for name, value in base.items():  # the base stays frozen: "x.weight" is now "x.linear.weight"
+        moved = (
+            name if name in after else name.rsplit(".", 1)[0] + ".linear." + name.rsplit(".", 1)[1]
+        )
+        assert np.array_equal(np.array(after[moved]), value), name
+    saved = mx.load(str(tmp_path / "out" / "adapters.safetensors"))
+    assert saved["model.layers.1.block_sparse_moe.switch_mlp.up_proj.lora_a"].shape == (4, 4, 64)
+
+
+def test_seed_decides_the_run(tiny_mixtral, data_dir, tmp_path):
+    common = ["--model", str(tiny_mixtral), "--data", str(data_dir), "--iters", "2"]
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert tune(*common, "--seed", seed, "--adapter-path", str(tmp_path / name)) == 0
+    a, b, c = (adapter(tmp_path / name) for name in "abc")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -99,7 +100,7 @@ def save_adapter(model: nn.Module, path: Path, config: dict) -> None:
     write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write: Callable[[str], object]) -> None:
     """write(tmp_name) then rename onto `path`: a crash leaves the old file or the new one."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     write(str(tmp))

@@ -16,6 +16,7 @@ that goes through the layers again in reverse; the optimizer, data and saves sta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -66,6 +67,14 @@ class Progress:
     eta_seconds: float | None
     peak_memory: int  # bytes
     event: str = "step"  # "step" | "eval" | "save"
+
+
+def fingerprint(rows: list[Row]) -> str:
+    """A digest of the encoded rows: resuming on other data is refused."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(np.array(row.ids + row.weights, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def batch_order(rows: list[Row], batch_size: int) -> list[list[int]]:
@@ -121,7 +130,7 @@ class Trainer:
         self.val_loss: float | None = None
         self.tokens, self.seconds, self.steps_run = 0, 0.0, 0
         self.identity = {"train": self.config.identity(), "adapter": adapter_config,
-                         "rows": len(data.train.rows)}  # fmt: skip
+                         "data": fingerprint(data.train.rows)}  # fmt: skip
         self._value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def _validation_batches(self) -> list[list[Row]]:
@@ -222,7 +231,9 @@ class Trainer:
         if identity != json.loads(json.dumps(self.identity, sort_keys=True)):
             changed = sorted(k for k in {**identity["train"], **self.identity["train"]}
                              if identity["train"].get(k) != self.identity["train"].get(k))  # fmt: skip
-            what = ", ".join(changed) or "the adapter settings or the data"
+            if identity["data"] != self.identity["data"]:
+                changed.append("the training data")
+            what = ", ".join(changed) or "the adapter settings"
             raise MixchatError(f"--resume needs the same run as {path} was saved from ({what} "
                                "changed)")  # fmt: skip
         if step > self.config.iters:

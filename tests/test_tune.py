@@ -301,3 +301,36 @@ def test_seed_decides_the_run(tiny_mixtral, data_dir, tmp_path):
     a, b, c = (adapter(tmp_path / name) for name in "abc")
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_a_crash_loses_at_most_one_save_interval(tiny_mixtral, tokenizer, tmp_path):
+    from model import load
+    from model.tune.data import Dataset, Split
+    from model.tune.lora import adapter_weights, apply_lora, lora_config
+    from model.tune.train import TrainConfig, Trainer
+
+    rows = [encode_row(c, tokenizer) for c in CHATS]
+    train = TrainConfig(iters=7, batch_size=2, learning_rate=1e-3, save_every=2)
+
+    def trainer(out: Path, report=None) -> Trainer:
+        model, _ = load(str(tiny_mixtral), memory_budget="none")
+        config = lora_config(model, -1, 4)
+        mx.random.seed(0)
+        apply_lora(model, config)
+        return Trainer(model, Dataset(Split(tmp_path / "t", rows)), train, out, config, report)
+
+    straight = trainer(tmp_path / "straight")
+    straight.run()
+
+    def crash(progress) -> None:
+        if progress.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "crashed", crash).run()
+    resumed = trainer(tmp_path / "crashed")
+    resumed.load_state()
+    assert resumed.step == 4  # the last save before the crash
+    resumed.run(resume=True)
+    a, b = adapter_weights(straight.model), adapter_weights(resumed.model)
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

@@ -71,6 +71,9 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
     """layer(x) for a Linear or an Embedding used as LM head (quantized or not), split across
     the compute streams: by output rows for one token, by tokens for several."""
+    if "lora_a" in layer:  # mlx-lm's LoRALinear (model/tune/lora.py): its base, then A/B
+        low_rank = (layer.dropout(x) @ layer.lora_a) @ layer.lora_b
+        return linear(x, layer.linear) + (layer.scale * low_rank).astype(x.dtype)
     weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
     if _by_blas(x, layer):
@@ -179,6 +182,8 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x: [N, hidden], inds: [N, k] -> [N, k, hidden] (each token through its k experts)."""
         N, k = inds.shape
+        if any("weight" not in self[name] for name in PROJECTIONS):
+            return self.through_modules(x, inds)  # LoRA (model/tune/lora.py)
         w = {name: Projection.of(self[name]) for name in PROJECTIONS}
         streams = compute_streams()
         if N * k >= SORTED_MIN_ROWS:
@@ -204,6 +209,23 @@ class Experts(nn.Module):
             with mx.stream(streams[j % len(streams)]):
                 parts.append(swiglu(x[:, None, None], w, inds[:, j : j + 1], False))
         return mx.concatenate(parts, axis=1).squeeze(-2)  # [N, k, hidden]
+
+
+    def through_modules(self, x: mx.array, inds: mx.array) -> mx.array:
+        """__call__ through the projection modules themselves, as mlx-lm's SwitchGLU does:
+        what LoRASwitchLinear wrappers (one A/B pair per expert) need, differentiable."""
+        N, k = inds.shape
+        rows, flat, order = x[:, None, None], inds, None  # [N, 1, 1, hidden]
+        if N * k >= SORTED_MIN_ROWS:  # rows grouped by expert, as mlx-lm's gather_sort
+            order = mx.argsort(inds.flatten())
+            rows, flat = x[order // k][:, None], inds.flatten()[order]  # [N*k, 1, hidden]
+        sort = order is not None
+        h = nn.silu(self.gate_proj(rows, flat, sorted_indices=sort))
+        y = self.down_proj(h * self.up_proj(rows, flat, sorted_indices=sort), flat,
+                           sorted_indices=sort)  # fmt: skip
+        if order is None:
+            return y.squeeze(-2)  # [N, k, hidden]
+        return y[mx.argsort(order)].reshape(N, k, -1)
 
 
 class SparseMoE(nn.Module):

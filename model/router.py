@@ -6,8 +6,9 @@ import mlx.core as mx
 
 
 def top_experts(logits: mx.array, k: int) -> mx.array:
-    """The k highest-scoring experts per token, [..., k] (in no particular order)."""
-    return mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    """The k highest-scoring experts per token, [..., k] (in no particular order): a choice,
+    not a value, so gradients (training) pass through the weights only."""
+    return mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
 
 
 def route(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:

@@ -1,5 +1,5 @@
 """The `mixchat` command: chat (the default), ask, models, info, download, quantize, compare,
-serve. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
+serve, tune. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
 module of the command that runs is imported, as mlx-lm's cli.py dispatches (all of them for
 `mixchat --help`: argparse only, no MLX).
 
@@ -29,6 +29,7 @@ COMMANDS = {
     "quantize": "quantize.cli",
     "compare": "quantize.cli",
     "serve": "app.cli.serve",
+    "tune": "app.cli.tune",
 }
 HELP = ("-h", "--help")
 

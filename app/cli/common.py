@@ -39,6 +39,16 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
 def memory_size(text: str) -> int | str:
     """argparse type of --memory-budget: bytes, or "auto"/"none" (resolved when used)."""
     try:

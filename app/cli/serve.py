@@ -11,7 +11,7 @@ from pathlib import Path
 
 from model.generation.limit import DEFAULT_BATCH
 
-from .common import UsageError, add_budget_option, add_model_option, size
+from .common import UsageError, add_budget_option, add_model_option, positive, size
 
 DEFAULT_PORT = 8741
 
@@ -27,16 +27,6 @@ def duration(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h, -1)")
     scale = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
     return float(match.group(1)) * scale
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -104,7 +104,10 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
 
 
 def _by_blas(x: mx.array, layer: nn.Module, in_features: int | None = None) -> bool:
-    """Whether layer(x) goes through model/blas.py (CPU, many rows)."""
+    """Whether layer(x) goes through model/blas.py (CPU, many rows) as one product (not a LoRA
+    layer: linear() sends its base there and adds the low-rank part)."""
+    if "lora_a" in layer:
+        return False
     weight = layer["weight"]
     rows, in_features = x.size // x.shape[-1], in_features or x.shape[-1]
     return "bias" not in layer and blas.applies(rows, weight.shape[0], in_features, weight.dtype)

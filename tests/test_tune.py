@@ -222,7 +222,7 @@ def test_resume_continues_exactly(tiny_mixtral, data_dir, tmp_path):
         (["--num-layers", "0"], 2, "--num-layers must be -1"),
         (["--num-layers", "5"], 1, "--num-layers must be -1 (all) or 1 to 2"),
         (["--batch-size", "50"], 1, "fewer than --batch-size 50"),
-        (["--iters", "0"], 2, "must be at least 1"),
+        (["--iters", "0"], 2, "must be a positive integer"),
         (["--resume"], 2, "--resume: no run saved"),
         (["--val-batches", "0"], 2, "--val-batches"),
     ],

@@ -49,10 +49,14 @@ def reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+SERVER_MODEL = "default"  # a request's `model` for the model the server has loaded (else its
+# start model): what `ask` sends without --model, so it never makes the server swap models
+
+
 def model_field(model: str | None) -> str:
     """What the server should load: a local path made absolute (the server's working directory
     is not ours), else the name or repo id as given; None: the embedded default, as in-process
-    (not the server's own default)."""
+    (not the server's own default; the chat app asks for it so)."""
     if not model:
         from model.registry import DEFAULT_MODEL
 
@@ -136,8 +140,11 @@ def events(response: http.client.HTTPResponse) -> Iterator[dict]:
 
 class ReplyStream:
     """A streamed chat completion: iterating yields its text pieces; then ``stats`` (the
-    server's figures), ``model`` and ``memory_notice`` are set. An error event is a one-line
-    MixchatError (ServerGone when the server is shutting down); no figures: ServerGone."""
+    server's figures: ``stats.prompt_tokens`` the tokens prefilled), ``prompt_tokens`` (the
+    whole prompt, OpenAI's usage; None if not sent), ``model``, ``memory_notice`` and
+    ``replaced_model`` (the model the server unloaded for this one, else None) are set. An
+    error event is a one-line MixchatError (ServerGone when the server is shutting down); no
+    figures: ServerGone."""
 
     def __init__(self, response: http.client.HTTPResponse, url: str):
         self.response = response
@@ -145,6 +152,8 @@ class ReplyStream:
         self.stats: GenerationStats | None = None
         self.model: str | None = None
         self.memory_notice = ""
+        self.prompt_tokens: int | None = None
+        self.replaced_model: str | None = None
 
     def __iter__(self) -> Iterator[str]:
         for event in events(self.response):
@@ -159,6 +168,9 @@ class ReplyStream:
             if figures := event.get("mixchat"):
                 self.stats = GenerationStats.from_json(figures)
                 self.memory_notice = figures.get("memory_notice") or ""
+                self.replaced_model = figures.get("replaced_model") or None
+            if isinstance(usage := event.get("usage"), dict):
+                self.prompt_tokens = usage.get("prompt_tokens")
             self.model = event.get("model") or self.model
         if self.stats is None:
             raise ServerGone(f"the server at {self.url} sent no statistics")

@@ -5,15 +5,22 @@ line and the environment, then passed down as arguments: nothing below reads os.
     model           --model            -
     dtype           --dtype            MIXCHAT_DTYPE
     memory budget   --memory-budget    MIXCHAT_MEMORY_BUDGET
+    context         --max-context      -
+    KV cache bits   --kv-bits          -
     language        --lang             LC_ALL, LC_MESSAGES, LANG (the first one set)
     data directory  -                  MIXCHAT_HOME (else the platform's user data directory)
     CPU streams     -                  MIXCHAT_STREAMS (matrix products split across; a tuning knob)
+    expert offload  -                  MIXCHAT_OFFLOAD_POLICY, MIXCHAT_OFFLOAD_PREFETCH,
+                                       MIXCHAT_OFFLOAD_PAGE_CACHE (tuning knobs)
+    ranks' split    -                  MIXCHAT_PARALLEL ("expert" or "pipeline")
     debug           -                  MIXCHAT_DEBUG (internal errors keep their traceback)
     server          -                  MIXCHAT_SERVER (`ask` uses a running `mixchat serve`;
                                        default http://127.0.0.1:8741, "off": never)
     API key         --api-key (serve)  MIXCHAT_API_KEY (the server's key; `ask` sends it)
+    offline         -                  HF_HUB_OFFLINE (`download` uses the local cache only)
 
-The command line wins over the environment. Imports nothing heavy (no MLX).
+The command line wins over the environment. Only MLX's own launch variables (MLX_*) are read
+elsewhere (model/ranks.py). Imports nothing heavy (no MLX).
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.i18n import TABLES, language_from_locale, resolve_language
 from model import registry
 from model.errors import MixchatError
+from model.load_options import LoadOptions
+
+if TYPE_CHECKING:
+    from model.offload import OffloadOptions
 
 DTYPES = ("float32", "float16", "bfloat16")
 LANGUAGES = tuple(TABLES)  # the interface languages
@@ -42,28 +53,80 @@ class Settings:
     dtype: str | None = None  # one of DTYPES, or None: float32 on a CPU, half on a GPU
     memory_budget: int | str | None = None  # bytes, "auto", or None: no budget
     lang: str = "en"  # one of LANGUAGES
-    data_dir: Path = field(default_factory=registry.data_dir)  # chats and known models
+    data_dir: Path = field(default_factory=lambda: data_dir())  # chats and known models
     streams: int | None = None  # None: one per core (at most 2) on a CPU
     debug: bool = False
     server: str | None = "http://127.0.0.1:8741"  # where `ask` looks for `mixchat serve`, or None
     api_key: str | None = None
+    max_context: int | None = None  # tokens the KV cache is planned for; None: what fits
+    kv_bits: int | None = None  # 8 or 4: a quantized KV cache
+    offload: OffloadOptions | None = None  # MIXCHAT_OFFLOAD_*; None: the runtime's defaults
+    parallel: str = "expert"  # how several ranks split a model (checked when they join)
+    hf_offline: bool = False  # HF_HUB_OFFLINE: `download` never reaches the Hub
+    # The MIXCHAT_* variables, which `--hosts` passes on to the ranks it starts.
+    rank_variables: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def load_options(self) -> LoadOptions:
+        """How `model.load` / `Engine.load` load the model."""
+        return LoadOptions(dtype=self.dtype, memory_budget=self.memory_budget,
+                           max_context=self.max_context, kv_bits=self.kv_bits,
+                           streams=self.streams, offload=self.offload)  # fmt: skip
 
 
 def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """The settings from parsed arguments (any of model, dtype, memory_budget, lang; absent or
-    None: not given) and the environment. Raises SettingsError for an unusable value."""
+    """The settings from parsed arguments (any of model, dtype, memory_budget, max_context,
+    kv_bits, lang; absent or None: not given) and the environment. Raises SettingsError for an
+    unusable value."""
     environ = os.environ if environ is None else environ
     return Settings(
         model=getattr(args, "model", None) or None,
         dtype=_dtype(getattr(args, "dtype", None), environ),
         memory_budget=_budget(getattr(args, "memory_budget", None), environ),
         lang=_language(getattr(args, "lang", None), environ),
-        data_dir=registry.data_dir(environ),
+        data_dir=data_dir(environ),
         streams=_streams(environ),
         debug=environ.get("MIXCHAT_DEBUG", "").strip() not in ("", "0"),
         server=_server(environ),
         api_key=environ.get("MIXCHAT_API_KEY", "").strip() or None,
+        max_context=getattr(args, "max_context", None),
+        kv_bits=getattr(args, "kv_bits", None),
+        offload=_offload(environ),
+        parallel=(environ.get("MIXCHAT_PARALLEL") or Settings.parallel).strip().lower(),
+        hf_offline=environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"),
+        rank_variables={k: v for k, v in environ.items() if k.startswith("MIXCHAT_")},
     )
+
+
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """mixchat's one data directory (chats, known models, measurements): MIXCHAT_HOME, else the
+    platform's user data directory. `environ`: None reads this process's environment."""
+    environ = os.environ if environ is None else environ
+    if home := environ.get("MIXCHAT_HOME", "").strip():
+        return Path(home).expanduser()
+    return registry.default_data_dir()
+
+
+OFFLOAD_VARIABLES = ("MIXCHAT_OFFLOAD_POLICY", "MIXCHAT_OFFLOAD_PREFETCH",
+                     "MIXCHAT_OFFLOAD_PAGE_CACHE")  # fmt: skip
+
+
+def _offload(environ: Mapping[str, str]) -> OffloadOptions | None:
+    """MIXCHAT_OFFLOAD_POLICY (auto, lru, lfu, lru-layer, lfu-layer, next-use),
+    MIXCHAT_OFFLOAD_PREFETCH (0/1), MIXCHAT_OFFLOAD_PAGE_CACHE (1: let the OS cache expert
+    reads); None when none is set (the runtime's defaults)."""
+    if not any(environ.get(name) for name in OFFLOAD_VARIABLES):
+        return None
+    from model.offload import OffloadOptions
+
+    options = OffloadOptions()
+    if policy := environ.get("MIXCHAT_OFFLOAD_POLICY"):
+        options.policy = policy.strip().lower()
+    if prefetch := environ.get("MIXCHAT_OFFLOAD_PREFETCH"):
+        options.prefetch = prefetch.strip() not in ("0", "", "no", "off")
+    if page_cache := environ.get("MIXCHAT_OFFLOAD_PAGE_CACHE"):
+        options.bypass_page_cache = page_cache.strip() in ("0", "no")
+    return options
 
 
 def _server(environ: Mapping[str, str]) -> str | None:

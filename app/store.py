@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from app.settings import data_dir  # the one data directory (re-exported for the UI)
 from model.errors import MixchatError
-from model.registry import data_dir  # the one data directory (re-exported for the UI)
 
 DATABASE_NAME = "mixchat.db"
 TITLE_MAX_CHARS = 48

@@ -88,18 +88,24 @@ def worker(tool: str, path: str, max_tokens: int, short: bool = False) -> dict:
     }
 
 
+BASELINE: Path | None = None  # --baseline: another checkout's code, timed as "mixchat-before"
+
+
 def run_worker(tool: str, path: Path, max_tokens: int, short: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_decode", "--worker", tool, str(path),
-           str(max_tokens)] + (["--short"] if short else [])
+    """`tool`'s generation in a fresh process ("mixchat-before": the --baseline checkout's)."""
+    root = BASELINE if tool == "mixchat-before" else ROOT
+    cmd = [sys.executable, "-m", "benchmarks.bench_decode", "--worker",
+           "mixchat" if tool == "mixchat-before" else tool, str(path),
+           str(max_tokens)] + (["--short"] if short else [])  # fmt: skip
     out = subprocess.run(
         cmd,
         check=True,
         capture_output=True,
         text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)},
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"tool": tool}
 
 
 def memory_bandwidth_gbs(size_mb: int = 512) -> float:
@@ -147,12 +153,17 @@ def main() -> None:
         "--worker", nargs=3, metavar=("TOOL", "PATH", "TOKENS"), help=argparse.SUPPRESS
     )
     parser.add_argument("--short", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also time another checkout of mixchat (e.g. `git worktree add DIR "
+                        "REV`) as mixchat-before, alternating with this one")  # fmt: skip
     args = parser.parse_args()
     if args.worker:
         tool, path, tokens = args.worker
         print(json.dumps(worker(tool, path, int(tokens), args.short)))
         return
 
+    global BASELINE
+    BASELINE = args.baseline
     from benchmarks.make_checkpoint import make_checkpoint
 
     src = make_checkpoint(args.out / "mixtral-790m-f16")
@@ -164,6 +175,8 @@ def main() -> None:
         ("mixchat", q4_f32, args.max_tokens),
         ("mixchat-1-stream", q4_default, args.max_tokens),
     ]
+    if BASELINE:
+        plan.insert(1, ("mixchat-before", q4_default, args.max_tokens))
     results = []
     for round_ in range(args.rounds):
         for tool, path, tokens in plan:
@@ -183,7 +196,7 @@ def main() -> None:
 
         default_model = default_model_path()
         for _ in range(args.rounds):
-            for tool in ("mixchat", "mixchat-1-stream"):
+            for tool in ("mixchat", "mixchat-1-stream") + (("mixchat-before",) if BASELINE else ()):
                 results.append(run_worker(tool, default_model, args.max_tokens))
 
     bandwidth = memory_bandwidth_gbs()
@@ -203,10 +216,14 @@ def main() -> None:
         ("mixchat-1-stream", q4_default.name),
         ("mlx-lm", q4_f32.name),
     ]
+    if BASELINE:
+        rows.insert(1, ("mixchat-before", q4_default.name))
     if args.slow_tokens:
         rows.append(("mlx-lm", q4_default.name))
     if default_model is not None:
         rows += [("mixchat", default_model.name), ("mixchat-1-stream", default_model.name)]
+        if BASELINE:
+            rows.append(("mixchat-before", default_model.name))
     best_peer = median("mlx-lm", q4_f32.name, "generation_tps")
     print(
         f"\nmemory bandwidth {bandwidth:.1f} GB/s; weights read per token "

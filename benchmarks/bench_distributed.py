@@ -64,17 +64,17 @@ def sent_bytes() -> int:
 
 def per_token_marks() -> list[int]:
     """Bytes sent so far, recorded at each per-token stop check of this process's decode (the
-    ranks agree on stopping once per generated token: `distributed.agree_stop`)."""
-    from model import distributed
+    ranks agree on stopping once per generated token: `generate.agree_stop`)."""
+    from model import generate
 
     marks: list[int] = []
-    agree = distributed.agree_stop
+    agree = generate.agree_stop
 
-    def marked(model, stop: bool) -> bool:
+    def marked(group, stop: bool) -> bool:
         marks.append(sent_bytes())
-        return agree(model, stop)
+        return agree(group, stop)
 
-    distributed.agree_stop = marked  # model/generate.py looks it up at each call
+    generate.agree_stop = marked  # the engine looks it up at each call
     return marks
 
 
@@ -88,14 +88,17 @@ def per_token(marks: list[int], tokens: int) -> float:
 def worker(path: str, max_tokens: int) -> dict:
     """One measured generation on this rank (or one process); the reply is expected to run to
     `max_tokens` (the random-weight model never says EOS: checked in the table's token count)."""
-    from model import Engine, GenerationSettings, distributed
+    from app.follower import follow
+    from app.settings import read_settings
+    from model import Engine, GenerationSettings, LoadOptions, distributed
 
     marks = per_token_marks()
-    if distributed.launched() and not distributed.world().leader:
-        distributed.follow(path)
+    split = distributed.rank_split(read_settings().parallel)  # None: one process
+    if split is not None and not split.world.leader:
+        follow(path, LoadOptions(), split)
         return {"rank": distributed.world().rank, "peak_rss": peak_rss_bytes(),
                 "sent_per_token": per_token(marks, max_tokens)}  # fmt: skip
-    engine = Engine.load(path)
+    engine = Engine.load(path, split=split)
     loaded_peak = peak_rss_bytes()
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
     chunks = list(engine.stream([{"role": "user", "content": PROMPT}], settings))

@@ -57,7 +57,8 @@ def rss() -> int:
 
 def worker(path: str, budget: str, tokens: int, long_prompt: bool = True) -> dict:
     """One configuration, in this fresh process."""
-    from model import Engine, GenerationSettings, registry, weights
+    from app.settings import data_dir
+    from model import Engine, GenerationSettings, weights
     from model.machine import CACHE_FILE, MeasurementCache
     from model.predict import fit_report
     from model.sizes import parse_budget
@@ -73,7 +74,7 @@ def worker(path: str, budget: str, tokens: int, long_prompt: bool = True) -> dic
     report = fit_report(
         checkpoint, dtype, decision.budget if decision.offload else None, None,
         decision.context, decision.plan.kv_bits,
-        MeasurementCache(registry.data_dir() / CACHE_FILE), False, weights.stream_count(),
+        MeasurementCache(data_dir() / CACHE_FILE), False, weights.stream_count(),
     )  # fmt: skip
     result = {
         "budget": budget,

@@ -4,8 +4,8 @@ Part 1, the kernels, at Mixtral 8x7B's expert shape (one 4096 x 14336 projection
 group 64): MLX's `gather_qmm` for 1..64 rows, MLX's float32 matmul, numpy's float32 matmul,
 and `blas.matmul_t` (dequantize + BLAS). Part 2, whole prompts on a 4-bit checkpoint (default:
 the 790M benchmark model): time of a forward pass over N prompt tokens with model/blas.py's
-route on and off (MIN_ROWS raised past the prompt), alternating, median of --rounds; the logits
-of both must agree.
+route on and off (bench_small_prompt.route: every product in MLX's kernels), alternating, median
+of --rounds; the logits of both must agree.
 
     python -m benchmarks.bench_prefill [--model bench-out/mixtral-790m-q4] [--rounds 3]
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from benchmarks.bench_small_prompt import route
 from model import blas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,20 +72,19 @@ def prompts(model_path: Path, lengths: list[int], rounds: int) -> None:
     print(f"\n{model_path.name}: forward pass over N prompt tokens, seconds (median of {rounds})")
     print("| prompt tokens | MLX kernels | dequantize once + BLAS | speed-up | max logit diff |")
     print("|---|---|---|---|---|")
-    default_rows = blas.MIN_ROWS
     for n in lengths:
         ids = mx.array(rng.randint(3, 32000, size=(1, n)))
         times: dict[bool, list[float]] = {True: [], False: []}
         logits = {}
         for _ in range(rounds):
             for on in (False, True):
-                blas.MIN_ROWS = default_rows if on else 1 << 30
+                route(on)
                 start = time.perf_counter()
                 out = model(ids, cache=model.make_cache())[:, -1]
                 mx.eval(out)
                 times[on].append(time.perf_counter() - start)
                 logits[on] = np.array(out)
-        blas.MIN_ROWS = default_rows
+        route(True)
         off, on = statistics.median(times[False]), statistics.median(times[True])
         diff = float(np.abs(logits[True] - logits[False]).max())
         print(f"| {n} | {off:.2f} | {on:.2f} | {off / on:.2f}x | {diff:.1e} |")

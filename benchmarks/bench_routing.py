@@ -29,7 +29,7 @@ from model import routing_trace as rt
 MODELS = (("Mixtral 8x7B", 8, 2, 32), ("Mixtral 8x22B", 8, 2, 56))
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPREAD = "lru-layer, spread"  # per-layer LRU whose quotas use the whole capacity
-COLUMNS = (*rt.CACHE_POLICIES, rt.AUTO_POLICY, SPREAD, "static", "belady")
+COLUMNS = (*rt.POLICIES, rt.AUTO_POLICY, SPREAD, "static", "belady")
 RANDOM_COLUMNS = ("lru", "next-use")  # replayed on random routing too
 
 
@@ -130,7 +130,7 @@ def main() -> None:
     print("|" + "---|" * len(COLUMNS))
     print("| " + " | ".join(f"{np.mean(totals[c]):.1%}" for c in COLUMNS) + " |")
     ranked = sorted(
-        (*rt.CACHE_POLICIES, rt.AUTO_POLICY, SPREAD), key=lambda c: -np.mean(totals[c])
+        (*rt.POLICIES, rt.AUTO_POLICY, SPREAD), key=lambda c: -np.mean(totals[c])
     )
     print("\nCache policies by mean hit rate: " + ", ".join(
         f"{c} {np.mean(totals[c]):.1%}" for c in ranked))  # fmt: skip

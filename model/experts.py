@@ -92,25 +92,43 @@ def _dims(p: Projection) -> tuple[int, int]:
 def _swiglu_by_expert(x: mx.array, w: ExpertWeights, inds: mx.array,
                       groups: RowGroups) -> mx.array:  # fmt: skip
     """swiglu for rows x [R, 1, hidden], inds [R]: experts with blas.MIN_ROWS rows or more
-    through numpy's BLAS, the others together through MLX's kernels (sorted by expert)."""
-    xs = np.array(x.astype(mx.float32)).reshape(x.shape[0], -1)
-    y = np.empty((x.shape[0], _dims(w["down_proj"])[0]), dtype=np.float32)
-    few: list[np.ndarray] = []
+    through numpy's BLAS, the others together through MLX's kernels (sorted by expert);
+    differentiable in x (training: d(x) through BLAS too)."""
+    many, few = [], []
     for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:]):
         rows = groups.order[a:b]
         if b - a < blas.MIN_ROWS:
             few.append(rows)
-            continue
-        one = {name: _expert(p, e) for name, p in w.items()}
-        xe = xs[rows]
-        h = blas.silu(blas.matmul_t(xe, *one["gate_proj"])) * blas.matmul_t(xe, *one["up_proj"])
-        y[rows] = blas.matmul_t(h, *one["down_proj"])
-    if few:
-        rows = np.concatenate(few)
-        picked = mx.array(rows)
-        out = _swiglu_mlx(x[picked], w, inds[picked], sorted_inds=True)  # [n, 1, out]
-        y[rows] = np.array(out.astype(mx.float32)).reshape(len(rows), -1)
-    return mx.array(y).astype(x.dtype)[:, None]
+        else:
+            many.append((rows, [_expert(w[name], e) for name in PROJECTIONS]))
+    few_np = np.concatenate(few) if few else None
+    few_rows = None if few_np is None else mx.array(few_np)
+
+    def mlx_part(xs: mx.array) -> mx.array:
+        return _swiglu_mlx(xs, w, inds[few_rows], sorted_inds=True)  # [n, 1, out]
+
+    def forward(xs: np.ndarray) -> np.ndarray:
+        xs = xs.reshape(xs.shape[0], -1)
+        y = np.empty((xs.shape[0], _dims(w["down_proj"])[0]), dtype=np.float32)
+        for rows, parts in many:
+            y[rows] = blas.swiglu_rows(xs[rows], *parts)
+        if few_np is not None:
+            out = mlx_part(mx.array(xs[few_np][:, None]).astype(x.dtype))
+            y[few_np] = np.array(out.astype(mx.float32)).reshape(len(few_np), -1)
+        return y[:, None]
+
+    def backward(xs: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray]:
+        xs, dy = xs.reshape(xs.shape[0], -1), dy.reshape(dy.shape[0], -1)
+        dx = np.empty_like(xs)
+        for rows, parts in many:
+            dx[rows] = blas.swiglu_rows_grad(xs[rows], dy[rows], *parts)
+        if few_np is not None:
+            _, (d_few,) = mx.vjp(mlx_part, [mx.array(xs[few_np][:, None]).astype(x.dtype)],
+                                 [mx.array(dy[few_np][:, None]).astype(x.dtype)])  # fmt: skip
+            dx[few_np] = np.array(d_few.astype(mx.float32)).reshape(len(few_np), -1)
+        return (dx[:, None],)
+
+    return blas.through_numpy(forward, backward, x)
 
 
 def _expert(p: Projection, e: int) -> tuple:

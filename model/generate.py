@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import distributed
 from .errors import MixchatError
 from .generation.sampling import request_sampler
 from .generation_settings import GenerationSettings
+from .load_options import LoadOptions
 from .memory_plan import LAYERWISE_WINDOW
 from .mixtral import Model
 from .mlx_lm_parts import can_trim_prompt_cache, trim_prompt_cache
@@ -37,8 +37,21 @@ class Chunk:
     progress: tuple[int, int] | None = None  # while reading the prompt: (tokens read, total)
 
 
+def agree_stop(group, stop: bool) -> bool:
+    """Whether any rank wants to stop the reply now (rank 0 on a cancel), agreed by all ranks
+    of `group` at the same token; `stop` itself on one rank (`group` None)."""
+    if group is None:
+        return stop
+    total = mx.distributed.all_sum(mx.array([int(stop)], dtype=mx.int32), group=group)
+    return bool(total.item())
+
+
 class Engine:
-    def __init__(self, model: Model, tokenizer, name: str = "model", info=None):
+    def __init__(self, model: Model, tokenizer, name: str = "model", info=None, *,
+                 group=None, peers=None):  # fmt: skip
+        """`group`: the mx.distributed group a model split over several ranks computes in
+        (None: one rank); `peers`: rank 0's model.distributed.Leader, which sends each request
+        to the other ranks (None elsewhere)."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -59,48 +72,32 @@ class Engine:
         from .offload import runtime_of
 
         self.offload = runtime_of(model)  # experts streamed under a memory budget, or None
-        self.peers = distributed.leader_of(model)  # rank 0 of several: the others follow it
+        self.group = group  # the ranks agree on stopping in it, token by token
+        self.peers = peers  # rank 0 of several: the others follow it
 
     @classmethod
-    def load(
-        cls,
-        model: str | Path | None = None,
-        *,
-        dtype: str | None = None,
-        memory_budget: int | str | None = None,
-        max_context: int | None = None,
-        kv_bits: int | None = None,
-        streams: int | None = None,
-    ) -> Engine:
-        """Load a model by path, cached repo id, or None for the embedded default model.
+    def load(cls, model: str | Path | None = None, options: LoadOptions | None = None, *,
+             split=None, **changes) -> Engine:  # fmt: skip
+        """Load a model by path, cached repo id, or None for the embedded default model, as
+        `options` say (`changes`: LoadOptions fields by name, `Engine.load(m, kv_bits=8)`).
 
-        `memory_budget`: bytes, a size ("12GB"), "auto", "none" (everything in memory, even if
-        it does not fit) or None: whole when the model fits in the memory available now and
-        streamed under the automatic budget when not (`engine.memory_notice` then says so, in
-        one line). `max_context` caps the context (default: what fits); `kv_bits` (8 or 4)
-        quantizes the KV cache; `streams`: CPU streams to split matrix products across (None:
-        one per core, at most 2). Nothing is read from the environment (app/settings.py does)."""
-        from . import registry, weights
+        A memory budget of None loads whole when the model fits in the memory available now
+        and streams under the automatic budget when not (`engine.memory_notice` then says so,
+        in one line). `split` (model.distributed.RankSplit, from the app): this rank's part of
+        a model split over several ranks. Nothing is read from the environment
+        (app/settings.py does)."""
         from .info import model_info
-        from .tokenizer import load_tokenizer
+        from .loader import load_checkpoint
+        from .registry import DEFAULT_MODEL
 
-        path = registry.resolve(None if model is None else str(model))
-        checkpoint = weights.locate(path)
-        tokenizer = load_tokenizer(
-            checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
-        )
-        if isinstance(memory_budget, str):
-            from .memory_plan import BudgetError, parse_budget
-
-            try:
-                memory_budget = parse_budget(memory_budget)
-            except ValueError as e:
-                raise BudgetError(str(e)) from None
-        memory = weights.plan_memory(checkpoint, dtype, memory_budget, max_context, kv_bits)
-        built = weights.build_model(checkpoint, dtype=dtype, memory=memory, streams=streams)
-        name = registry.DEFAULT_MODEL if model is None else _display_name(str(model), path)
+        loaded = load_checkpoint(model, (options or LoadOptions()).but(**changes), split=split)
+        built = loaded.model
+        name = DEFAULT_MODEL if model is None else _display_name(str(model), loaded.path)
         compute_bytes = built.model.norm.weight.dtype.size
-        return cls(built, tokenizer, name, model_info(checkpoint, name, compute_bytes))
+        info = model_info(loaded.checkpoint, name, compute_bytes)
+        if split is None:
+            return cls(built, loaded.tokenizer, name, info)
+        return cls(built, loaded.tokenizer, name, info, group=split.group, peers=split.leader())
 
     def cancel(self) -> None:
         """Stop the running stream at its next token, or the next stream at its first one
@@ -216,7 +213,7 @@ class Engine:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
             while len(pending) > LAYERWISE_WINDOW:
-                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
+                if agree_stop(self.group, self._cancel.is_set()):  # Esc, all ranks
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
                 window, pending = pending[:LAYERWISE_WINDOW], pending[LAYERWISE_WINDOW:]
@@ -227,10 +224,10 @@ class Engine:
             # Chunks sized from the speed measured so far to take about CANCEL_WITHIN seconds
             # (at most self._chunk): progress moves and Esc stops that soon even on a slow CPU.
             # Ranks sharing the experts keep the fixed size: their passes must stay in step.
-            sharded = distributed.group_of(self.model) is not None
+            sharded = self.group is not None
             size = self._chunk if sharded else min(FIRST_PROMPT_CHUNK, self._chunk)
             while len(pending) > size:
-                if distributed.agree_stop(self.model, self._cancel.is_set()):  # Esc, all ranks
+                if agree_stop(self.group, self._cancel.is_set()):  # Esc, all ranks
                     yield self._cancelled_in_prompt(total - len(pending))
                     return
                 began = time.perf_counter()
@@ -276,12 +273,12 @@ class Engine:
                 try:
                     yield Chunk(text)
                 except GeneratorExit:  # the reader left: other ranks stop at this token too
-                    distributed.agree_stop(self.model, True)
+                    agree_stop(self.group, True)
                     raise
             if len(generated) >= max_tokens:
                 stats.finish_reason = "length"
                 break
-            if distributed.agree_stop(self.model, self._cancel.is_set()):  # same token on all ranks
+            if agree_stop(self.group, self._cancel.is_set()):  # same token on all ranks
                 stats.finish_reason = "cancelled"
                 break
             if not pipelined:

@@ -32,6 +32,7 @@ from .mlx_lm_parts import (
     scaled_dot_product_attention,
 )
 from .names import EXPERT_PROJECTIONS, PARTS, expert_tensor
+from .router import route
 
 # Matrix products are split across this many streams of the default device. On MLX's CPU
 # backend each stream runs on its own thread, so two streams use two cores (one token: the two
@@ -70,14 +71,13 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
     """layer(x) for a Linear or an Embedding used as LM head (quantized or not), split across
     the compute streams: by output rows for one token, by tokens for several."""
+    if "lora_a" in layer:  # mlx-lm's LoRALinear (model/tune/lora.py): its base, then A/B
+        low_rank = (layer.dropout(x) @ layer.lora_a) @ layer.lora_b
+        return linear(x, layer.linear) + (layer.scale * low_rank).astype(x.dtype)
     weight = layer["weight"]  # [out, in], or [out, in * bits / 32] packed
     as_head = isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding))
-    rows = x.size // x.shape[-1]
-    if "bias" not in layer and blas.applies(rows, weight.shape[0], x.shape[-1], weight.dtype):
-        return blas.linear(
-            x, weight, layer.get("scales"), layer.get("biases"), getattr(layer, "group_size", 64),
-            getattr(layer, "bits", None), getattr(layer, "mode", "affine"),
-        )  # fmt: skip
+    if _by_blas(x, layer):
+        return blas.linear(x, *_blas_parts(layer))
     streams = compute_streams()
     if len(streams) == 1 or weight.shape[0] * x.shape[-1] < MIN_SPLIT_ELEMENTS:
         return layer.as_linear(x) if as_head else layer(x)
@@ -101,6 +101,23 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
         with mx.stream(stream):
             parts.append(layer.as_linear(rows[a:b]) if as_head else layer(rows[a:b]))
     return mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], -1)
+
+
+def _by_blas(x: mx.array, layer: nn.Module, in_features: int | None = None) -> bool:
+    """Whether layer(x) goes through model/blas.py (CPU, many rows) as one product (not a LoRA
+    layer: linear() sends its base there and adds the low-rank part)."""
+    if "lora_a" in layer:
+        return False
+    weight = layer["weight"]
+    rows, in_features = x.size // x.shape[-1], in_features or x.shape[-1]
+    return "bias" not in layer and blas.applies(rows, weight.shape[0], in_features, weight.dtype)
+
+
+def _blas_parts(layer: nn.Module) -> blas.Parts:
+    """blas.matmul_t's weight arguments for a Linear / Embedding, quantized or not."""
+    return (layer["weight"], layer.get("scales"), layer.get("biases"),
+            getattr(layer, "group_size", 64), getattr(layer, "bits", None),
+            getattr(layer, "mode", "affine"))  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -133,7 +150,10 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)  # [B, kv_heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, kv_heads, S, head_dim]
-        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
+        if blas.attention_applies(q, k):  # CPU, many query tokens: numpy's BLAS
+            out = blas.attention(q, k, v, self.scale, mask)
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
         return linear(out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.o_proj)
 
 
@@ -147,7 +167,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return linear(nn.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if _by_blas(x, gate) and _by_blas(x, up) and _by_blas(x, down, gate["weight"].shape[0]):
+            return blas.swiglu(x, _blas_parts(gate), _blas_parts(up), _blas_parts(down))
+        return linear(nn.silu(linear(x, gate)) * linear(x, up), down)
 
 
 class Experts(nn.Module):
@@ -162,6 +185,8 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x: [N, hidden], inds: [N, k] -> [N, k, hidden] (each token through its k experts)."""
         N, k = inds.shape
+        if any("weight" not in self[name] for name in PROJECTIONS):
+            return self.through_modules(x, inds)  # LoRA (model/tune/lora.py)
         w = {name: Projection.of(self[name]) for name in PROJECTIONS}
         streams = compute_streams()
         if N * k >= SORTED_MIN_ROWS:
@@ -189,6 +214,23 @@ class Experts(nn.Module):
         return mx.concatenate(parts, axis=1).squeeze(-2)  # [N, k, hidden]
 
 
+    def through_modules(self, x: mx.array, inds: mx.array) -> mx.array:
+        """__call__ through the projection modules themselves, as mlx-lm's SwitchGLU does:
+        what LoRASwitchLinear wrappers (one A/B pair per expert) need, differentiable."""
+        N, k = inds.shape
+        rows, flat, order = x[:, None, None], inds, None  # [N, 1, 1, hidden]
+        if N * k >= SORTED_MIN_ROWS:  # rows grouped by expert, as mlx-lm's gather_sort
+            order = mx.argsort(inds.flatten())
+            rows, flat = x[order // k][:, None], inds.flatten()[order]  # [N*k, 1, hidden]
+        sort = order is not None
+        h = nn.silu(self.gate_proj(rows, flat, sorted_indices=sort))
+        y = self.down_proj(h * self.up_proj(rows, flat, sorted_indices=sort), flat,
+                           sorted_indices=sort)  # fmt: skip
+        if order is None:
+            return y.squeeze(-2)  # [N, k, hidden]
+        return y[mx.argsort(order)].reshape(N, k, -1)
+
+
 class SparseMoE(nn.Module):
     """Router picks the top-k experts per token; softmax over those k weights their outputs."""
 
@@ -203,8 +245,7 @@ class SparseMoE(nn.Module):
     def __call__(self, x: mx.array, routing: list | None = None) -> mx.array:
         B, L, D = x.shape
         logits = self.gate(x)  # [B, L, E]
-        inds = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-        weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
+        inds, weights = route(logits, self.top_k)  # [B, L, k] each
         if routing is not None:
             routing.append(inds)  # [B, L, k]
         if self.shard is not None:  # this rank's experts, summed over the ranks

@@ -1,6 +1,7 @@
-"""MLX's launch variables, the one place they are read: whether this process was started as
-one rank of several (mlx.launch, or by hand), and what the launcher says about it. No MLX
-import: the CLI asks before anything heavy loads; model/distributed.py does the rest."""
+"""MLX's launch variables (MLX_*), the one place they are read: whether this process was
+started as one rank of several (mlx.launch, or by hand), and what the launcher says about it.
+mixchat's own variables are read by app/settings.py (only). No MLX import: the
+CLI asks before anything heavy loads; model/distributed/ does the rest."""
 
 from __future__ import annotations
 
@@ -33,24 +34,9 @@ def jaccl_coordinator() -> str | None:
     return os.environ.get("MLX_JACCL_COORDINATOR") or None
 
 
-MODES = ("expert", "pipeline")  # MIXCHAT_PARALLEL: how several ranks split a model
-
-
-def parallel_mode() -> str:
-    """MIXCHAT_PARALLEL: "expert" (the default: each rank holds 1/n of every layer's experts)
-    or "pipeline" (each rank holds a contiguous block of layers). Read once, by `world()`;
-    every rank must be started with the same value."""
-    return (os.environ.get("MIXCHAT_PARALLEL") or MODES[0]).strip().lower()
-
-
 def ring_verbose() -> bool:
     """MLX_RING_VERBOSE: the ring backend's own messages are wanted."""
     return bool(os.environ.get("MLX_RING_VERBOSE"))
-
-
-def mixchat_variables() -> dict[str, str]:
-    """This process's MIXCHAT_* variables (`--hosts` passes them on to the ranks it starts)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("MIXCHAT_")}
 
 
 def become_rank(rank: int, hostfile: str) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +16,9 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-DATA_DIR_ENV = "MIXCHAT_HOME"
-
-
-def data_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """mixchat's one data directory (chats, known models): MIXCHAT_HOME, else the platform's
-    user data directory. app/settings.py calls this once; the rest get the result passed in
-    (`None` reads os.environ, for callers outside the app: the quantizer, tests)."""
-    environ = os.environ if environ is None else environ
-    if home := environ.get(DATA_DIR_ENV, "").strip():
-        return Path(home).expanduser()
+def default_data_dir() -> Path:
+    """The platform's user data directory for mixchat (app/settings.py's `data_dir` uses it
+    when MIXCHAT_HOME is not set; everything else is given the data directory)."""
     import platformdirs
 
     return Path(platformdirs.user_data_dir("mixchat", appauthor=False))
@@ -74,10 +65,9 @@ def hf_cache_path(repo_id: str, revision: str | None = None) -> Path | None:
         return None
 
 
-def remember(path: Path, home: Path | None = None) -> None:
+def remember(path: Path, home: Path) -> None:
     """Record a quantized model directory (in `home`, the data directory) so `mixchat models`
     lists it."""
-    home = data_dir() if home is None else home
     known = [str(p) for p in known_models(home) if p != path.resolve()]
     known.append(str(path.resolve()))
     target = home / "models.json"
@@ -87,10 +77,10 @@ def remember(path: Path, home: Path | None = None) -> None:
     tmp.replace(target)
 
 
-def known_models(home: Path | None = None) -> list[Path]:
+def known_models(home: Path) -> list[Path]:
     """The quantized model directories recorded in `home` (the data directory) that exist."""
     try:
-        paths = json.loads(((data_dir() if home is None else home) / "models.json").read_text())
+        paths = json.loads((home / "models.json").read_text())
     except (OSError, ValueError):
         return []
     return [Path(p) for p in paths if isinstance(p, str) and Path(p).exists()]
@@ -103,7 +93,7 @@ class ModelEntry:
     source: str  # "embedded" | "hf-cache" | "quantized"
 
 
-def list_models(home: Path | None = None) -> list[ModelEntry]:
+def list_models(home: Path) -> list[ModelEntry]:
     """The default model, Mixtral/Mistral repos in the HF cache, and the quantized dirs known
     in `home` (the data directory)."""
     entries = []

@@ -15,17 +15,17 @@ sticks to it); theta is solved per layer so that P(share) hits its target exactl
 only depend on which experts were in A, not on their ids, so the stationary load is exactly
 uniform and each statistic is, token after token, an independent Bernoulli draw.
 
-Replays mirror mixchat's runtime (model/offload.py): per forward pass and layer the distinct
-experts the pass routes to are demanded in id order, all counted for LFU, hits touched first,
-then misses loaded; the layer's experts are pinned while it runs (computed in groups when the
-cache holds fewer). Policies "lru", "lfu", "lru-layer", "lfu-layer", "next-use" (evict what the
-forward pass reaches last) and "auto" (next-use below top_k x layers experts, else lru) as
-`ExpertCache`; "belady" (MIN: evict what is needed farthest in the future; an upper bound on
-every policy's hits) and "static" (pin the most demanded experts of the whole trace, stream
-the rest through top_k slots). Capacities are counted in experts (every expert the same size)
-and stay fixed (the runtime's cache shrinks as the KV cache grows); the runtime's read-ahead
-of the next layer's experts during long prompts is not replayed (it moves hits within a prompt
-pass, not decode's).
+Replays mirror mixchat's runtime (model/offload/), with its cache's own eviction orders
+(model/offload/policies.py): per forward pass and layer the distinct experts the pass routes to
+are demanded in id order, all counted for LFU, hits touched first, then misses loaded; the
+layer's experts are pinned while it runs (computed in groups when the cache holds fewer).
+Policies: the cache's POLICIES and AUTO_POLICY (next-use below top_k x layers experts, else
+lru); "belady" (MIN: evict what is needed farthest in the future; an upper bound on every
+policy's hits) and "static" (pin the most demanded experts of the whole trace, stream the rest
+through top_k slots). Capacities are counted in experts (every expert the same size) and stay
+fixed (the runtime's cache shrinks as the KV cache grows); the runtime's read-ahead of the next
+layer's experts during long prompts is not replayed (it moves hits within a prompt pass, not
+decode's).
 
 `expected_hit_rate` is the decode hit rate `mixchat info` shows for a cached share of the
 experts: a replay on a short generated trace, cached per shape, policy and capacity.
@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from .errors import MixchatError
+from .offload.policies import AUTO_POLICY, DEFAULT_POLICY, POLICIES, eviction_order, per_layer
 
-CACHE_POLICIES = ("lru", "lfu", "lru-layer", "lfu-layer", "next-use")  # model.offload.POLICIES
-DEFAULT_POLICY = "next-use"  # model.offload's default
-AUTO_POLICY = "auto"  # model.offload's option: next-use below one token's experts, else lru
-REPLAY_POLICIES = (*CACHE_POLICIES, AUTO_POLICY, "static", "belady")
+REPLAY_POLICIES = (*POLICIES, AUTO_POLICY, "static", "belady")
 
 # Within the published ranges, by relative depth (0 = first MoE layer, 1 = last): layer 0 at the
 # low end, the middle layers at the high end, the last layers in between (anchors chosen, not
@@ -306,9 +304,6 @@ def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int 
         )
     if policy == "belady" and warmup_passes:
         raise MixchatError("Belady's bound is over the whole trace (warmup_passes=0)")
-    name = policy
-    if policy == AUTO_POLICY:
-        policy = "next-use" if capacity_experts < k * L else "lru"
     steps = demand_steps(trace)
     hits, misses = [0] * L, [0] * L
     if policy == "belady":
@@ -316,94 +311,47 @@ def replay(trace: Trace, policy: str, capacity_experts: int, warmup_passes: int 
     elif policy == "static":
         _replay_static(steps, E, capacity_experts, k, warmup_passes, hits, misses)
     else:
-        _replay_cache(steps, L, E, policy, limits, warmup_passes, hits, misses)
-    return ReplayResult(name, capacity_experts, np.array(hits), np.array(misses))
+        cycling = capacity_experts < k * L  # "auto": next-use below one token's experts
+        _replay_cache(steps, L, policy, limits, cycling, warmup_passes, hits, misses)
+    return ReplayResult(policy, capacity_experts, np.array(hits), np.array(misses))
 
 
-def _replay_cache(steps, L, E, policy, limits, warmup, hits, misses) -> None:
-    """ExpertCache's policies, with OffloadRuntime.demand's order of operations (limits: the
-    experts each layer's scope holds)."""
-    lfu, per_layer = policy.startswith("lfu"), policy.endswith("-layer")
-    mode = policy.removesuffix("-layer")
-    pools = [_Pool(mode, E, L) for _ in range(L)] if per_layer else [_Pool(mode, E, L)] * L
-    frequency = [0] * (L * E)
+def _replay_cache(steps, L, policy, limits, cycling, warmup, hits, misses) -> None:
+    """ExpertCache's eviction orders (model/offload/policies.py), with OffloadRuntime.demand's
+    order of operations (limits: the experts each layer's scope holds)."""
+    frequency: Counter = Counter()
+    lfu = policy.startswith("lfu")
+    if per_layer(policy):
+        orders = [eviction_order(policy, range(L), frequency) for _ in range(L)]
+        scopes: list[set] = [set() for _ in range(L)]
+    else:
+        orders = [eviction_order(policy, range(L), frequency)] * L
+        scopes = [set()] * L
+    if policy == AUTO_POLICY:
+        orders[0].cycling = cycling
     for index, layer, experts in steps:
-        pool = pools[layer]
-        entries = pool.entries
-        base = layer * E
-        limit = limits[layer]
+        order, cached, limit = orders[layer], scopes[layer], limits[layer]
         for g in range(0, len(experts), limit):  # groups, released in between
-            group = [base + e for e in experts[g : g + limit]]
-            missing = []
-            if lfu:
+            group = [(layer, e) for e in experts[g : g + limit]]
+            if lfu:  # demands only order LFU
                 for key in group:
-                    frequency[key] += 1
+                    order.demanded(key)
+            missing = []
             for key in group:
-                if key in entries:
-                    pool.touch(key, frequency[key])
+                if key in cached:
+                    order.touch(key)
                 else:
                     missing.append(key)
             if index >= warmup:
                 hits[layer] += len(group) - len(missing)
                 misses[layer] += len(missing)
             for key in missing:
-                if len(entries) >= limit:
-                    pool.evict(group, layer)
-                pool.touch(key, frequency[key])
-
-
-class _Pool:
-    """One scope of an ExpertCache: "lru" order, "lfu" (demands, recency), or "next-use" (the
-    layer the forward pass reaches last first: this layer's others, then the layers just
-    computed; least recent among equals)."""
-
-    def __init__(self, mode: str, num_experts: int, num_layers: int):
-        self.mode, self.num_experts, self.num_layers = mode, num_experts, num_layers
-        self.entries: OrderedDict[int, tuple[int, int] | None] = OrderedDict()  # LRU first
-        self.heap: list[tuple[int, int, int]] = []  # lfu: (freq, tick, key), stale ones too
-        self.tick = 0
-        self.by_layer: list[OrderedDict[int, None]] = (
-            [OrderedDict() for _ in range(num_layers)] if mode == "next-use" else []
-        )
-
-    def touch(self, key: int, freq: int) -> None:
-        if self.mode == "lfu":
-            self.tick += 1
-            self.entries[key] = (freq, self.tick)
-            heapq.heappush(self.heap, (freq, self.tick, key))
-        else:
-            self.entries[key] = None
-        self.entries.move_to_end(key)
-        if self.mode == "next-use":
-            layer = self.by_layer[key // self.num_experts]
-            layer[key] = None
-            layer.move_to_end(key)
-
-    def evict(self, pinned: list[int], layer: int) -> None:
-        """Evict one unpinned entry, for a miss of `layer`."""
-        if self.mode == "lru":
-            victim = next(key for key in self.entries if key not in pinned)
-        elif self.mode == "next-use":
-            victim = None
-            for ahead in range(self.num_layers - 1, -1, -1):  # reached last first
-                scope = self.by_layer[(layer + 1 + ahead) % self.num_layers]
-                victim = next((key for key in scope if key not in pinned), None)
-                if victim is not None:
-                    del scope[victim]
-                    break
-        else:
-            held = []
-            while True:
-                freq, tick, victim = heapq.heappop(self.heap)
-                if self.entries.get(victim) != (freq, tick):
-                    continue  # stale: touched since, or evicted
-                if victim in pinned:
-                    held.append((freq, tick, victim))
-                    continue
-                break
-            for item in held:
-                heapq.heappush(self.heap, item)
-        del self.entries[victim]
+                if len(cached) >= limit:
+                    victim = order.victim(layer, lambda k, pinned=group: k not in pinned)
+                    order.remove(victim)
+                    cached.discard(victim)
+                cached.add(key)
+                order.touch(key)
 
 
 def _flat_accesses(steps) -> tuple[list[int], list[int], list[int]]:
@@ -500,9 +448,9 @@ def expected_hit_rate(cached_share: float, num_experts: int, top_k: int, num_lay
                       policy: str = DEFAULT_POLICY) -> float:  # fmt: skip
     """Decode hit rate of an expert cache holding `cached_share` of a model's experts, replayed
     on a Mixtral-like trace (a 64-token prompt, then 144 decoded tokens, the last 128 counted),
-    under `policy` (default: model.offload's default, next-use).
+    under `policy` (default: the expert cache's default, next-use).
     Raises MixchatError for a cache that cannot hold top_k experts per layer."""
-    if policy not in (*CACHE_POLICIES, AUTO_POLICY):
+    if policy not in (*POLICIES, AUTO_POLICY):
         raise MixchatError(f"unknown expert cache policy {policy!r}")
     if not math.isfinite(cached_share):
         raise MixchatError(f"cached share {cached_share} is not a number")

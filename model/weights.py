@@ -14,7 +14,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import distributed
 from .config import ModelArgs
 from .errors import CheckpointError, UnsupportedModelError
 from .gguf import GGUFFile, GGUFTensor, check_supported, converted_specs, load_tensor, read_gguf
@@ -208,14 +207,15 @@ def stream_count(requested: int | None = None) -> int:
 
 def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
                 memory_budget: int | str | None = None, max_context: int | None = None,
-                kv_bits: int | None = None):  # fmt: skip
+                kv_bits: int | None = None, *, split=None):  # fmt: skip
     """How `checkpoint` will be loaded (`memory_plan.decide`): whole, or with experts streamed
-    under a budget; None as `memory_budget` chooses by what this machine has available."""
+    under a budget; None as `memory_budget` chooses by what this machine has available.
+    `split` (model.distributed.RankSplit): the budget applies to this rank's share."""
     from .memory_plan import decide
 
-    if (world := distributed.world()).size > 1:  # the budget applies to this rank's share
-        return distributed.rank_memory(checkpoint, compute_dtype(checkpoint, dtype).size,
-                                       memory_budget, max_context, kv_bits, world)  # fmt: skip
+    if split is not None:
+        return split.plan_memory(checkpoint, compute_dtype(checkpoint, dtype).size,
+                                 memory_budget, max_context, kv_bits)  # fmt: skip
     return decide(checkpoint, compute_dtype(checkpoint, dtype).size, memory_budget,
                   max_context, kv_bits)  # fmt: skip
 
@@ -226,23 +226,26 @@ def build_model(
     lazy: bool = False,
     memory=None,
     streams: int | None = None,
+    *,
+    split=None,
+    offload_options=None,
 ) -> Model:
     """Instantiate the model and load the checkpoint into it, after checking every tensor.
 
     `memory` (a `memory_plan.MemoryDecision`, from `plan_memory`): when it streams experts, the
     experts are left unread and read on demand into a cache within the budget
-    (model/offload.py). None loads everything. `streams`: CPU streams to split matrix products
-    across (None: one per core, at most 2)."""
+    (model/offload.py, tuned by `offload_options`: an OffloadOptions, None for its defaults). None
+    loads everything. `streams`: CPU streams to split matrix products across (None: one per
+    core, at most 2). `split` (model.distributed.RankSplit): only this rank's part is read."""
     use_parallel_streams(stream_count(streams))
     args = checkpoint.args
     offload = memory is not None and memory.offload
-    world = distributed.world()
     model = Model(args)
     weights = read_weights(checkpoint, skip_experts=offload)
-    if world.size > 1:  # this rank's share of the experts, or its block of layers, only
+    if split is not None:  # this rank's share of the experts, or its block of layers, only
         kv_bits = memory.plan.kv_bits if memory is not None else None
-        weights = distributed.split_model(checkpoint, weights, model, world,
-                                          compute_dtype(checkpoint, dtype), kv_bits, offload)
+        weights = split.take(checkpoint, weights, model, compute_dtype(checkpoint, dtype),
+                             kv_bits, offload)  # fmt: skip
     weights = model.sanitize(weights)
     nn.quantize(model, class_predicate=_quantization_predicate(args, weights))
     expected = dict(tree_flatten(model.parameters()))
@@ -269,9 +272,9 @@ def build_model(
         from .offload import attach
 
         weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
-        runtime = attach(model, checkpoint, memory.cache_bytes, target)
-        if (shard := distributed.shard_of(model)) is not None:  # a rank streams its share only
-            runtime.held = range(shard.lo, shard.hi)
+        runtime = attach(model, checkpoint, memory.cache_bytes, target, offload_options)
+        if split is not None and (held := split.held_experts(model)) is not None:
+            runtime.held = held  # a rank streams its share only
     model.update(tree_unflatten(list(weights.items())))
     model.eval()
     model.memory = memory

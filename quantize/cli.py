@@ -85,7 +85,9 @@ def run_download(args: argparse.Namespace) -> int:
     from .download import download
 
     try:
-        path = download(args.repo_id, args.revision, quiet=args.quiet)
+        mixchat = getattr(args, "settings", None)  # app/settings.py's values, when mixchat runs it
+        offline = mixchat is not None and mixchat.hf_offline
+        path = download(args.repo_id, args.revision, quiet=args.quiet, offline=offline)
     except KeyboardInterrupt:
         print(
             "mixchat: download interrupted; run the same command again to resume", file=sys.stderr
@@ -128,7 +130,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 130
     from model.registry import remember
 
-    remember(Path(result.dst))  # so `mixchat models` lists it
+    if (mixchat := getattr(args, "settings", None)) is not None:  # app/settings.py's values
+        remember(Path(result.dst), mixchat.data_dir)  # so `mixchat models` lists it
     if not args.quiet:
         print(
             f"Wrote {result.dst} ({format_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} "

@@ -9,7 +9,6 @@ the repo is resolved from the local cache.
 from __future__ import annotations
 
 import fnmatch
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ MISTRAL_FILES = ("params.json", "consolidated.safetensors.index.json")
 
 
 def _offline() -> bool:
+    """huggingface_hub's own HF_HUB_OFFLINE (as it read it when imported)."""
     from huggingface_hub import constants
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def select_files(files: list[str]) -> list[str]:
@@ -148,8 +147,10 @@ def download(
     *,
     quiet: bool = False,
     cache_dir: str | Path | None = None,
+    offline: bool = False,
 ) -> Path:
-    """Download (or, offline, find in the cache) what inference needs; returns the snapshot dir."""
+    """Download (or, offline, find in the cache) what inference needs; returns the snapshot dir.
+    `offline` (HF_HUB_OFFLINE, read by app/settings.py): only the local cache is used."""
     from huggingface_hub import (
         HfApi,
         constants,
@@ -166,7 +167,7 @@ def download(
 
     check_repo_id(repo_id)
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
-    if _offline():
+    if offline or _offline():
         try:
             path = Path(
                 snapshot_download(

@@ -33,6 +33,7 @@ from model.config import ModelArgs
 from model.errors import CheckpointError, MixchatError
 from model.mixtral import Block, Experts, create_attention_mask
 from model.names import experts_module
+from model.router import route
 from model.weights import _quantization_predicate
 
 from .lazy_weights import Weights
@@ -146,10 +147,7 @@ class _Head:
 
 def _route(moe: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
     """The router's top-k experts and their weights, as model.mixtral.SparseMoE computes them."""
-    logits = moe.gate(x)
-    inds = mx.argpartition(-logits, kth=moe.top_k - 1, axis=-1)[..., : moe.top_k]
-    weights = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
-    return inds, weights
+    return route(moe.gate(x), moe.top_k)
 
 
 def run_layer(

@@ -141,6 +141,7 @@ PROBE = textwrap.dedent("""
     import json, sys
     import mlx.core as mx
     from mlx.utils import tree_flatten
+    from app.settings import read_settings
     from model import distributed, weights
 
     def read_bytes():  # bytes read by read(2)/pread(2) so far (Linux)
@@ -148,11 +149,12 @@ PROBE = textwrap.dedent("""
             if line.startswith("rchar:"):
                 return int(line.split()[1])
 
+    split = distributed.rank_split(read_settings().parallel)  # None: one process
     out = []
     for path in sys.argv[1:]:
         checkpoint = weights.locate(__import__("pathlib").Path(path))
         before = read_bytes()
-        model = weights.build_model(checkpoint)
+        model = weights.build_model(checkpoint, split=split)
         read = read_bytes() - before
         params = dict(tree_flatten(model.parameters()))
         experts = sum(v.nbytes for k, v in params.items() if ".switch_mlp." in k)
@@ -220,6 +222,7 @@ def test_each_pipeline_rank_reads_and_holds_only_its_layers(wide, tmp_path):
 LEADER = textwrap.dedent("""
     import json, sys
     from concurrent.futures import ThreadPoolExecutor
+    from app.settings import read_settings
     from model import Engine, GenerationSettings, distributed
 
     def turns():
@@ -239,8 +242,10 @@ LEADER = textwrap.dedent("""
         return {"replies": replies, "cancelled": finish, "mode": distributed.world().mode,
                 "layers": len(engine.model.layers), "stage": engine.model.stage is not None}
 
-    # As the chat app does: the model loads in one thread, replies stream in another.
-    engine = ThreadPoolExecutor(1).submit(Engine.load, sys.argv[1]).result()
+    # As the chat app does: the ranks join first, then the model loads in one thread and
+    # replies stream in another.
+    split = distributed.rank_split(read_settings().parallel)
+    engine = ThreadPoolExecutor(1).submit(Engine.load, sys.argv[1], split=split).result()
     assert distributed.world().size == 2 and engine.peers is not None
     print(json.dumps(ThreadPoolExecutor(1).submit(turns).result()))
 """)
@@ -434,3 +439,22 @@ def test_leader_fixes_a_seed_so_every_rank_samples_alike():
                                   "min_p": 0.0, "seed": settings.seed}}]  # fmt: skip
     kept = leader.start_stream([], GenerationSettings(seed=3))
     assert kept.seed == 3 and sent[-1]["settings"]["seed"] == 3
+
+
+def test_loading_and_generation_never_import_the_distributed_package():
+    """The app joins the ranks and passes the split down (as mlx-lm's sharded_load is given a
+    group): model/generate.py, loader.py, weights.py and info.py import nothing of
+    model/distributed/, even inside functions."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "model"
+    for name in ("generate.py", "loader.py", "weights.py", "info.py", "load_options.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("distributed" in n for n in names), (name, ast.dump(node))

@@ -45,7 +45,8 @@ BUDGETED = textwrap.dedent("""
     path, budget, prompt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     # Each rank drives its own engine through the same calls (rank 0's requests to the others
     # wait unread): every rank can then report what it holds.
-    engine = Engine.load(path, memory_budget=budget, max_context=64)
+    engine = Engine.load(path, memory_budget=budget, max_context=64,
+                         split=distributed.rank_split())
     greedy = GenerationSettings(max_tokens=12, temperature=0.0)
     chunks = list(engine.stream([{"role": "user", "content": prompt}], greedy))
     rt = engine.offload

@@ -9,8 +9,8 @@ import huggingface_hub
 import pytest
 
 import quantize.download as qd
+from app.cli import main  # mixchat reads HF_HUB_OFFLINE (app/settings.py) and runs `download`
 from model.errors import CheckpointError, MixchatError
-from quantize.cli import main
 from quantize.download import download, select_files
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

@@ -121,8 +121,8 @@ def test_under_a_memory_budget_the_layer_by_layer_prompt_reports_and_stops_too(
 
 LONG_PROMPT_LEADER = textwrap.dedent("""
     import json, sys
-    from model import Engine, GenerationSettings
-    engine = Engine.load(sys.argv[1])
+    from model import Engine, GenerationSettings, distributed
+    engine = Engine.load(sys.argv[1], split=distributed.rank_split())
     greedy = GenerationSettings(max_tokens=4, temperature=0.0)
     long = [{"role": "user", "content": "Une phrase assez longue, encore une. " * 120}]
     stream = engine.stream(long, greedy)

@@ -4,19 +4,23 @@ budget, eviction policies on scripted accesses, prefetch."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from model import Engine, GenerationSettings, weights
+from model import Engine, GenerationSettings, offload, weights
 from model.errors import CheckpointError, MixchatError
 from model.memory_plan import memory_plan
 from model.offload import (
     POLICIES,
     ExpertCache,
     OffloadedExperts,
+    OffloadOptions,
     OffloadRuntime,
     Prefetch,
     runtime_of,
@@ -27,6 +31,7 @@ from tests.checkpoints import build_hf_checkpoint
 MESSAGES = [{"role": "user", "content": "Explique la différence entre un modèle dense et un "
              "mélange d'experts, puis donne trois exemples concrets en Python, s'il te plaît."}]  # fmt: skip
 GREEDY = GenerationSettings(max_tokens=16, temperature=0.0)
+ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # every budgeted engine here plans its KV cache for this many tokens
 
 
@@ -103,11 +108,20 @@ def test_greedy_tokens_identical_and_cache_within_budget(tiny_q4, plan, referenc
     assert run(engine)[0] == reference[0]
 
 
+def with_options(monkeypatch, chosen: OffloadOptions) -> None:
+    """Engines loaded from now on attach their experts with `chosen`, whatever they pass."""
+    attach = offload.attach
+
+    def attach_with_options(model, checkpoint, capacity, dtype, options=None):
+        return attach(model, checkpoint, capacity, dtype, chosen)
+
+    monkeypatch.setattr(offload, "attach", attach_with_options)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_and_prefetch_gives_the_same_tokens(tiny_q4, plan, reference, monkeypatch,
                                                          policy):  # fmt: skip
-    monkeypatch.setenv("MIXCHAT_OFFLOAD_POLICY", policy)
-    monkeypatch.setenv("MIXCHAT_OFFLOAD_PREFETCH", "1" if policy == "lru" else "0")
+    with_options(monkeypatch, OffloadOptions(policy=policy, prefetch=policy == "lru"))
     # The smallest budget: 2 experts in all (a quota of 2 per layer for per-layer policies),
     # so a prompt's layer is computed in groups of experts.
     budget = plan.minimum_budget
@@ -117,6 +131,7 @@ def test_every_policy_and_prefetch_gives_the_same_tokens(tiny_q4, plan, referenc
         budget += 4 * plan.expert_bytes
     engine = Engine.load(str(tiny_q4), memory_budget=budget, max_context=CONTEXT)
     runtime = runtime_of(engine.model)
+    assert runtime.cache.policy == policy and runtime.prefetch_enabled == (policy == "lru")
     seen = []
     original = runtime.cache._add
 
@@ -169,7 +184,8 @@ def test_offloaded_experts_match_stacked_experts(tiny_q4, plan, route, monkeypat
 @pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
 @pytest.mark.parametrize("target", [mx.float32, mx.float16, mx.bfloat16])
 def test_expert_reads_convert_like_astype(stored, target):
-    from model.offload import ExpertStore, _as_float, _Slice
+    from model.offload.module import _as_float
+    from model.offload.store import ExpertStore, _Slice
 
     rng = np.random.default_rng(0)
     values = (rng.standard_normal(4096) * rng.choice([1e-3, 1, 1e3], 4096)).astype(np.float32)
@@ -241,6 +257,29 @@ def test_next_use_keeps_hitting_where_lru_cycles_to_nothing():
     auto = ExpertCache(30, "auto", layers=layers)
     auto.working_set = 40  # one token's experts: more than the capacity, so next-use applies
     assert sum(access(auto, trace)) == hits["next-use"]
+
+
+def test_auto_is_next_use_only_below_one_tokens_experts():
+    """The "auto" policy orders as LRU once the capacity holds one token's experts, as next-use
+    below, following both the working set and resizes."""
+    layers = list(range(4))
+    trace = [(layer, 0) for token in range(30) for layer in layers]
+    as_lru = ExpertCache(30, "auto", layers=layers)
+    as_lru.working_set = 30
+    assert sum(access(as_lru, trace)) == 0  # LRU's cycle: nothing stays until it is needed
+    shrunk = ExpertCache(50, "auto", layers=layers)
+    shrunk.working_set = 40
+    shrunk.resize(30)
+    next_use = ExpertCache(30, "next-use", layers=layers)
+    assert sum(access(shrunk, trace)) == sum(access(next_use, trace)) > 0
+
+
+def test_options_and_policies_import_without_mlx():
+    """app/settings.py builds OffloadOptions before MLX is imported (usage errors stay fast)."""
+    code = ("import sys; from model.offload import OffloadOptions, POLICIES; "
+            "import model.routing_trace; OffloadOptions(); "
+            "assert 'mlx' not in sys.modules, sorted(sys.modules)")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
 def test_pinned_and_loading_entries_are_never_evicted():

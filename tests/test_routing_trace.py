@@ -8,10 +8,10 @@ from functools import cache
 import numpy as np
 import pytest
 
+from model import routing_trace
 from model.errors import MixchatError
 from model.offload import DEFAULT_POLICY, POLICIES, ExpertCache
 from model.routing_trace import (
-    CACHE_POLICIES,
     LayerLocality,
     RoutingProcess,
     Trace,
@@ -182,13 +182,8 @@ def expert_cache_counts(trace: Trace, policy: str, capacity_experts: int, nbytes
 
 
 def test_policy_names_are_the_caches():
-    assert CACHE_POLICIES == POLICIES and rt_default_policy() == DEFAULT_POLICY
-
-
-def rt_default_policy() -> str:
-    from model.routing_trace import DEFAULT_POLICY as default
-
-    return default
+    """One policy list and one default: the replay's are the cache's own objects."""
+    assert routing_trace.POLICIES is POLICIES and routing_trace.DEFAULT_POLICY is DEFAULT_POLICY
 
 
 @pytest.mark.parametrize("policy", (*POLICIES, DEFAULT_POLICY))

@@ -94,6 +94,13 @@ def test_plain_and_streamed_equal_ask(server, tiny_mixtral, cli):
             expected if extra else expected + "\n"
         )
     assert "tok/s" in through.stderr.decode() or extra
+    # `ask --json` says the same as in-process: the same keys, the whole prompt's length (the
+    # server had most of it cached and prefilled only the rest)
+    local_json, through_json = json.loads(local.stdout), json.loads(through.stdout)
+    assert through_json.keys() == local_json.keys()
+    assert through_json["prompt_tokens"] == local_json["prompt_tokens"] == prompt_tokens
+    assert through_json["text"] == local_json["text"]
+    assert server.scheduler.history[-1].done.stats.prompt_tokens < prompt_tokens
     jobs = [job for job in server.scheduler.history if job.request.messages == HELLO]
     assert len(jobs) == 4  # plain, streamed, and both `ask`s went through the server
 
@@ -264,7 +271,7 @@ def test_api_key_and_queue_limit(tiny_mixtral, cli):
         assert not waiter.is_alive()
 
 
-def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model_path, cli):
+def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model_path):
     with start(tiny_mixtral, keep_alive=0.2) as short:
         first = chat(short, HELLO, max_tokens=4).choices[0].message.content
         deadline = time.monotonic() + 10
@@ -281,13 +288,12 @@ def test_keep_alive_unloads_and_requests_load_models(tiny_mixtral, default_model
         assert other.model == default_model_path.stem
         assert health(short)["loads"] == state["loads"] + 2
 
-        # `ask` without --model means the embedded default, as in-process; named as in-process
-        asked = cli(
-            "ask", "--json", "--max-tokens", "2", "Hi", env={"MIXCHAT_SERVER": short.url}
-        )
-        assert asked.returncode == 0, asked.stderr.decode()
-        assert json.loads(asked.stdout)["model"] == "SmolLM2-135M-Instruct"
-        assert short.scheduler.history[-1].key == str(default_model_path.resolve())
+        # once idle past keep-alive, no model: no batch figure, and why
+        deadline = time.monotonic() + 10
+        while health(short)["model"] is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        idle = health(short)
+        assert idle["batch"] is None and idle["batch_limited_because"].startswith("no model")
 
 
 def test_conversation_cache_survives_other_conversations(server, tiny_mixtral):

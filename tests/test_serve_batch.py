@@ -90,7 +90,8 @@ def test_engines_that_cannot_batch_serve_one_at_a_time(tiny_mistral_windowed):
     assert [r.choices[0].message.content for r in replies] == expected
     assert state["batch"] == 1
     assert state["batch_limited_because"] == "the model uses a sliding-window KV cache"
-    assert state["batched_steps"] == 0 and state["largest_batch"] == 0
+    assert state["batched_steps"] == 0 and state["largest_batch"] == 1
+    assert state["decode_steps"] == sum(r.usage.completion_tokens for r in replies) == 15
 
 
 def test_default_batch_by_model_kind(tiny_mixtral):

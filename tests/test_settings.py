@@ -61,12 +61,42 @@ def test_unusable_values_are_one_line_errors(tmp_path, environ, args, message):
 
 
 def test_one_data_dir(tmp_path):
+    import app.settings
     import app.store
-    import model.registry
 
-    assert app.store.data_dir is model.registry.data_dir
-    assert model.registry.data_dir({"MIXCHAT_HOME": str(tmp_path)}) == tmp_path
-    assert model.registry.data_dir({}).name == "mixchat"  # the platform's user data directory
+    assert app.store.data_dir is app.settings.data_dir
+    assert app.settings.data_dir({"MIXCHAT_HOME": str(tmp_path)}) == tmp_path
+    assert app.settings.data_dir({}).name == "mixchat"  # the platform's user data directory
+
+
+def test_load_options_offload_and_ranks_come_from_the_settings(tmp_path):
+    from model.load_options import LoadOptions
+
+    environ = {"MIXCHAT_HOME": str(tmp_path), "MIXCHAT_DTYPE": "float16", "MIXCHAT_STREAMS": "3",
+               "MIXCHAT_PARALLEL": " Pipeline ", "HF_HUB_OFFLINE": "1", "OTHER": "x"}  # fmt: skip
+    args = Namespace(memory_budget="auto", max_context=4096, kv_bits=8)
+    settings = read_settings(args, environ)
+    assert settings.load_options == LoadOptions(dtype="float16", memory_budget="auto",
+                                                max_context=4096, kv_bits=8, streams=3)  # fmt: skip
+    assert (settings.parallel, settings.hf_offline, settings.offload) == ("pipeline", True, None)
+    assert settings.rank_variables == {k: v for k, v in environ.items() if k.startswith("MIXCHAT_")}
+    plain = read_settings(Namespace(), {"MIXCHAT_HOME": str(tmp_path)})
+    assert plain.load_options == LoadOptions() and plain.parallel == "expert"
+    assert not plain.hf_offline
+    assert LoadOptions().but(kv_bits=4) == LoadOptions(kv_bits=4)
+    with pytest.raises(TypeError):
+        LoadOptions().but(bits=4)  # only LoadOptions' fields
+
+
+def test_offload_options_from_the_environment(tmp_path):
+    environ = {"MIXCHAT_HOME": str(tmp_path), "MIXCHAT_OFFLOAD_POLICY": " LRU ",
+               "MIXCHAT_OFFLOAD_PREFETCH": "1", "MIXCHAT_OFFLOAD_PAGE_CACHE": "1"}  # fmt: skip
+    offload = read_settings(None, environ).offload
+    assert (offload.policy, offload.prefetch, offload.bypass_page_cache) == ("lru", True, False)
+    off = read_settings(None, environ | {"MIXCHAT_OFFLOAD_PREFETCH": "off",
+                                         "MIXCHAT_OFFLOAD_PAGE_CACHE": "0"}).offload  # fmt: skip
+    assert (off.prefetch, off.bypass_page_cache) == (False, True)
+    assert read_settings(None, environ).load_options.offload == offload
 
 
 def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
@@ -85,9 +115,11 @@ def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXCHAT_API_KEY", "k")
     before = dict(os.environ)
     assert main(["chat", "--model", "some/model", "--lang", "fr", "--dtype", "float16"]) == 0
+    from model.load_options import LoadOptions
+
     assert received == {
-        "model": "some/model", "lang": "fr", "dtype": "float16", "memory_budget": None,
-        "max_context": None, "kv_bits": None, "data_dir": tmp_path, "streams": 2,
+        "model": "some/model", "lang": "fr", "data_dir": tmp_path,
+        "load_options": LoadOptions(dtype="float16", streams=2),
         "server": "http://127.0.0.1:8741", "api_key": "k",
     }  # fmt: skip
     assert dict(os.environ) == before
@@ -95,14 +127,24 @@ def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
 
 
 def test_the_environment_is_read_in_one_place():
-    """MIXCHAT_* variables and os.environ appear only in app/settings.py, in the default of
-    model/registry.py's data_dir (given the environment by app/settings.py; app/i18n is given
-    it too, and has no default), in model/offload.py (its tuning knobs, the memory-budget
-    work's) and in model/ranks.py (MLX's launch variables, MLX_RANK/MLX_HOSTFILE...)."""
-    allowed = {"app/settings.py", "model/registry.py", "model/offload.py", "model/ranks.py"}
+    """os.environ, getenv and MIXCHAT_* names appear in app/, model/ and quantize/ only in
+    app/settings.py; model/ranks.py reads MLX's own launch variables (MLX_RANK, MLX_HOSTFILE...)
+    and no MIXCHAT_* one. Everything else is given its settings."""
     readers = set()
-    for path in [*ROOT.glob("app/**/*.py"), *ROOT.glob("model/**/*.py")]:
+    for path in [*ROOT.glob("app/**/*.py"), *ROOT.glob("model/**/*.py"),
+                 *ROOT.glob("quantize/**/*.py")]:  # fmt: skip
+        name = path.relative_to(ROOT).as_posix()
         text = path.read_text(encoding="utf-8")
-        if re.search(r"os\.environ\b|getenv\(|[\"']MIXCHAT_[A-Z_]+[\"']", text):
-            readers.add(path.relative_to(ROOT).as_posix())
-    assert readers <= allowed, readers - allowed
+        if name == "app/settings.py":
+            continue
+        if name == "model/ranks.py":
+            named = set(re.findall(r"[\"']([A-Z][A-Z0-9]*_[A-Z0-9_]+)[\"']", text))  # variables
+            if re.search(r"getenv\(|environ\.(items|keys|values)|MIXCHAT_", text) or any(
+                not v.startswith(("MLX_", "OMPI_")) for v in named  # OMPI_: MPI's, MLX reads it
+            ):
+                readers.add(name)
+            continue
+        variable = r"[\"'](MIXCHAT|HF_HUB)_[A-Z_]+[\"']"
+        if re.search(r"os\.environ\b|getenv\(|" + variable, text):
+            readers.add(name)
+    assert not readers, f"these read the environment (app/settings.py should): {sorted(readers)}"

@@ -1,5 +1,5 @@
 """The `mixchat` command: chat (the default), ask, models, info, download, quantize, compare,
-serve. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
+serve, tune. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
 module of the command that runs is imported, as mlx-lm's cli.py dispatches (all of them for
 `mixchat --help`: argparse only, no MLX).
 
@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 from app.settings import SettingsError, read_settings
 from model.errors import MixchatError
-from model.ranks import launched
 
-from .common import Parser, UsageError
+from .common import Parser, UsageError, rank_split
 
 # Command -> the module that registers it (quantize/cli.py registers download, quantize and
 # compare: quantize does not import app).
@@ -30,6 +29,7 @@ COMMANDS = {
     "quantize": "quantize.cli",
     "compare": "quantize.cli",
     "serve": "app.cli.serve",
+    "tune": "app.cli.tune",
 }
 HELP = ("-h", "--help")
 
@@ -58,14 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `serve --detach` runs the same command line in the background; --hosts starts the
         # other ranks with it.
         args.argv = argv
-        if args.command in ("ask", "chat") and launched():
-            from model import distributed
+        if args.command in ("ask", "chat") and (split := rank_split(settings)) is not None:
+            if not split.world.leader:  # rank 0 leads, this rank follows
+                from app.follower import follow
 
-            if not distributed.world().leader:  # rank 0 leads, this rank follows
-                return distributed.follow(settings.model, dtype=settings.dtype,
-                                          memory_budget=settings.memory_budget,
-                                          max_context=args.max_context, kv_bits=args.kv_bits,
-                                          streams=settings.streams)  # fmt: skip
+                return follow(settings.model, settings.load_options, split)
         return args.func(args)
     except (UsageError, SettingsError) as e:
         print(f"mixchat: usage error: {e}", file=sys.stderr)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import sys
+from dataclasses import replace
 
 from app.remote import (
     CHAT_PATH,
+    SERVER_MODEL,
     Refused,
     ReplyStream,
     ServerGone,
@@ -39,7 +41,9 @@ def ask_server(args: argparse.Namespace, messages: list[dict],
     except ServerGone:
         return None  # no server: answer in-process
     try:
-        body = chat_body(model_field(args.settings.model), messages, generation)
+        # Without --model: the model the server has loaded (it is not swapped for the default).
+        model = model_field(args.settings.model) if args.settings.model else SERVER_MODEL
+        body = chat_body(model, messages, generation)
         try:
             response = post(conn, url, CHAT_PATH, body, args.settings.api_key)
         except OSError:
@@ -69,6 +73,12 @@ def print_answer(reply: ReplyStream, args: argparse.Namespace, url: str) -> int:
         text = print_reply(reply, args)
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise MixchatError(f"the reply from {url} broke off: {e}") from None
+    if reply.replaced_model:  # --model named another model than the server's: it was swapped
+        print(f"mixchat: the server at {url} unloaded {reply.replaced_model} to load "
+              f"{reply.model}", file=sys.stderr)  # fmt: skip
     if reply.memory_notice:  # always said, in one line, as in-process
         print(f"mixchat: {reply.memory_notice}", file=sys.stderr)
-    return print_end(text, reply.model, reply.stats, args)
+    stats = reply.stats
+    if reply.prompt_tokens is not None:  # the whole prompt, as in-process (not only the
+        stats = replace(stats, prompt_tokens=reply.prompt_tokens)  # tokens it had not cached)
+    return print_end(text, reply.model, stats, args)

@@ -34,11 +34,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         model=settings.model,
         lang=settings.lang,
         data_dir=settings.data_dir,
-        dtype=settings.dtype,
-        memory_budget=settings.memory_budget,
-        max_context=args.max_context,
-        kv_bits=args.kv_bits,
-        streams=settings.streams,
+        load_options=settings.load_options,
         server=None if args.local or args.hosts or launched() else settings.server,  # ranks: local
         api_key=settings.api_key,
     )
@@ -50,5 +46,5 @@ def check_memory_budget(args: argparse.Namespace) -> None:
 
     settings: Settings = args.settings
     checkpoint = weights.locate(registry.resolve(settings.model))
-    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, args.max_context,
-                        args.kv_bits)  # fmt: skip
+    weights.plan_memory(checkpoint, settings.dtype, settings.memory_budget, settings.max_context,
+                        settings.kv_bits)  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any
 
 from app.i18n import Strings
 from app.settings import DTYPES
+from model.ranks import launched
 from model.sizes import format_bytes, format_number, parse_budget, parse_size
 from model.stats import GenerationStats
 
@@ -36,6 +37,16 @@ def size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
 
 
 def memory_size(text: str) -> int | str:
@@ -96,7 +107,18 @@ def join_hosts(args: argparse.Namespace) -> None:
     if args.hosts:
         from model.distributed.launch import join_hosts as start
 
-        start(args.hosts, args.argv)
+        settings = args.settings
+        start(args.hosts, args.argv, settings.rank_variables, settings.parallel)
+
+
+def rank_split(settings):
+    """This process's part of a model split over several ranks (joined as MIXCHAT_PARALLEL
+    says), or None: one process loads the whole model."""
+    if not launched():
+        return None
+    from model.distributed import rank_split as split
+
+    return split(settings.parallel)
 
 
 # --- `ask`'s output ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     dtype = weights.compute_dtype(checkpoint, settings.dtype)
     info = model_info(checkpoint, name, dtype.size)
     fit = fit_report(
-        checkpoint, dtype, settings.memory_budget, args.model, args.max_context, args.kv_bits,
+        checkpoint, dtype, settings.memory_budget, args.model, settings.max_context, settings.kv_bits,
         MeasurementCache(settings.data_dir / CACHE_FILE), args.remeasure,
         weights.stream_count(settings.streams),
     )
@@ -46,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.hosts:
         from model.distributed import hosts_report
 
-        hosts = hosts_report(checkpoint, dtype.size, args.hosts)
+        hosts = hosts_report(checkpoint, dtype.size, args.hosts, settings.data_dir)
     if args.json:
         extra = {"memory": fit.as_dict()} | ({"hosts": hosts[1]} if hosts else {})
         print(json.dumps(info.as_dict() | extra, ensure_ascii=False, indent=1))

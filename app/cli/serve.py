@@ -11,7 +11,7 @@ from pathlib import Path
 
 from model.generation.limit import DEFAULT_BATCH
 
-from .common import UsageError, add_budget_option, add_model_option, size
+from .common import UsageError, add_budget_option, add_model_option, positive, size
 
 DEFAULT_PORT = 8741
 
@@ -29,22 +29,14 @@ def duration(text: str) -> float | None:
     return float(match.group(1)) * scale
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="keep a model loaded behind a local OpenAI-compatible server",
         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
         "and /health. `mixchat ask` uses a running server (MIXCHAT_SERVER, default "
-        f"http://127.0.0.1:{DEFAULT_PORT}) unless --local.",
+        f"http://127.0.0.1:{DEFAULT_PORT}) unless --local: without --model it uses the model "
+        "the server has loaded; with another --model the server unloads its model and loads "
+        "that one, and `ask` says which it replaced.",
     )  # fmt: skip
     add_model_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -107,9 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "this machine can use the model", file=sys.stderr)  # fmt: skip
     sock = bind(args.host, args.port)  # a port in use fails now, before the load
     models = ModelManager(
-        args.settings.model, dtype=args.settings.dtype,
-        memory_budget=args.settings.memory_budget, max_context=args.max_context,
-        kv_bits=args.kv_bits, streams=args.settings.streams,
+        args.settings.model, load_options=args.settings.load_options,
         keep_alive=args.keep_alive, prompt_cache_bytes=args.prompt_cache,
     )  # fmt: skip
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather

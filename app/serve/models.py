@@ -18,6 +18,7 @@ from mlx_lm.models.cache import LRUPromptCache
 from model import registry, weights
 from model.errors import MixchatError
 from model.generate import Engine
+from model.load_options import LoadOptions
 
 from .requests import ApiError
 
@@ -36,17 +37,12 @@ class ModelManager:
         self,
         model: str | None = None,
         *,
-        dtype: str | None = None,
-        memory_budget: int | str | None = None,
-        max_context: int | None = None,
-        kv_bits: int | None = None,
-        streams: int | None = None,
+        load_options: LoadOptions | None = None,
         keep_alive: float | None = 300.0,
         prompt_cache_bytes: int = 1 << 30,
         prompt_cache_slots: int = 8,
     ):
-        self.dtype, self.memory_budget, self.keep_alive = dtype, memory_budget, keep_alive
-        self.max_context, self.kv_bits, self.streams = max_context, kv_bits, streams
+        self.load_options, self.keep_alive = load_options or LoadOptions(), keep_alive
         self.cache_bytes, self.cache_slots = prompt_cache_bytes, prompt_cache_slots
         self._names: dict[str, str] = {}  # model name or spec -> key
         self._name_of: dict[str, str] = {}  # key -> display name
@@ -56,6 +52,7 @@ class ModelManager:
         self.key: str | None = None
         self.last_used = time.monotonic()
         self.loads = 0  # how many times a model was loaded (shown by /health)
+        self.replaced: str | None = None  # the model the last load unloaded, if any
         self.prompt_cache = LRUPromptCache(prompt_cache_slots, prompt_cache_bytes)
 
     def _remember(self, spec: str | None, key: str) -> None:
@@ -67,9 +64,12 @@ class ModelManager:
 
     def resolve(self, spec: str | None) -> str:
         """A request's `model` -> the key (resolved path) of a loadable checkpoint; ApiError 404
-        for anything else. Thread-safe; reads no weights."""
+        for anything else. None, "" or "default": the model loaded now, else the one given at
+        start (a client that names none never makes the server swap models). Thread-safe;
+        reads no weights."""
         if spec in (None, "", "default") and self.start_key is not None:
-            return self.start_key
+            key = self.key  # the model loaded now (read without a lock: a str, or None)
+            return key if key is not None else self.start_key
         if spec in self._names:
             return self._names[spec]
         try:
@@ -98,15 +98,14 @@ class ModelManager:
 
     def engine_for(self, key: str) -> Engine:
         """The loaded engine for `key`, unloading another model first (MixchatError if the
-        load fails)."""
+        load fails); ``replaced`` is then that model's name (else None)."""
         self.last_used = time.monotonic()
         if self.key == key and self.engine is not None:
             return self.engine
+        self.replaced = self.name(self.key) if self.engine is not None and self.key else None
         self.unload()
         print(f"mixchat serve: loading {self.name(key)}", file=sys.stderr)
-        engine = Engine.load(key, dtype=self.dtype, memory_budget=self.memory_budget,
-                             max_context=self.max_context, kv_bits=self.kv_bits,
-                             streams=self.streams)  # fmt: skip
+        engine = Engine.load(key, self.load_options)
         if engine.memory_notice:
             print(f"mixchat serve: {engine.memory_notice}", file=sys.stderr)
         engine.name = self.name(key)

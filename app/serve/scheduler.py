@@ -49,6 +49,7 @@ class Done:
     stats: GenerationStats
     model: str
     notice: str  # the engine's one-line memory notice (what was chosen for the user), or ""
+    replaced: str | None = None  # the model unloaded to load this request's, if any
 
 
 class Job:
@@ -65,6 +66,7 @@ class Job:
         self.chunks_at_cancel: int | None = None
         self.done: Done | None = None
         self.row: Row | None = None  # while it runs in a batch
+        self.replaced: str | None = None  # the model unloaded to load this job's
 
     def emit(self, item) -> None:
         try:
@@ -87,7 +89,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.limit, self.limit_reason = batch or DEFAULT_BATCH, ""  # for the loaded model
         self._limited: Engine | None = None  # the engine self.limit is for
-        self.steps = self.batched_steps = self.largest_batch = 0  # decode passes; with > 1 row
+        # decode passes (a one-at-a-time reply's tokens too), those with > 1 row, the most rows
+        self.steps = self.batched_steps = self.largest_batch = 0
+        if models.engine is not None:  # loaded before serving: /health is right from the start
+            self._set_limit(models.engine)
 
     def start(self) -> None:
         self._stopping = False
@@ -147,10 +152,15 @@ class Scheduler:
             self.models.engine.cancel()
 
     def status(self) -> dict:
+        """/health's figures. `batch` is the limit for the loaded model; with none loaded
+        (before the first request, or after --keep-alive) it is null, and says why."""
         with self._lock:
+            loaded = self.models.engine is not None and self.models.engine is self._limited
+            limit = self.limit if loaded else None
+            reason = self.limit_reason if loaded else "no model is loaded: set when one is"
             return {
                 "queued": len(self._waiting), "active": len(self._active),
-                "batch": self.limit, "batch_limited_because": self.limit_reason or None,
+                "batch": limit, "batch_limited_because": reason or None,
                 "decode_steps": self.steps, "batched_steps": self.batched_steps,
                 "largest_batch": self.largest_batch,
             }  # fmt: skip
@@ -189,18 +199,26 @@ class Scheduler:
 
     def _engine_for(self, job: Job) -> Engine | None:
         """Load the job's model (None, the job answered, if that fails); sets the batch limit."""
+        loads = self.models.loads
         try:
             engine = self.models.engine_for(job.key)
         except Exception as e:
             self._fail(job, e)
             return None
+        if self.models.loads != loads:  # loaded for this job: in place of another model?
+            job.replaced = self.models.replaced
         if engine is not self._limited:
-            self._limited = engine
-            self.limit, self.limit_reason = batch_limit(engine, self.batch)
-            if self.limit_reason:
-                print(f"mixchat serve: one request at a time for this model: {self.limit_reason}",
-                      file=sys.stderr)  # fmt: skip
+            self._set_limit(engine)
         return engine
+
+    def _set_limit(self, engine: Engine) -> None:
+        """The batch limit for `engine`, now loaded (said in one line when it is 1)."""
+        limit, reason = batch_limit(engine, self.batch)
+        with self._lock:
+            self._limited, self.limit, self.limit_reason = engine, limit, reason
+        if reason:
+            print(f"mixchat serve: one request at a time for this model: {reason}",
+                  file=sys.stderr)  # fmt: skip
 
     def _finish(self, job: Job, work) -> None:
         """Run `work(job)`, a failure becoming the job's API error; then retire the job."""
@@ -254,7 +272,7 @@ class Scheduler:
             with self._lock:
                 if job.cancelled:
                     engine.cancel()
-            stats = None
+            stats, counted = None, 0
             for chunk in stop_at(chunks, request.stop, engine.cancel):
                 if chunk.progress is not None:  # still reading the prompt: no token yet
                     continue
@@ -262,9 +280,14 @@ class Scheduler:
                 if chunk.text:
                     job.emit(Delta(chunk.text))
                 stats = chunk.stats or stats
+                if chunk.stats is None:  # a token decoded: a step of one row
+                    self._count_step(1)
+                    counted += 1
         finally:
             self.models.keep_cache(engine)
         assert stats is not None
+        for _ in range(stats.generation_tokens - counted):  # tokens that brought no text yet
+            self._count_step(1)
         reason = "cancelled" if job.cancelled else stats.finish_reason
         self._done(job, engine, reason, len(ids), stats)
 
@@ -275,7 +298,7 @@ class Scheduler:
     def _done(self, job: Job, engine: Engine, reason: str, prompt: int, stats) -> None:
         """Retire the job, then send its end (so /health no longer counts it once it is seen)."""
         name = self.models.name(job.key, job.request.model)
-        job.done = Done(reason, prompt, stats, name, engine.memory_notice)
+        job.done = Done(reason, prompt, stats, name, engine.memory_notice, job.replaced)
         self._retire(job)
         if reason == "cancelled" and self._stopping:  # not the client's doing: say why it ended
             job.emit(ApiError(503, "the server is shutting down", "server_error", "shutting_down"))

@@ -261,9 +261,11 @@ def usage(done: Done) -> dict:
 
 def engine_stats(done: Done) -> dict:
     """The engine's own figures (tok/s, memory, expert cache), in an extra `mixchat` field:
-    GenerationStats' one JSON form, with the request's finish reason and the memory notice."""
+    GenerationStats' one JSON form, with the request's finish reason, the memory notice, and
+    the model unloaded to load this request's (`replaced_model`, else null)."""
     return done.stats.to_json() | {"finish_reason": done.finish_reason,
-                                   "memory_notice": done.notice}  # fmt: skip
+                                   "memory_notice": done.notice,
+                                   "replaced_model": done.replaced}  # fmt: skip
 
 
 def event(body: dict) -> str:

@@ -19,6 +19,7 @@ from app.tui.actions import CHAT_ACTIONS
 from app.tui.engine import Engine
 from app.tui.errors import describe_error
 from app.tui.screens.chat import ChatScreen
+from model.load_options import LoadOptions
 
 EngineLoader = Callable[[], Engine]
 
@@ -28,11 +29,11 @@ class MixchatApp(App[int]):
 
     Give it either a ready ``engine`` (tests, benchmarks), an ``engine_loader`` that builds
     one, or neither: then it uses the `mixchat serve` at ``server`` (with ``api_key``) if one
-    answers there and serves ``model``, else loads ``model`` (None: the embedded default) with
-    ``dtype``, ``memory_budget`` and ``engine_options`` (max_context, kv_bits:
-    ``Engine.load``'s). The loader runs in a thread while the chat screen already shows, with a
-    loading state; a message sent meanwhile waits and goes when the model is ready. If loading
-    fails, the app exits with code 1 and the error as its exit message.
+    answers there and serves ``model``, else loads ``model`` (None: the embedded default) as
+    ``load_options`` (a model.load_options.LoadOptions; None: the defaults) say. The loader
+    runs in a thread while the chat screen already shows, with a loading state; a message sent
+    meanwhile waits and goes when the model is ready. If loading fails, the app exits with code
+    1 and the error as its exit message.
     """
 
     CSS_PATH = "mixchat.tcss"
@@ -48,9 +49,7 @@ class MixchatApp(App[int]):
         engine_loader: EngineLoader | None = None,
         lang: str | None = None,
         model: str | None = None,
-        dtype: str | None = None,
-        memory_budget: int | str | None = None,
-        engine_options: dict | None = None,
+        load_options: LoadOptions | None = None,
         server: str | None = None,
         api_key: str | None = None,
     ) -> None:
@@ -61,8 +60,7 @@ class MixchatApp(App[int]):
         self._unsupported_lang = lang if unsupported_language(lang) else None
         self._engine = engine
         if engine is None and engine_loader is None:
-            engine_loader = partial(_load_engine, model, dtype, memory_budget,
-                                    dict(engine_options or {}), server, api_key)  # fmt: skip
+            engine_loader = partial(_load_engine, model, load_options, server, api_key)
         self._engine_loader = engine_loader if engine is None else None
         self.chat_screen = ChatScreen(store, self.strings)
         self.load_error: str | None = None
@@ -171,16 +169,17 @@ class MixchatApp(App[int]):
 
 
 def _load_engine(
-    model: str | None, dtype: str | None, memory_budget: int | str | None, options: dict,
-    server: str | None = None, api_key: str | None = None,
+    model: str | None, options: LoadOptions | None, server: str | None = None,
+    api_key: str | None = None,
 ) -> Engine:  # fmt: skip
     """The engine of a running `mixchat serve` at ``server`` if one answers there and serves
     the model (app/remote_engine.py, no MLX), else ``Engine.load`` (MLX is imported here, in
-    the loading thread)."""
+    the loading thread), this rank's part when the ranks were joined at start-up."""
     from app.remote_engine import connect
 
     if (remote := connect(server, model, api_key)) is not None:
         return remote
-    from model import Engine as ModelEngine
+    from model.distributed import rank_split
+    from model.generate import Engine as ModelEngine
 
-    return ModelEngine.load(model, dtype=dtype, memory_budget=memory_budget, **options)
+    return ModelEngine.load(model, options, split=rank_split())

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from textual.widgets import TextArea
 
+from app.i18n import Strings
 from app.store import ChatSettings, Conversation, ConversationStore, StoredMessage
 from app.tui.clipboard import copy_text
-from app.i18n import Strings
 from app.tui.reply_session import ActiveReply
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.settings import SettingsScreen

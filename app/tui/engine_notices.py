@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.tui.engine import Engine
 from app.i18n import Strings
+from app.tui.engine import Engine
 
 
 def model_label(engine: Engine, strings: Strings) -> str:

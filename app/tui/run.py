@@ -4,33 +4,35 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.load_options import LoadOptions
 
 
 def run_chat(
     model: str | None = None,
     lang: str | None = None,
     *,
-    dtype: str | None = None,
-    memory_budget: int | str | None = None,
+    load_options: LoadOptions | None = None,
     data_dir: str | Path | None = None,
     server: str | None = None,
     api_key: str | None = None,
-    **engine_options,
 ) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
 
     The window opens at once; the model loads in a thread behind a visible loading state.
     ``lang`` (``en``, ``fr``…) overrides the language taken from LC_ALL / LC_MESSAGES / LANG.
-    ``dtype``, ``memory_budget`` and the other ``engine_options`` (max_context, kv_bits,
-    streams) go to ``Engine.load``; the chats live in ``data_dir`` (None: the default data
-    directory). With ``server`` (a URL), a running `mixchat serve` there answers, if it can serve
-    the model (``api_key`` sent as its key). app/settings.py reads them all once. A second app on the same data directory is
-    refused with one line (exit code 1).
+    ``load_options`` (model.load_options.LoadOptions) go to ``Engine.load``; the chats live in
+    ``data_dir`` (None: the default data directory). With ``server`` (a URL), a running
+    `mixchat serve` there answers, if it can serve the model (``api_key`` sent as its key).
+    app/settings.py reads them all once. A second app on the same data directory is refused
+    with one line (exit code 1).
     """
+    from app.settings import data_dir as default_data_dir
     from app.store import DATABASE_NAME, ConversationStore
     from app.tui.app import MixchatApp
     from model.errors import MixchatError
-    from model.registry import data_dir as default_data_dir
 
     try:
         directory = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
@@ -46,9 +48,7 @@ def run_chat(
         store=store,
         lang=lang,
         model=model,
-        dtype=dtype,
-        memory_budget=memory_budget,
-        engine_options=engine_options,
+        load_options=load_options,
         server=server,
         api_key=api_key,
     )

@@ -1,8 +1,10 @@
 """One model across several machines over MLX's distributed engine.
 
-Started under `mlx.launch` (or with MLX_RANK and MLX_HOSTFILE set by hand), `world()` joins the
-group (join.py) and connects the control channel to rank 0 (control.py). The model is split in
-one of two ways (MIXCHAT_PARALLEL, the same on every rank):
+Started under `mlx.launch` (or with MLX_RANK and MLX_HOSTFILE set by hand), the app calls
+`rank_split(mode)` (split.py): `world()` joins the group (join.py) and connects the control
+channel to rank 0 (control.py), and the split goes to the loader (`model.load(...,
+split=...)`). The model is split in one of two ways (`mode`: MIXCHAT_PARALLEL, read by
+app/settings.py, the same on every rank):
 
 - expert parallelism (`expert`, the default; shard.py): every rank holds the attention,
   embeddings, norms and routers (replicated) and the experts [r*E/n, (r+1)*E/n) of every MoE
@@ -19,16 +21,18 @@ one of two ways (MIXCHAT_PARALLEL, the same on every rank):
 
 Either way rank 0 owns the terminal (lead.py): it sends each request (a reply to stream, a
 reset) to the other ranks over the control channel; they run the same reply and print
-nothing. Whether to stop a reply early (a cancel) is agreed each token with a one-value
-all_sum. A watchdog: every rank pings the other end of its control connection each second; a
-closed connection (a rank died) or `TIMEOUT` seconds of silence (a network failure) makes
-rank 0 print one line and exit 1 and every other rank exit, never a hang. hosts.py has the
-arithmetic: hostfiles, `mixchat info --hosts`, and one rank's memory decision.
+nothing (their loop: app/follower.py). Whether to stop a reply early (a cancel) is agreed each
+token with a one-value all_sum (the engine does, in the group it is given). A watchdog: every
+rank pings the other end of its control connection each second; a closed connection (a rank
+died) or `TIMEOUT` seconds of silence (a network failure) makes rank 0 print one line and
+exit 1 and every other rank exit, never a hang (fatal.py). hosts.py has the arithmetic:
+hostfiles, `mixchat info --hosts`, and one rank's memory decision.
 """
 
 from ..ranks import launched
 from .control import TIMEOUT, Control
 from .errors import DistributedError, RankMismatch
+from .fatal import fatal
 from .hosts import (
     LINKS,
     RankPlan,
@@ -38,8 +42,8 @@ from .hosts import (
     rank_plan,
     read_hostfile,
 )
-from .join import World, after_failure, fatal, world
-from .lead import Leader, agree_stop, follow, group_of, leader_of, shard_of
+from .join import MODES, World, after_failure, world
+from .lead import Leader
 from .pipeline import PipelineStage, layer_range, take_layers
 from .shard import (
     ExpertShard,
@@ -48,23 +52,12 @@ from .shard import (
     read_expert_blocks,
     take_share,
 )
-
-
-def split_model(checkpoint, weights: dict, model, world_: World, dtype, kv_bits: int | None,
-                stream: bool = False) -> dict:  # fmt: skip
-    """This rank's part of `weights` (lazy), `model` shrunk to it: its experts of every layer
-    (`take_share`; `stream`: they stream through the expert cache) or its block of layers
-    (`take_layers`), as MIXCHAT_PARALLEL says."""
-    settings = f"{dtype}|{kv_bits}"
-    if world_.mode == "pipeline":
-        return take_layers(checkpoint, weights, model, world_, dtype, settings)
-    return take_share(checkpoint, weights, model, world_, settings, stream)
-
+from .split import RankSplit, rank_split, shard_of
 
 __all__ = [
-    "LINKS", "TIMEOUT", "Control", "DistributedError", "ExpertShard", "Leader", "PipelineStage",
-    "RankMismatch", "RankPlan", "World", "after_failure", "agree_stop", "check_same_everywhere",
-    "critical_experts", "expert_range", "fatal", "follow", "group_of", "hosts_report",
-    "launched", "layer_range", "leader_of", "rank_memory", "rank_plan", "read_expert_blocks",
-    "read_hostfile", "shard_of", "split_model", "take_layers", "take_share", "world",
+    "LINKS", "MODES", "TIMEOUT", "Control", "DistributedError", "ExpertShard", "Leader",
+    "PipelineStage", "RankMismatch", "RankPlan", "RankSplit", "World", "after_failure",
+    "check_same_everywhere", "critical_experts", "expert_range", "fatal", "hosts_report",
+    "launched", "layer_range", "rank_memory", "rank_plan", "rank_split", "read_expert_blocks",
+    "read_hostfile", "shard_of", "take_layers", "take_share", "world",
 ]  # fmt: skip

@@ -15,12 +15,7 @@ import mlx.core as mx
 
 from .. import ranks
 from .errors import DistributedError
-
-
-def fatal(message: str) -> None:
-    from .join import fatal as exit_with
-
-    exit_with(message)
+from .fatal import fatal
 
 TIMEOUT = 20.0  # seconds of silence on a control connection before giving up
 PING_SECONDS = 1.0

@@ -134,18 +134,18 @@ def critical_experts(num_experts: int, top_k: int, ranks: int) -> float:
     return float(total / len(choices))
 
 
-def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path) -> tuple[list, dict]:
+def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path, data_dir: Path
+                 ) -> tuple[list, dict]:  # fmt: skip
     """`mixchat info --hosts`: (rows, JSON dict) of memory per rank, network traffic per token
     and tok/s bounds for each way of splitting the model, with this machine's memory bandwidth
-    standing for every host's."""
-    from .. import registry
+    (measured once, kept in `data_dir`) standing for every host's."""
     from ..machine import CACHE_FILE, MeasurementCache, memory_bandwidth
     from ..memory_plan import memory_plan
 
     hosts = read_hostfile(Path(hostfile))
     n = len(hosts)
     memory_bw = memory_bandwidth(
-        MeasurementCache(registry.data_dir() / CACHE_FILE)
+        MeasurementCache(data_dir / CACHE_FILE)
     ).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
     modes = ("expert", "pipeline") if checkpoint.args.is_moe else ("pipeline",)

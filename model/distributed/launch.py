@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from .. import ranks
@@ -75,9 +76,11 @@ def _free_port(count: int) -> int:
     raise DistributedError("no free ports for the ranks")
 
 
-def start_followers(hostfile: str | Path, argv: list[str]) -> list[subprocess.Popen]:
+def start_followers(hostfile: str | Path, argv: list[str], variables: Mapping[str, str]
+                    ) -> list[subprocess.Popen]:  # fmt: skip
     """Make this process rank 0 of the hostfile's ranks (the launch variables are set here,
-    before `world()` joins) and start `mixchat ARGV` as ranks 1..n-1, each on its host."""
+    before `world()` joins) and start `mixchat ARGV` as ranks 1..n-1, each on its host, with
+    `variables` (this process's MIXCHAT_* variables, from app/settings.py) set."""
     hosts = launch_hosts(hostfile)
     base = _free_port(len(hosts))
     ring = [[f"{ip}:{base + r}"] for r, (_, ip) in enumerate(hosts)]
@@ -85,7 +88,7 @@ def start_followers(hostfile: str | Path, argv: list[str]) -> list[subprocess.Po
     local = Path(tempfile.gettempdir()) / f"mixchat-ring-{base}.json"
     local.write_text(text)
     atexit.register(local.unlink, missing_ok=True)
-    settings = ranks.mixchat_variables()
+    settings = dict(variables)
     procs = []
     for rank, (ssh, _) in enumerate(hosts[1:], start=1):
         env = settings | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(local)}
@@ -125,7 +128,7 @@ def _watch(proc: subprocess.Popen, rank: int, host: str, quitting: threading.Eve
     time.sleep(REPORT_GRACE)  # its own report over the control channel says it better
     if quitting.is_set():
         return
-    from .join import fatal
+    from .fatal import fatal
 
     why = last.removeprefix("mixchat: error: ") or f"exit code {code}"
     fatal(f"rank {rank} ({host}) exited: {why}")
@@ -143,10 +146,12 @@ def _end(procs: list[subprocess.Popen], quitting: threading.Event) -> None:
             proc.wait()
 
 
-def join_hosts(hostfile: str | Path, argv: list[str]) -> None:
+def join_hosts(hostfile: str | Path, argv: list[str], variables: Mapping[str, str],
+               mode: str) -> None:  # fmt: skip
     """`--hosts HOSTFILE` on `chat` or `ask` (`argv`: the whole command line): start the other
-    ranks with the same command line less --hosts, then join them now (before any UI opens:
-    a rank that cannot start or join is one line on a plain terminal)."""
+    ranks with the same command line less --hosts and `variables` (MIXCHAT_*), then join them
+    now, splitting the model as `mode` says (before any UI opens: a rank that cannot start or
+    join is one line on a plain terminal)."""
     from .join import world
 
     if ranks.launched():
@@ -160,11 +165,11 @@ def join_hosts(hostfile: str | Path, argv: list[str]) -> None:
             continue
         if not arg.startswith("--hosts="):
             rest.append(arg)
-    start_followers(hostfile, rest)
+    start_followers(hostfile, rest, variables)
     note = f"mixchat: joining the ranks of {hostfile} ..."
     show = sys.stderr.isatty()
     if show:
         print(note, file=sys.stderr, end="\r", flush=True)
-    world()
+    world(mode)
     if show:
         print(" " * len(note), file=sys.stderr, end="\r", flush=True)

@@ -19,9 +19,9 @@ from textual.message import Message
 from textual.timer import Timer
 from textual.widget import Widget
 
+from app.i18n import Strings
 from app.store import ChatSettings, ConversationStore, StoredMessage
 from app.tui.engine import Engine, ReplyStats, num_experts
-from app.i18n import Strings
 from app.tui.reply_session import TICK_INTERVAL, ActiveReply, LiveStatus, ReplySession
 from app.tui.widgets.experts_panel import ExpertsPanel
 from app.tui.widgets.message_view import MessageView, stats_line

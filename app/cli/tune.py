@@ -1,0 +1,148 @@
+"""`mixchat tune`: LoRA fine-tuning on chat data (mlx-lm's flags and adapter files).
+
+Every argument is checked before MLX is imported; bad input is one line and exit 1 (data,
+model) or 2 (usage), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from app.settings import SettingsError
+from model.errors import MixchatError
+
+from .common import add_model_option, memory_size, positive
+
+DEFAULTS = {  # mlx_lm.lora's CONFIG_DEFAULTS where it has the flag
+    "iters": 1000, "batch_size": 4, "learning_rate": 1e-5, "num_layers": None, "rank": 8,
+    "max_seq_length": 2048, "seed": 0, "steps_per_eval": 200, "save_every": 100,
+    "val_batches": 25, "adapter_path": "adapters",
+}  # fmt: skip
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the `tune` subcommand to the `mixchat` parser's subparsers."""
+    tune = commands.add_parser("tune", help="fine-tune a model with LoRA on your data")
+    add_model_option(tune)
+    tune.add_argument("--data", required=True, metavar="PATH",
+                      help="a folder with train.jsonl (valid.jsonl, test.jsonl optional) or one "
+                      ".jsonl file; rows: chat messages, prompt/completion or text")  # fmt: skip
+    tune.add_argument("--adapter-path", default=DEFAULTS["adapter_path"], metavar="OUT",
+                      help="where adapters.safetensors and adapter_config.json go "
+                      "(default %(default)s)")  # fmt: skip
+    for flag, kind, text in (
+        ("--iters", positive, "training steps"),
+        ("--batch-size", positive, "rows per step"),
+        ("--learning-rate", float, "Adam's learning rate"),
+        (
+            "--num-layers",
+            int,
+            "layers to adapt, from the last; -1: all; default 16 or all when fewer",
+        ),
+        ("--rank", positive, "LoRA rank"),
+        ("--max-seq-length", positive, "longer rows are truncated"),
+        ("--seed", int, "random seed: the same seed, the same run"),
+        ("--steps-per-eval", positive, "validation every N steps"),
+        ("--save-every", positive, "save (and resume point) every N steps"),
+        ("--val-batches", int, "validation batches; -1: the whole validation set"),
+    ):
+        dest = flag[2:].replace("-", "_")
+        tune.add_argument(flag, type=kind, default=DEFAULTS[dest],
+                          help=text if DEFAULTS[dest] is None else f"{text} (default %(default)s)")  # fmt: skip
+    tune.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
+                      help="learn the assistant's tokens only (default: on)")  # fmt: skip
+    tune.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                      help="most memory the model may use; training needs it whole for now")  # fmt: skip
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the run saved in --adapter-path")  # fmt: skip
+    tune.set_defaults(func=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Usage errors (exit 2), before MLX is imported."""
+    if args.learning_rate <= 0:
+        raise SettingsError(f"--learning-rate must be positive, not {args.learning_rate}")
+    if args.num_layers is not None and (args.num_layers == 0 or args.num_layers < -1):
+        raise SettingsError(
+            f"--num-layers must be -1 (all) or a number of layers, not {args.num_layers}"
+        )
+    if args.val_batches == 0 or args.val_batches < -1:
+        raise SettingsError(f"--val-batches must be -1 (all) or at least 1, not {args.val_batches}")
+    if not Path(args.data).exists():
+        raise SettingsError(f"no dataset at {args.data}")
+    if args.resume and not Path(args.adapter_path).is_dir():
+        raise SettingsError(f"--resume: no run saved in {args.adapter_path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
+    settings = args.settings
+    import mlx.core as mx
+
+    from model import load
+    from model.tune.data import load_dataset
+    from model.tune.lora import apply_lora, lora_config, read_config
+    from model.tune.train import TrainConfig, Trainer
+
+    budget = settings.memory_budget if settings.memory_budget is not None else "none"
+    model, tokenizer = load(settings.model, settings.load_options.but(memory_budget=budget))
+    data = load_dataset(args.data, tokenizer, args.max_seq_length, args.mask_prompt)
+    for line in data.warnings(args.max_seq_length):
+        print(f"mixchat: warning: {line}", file=sys.stderr)
+    out = Path(args.adapter_path)
+    layers = args.num_layers if args.num_layers is not None else min(16, len(model.layers))
+    config = lora_config(model, layers, args.rank)
+    if args.resume:
+        saved = read_config(out)
+        if saved != config:
+            raise MixchatError(f"--resume: {out} holds an adapter with other settings")
+    mx.random.seed(args.seed)  # the same seed: the same LoRA start, the same run
+    apply_lora(model, config)
+    train = TrainConfig(args.iters, args.batch_size, args.learning_rate, args.seed,
+                        args.steps_per_eval, args.save_every, args.val_batches)  # fmt: skip
+    bar = ProgressLine(sys.stderr)
+    trainer = Trainer(model, data, train, out, config, bar.show)
+    try:
+        trainer.run(resume=args.resume)
+    finally:
+        bar.end()
+    print(f"adapter saved in {out} (step {trainer.step}); use it with "
+          f"`mixchat ask --adapter-path {out}`", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+class ProgressLine:
+    """One line, redrawn: steps, loss, validation loss, tokens/s, ETA, peak memory. Not a
+    terminal: a line per validation and save only."""
+
+    WIDTH = 20
+
+    def __init__(self, stream):
+        self.stream, self.tty = stream, stream.isatty()
+        self.drawn = 0.0
+
+    def show(self, p) -> None:
+        from model.sizes import format_bytes
+
+        done = p.step / p.iters if p.iters else 1.0
+        filled = int(done * self.WIDTH)
+        bar = "█" * filled + "░" * (self.WIDTH - filled)
+        loss = "-" if p.loss is None else f"{p.loss:.3f}"
+        val = "-" if p.val_loss is None else f"{p.val_loss:.3f}"
+        eta = (
+            "-" if p.eta_seconds is None else time.strftime("%H:%M:%S", time.gmtime(p.eta_seconds))
+        )
+        line = (f"{bar} {p.step}/{p.iters} | loss {loss} | val {val} | "
+                f"{p.tokens_per_second:.0f} tok/s | ETA {eta} | peak {format_bytes(p.peak_memory)}")  # fmt: skip
+        if self.tty:
+            self.stream.write(f"\r\033[K{line}")
+            self.stream.flush()
+        elif p.event != "step":
+            print(f"[{p.event}] {line}", file=self.stream)
+
+    def end(self) -> None:
+        if self.tty:
+            self.stream.write("\n")

@@ -117,7 +117,9 @@ def reference_logits(path: Path, ids: list[int] | np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def _gguf_reader(path: str):
+def gguf_reader(path: str):
+    """gguf-py's GGUFReader of `path`, parsed once per session (seconds for a 49k vocabulary);
+    read-only: the tests never write a GGUF file at a path they have read."""
     from gguf.gguf_reader import GGUFReader  # the class itself, not quick_gguf_reads' stand-in
 
     return GGUFReader(path)
@@ -133,6 +135,6 @@ def quick_gguf_reads() -> Iterator[None]:
     import pytest
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", lambda path, mode="r": _gguf_reader(str(path)))
+        patch.setattr(gguf, "GGUFReader", lambda path, mode="r": gguf_reader(str(path)))
         patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
         yield

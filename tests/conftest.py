@@ -39,6 +39,19 @@ def tiny_mistral_windowed(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral_bf16_shards(tmp_path_factory):
+    """tiny_mixtral's shape in bfloat16, in several 2 MB shards, intermediate 128 so every
+    matrix quantizes: the quantizer's and compare's source (read only)."""
+    return build_hf_checkpoint(
+        tmp_path_factory.mktemp("tiny-bf16") / "hf",
+        "mixtral",
+        dtype="bfloat16",
+        intermediate_size=128,
+        max_shard_size="2MB",
+    )
+
+
+@pytest.fixture(scope="session")
 def default_model_path():
     from model.registry import default_model_path
 

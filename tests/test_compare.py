@@ -23,12 +23,10 @@ TEXT = "Le chat dort sur le canapé. The quick brown fox jumps over the lazy dog
 
 
 @pytest.fixture(scope="module")
-def moe_src(tmp_path_factory) -> Path:
-    """Tiny bf16 Mixtral in 3 shards (intermediate 128 so every matrix quantizes)."""
-    path = tmp_path_factory.mktemp("moe") / "hf"
-    return build_hf_checkpoint(
-        path, "mixtral", dtype="bfloat16", intermediate_size=128, max_shard_size="2MB"
-    )
+def moe_src(tiny_mixtral_bf16_shards) -> Path:
+    """Tiny bf16 Mixtral in 2 MB shards (intermediate 128 so every matrix quantizes; the
+    session's, shared with test_quantize.py)."""
+    return tiny_mixtral_bf16_shards
 
 
 @pytest.fixture(scope="module")

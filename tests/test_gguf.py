@@ -18,7 +18,7 @@ from model.gguf import AFFINE, expert_range, load_tensor, read_bytes, read_gguf,
 from model.info import describe_quantization, model_info
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from model.weights import build_model, locate
-from tests.checkpoints import mistral_tokenizer_file
+from tests.checkpoints import gguf_reader, mistral_tokenizer_file
 from tests.gguf_files import (
     random_blocks,
     sentencepiece_metadata,
@@ -96,7 +96,7 @@ def test_expert_bytes_convert_alone(tmp_path):
 
 def _reader_view(path: Path) -> tuple[dict, dict]:
     """gguf-py's GGUFReader's metadata and tensor table, in read_gguf's terms."""
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf_reader(str(path))  # the default model's: parsed once per session
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tensors = {
         t.name: (t.tensor_type.name, tuple(reversed(t.shape.tolist())), int(t.data_offset),

@@ -25,12 +25,10 @@ IDS = [1, 22557, 1526, 28725, 6478, 460, 368, 28804, 4838, 10949, 460, 15851, 28
 
 
 @pytest.fixture(scope="module")
-def hf_src(tmp_path_factory) -> Path:
-    """Tiny bf16 Mixtral, HF layout in 4 shards; intermediate 128 so every matrix quantizes."""
-    path = tmp_path_factory.mktemp("src") / "hf"
-    return build_hf_checkpoint(
-        path, "mixtral", dtype="bfloat16", intermediate_size=128, max_shard_size="2MB"
-    )
+def hf_src(tiny_mixtral_bf16_shards) -> Path:
+    """Tiny bf16 Mixtral, HF layout in 2 MB shards; intermediate 128 so every matrix quantizes
+    (the session's, shared with test_compare.py)."""
+    return tiny_mixtral_bf16_shards
 
 
 def quantize_cli(capsys, *argv) -> tuple[int, str, str]:

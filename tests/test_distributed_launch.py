@@ -68,11 +68,10 @@ def test_ask_with_hosts_starts_the_other_rank_and_gives_the_tokens_of_one_proces
     assert gone(mark)  # the follower ended with rank 0
 
 
-def test_a_hostfile_of_one_host_is_one_line(tiny_mixtral, tmp_path):
+def test_a_hostfile_of_one_host_is_one_line(tiny_mixtral, tmp_path, cli):
     hosts = tmp_path / "one.json"
     hosts.write_text(json.dumps([{"ssh": "localhost", "ips": ["127.0.0.1"]}]))
-    result = subprocess.run([MIXCHAT, "ask", "--hosts", str(hosts), "-m", str(tiny_mixtral), "hi"],
-                            capture_output=True, timeout=TIMEOUT)  # fmt: skip
+    result = cli("ask", "--hosts", str(hosts), "-m", str(tiny_mixtral), "hi")
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith("mixchat: error: hostfile") and "2 or more hosts" in lines[0]

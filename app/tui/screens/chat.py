@@ -242,6 +242,10 @@ class ChatScreen(ConversationActions, Screen[None]):
 
     @on(ReplyFlow.PromptTooLong)
     async def _prompt_too_long(self, message: ReplySession.PromptTooLong) -> None:
+        """A message longer than the context is not sent: it leaves the chat and the store (so
+        it never pushes earlier turns out of the next prompt, nor dangles after a restart) and
+        goes back to the prompt box."""
+        await self._take_back_refused(message.reply)
         t = self.strings
         text = t(
             "notice.prompt_too_long",
@@ -250,6 +254,24 @@ class ChatScreen(ConversationActions, Screen[None]):
         )
         await self.chat_log.add_notice(text, kind="error", before=message.reply.view)
         self.notify(text, severity="error")
+
+    async def _take_back_refused(self, reply: ActiveReply) -> None:
+        conversation = self.conversation
+        if conversation is None or conversation.id != reply.conversation_id:
+            return
+        if not self.history or self.history[-1].role != "user":
+            return
+        refused = self.history.pop()
+        self.store.delete_messages_from(conversation.id, refused.id)
+        for view in self.chat_log.message_views:
+            if view.message_id == refused.id:
+                await view.remove()
+        if not self.history:  # the chat's only message: no empty chat is left behind
+            self.store.delete_conversation(conversation.id)
+            self.conversation, self.draft_settings = None, conversation.settings
+            self.refresh_sidebar()
+        if not self.prompt_box.text.strip():  # never over what was typed since
+            self.prompt_box.set_prompt(refused.content)
 
     @on(ReplyFlow.LongPrompt)
     async def _long_prompt(self, message: ReplySession.LongPrompt) -> None:

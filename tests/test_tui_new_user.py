@@ -3,13 +3,31 @@ the layout at 80x24 and 60x20, French details in F3/F4, stale figures. Pilot tes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
+from textual.widgets import Label
 
 from app.store import ConversationStore
-from tests.fake_engine import FakeEngine
-from tests.test_tui_helpers import TERMINAL_SIZE, make_app, screen_text, send
+from app.tui.screens.model_info import ModelInfoScreen
+from app.tui.widgets.experts_heatmap import ExpertsHeatmap
+from tests.fake_engine import FakeEngine, FakeModelInfo
+from tests.test_tui_helpers import (
+    TERMINAL_SIZE,
+    make_app,
+    screen_text,
+    send,
+    wait_for,
+    wait_paused,
+    wait_until_idle,
+)
 
 pytestmark = pytest.mark.anyio
+
+
+def info_line(view) -> str:
+    """The line under a message (tokens, speed, or what the reply is doing)."""
+    return str(view.query_one(".message-info", Label).render())
 
 
 async def test_a_refused_paste_never_pushes_out_turns_that_fit(tmp_path):
@@ -50,3 +68,53 @@ async def test_a_refused_first_message_leaves_no_empty_chat(tmp_path):
         assert app.chat_screen.prompt_box.text == "z" * 2000
         assert app.store.list_conversations() == [] and app.chat_screen.conversation is None
         assert "too long for the model's context" in screen_text(app)
+
+
+@dataclass
+class GgufInfo(FakeModelInfo):
+    quantization: str = "GGUF Q4_K_M, 5.74 bits/weight"
+    tensor_types: str = "193 Q4_K, 65 F32, 33 Q6_K"
+    size_bytes: int = 98_400_000
+
+
+@pytest.mark.parametrize(
+    "lang, expected, left_out",
+    [
+        ("fr", ["Types de tenseurs", "5,74 bits/poids", "98,4 Mo", "aucun (dense)"], "5.74"),
+        ("en", ["Tensor types", "5.74 bits/weight", "98.4 MB", "none (dense)"], "Experts per token"),
+    ],
+)
+async def test_f3_speaks_the_interface_language_and_says_dense(tmp_path, lang, expected, left_out):
+    engine = FakeEngine.dense()
+    engine.info = GgufInfo(num_experts=0, experts_per_token=0, architecture="llama")
+    app = make_app(tmp_path, engine, lang=lang)
+    async with app.run_test(size=TERMINAL_SIZE) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelInfoScreen))
+        text = screen_text(app)
+        for words in expected:
+            assert words in text
+        assert left_out not in text and "bits/weight" not in text.replace(expected[1], "")
+
+
+@pytest.mark.parametrize("lang, token", [("en", "1 token"), ("fr", "1 jeton")])
+async def test_one_token_is_singular_in_the_reply_line_and_the_experts_panel(tmp_path, lang, token):
+    engine = FakeEngine("Hi. there", pause_after_tokens=1, token_delay=0)
+    app = make_app(tmp_path, engine, lang=lang)
+    async with app.run_test(size=(140, 32)) as pilot:
+        await pilot.press("f4")
+        await send(pilot, app, "hello", wait=False)
+        await wait_paused(pilot, engine)
+        view = app.chat_screen.reply.view
+        await wait_for(pilot, lambda: token in info_line(view), what=token)
+        assert f"{token}s" not in info_line(view)
+        engine.release.set()
+        await wait_until_idle(pilot, app)
+        engine.pause_after_tokens = None
+        engine._reply = "Hi."  # a one-token reply
+        await send(pilot, app, "again")
+        assert info_line(app.chat_screen.chat_log.message_views[-1]).startswith(token)
+        text = screen_text(app)
+        heatmap = app.chat_screen.query_one(ExpertsHeatmap)
+        assert heatmap.tokens == 1 and str(heatmap.render()).splitlines()[0] == token
+        assert f"{token}s" not in text

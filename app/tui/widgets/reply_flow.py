@@ -120,7 +120,8 @@ class ReplyFlow(Widget):
         something was drawn."""
         t = self.strings
         if live.phase == "writing":
-            state = t("status.writing", tokens=t.number(live.tokens))
+            key = "status.writing_one" if live.tokens == 1 else "status.writing"
+            state = t(key, tokens=t.number(live.tokens))
         elif live.total:
             left = "" if live.seconds_left is None else t.duration(live.seconds_left)
             state = t(

@@ -118,3 +118,68 @@ async def test_one_token_is_singular_in_the_reply_line_and_the_experts_panel(tmp
         heatmap = app.chat_screen.query_one(ExpertsHeatmap)
         assert heatmap.tokens == 1 and str(heatmap.render()).splitlines()[0] == token
         assert f"{token}s" not in text
+
+
+@pytest.mark.parametrize(
+    "lang, size, keys",
+    [
+        ("en", (80, 24), ["Esc Stop", "F1 Help", "^p palette"]),
+        ("fr", (80, 24), ["Échap Arrêter", "F1 Aide", "^p palette"]),
+        ("en", (60, 20), ["Esc Stop", "F1 Help", "^p palette"]),
+        ("fr", (60, 20), ["Échap Arrêter", "F1 Aide", "^p palette"]),
+    ],
+)
+async def test_small_terminals_keep_the_model_name_and_the_help_keys(tmp_path, lang, size, keys):
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(tmp_path, FakeEngine(name="fake-mixtral-8x7b-instruct"), lang=lang)
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        rows = screen_text(app).splitlines()
+        assert "fake-mixtral-8x7b-instruct" in rows[-2]  # the status bar
+        footer = rows[-1]
+        for words in keys:
+            assert words in footer
+        assert footer.rstrip().endswith("^p palette")  # nothing cut, no stray "4"
+        for key in app.screen.query(FooterKey):
+            assert key.region.right <= size[0]  # every key shown whole
+
+
+@pytest.mark.parametrize("lang", ["en", "fr"])
+async def test_help_rows_wrap_instead_of_being_cut(tmp_path, lang):
+    from app.tui.actions import help_rows
+    from app.tui.screens.help import HelpScreen
+
+    app = make_app(tmp_path, lang=lang)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await pilot.pause()
+        table = app.screen.query_one("#help-table")
+        assert table.virtual_size.width <= table.scrollable_content_region.width
+        shown = [" ".join(str(table.get_row_at(i)[1]).split()) for i in range(table.row_count)]
+        assert shown == [description for _, description in help_rows(app.strings)]
+        rows = [row.strip(" │█▌▐") for row in screen_text(app).splitlines()]
+        text = " ".join(" ".join(rows).split())  # the rows as read, frames left out
+        assert "(keeps what was written)" in text or "(garde ce qui est écrit)" in text
+
+
+async def test_sidebar_titles_with_emoji_flags_or_arabic_keep_its_border_in_line(tmp_path):
+    from rich.cells import cell_len
+
+    store = ConversationStore(tmp_path / "mixchat.db")
+    titles = ["Hello 👋🏽 there friend", "🇫🇷 Voyage en France", "مرحبا بالعالم كيف حالك",
+              "家族 👨‍👩‍👧 旅行の計画", "❤️ plain"]  # fmt: skip
+    for title in titles:
+        store.add_message(store.create_conversation(title).id, "user", title)
+    app = make_app(tmp_path, store=store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        rows = [row for row in screen_text(app).splitlines()[1:7]]
+        sidebar = [row[: row.index("│", 1) + 1] for row in rows]
+        assert len({cell_len(row) for row in sidebar}) == 1
+        joined = "".join(sidebar)
+        # Nothing whose width terminals measure differently from Rich (tmux 3.3: 👋🏽 is 4
+        # cells, 👨‍👩‍👧 6, where Rich counts 2): skin tones, joiners, variation selectors.
+        assert not any(ch in joined for ch in ("\u200d", "\U0001f3fd", "\ufe0f"))
+        assert "Hello 👋 there" in joined and "FR Voyage" in joined and "مرحبا" in joined

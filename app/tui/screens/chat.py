@@ -10,7 +10,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, LoadingIndicator
+from textual.widgets import LoadingIndicator
 
 from app.i18n import Strings
 from app.store import (
@@ -29,6 +29,7 @@ from app.tui.prompting import build_messages
 from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.model_info import ModelInfoScreen
+from app.tui.widgets.chat_footer import ChatFooter
 from app.tui.widgets.chat_log import ChatLog
 from app.tui.widgets.conversation_list import ConversationList
 from app.tui.widgets.experts_panel import ExpertsPanel
@@ -73,7 +74,7 @@ class ChatScreen(ConversationActions, Screen[None]):
                 )
                 yield StatusBar(t, id="status")
             yield self.reply_flow.experts
-        yield Footer(compact=True)
+        yield ChatFooter()
         yield self.reply_flow
 
     @property
@@ -455,11 +456,6 @@ class ChatScreen(ConversationActions, Screen[None]):
             sidebar.toggle_class("-revealed")
         else:
             sidebar.toggle_class("-hidden")
-
-    def on_resize(self) -> None:
-        """Below 120 columns the footer leaves out the palette key, which would be drawn over
-        the last keys (Ctrl+P still works, F1 lists it)."""
-        self.query_one(Footer).show_command_palette = self.has_class("-wide")
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(self.strings))

@@ -24,6 +24,10 @@ ENGLISH: dict[str, str] = {
     "status.loading": "loading the model…",
     "status.ready": "ready",
     "status.via_server": "{name} (server {server})",
+    "status.server_gone": "the server went away: your next message reconnects, or loads the "
+    "model here",
+    "status.reconnecting": "reconnecting to the server, or loading the model here…",
+    "status.loaded_here": "{name} (loaded here: the server went away)",
     "status.waiting": "waiting for the model…",
     "status.starting": "starting…",
     "status.reading_start": "reading the prompt ({tokens} tokens)…",

@@ -29,6 +29,7 @@ from app.tui.prompting import build_messages
 from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.model_info import ModelInfoScreen
+from app.tui.server_recovery import ServerRecovery
 from app.tui.widgets.chat_footer import ChatFooter
 from app.tui.widgets.chat_log import ChatLog
 from app.tui.widgets.conversation_list import ConversationList
@@ -41,7 +42,7 @@ from app.tui.widgets.status_bar import StatusBar
 NARROW_SCREEN_WIDTH = 120  # below this, showing the experts panel hides the chats sidebar
 
 
-class ChatScreen(ConversationActions, Screen[None]):
+class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
     BINDINGS = chat_bindings()
     AUTO_FOCUS = "#prompt"
 
@@ -215,6 +216,7 @@ class ChatScreen(ConversationActions, Screen[None]):
         reply = self.reply_flow.begin(self.conversation.id, view, messages, self.settings)
         if self.reply_flow.waiting is reply:
             self.status_bar.set_state(self.strings("status.waiting"))
+            self.recover_engine()  # after a server went away: it, if back, else in-process
         self.refresh_bindings()
 
     # What the reply flow reports
@@ -308,6 +310,8 @@ class ChatScreen(ConversationActions, Screen[None]):
         self.status_bar.set_state(self.strings("status.ready"))
         self._redraw_experts()
         self.refresh_bindings()
+        if self.server_went_away(message.error):
+            await self.forget_server(retry=saved is None)
 
     def save_partial_reply_now(self) -> None:
         """On quit: stop generating and save whatever the reply holds."""

@@ -12,7 +12,6 @@ from textual.widgets.option_list import Option
 
 from app.store import Conversation
 
-
 # Sequences whose width terminals disagree on (Rich counts a skin-toned or ZWJ-joined emoji as
 # one 2-cell glyph, many terminals as 4 or 6 cells; a flag's two regional indicators as one
 # glyph or two): in the sidebar's fixed frame they would push its right border out of line.

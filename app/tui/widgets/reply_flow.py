@@ -89,6 +89,11 @@ class ReplyFlow(Widget):
         self.draw_experts(force=True)
         return started
 
+    def engine_gone(self) -> None:
+        """The engine can no longer answer (its server went away): the next reply waits for
+        ``engine_ready``, as during the first load."""
+        self.session.engine = None
+
     def begin(
         self,
         conversation_id: int,

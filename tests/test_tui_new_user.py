@@ -183,3 +183,24 @@ async def test_sidebar_titles_with_emoji_flags_or_arabic_keep_its_border_in_line
         # cells, 👨‍👩‍👧 6, where Rich counts 2): skin tones, joiners, variation selectors.
         assert not any(ch in joined for ch in ("\u200d", "\U0001f3fd", "\ufe0f"))
         assert "Hello 👋 there" in joined and "FR Voyage" in joined and "مرحبا" in joined
+
+
+async def test_a_reopened_chat_shows_no_memory_figure_of_an_earlier_run(tmp_path):
+    """The last run (another --memory-budget) peaked at 509 MB: reopened, the chat shows its
+    context use, but no memory figure until this run has one of its own."""
+    store = ConversationStore(tmp_path / "mixchat.db")
+    chat = store.create_conversation("earlier")
+    store.add_message(chat.id, "user", "hello")
+    saved = {"generation_tokens": 3, "generation_tps": 12.5, "peak_memory_gb": 0.509,
+             "context_tokens": 40, "expert_hit_rate": 0.42, "finish_reason": "stop"}  # fmt: skip
+    store.add_message(chat.id, "assistant", "hi there", stats=saved)
+    engine = FakeEngine("Fresh.")
+    app = make_app(tmp_path, engine, store=store)
+    async with app.run_test(size=(160, 32)) as pilot:
+        await pilot.pause()
+        status = screen_text(app).splitlines()[-2]
+        assert "ctx 40/4,096" in status  # the chat's own figure stays
+        assert "509" not in status and "42%" not in status and "— GB" in status
+        await send(pilot, app, "and now?")  # this run's reply: its figures show
+        status = screen_text(app).splitlines()[-2]
+        assert "— GB" not in status and "509" not in status

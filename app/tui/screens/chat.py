@@ -362,7 +362,7 @@ class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
         last_stats = next(
             (m.stats for m in reversed(self.history) if m.role == "assistant" and m.stats), None
         )
-        self.status_bar.set_stats(ReplyStats.of(last_stats))
+        self.status_bar.set_saved_stats(ReplyStats.of(last_stats))
         self.session.routing.reset()
         self._redraw_experts()
         self.refresh_sidebar()

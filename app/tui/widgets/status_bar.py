@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import Static
@@ -40,6 +42,14 @@ class StatusBar(Static):
         self.stats = stats
         self.live_tps = None
         self._refresh_text()
+
+    def set_saved_stats(self, stats: ReplyStats | None) -> None:
+        """Figures of a reply saved by an earlier run (a chat reopened): its context use and
+        speed, not its memory nor its expert cache rate, which were that run's (under another
+        --memory-budget, perhaps) and would sit next to this run's budget as if they were its."""
+        if stats is not None:
+            stats = replace(stats, peak_memory_gb=0.0, expert_hit_rate=None)
+        self.set_stats(stats)
 
     def set_live(self, tokens_per_second: float | None) -> None:
         """The decode speed of the reply being written, until ``set_stats``."""

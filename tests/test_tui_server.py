@@ -132,7 +132,7 @@ async def test_chat_through_a_server(tmp_path, default_model_path, monkeypatch):
             *_, asked, answer = app.store.messages(screen.conversation.id)
             assert (asked.content, answer.role) == ("Still there?", "assistant") and answer.content
             status = screen_text(app).splitlines()[-2]  # 80 columns: the model name still shows
-            assert "(loaded here: the server went away)" in screen.status_bar.model_name
+            assert "(loaded here, server gone)" in screen.status_bar.model_name
             assert engine.name in status and host_port not in status
     finally:
         if not stopped.is_alive() and stopped.ident is None:

@@ -27,7 +27,7 @@ ENGLISH: dict[str, str] = {
     "status.server_gone": "the server went away: your next message reconnects, or loads the "
     "model here",
     "status.reconnecting": "reconnecting to the server, or loading the model here…",
-    "status.loaded_here": "{name} (loaded here: the server went away)",
+    "status.loaded_here": "{name} (loaded here, server gone)",
     "status.waiting": "waiting for the model…",
     "status.starting": "starting…",
     "status.reading_start": "reading the prompt ({tokens} tokens)…",

@@ -25,7 +25,7 @@ FRENCH: dict[str, str] = {
     "status.server_gone": "le serveur est parti : votre prochain message le reconnecte, ou "
     "charge le modèle ici",
     "status.reconnecting": "reconnexion au serveur, ou chargement du modèle ici…",
-    "status.loaded_here": "{name} (chargé ici : le serveur est parti)",
+    "status.loaded_here": "{name} (chargé ici, serveur parti)",
     "status.waiting": "en attente du modèle…",
     "status.starting": "démarrage…",
     "status.reading_start": "lecture du prompt ({tokens} jetons)…",

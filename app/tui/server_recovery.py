@@ -35,9 +35,11 @@ class ServerRecovery:
     recovering: bool = False
 
     def server_went_away(self, error: BaseException | None) -> bool:
-        from app.remote import ServerGone  # standard library only: no MLX
+        from app.remote import Refused, ServerGone  # standard library only: no MLX
 
-        return isinstance(error, ServerGone) and server_of(self.engine) is not None
+        shutting_down = isinstance(error, Refused) and error.code == "shutting_down"
+        gone = isinstance(error, ServerGone) or shutting_down  # stopped before the reply began
+        return gone and server_of(self.engine) is not None
 
     async def forget_server(self, *, retry: bool) -> None:
         """The engine's server is gone: no reply goes to it any more. ``retry``: the last

@@ -24,10 +24,15 @@ ENGLISH: dict[str, str] = {
     "status.loading": "loading the model…",
     "status.ready": "ready",
     "status.via_server": "{name} (server {server})",
+    "status.server_gone": "the server went away: your next message reconnects, or loads the "
+    "model here",
+    "status.reconnecting": "reconnecting to the server, or loading the model here…",
+    "status.loaded_here": "{name} (loaded here, server gone)",
     "status.waiting": "waiting for the model…",
     "status.starting": "starting…",
     "status.reading_start": "reading the prompt ({tokens} tokens)…",
     "status.writing": "writing… {tokens} tokens",
+    "status.writing_one": "writing… {tokens} token",
     "status.reading": "reading the prompt {read}/{total} · {rate} tok/s · {left} left",
     "status.no_model": "no model",
     "status.context": "ctx {used}/{total}",
@@ -49,7 +54,8 @@ ENGLISH: dict[str, str] = {
     "messages are left out of what the model sees.",
     "notice.max_tokens_reduced": "Only {count} tokens of room are left in the context for the reply.",
     "notice.prompt_too_long": "This message is too long for the model's context "
-    "({tokens} tokens, the context holds {context}). Shorten it.",
+    "({tokens} tokens, the context holds {context}). It was not sent: it is back in the prompt "
+    "box, to shorten.",
     "notice.error": "Error: {error}",
     "notice.long_prompt": "This prompt is {tokens} tokens: reading it takes about {left} more. Esc stops it.",
     "notice.stopped_reading": "Stopped while reading the prompt ({read} of {total} tokens "
@@ -80,6 +86,7 @@ ENGLISH: dict[str, str] = {
     "experts.legend": "tokens routed to each expert, per layer",
     "experts.layer_short": "L",
     "experts.total": "{tokens} tokens",
+    "experts.total_one": "{tokens} token",
     "experts.no_model": "The model is not loaded yet.",
     "experts.server": "Expert routing is not available through the server (`mixchat chat --local` shows it).",
     # Settings screen
@@ -115,6 +122,9 @@ ENGLISH: dict[str, str] = {
     "model.field.kv_bytes_per_token": "KV cache per token",
     "model.field.context_length": "Context length",
     "model.field.sliding_window": "Sliding window",
+    "model.field.tensor_types": "Tensor types",
+    "model.bits_per_weight": "{bits} bits/weight",
+    "model.dense": "none (dense)",
     "model.billions": "B",
     "model.yes": "yes",
     "model.no": "no",

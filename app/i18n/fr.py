@@ -22,10 +22,15 @@ FRENCH: dict[str, str] = {
     "status.loading": "chargement du modèle…",
     "status.ready": "prêt",
     "status.via_server": "{name} (serveur {server})",
+    "status.server_gone": "le serveur est parti : votre prochain message le reconnecte, ou "
+    "charge le modèle ici",
+    "status.reconnecting": "reconnexion au serveur, ou chargement du modèle ici…",
+    "status.loaded_here": "{name} (chargé ici, serveur parti)",
     "status.waiting": "en attente du modèle…",
     "status.starting": "démarrage…",
     "status.reading_start": "lecture du prompt ({tokens} jetons)…",
     "status.writing": "écriture… {tokens} jetons",
+    "status.writing_one": "écriture… {tokens} jeton",
     "status.reading": "lecture du prompt {read}/{total} · {rate} jetons/s · encore {left}",
     "status.no_model": "aucun modèle",
     "status.context": "ctx {used}/{total}",
@@ -49,7 +54,8 @@ FRENCH: dict[str, str] = {
     "notice.max_tokens_reduced": "Il ne reste que {count} jetons de place dans le contexte pour "
     "la réponse.",
     "notice.prompt_too_long": "Ce message est trop long pour le contexte du modèle "
-    "({tokens} jetons, le contexte en contient {context}). Raccourcissez-le.",
+    "({tokens} jetons, le contexte en contient {context}). Il n’a pas été envoyé : il est de "
+    "retour dans la zone de saisie, à raccourcir.",
     "notice.error": "Erreur : {error}",
     "notice.long_prompt": "Ce prompt fait {tokens} jetons : sa lecture prend encore environ {left}. Échap l’arrête.",
     "notice.stopped_reading": "Arrêté pendant la lecture du prompt ({read} jetons lus sur "
@@ -79,6 +85,7 @@ FRENCH: dict[str, str] = {
     "experts.legend": "jetons envoyés à chaque expert, par couche",
     "experts.layer_short": "C",
     "experts.total": "{tokens} jetons",
+    "experts.total_one": "{tokens} jeton",
     "experts.no_model": "Le modèle n’est pas encore chargé.",
     "experts.server": "Le routage des experts n’est pas disponible via le serveur (`mixchat chat --local` le montre).",
     "settings.title": "Réglages de la discussion",
@@ -112,6 +119,9 @@ FRENCH: dict[str, str] = {
     "model.field.kv_bytes_per_token": "Cache KV par jeton",
     "model.field.context_length": "Longueur du contexte",
     "model.field.sliding_window": "Fenêtre glissante",
+    "model.field.tensor_types": "Types de tenseurs",
+    "model.bits_per_weight": "{bits} bits/poids",
+    "model.dense": "aucun (dense)",
     "model.billions": "Md",
     "model.yes": "oui",
     "model.no": "non",

@@ -65,6 +65,7 @@ class Engine:
         # Counts [num_layers, num_experts] over the last reply's generated tokens (MoE only).
         self.last_routing: np.ndarray | None = None
         self._routing_steps: list[mx.array] = []
+        self._observed_by: Callable[[np.ndarray], None] | None = None
         self._cancel = threading.Event()
         self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
@@ -209,6 +210,7 @@ class Engine:
         pending = ids[cached:]
         read_before = self.offload.snapshot() if self.offload else None
         total, self.last_routing, self._routing_steps = len(pending), None, []
+        self._observed_by = self.routing_observer  # an observer attached later catches up
         if self.offload is not None:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
@@ -264,8 +266,12 @@ class Engine:
                 stats.prompt_tps = stats.prompt_tokens / (first_token_time - start)
             if routing is not None:
                 self._routing_steps.append(mx.concatenate([r.reshape(1, -1) for r in routing]))
-                if self.routing_observer is not None:
-                    self.routing_observer(self._count_experts(routing))
+                if (observer := self.routing_observer) is not None:
+                    if observer is not self._observed_by:  # attached mid-reply: catch up first
+                        self._observed_by = observer
+                        for step in self._routing_steps[:-1]:
+                            observer(self._count_step(step))
+                    observer(self._count_experts(routing))
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -356,6 +362,14 @@ class Engine:
         if routing is not None:
             routing = [r[:, -1] for r in routing]  # the position that produced the token
         return sampler(logprobs), routing
+
+    def _count_step(self, step: mx.array) -> np.ndarray:
+        """[layers, experts] counts of one kept step ([layers, k] expert ids)."""
+        experts = np.array(step)
+        counts = np.zeros((experts.shape[0], self.model.args.num_local_experts), dtype=np.int64)
+        for layer in range(experts.shape[0]):
+            np.add.at(counts[layer], experts[layer], 1)
+        return counts
 
     def _count_experts(self, routing: list[mx.array]) -> np.ndarray:
         counts = np.zeros((len(routing), self.model.args.num_local_experts), dtype=np.int64)

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("repo_id", help="e.g. mistralai/Mixtral-8x7B-Instruct-v0.1")
     d.add_argument("--revision", help="branch, tag or commit (default: main)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
     d.set_defaults(func=run_download)
 
     q = subparsers.add_parser(
@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--force", action="store_true", help="replace DST if it exists")
     q.add_argument("--no-eval", action="store_true", help="skip the quality report")
-    q.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    q.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
     q.set_defaults(func=run_quantize)
 
     from .compare import register as register_compare

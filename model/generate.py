@@ -18,6 +18,7 @@ import numpy as np
 
 from . import distributed
 from .errors import MixchatError
+from .generation.limit import over_context
 from .generation.sampling import request_sampler
 from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
@@ -182,9 +183,7 @@ class Engine:
         if self.peers is not None and messages is None:
             raise MixchatError("a raw completion of a chat model does not run on several ranks")
         if len(ids) >= self.context_length:
-            raise MixchatError(
-                f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
-            )
+            raise MixchatError(over_context(self, len(ids)))
         self._cancel.clear()
         if self.peers is not None:  # the other ranks run the same reply (and the same seed)
             settings = self.peers.start_stream(messages, settings)

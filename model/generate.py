@@ -18,7 +18,6 @@ import numpy as np
 
 from . import distributed
 from .errors import MixchatError
-from .generation.limit import over_context
 from .generation.sampling import request_sampler
 from .generation_settings import GenerationSettings
 from .memory_plan import LAYERWISE_WINDOW
@@ -36,6 +35,18 @@ class Chunk:
     text: str  # new text; never splits a multi-byte character
     stats: GenerationStats | None = None  # set on the final chunk only
     progress: tuple[int, int] | None = None  # while reading the prompt: (tokens read, total)
+
+
+def over_context(engine: Engine, prompt_tokens: int) -> str:
+    """The one line for a prompt the engine's context cannot take, naming whose limit it is:
+    the model's, or the shorter one this run set (--max-context, or what the budget leaves)."""
+    context, model_context = engine.context_length, engine.model.args.context_length
+    if context >= model_context:
+        limit = f"the model's {context:,}-token context"
+    else:
+        limit = (f"the {context:,}-token context of this run (set by --max-context or the "
+                 f"memory budget; the model's is {model_context:,})")  # fmt: skip
+    return f"the prompt is {prompt_tokens:,} tokens, over {limit}"
 
 
 class Engine:

@@ -33,14 +33,3 @@ def batch_limit(engine: Engine, wanted: int | None) -> tuple[int, str]:
         return 1, "the model uses a sliding-window KV cache"
     return wanted, ""
 
-
-def over_context(engine: Engine, prompt_tokens: int) -> str:
-    """The one line for a prompt the engine's context cannot take, naming whose limit it is:
-    the model's, or the shorter one this run set (--max-context, or what the budget leaves)."""
-    context, model_context = engine.context_length, engine.model.args.context_length
-    if context >= model_context:
-        limit = f"the model's {context:,}-token context"
-    else:
-        limit = (f"the {context:,}-token context of this run (set by --max-context or the "
-                 f"memory budget; the model's is {model_context:,})")  # fmt: skip
-    return f"the prompt is {prompt_tokens:,} tokens, over {limit}"

@@ -10,11 +10,10 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..errors import MixchatError
-from ..generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, GenerationStats
+from ..generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, GenerationStats, over_context
 from ..generation_settings import GenerationSettings
 from ..memory_plan import prefill_chunk
 from ..mlx_lm_parts import trim_prompt_cache
-from .limit import over_context
 from .reply import ReplyText
 from .sampling import request_sampler, sample_rows
 

@@ -32,4 +32,3 @@ def batch_limit(engine: Engine, wanted: int | None) -> tuple[int, str]:
     if engine.model.args.sliding_window:
         return 1, "the model uses a sliding-window KV cache"
     return wanted, ""
-

@@ -46,6 +46,18 @@ def agree_stop(group, stop: bool) -> bool:
     return bool(total.item())
 
 
+def over_context(engine: Engine, prompt_tokens: int) -> str:
+    """The one line for a prompt the engine's context cannot take, naming whose limit it is:
+    the model's, or the shorter one this run set (--max-context, or what the budget leaves)."""
+    context, model_context = engine.context_length, engine.model.args.context_length
+    if context >= model_context:
+        limit = f"the model's {context:,}-token context"
+    else:
+        limit = (f"the {context:,}-token context of this run (set by --max-context or the "
+                 f"memory budget; the model's is {model_context:,})")  # fmt: skip
+    return f"the prompt is {prompt_tokens:,} tokens, over {limit}"
+
+
 class Engine:
     def __init__(self, model: Model, tokenizer, name: str = "model", info=None, *,
                  group=None, peers=None):  # fmt: skip
@@ -180,9 +192,7 @@ class Engine:
         if self.peers is not None and messages is None:
             raise MixchatError("a raw completion of a chat model does not run on several ranks")
         if len(ids) >= self.context_length:
-            raise MixchatError(
-                f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
-            )
+            raise MixchatError(over_context(self, len(ids)))
         self._cancel.clear()
         if self.peers is not None:  # the other ranks run the same reply (and the same seed)
             settings = self.peers.start_stream(messages, settings)

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype override"
     )
-    c.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
     c.set_defaults(func=run_compare)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import stat
 import sys
 from typing import TextIO
@@ -29,7 +30,13 @@ from .common import (
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
+    ask = commands.add_parser(
+        "ask", help="answer one prompt, streaming to stdout",
+        description="Answer PROMPT (or stdin) and stream the reply to stdout, with statistics "
+        "(prompt and decode tok/s, peak memory) on stderr, in the interface language. Greedy "
+        "unless --temp is set. Through `mixchat serve` when one runs, else in-process. Exit "
+        "codes: 0 ok, 1 error, 2 usage, 130 interrupted; every error is one line on stderr.",
+    )  # fmt: skip
     add_model_option(ask)
     ask.add_argument(
         "prompt", nargs="?",
@@ -65,7 +72,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ask.add_argument(
         "--seed", type=int, metavar="N",
         help="random seed, 0 to 2**64-1, for reproducible sampling with --temp > 0 "
-        "(default: a new one each run)",
+        "(default: a new one each run, reported by --json; greedy decoding ignores it)",
     )  # fmt: skip
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
@@ -139,6 +146,13 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
         generation.validate()
     except MixchatError as e:
         raise UsageError(str(e)) from None
+    if generation.temperature == 0 and generation.seed is not None:
+        print(f"mixchat: --seed {generation.seed} is ignored: without --temp the reply is greedy "
+              "(the same every run)", file=sys.stderr)  # fmt: skip
+        generation.seed = None
+    elif generation.temperature > 0 and generation.seed is None:
+        generation.seed = secrets.randbits(32)  # chosen here, so --json can report it
+    args.seed_used = generation.seed  # None: greedy
     return generation
 
 

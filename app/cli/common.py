@@ -163,11 +163,14 @@ EXPERT_FIGURES = ("expert_hit_rate", "bytes_read_per_token", "prompt_bytes_read_
                   "load_seconds", "compute_seconds")  # fmt: skip
 
 
-def answer_json(text: str, model: str | None, stats: GenerationStats) -> dict[str, Any]:
+def answer_json(text: str, model: str | None, stats: GenerationStats,
+                seed: int | None = None) -> dict[str, Any]:  # fmt: skip
     """`ask --json`'s object, the same in-process and through a server: the text, the figures
-    (GenerationStats' names), the model."""
+    (GenerationStats' names), the model, the seed the reply was sampled with (None: greedy;
+    `--seed` it to sample the same reply again)."""
     return ({"text": text} | {name: getattr(stats, name) for name in ANSWER_FIGURES}
-            | {"model": model} | {name: getattr(stats, name) for name in EXPERT_FIGURES})  # fmt: skip
+            | {"model": model, "seed": seed}
+            | {name: getattr(stats, name) for name in EXPERT_FIGURES})  # fmt: skip
 
 
 def print_reply(pieces: Iterable[str], args: argparse.Namespace) -> str:
@@ -186,7 +189,8 @@ def print_end(text: str, model: str | None, stats: GenerationStats,
     """After the reply: the JSON object (--json), else a newline and the statistics on stderr
     (not with --quiet)."""
     if args.json:
-        print(json.dumps(answer_json(text, model, stats), ensure_ascii=False))
+        seed = getattr(args, "seed_used", None)
+        print(json.dumps(answer_json(text, model, stats, seed), ensure_ascii=False))
         return 0
     sys.stdout.write("\n")
     sys.stdout.flush()

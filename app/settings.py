@@ -79,12 +79,13 @@ def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) ->
     kv_bits, lang; absent or None: not given) and the environment. Raises SettingsError for an
     unusable value."""
     environ = os.environ if environ is None else environ
+    home = data_dir(environ)
     return Settings(
-        model=getattr(args, "model", None) or None,
+        model=_model(getattr(args, "model", None) or None, home),
         dtype=_dtype(getattr(args, "dtype", None), environ),
         memory_budget=_budget(getattr(args, "memory_budget", None), environ),
         lang=_language(getattr(args, "lang", None), environ),
-        data_dir=data_dir(environ),
+        data_dir=home,
         streams=_streams(environ),
         debug=environ.get("MIXCHAT_DEBUG", "").strip() not in ("", "0"),
         server=_server(environ),
@@ -127,6 +128,15 @@ def _offload(environ: Mapping[str, str]) -> OffloadOptions | None:
     if page_cache := environ.get("MIXCHAT_OFFLOAD_PAGE_CACHE"):
         options.bypass_page_cache = page_cache.strip() in ("0", "no")
     return options
+
+
+def _model(given: str | None, home: Path) -> str | None:
+    """The model as given, or the path of the quantized directory `mixchat models` lists under
+    that name (so every listed name works as --model everywhere, the server included)."""
+    if given and not Path(given).expanduser().exists():
+        if known := registry.known_by_name(given, home):
+            return str(known)
+    return given
 
 
 def _server(environ: Mapping[str, str]) -> str | None:

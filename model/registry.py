@@ -92,7 +92,9 @@ def known_models(home: Path) -> list[Path]:
 
 def known_by_name(name: str, home: Path | None = None) -> Path | None:
     """The quantized directory `mixchat models` lists as `name` (its directory name), or None;
-    a MixchatError when several have that name."""
+    a MixchatError when several have that name. None without a data directory."""
+    if home is None:
+        return None
     found = [p for p in known_models(home) if p.name == name]
     if len(found) > 1:
         paths = ", ".join(str(p) for p in found)

@@ -115,7 +115,8 @@ def run_gguf(args: argparse.Namespace) -> int:
 
     result = convert_gguf(Path(args.src).expanduser(), Path(args.dst), force=args.force,
                           max_shard_bytes=args.max_shard_size, say=say)  # fmt: skip
-    remember(result.dst.resolve())  # so `mixchat models` lists it
+    if (mixchat := getattr(args, "settings", None)) is not None:  # app/settings.py's values
+        remember(result.dst.resolve(), mixchat.data_dir)  # so `mixchat models` lists it
     if progress:
         print("\r\033[K", end="", file=sys.stderr)
     if not args.quiet:

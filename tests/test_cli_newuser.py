@@ -77,9 +77,14 @@ def test_every_listed_name_works_as_model(capsys, monkeypatch, tmp_path, tiny_mi
 
 
 def test_info_takes_model_like_every_command(capsys, default_model_path):
-    positional = run(capsys, "info", "--json", str(default_model_path))
+    def described(*args: str) -> tuple[int, dict]:
+        code, out, _ = run(capsys, "info", *args, "--json", "--memory-budget", "1GB")
+        return code, json.loads(out)  # a fixed budget: the auto one follows free memory
+
+    positional = described(str(default_model_path))
+    assert positional[0] == 0
     for flag in ("--model", "-m"):
-        assert run(capsys, "info", flag, str(default_model_path), "--json")[:2] == positional[:2]
+        assert described(flag, str(default_model_path)) == positional
     code, _, err = run(capsys, "info", "a", "--model", "b")
     assert code == 2 and "give the model once" in one_line(err)
 

@@ -54,10 +54,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from model.machine import CACHE_FILE, MeasurementCache
     from model.predict import fit_report
 
-    path = registry.resolve(args.model)
+    settings: Settings = args.settings
+    path = registry.resolve(settings.model)  # a listed name is already its path (settings)
     checkpoint = weights.locate(path)
     name = registry.DEFAULT_MODEL if args.model is None else args.model
-    settings: Settings = args.settings
     dtype = weights.compute_dtype(checkpoint, settings.dtype)
     info = model_info(checkpoint, name, dtype.size)
     fit = fit_report(

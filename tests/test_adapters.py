@@ -74,3 +74,42 @@ def test_float_fuse_gives_the_adapted_greedy_text_in_mixchat_and_mlx_lm(tiny_mix
     assert main(["fuse", "--model", str(tiny_mixtral), "--adapter-path", str(adapter),
                  str(out)]) == 1  # fmt: skip
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_serve_applies_the_adapter_per_request_and_server_wide(tiny_mixtral, adapter, tmp_path,
+                                                               capsys, monkeypatch):  # fmt: skip
+    from app.serve.models import ModelManager
+    from app.serve.scheduler import Scheduler
+    from app.serve.server import ServerThread
+    from model.load_options import LoadOptions
+    from tests.test_serve import chat, health, post
+
+    adapted, base = mixchat_text(tiny_mixtral, adapter), mixchat_text(tiny_mixtral, None)
+    assert adapted != base
+    models = ModelManager(str(tiny_mixtral), keep_alive=None,
+                          load_options=LoadOptions(adapter_path=str(adapter)))  # fmt: skip
+    with ServerThread(Scheduler(models, batch=None)) as server:
+
+        def text(**body) -> str:
+            reply = chat(server, PROMPT, max_tokens=12, extra_body=body)
+            return reply.choices[0].message.content
+
+        assert text() == adapted  # serve --adapter-path: the server-wide adapter
+        assert text(adapters="") == base  # mlx-lm's per-request field: here none
+        assert text(adapters=str(adapter)) == adapted
+        assert health(server)["loads"] == 1  # the adapter swapped in place, no reload
+        status, error = post(server, "/v1/chat/completions", json.dumps(
+            {"messages": PROMPT, "adapters": str(tmp_path / "none")}).encode())  # fmt: skip
+        assert status == 404 and "no adapter at" in error["error"]["message"]
+        status, error = post(server, "/v1/chat/completions", json.dumps(
+            {"messages": PROMPT, "adapters": 3}).encode())  # fmt: skip
+        assert status == 400 and error["error"]["param"] == "adapters"
+
+        # `ask --adapter-path` through the server: it sends the adapter instead of loading
+        monkeypatch.setenv("MIXCHAT_SERVER", server.url)
+        capsys.readouterr()
+        jobs = len(server.scheduler.history)
+        ask = ["ask", "--json", "--max-tokens", "12", "-m", str(tiny_mixtral)]
+        assert main([*ask, "--adapter-path", str(adapter), PROMPT[0]["content"]]) == 0
+        assert json.loads(capsys.readouterr().out)["text"] == adapted
+        assert len(server.scheduler.history) == jobs + 1  # the server answered

@@ -113,3 +113,46 @@ def test_serve_applies_the_adapter_per_request_and_server_wide(tiny_mixtral, ada
         assert main([*ask, "--adapter-path", str(adapter), PROMPT[0]["content"]]) == 0
         assert json.loads(capsys.readouterr().out)["text"] == adapted
         assert len(server.scheduler.history) == jobs + 1  # the server answered
+
+
+@pytest.mark.anyio
+async def test_chat_settings_screen_shows_and_changes_the_adapter(tiny_mixtral, adapter,
+                                                                  tmp_path):  # fmt: skip
+    from textual.widgets import Input
+
+    from app.tui.screens.settings import SettingsScreen
+    from model import Engine, GenerationSettings
+    from tests.test_tui_helpers import TERMINAL_SIZE, make_app, screen_text, wait_for
+
+    engine = Engine.load(str(tiny_mixtral), memory_budget="none")
+    greedy = GenerationSettings(max_tokens=12, temperature=0.0)
+
+    def text() -> str:
+        return "".join(chunk.text for chunk in engine.stream(PROMPT, greedy))
+
+    base, adapted = text(), mixchat_text(tiny_mixtral, adapter)
+    app = make_app(tmp_path, engine)
+    async with app.run_test(size=TERMINAL_SIZE) as pilot:
+
+        async def settings() -> SettingsScreen:
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            return app.screen
+
+        dialog = await settings()
+        field = dialog.query_one("#adapter-path", Input)
+        assert field.value == ""
+        field.value = str(tmp_path / "none")  # not an adapter: refused in the dialog
+        await pilot.press("ctrl+s")
+        assert app.screen is dialog and "Invalid value: LoRA adapter" in screen_text(app)
+        field.value = str(adapter)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: engine.adapter_path == str(adapter), timeout=30)
+        assert text() == adapted
+
+        dialog = await settings()  # it shows the adapter now; emptied, the adapter goes
+        assert dialog.query_one("#adapter-path", Input).value == str(adapter)
+        dialog.query_one("#adapter-path", Input).value = ""
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: engine.adapter_path is None, timeout=30)
+        assert text() == base

@@ -156,3 +156,20 @@ async def test_chat_settings_screen_shows_and_changes_the_adapter(tiny_mixtral, 
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: engine.adapter_path is None, timeout=30)
         assert text() == base
+
+
+def test_fuse_refuses_a_gguf_model_in_one_line(default_model_path, tmp_path, capsys):
+    from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: F401 (mlx-lm's layers)
+
+    from model import load
+    from model.tune.lora import apply_lora, lora_config, save_adapter
+
+    model, _ = load(str(default_model_path), memory_budget="none")
+    config = lora_config(model, 1, 2)
+    apply_lora(model, config)
+    save_adapter(model, tmp_path / "a", config)
+    assert main(["fuse", "--model", str(default_model_path), "--adapter-path",
+                 str(tmp_path / "a"), str(tmp_path / "out")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Hugging Face directory" in err
+    assert not (tmp_path / "out").exists()

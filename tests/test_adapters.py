@@ -173,3 +173,27 @@ def test_fuse_refuses_a_gguf_model_in_one_line(default_model_path, tmp_path, cap
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Hugging Face directory" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_requantized_fuse_keeps_the_bits_and_stays_within_its_report(tiny_mixtral, tmp_path,
+                                                                      capsys):  # fmt: skip
+    from quantize.fuse import fuse_report
+
+    quantized = tmp_path / "q4"
+    assert main(["quantize", str(tiny_mixtral), str(quantized), "--group-size", "32",
+                 "--no-eval", "--quiet"]) == 0  # fmt: skip
+    adapter = write_adapter(tiny_mixtral, tmp_path / "a", 4, 0.05)
+    out = tmp_path / "fused"
+    assert main(["fuse", "--model", str(quantized), "--adapter-path", str(adapter), str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4  # the source's bits
+    report = fuse_report(str(quantized), str(adapter), out, max_tokens=64)
+    assert report.kl_divergence > 1e-4  # re-quantizing the merged weights costs a little
+    dequantized = tmp_path / "float"
+    assert main(["fuse", "--model", str(quantized), "--adapter-path", str(adapter),
+                 str(dequantized), "--dequantize", "--quiet"]) == 0  # fmt: skip
+    assert "quantization" not in json.loads((dequantized / "config.json").read_text())
+    exact = fuse_report(str(quantized), str(adapter), dequantized, max_tokens=64)
+    assert exact.kl_divergence < 1e-6 and exact.top1_agreement == 1.0  # float: exact
+    assert exact.kl_divergence < report.kl_divergence

@@ -63,6 +63,7 @@ class Settings:
     offload: OffloadOptions | None = None  # MIXCHAT_OFFLOAD_*; None: the runtime's defaults
     parallel: str = "expert"  # how several ranks split a model (checked when they join)
     hf_offline: bool = False  # HF_HUB_OFFLINE: `download` never reaches the Hub
+    adapter_path: str | None = None  # --adapter-path: a LoRA adapter applied to the model
     # The MIXCHAT_* variables, which `--hosts` passes on to the ranks it starts.
     rank_variables: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -71,7 +72,8 @@ class Settings:
         """How `model.load` / `Engine.load` load the model."""
         return LoadOptions(dtype=self.dtype, memory_budget=self.memory_budget,
                            max_context=self.max_context, kv_bits=self.kv_bits,
-                           streams=self.streams, offload=self.offload)  # fmt: skip
+                           streams=self.streams, offload=self.offload,
+                           adapter_path=self.adapter_path)  # fmt: skip
 
 
 def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +97,9 @@ def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) ->
         offload=_offload(environ),
         parallel=(environ.get("MIXCHAT_PARALLEL") or Settings.parallel).strip().lower(),
         hf_offline=environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"),
+        # `tune --adapter-path` is where its output goes, not an adapter to load
+        adapter_path=None if getattr(args, "command", None) == "tune"
+        else getattr(args, "adapter_path", None) or None,
         rank_variables={k: v for k, v in environ.items() if k.startswith("MIXCHAT_")},
     )
 

@@ -72,6 +72,7 @@ class Engine:
         self.context_length = memory.context if memory is not None else model.args.context_length
         self.kv_bits = memory.plan.kv_bits if memory is not None else None
         self.memory_notice = memory.notice if memory is not None else ""  # one line, or ""
+        self.adapter_path: str | None = None  # the LoRA adapter applied (set_adapter), or None
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
         # Counts [num_layers, num_experts] over the last reply's generated tokens (MoE only).
@@ -109,8 +110,23 @@ class Engine:
         compute_bytes = built.model.norm.weight.dtype.size
         info = model_info(loaded.checkpoint, name, compute_bytes)
         if split is None:
-            return cls(built, loaded.tokenizer, name, info)
-        return cls(built, loaded.tokenizer, name, info, group=split.group, peers=split.leader())
+            engine = cls(built, loaded.tokenizer, name, info)
+        else:
+            engine = cls(built, loaded.tokenizer, name, info, group=split.group,
+                         peers=split.leader())  # fmt: skip
+        engine.adapter_path = loaded.adapter_path
+        return engine
+
+    def set_adapter(self, path: str | None) -> None:
+        """Apply the LoRA adapter in `path` instead of the current one (None: none), and
+        forget the KV cache (computed with the old weights). A MixchatError (one line) for an
+        adapter that does not fit leaves the model without one."""
+        from .tune.lora import set_adapter
+
+        self.reset()
+        self.adapter_path = None
+        set_adapter(self.model, path)
+        self.adapter_path = None if path is None else str(path)
 
     def cancel(self) -> None:
         """Stop the running stream at its next token, or the next stream at its first one

@@ -1,5 +1,5 @@
 """The `mixchat` command: chat (the default), ask, models, info, download, quantize, compare,
-serve, tune. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
+serve, tune, fuse. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
 module of the command that runs is imported, as mlx-lm's cli.py dispatches (all of them for
 `mixchat --help`: argparse only, no MLX).
 
@@ -31,6 +31,7 @@ COMMANDS = {
     "compare": "quantize.cli",
     "serve": "app.cli.serve",
     "tune": "app.cli.tune",
+    "fuse": "quantize.fuse",
 }
 HELP = ("-h", "--help")
 

@@ -19,6 +19,7 @@ from model.ranks import launched
 
 from .common import (
     UsageError,
+    add_adapter_option,
     add_budget_option,
     add_hosts_option,
     add_model_option,
@@ -77,8 +78,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
-    ask.add_argument("--adapter-path", metavar="PATH",
-                     help="apply a LoRA adapter (mixchat tune's or mlx_lm.lora's); in-process")  # fmt: skip
+    add_adapter_option(ask)
     add_budget_option(ask)
     add_hosts_option(ask)
     ask.set_defaults(func=cmd_ask)
@@ -162,7 +162,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.raw and (args.system or args.safe):
         raise UsageError("--system and --safe need a chat template; a raw completion has none")
     messages = ask_messages(prompt, args.system, args.safe)
-    if not (args.local or args.raw or args.hosts or args.adapter_path):  # `mixchat serve` answers
+    if not (args.local or args.raw or args.hosts):  # `mixchat serve` answers (adapter included)
         from .ask_server import ask_server
 
         if (code := ask_server(args, messages, generation)) is not None:
@@ -184,10 +184,6 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
     from model import Engine  # MLX and the model code: only now
 
     engine = Engine.load(settings.model, settings.load_options, split=rank_split(settings))
-    if args.adapter_path:
-        from model.tune.lora import load_adapter
-
-        load_adapter(engine.model, args.adapter_path)
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line

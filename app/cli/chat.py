@@ -7,7 +7,13 @@ import argparse
 from app.settings import LANGUAGES, Settings
 from model.ranks import launched
 
-from .common import add_budget_option, add_hosts_option, add_model_option, join_hosts
+from .common import (
+    add_adapter_option,
+    add_budget_option,
+    add_hosts_option,
+    add_model_option,
+    join_hosts,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -24,6 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--lang", help=f"interface language ({', '.join(LANGUAGES)}); default from LC_ALL or LANG"
     )
     add_budget_option(chat)
+    add_adapter_option(chat)
     add_hosts_option(chat)
     chat.add_argument("--local", action="store_true",
                       help="load the model in-process, not via `mixchat serve`")  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from collections.abc import Iterable
 from typing import Any
 
@@ -95,6 +96,21 @@ def add_budget_option(parser: argparse.ArgumentParser) -> None:
         "--kv-bits", type=int, choices=(8, 4), metavar="BITS",
         help="store the KV cache in 8 (or 4) bits: a long context in less memory",
     )  # fmt: skip
+
+
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter-path", metavar="PATH", type=adapter_dir,
+                        help="apply a LoRA adapter: a directory with adapters.safetensors and "
+                        "adapter_config.json (mixchat tune's or mlx_lm.lora's)")  # fmt: skip
+
+
+def adapter_dir(text: str) -> str:
+    """argparse type of --adapter-path: an existing directory, made absolute (a server, whose
+    working directory is another, may load it)."""
+    path = Path(text).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"no adapter at {text} (no adapter_config.json there)")
+    return str(path.resolve())
 
 
 def add_hosts_option(parser: argparse.ArgumentParser) -> None:

@@ -185,7 +185,8 @@ def _load_engine(
     the loading thread), this rank's part when the ranks were joined at start-up."""
     from app.remote_engine import connect
 
-    if (remote := connect(server, model, api_key)) is not None:
+    adapter = options.adapter_path if options is not None else None
+    if (remote := connect(server, model, api_key, adapter)) is not None:
         return remote
     from model.distributed import rank_split
     from model.generate import Engine as ModelEngine

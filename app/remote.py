@@ -176,13 +176,15 @@ class ReplyStream:
             raise ServerGone(f"the server at {self.url} sent no statistics")
 
 
-def describe(url: str, model: str, api_key: str | None, messages: list[dict] | None = None
-             ) -> dict:  # fmt: skip
+def describe(url: str, model: str, api_key: str | None, messages: list[dict] | None = None,
+             adapter: str | None = None) -> dict:  # fmt: skip
     """The server's description of `model` (loading it if need be), with the prompt length of
     `messages` if given. ServerGone when nothing answers; Refused for an error answer."""
     conn = open_connection(url)
     try:
         body = {"model": model} | ({"messages": messages} if messages is not None else {})
+        if adapter is not None:  # mlx-lm's per-request adapter ("": none)
+            body["adapters"] = adapter
         try:
             return json.loads(post(conn, url, TOKENIZE_PATH, body, api_key).read())
         except (OSError, http.client.HTTPException, ValueError) as e:

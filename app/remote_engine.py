@@ -59,8 +59,10 @@ class RemoteEngine:
     routing_observer = None
     last_routing = None
 
-    def __init__(self, url: str, model: str, api_key: str | None, description: dict):
+    def __init__(self, url: str, model: str, api_key: str | None, description: dict,
+                 adapter: str | None = None):  # fmt: skip
         self.server = url  # what the status bar shows: replies come from there
+        self.adapter_path = adapter  # sent as `adapters` ("": none); None: the server's choice
         self.model_field = model
         self.api_key = api_key
         self.name: str = description["model"]
@@ -77,6 +79,8 @@ class RemoteEngine:
 
     def stream(self, messages: list[dict], settings: Any = None) -> Iterator[RemoteChunk]:
         body = chat_body(self.model_field, messages, settings)
+        if self.adapter_path is not None:
+            body["adapters"] = self.adapter_path
         with self._lock:
             self._cancelled = False
         return self._stream(body)
@@ -93,7 +97,17 @@ class RemoteEngine:
                 pass
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return describe(self.server, self.model_field, self.api_key, messages)["prompt_tokens"]
+        return describe(self.server, self.model_field, self.api_key, messages,
+                        self.adapter_path)["prompt_tokens"]  # fmt: skip
+
+    def set_adapter(self, path: str | None) -> None:
+        """Use the adapter in `path` (None: none) from now on; the server loads it now, and
+        one that it cannot find or apply is a one-line MixchatError."""
+        try:
+            describe(self.server, self.model_field, self.api_key, None, path or "")
+        except Refused as e:
+            raise MixchatError(e.message) from None
+        self.adapter_path = path or ""
 
     # Streaming
 
@@ -129,7 +143,8 @@ class RemoteEngine:
             conn.close()
 
 
-def connect(url: str | None, model: str | None, api_key: str | None) -> RemoteEngine | None:
+def connect(url: str | None, model: str | None, api_key: str | None,
+            adapter: str | None = None) -> RemoteEngine | None:  # fmt: skip
     """A RemoteEngine for `model` (None: the embedded default) on the server at `url`; None
     when there is no mixchat server there, or it cannot load the model (answer in-process).
     A server that wants another API key is a one-line MixchatError (the user asked for it)."""
@@ -137,7 +152,7 @@ def connect(url: str | None, model: str | None, api_key: str | None) -> RemoteEn
         return None
     field = model_field(model)
     try:
-        description = describe(url, field, api_key)
+        description = describe(url, field, api_key, adapter=adapter)
     except ServerGone:
         return None  # no server there
     except Refused as e:
@@ -146,4 +161,4 @@ def connect(url: str | None, model: str | None, api_key: str | None) -> RemoteEn
         return None  # not a mixchat server, or it cannot load this model
     if not isinstance(description, dict) or "context_length" not in description:
         return None
-    return RemoteEngine(url, field, api_key, description)
+    return RemoteEngine(url, field, api_key, description, adapter)

@@ -63,6 +63,7 @@ class Settings:
     offload: OffloadOptions | None = None  # MIXCHAT_OFFLOAD_*; None: the runtime's defaults
     parallel: str = "expert"  # how several ranks split a model (checked when they join)
     hf_offline: bool = False  # HF_HUB_OFFLINE: `download` never reaches the Hub
+    adapter_path: str | None = None  # --adapter-path: a LoRA adapter applied to the model
     # The MIXCHAT_* variables, which `--hosts` passes on to the ranks it starts.
     rank_variables: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -71,7 +72,8 @@ class Settings:
         """How `model.load` / `Engine.load` load the model."""
         return LoadOptions(dtype=self.dtype, memory_budget=self.memory_budget,
                            max_context=self.max_context, kv_bits=self.kv_bits,
-                           streams=self.streams, offload=self.offload)  # fmt: skip
+                           streams=self.streams, offload=self.offload,
+                           adapter_path=self.adapter_path)  # fmt: skip
 
 
 def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -79,12 +81,13 @@ def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) ->
     kv_bits, lang; absent or None: not given) and the environment. Raises SettingsError for an
     unusable value."""
     environ = os.environ if environ is None else environ
+    home = data_dir(environ)
     return Settings(
-        model=getattr(args, "model", None) or None,
+        model=_model(getattr(args, "model", None) or None, home),
         dtype=_dtype(getattr(args, "dtype", None), environ),
         memory_budget=_budget(getattr(args, "memory_budget", None), environ),
         lang=_language(getattr(args, "lang", None), environ),
-        data_dir=data_dir(environ),
+        data_dir=home,
         streams=_streams(environ),
         debug=environ.get("MIXCHAT_DEBUG", "").strip() not in ("", "0"),
         server=_server(environ),
@@ -94,6 +97,9 @@ def read_settings(args: Any = None, environ: Mapping[str, str] | None = None) ->
         offload=_offload(environ),
         parallel=(environ.get("MIXCHAT_PARALLEL") or Settings.parallel).strip().lower(),
         hf_offline=environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"),
+        # `tune --adapter-path` is where its output goes, not an adapter to load
+        adapter_path=None if getattr(args, "command", None) == "tune"
+        else getattr(args, "adapter_path", None) or None,
         rank_variables={k: v for k, v in environ.items() if k.startswith("MIXCHAT_")},
     )
 
@@ -127,6 +133,15 @@ def _offload(environ: Mapping[str, str]) -> OffloadOptions | None:
     if page_cache := environ.get("MIXCHAT_OFFLOAD_PAGE_CACHE"):
         options.bypass_page_cache = page_cache.strip() in ("0", "no")
     return options
+
+
+def _model(given: str | None, home: Path) -> str | None:
+    """The model as given, or the path of the quantized directory `mixchat models` lists under
+    that name (so every listed name works as --model everywhere, the server included)."""
+    if given and not Path(given).expanduser().exists():
+        if known := registry.known_by_name(given, home):
+            return str(known)
+    return given
 
 
 def _server(environ: Mapping[str, str]) -> str | None:

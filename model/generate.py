@@ -46,6 +46,18 @@ def agree_stop(group, stop: bool) -> bool:
     return bool(total.item())
 
 
+def over_context(engine: Engine, prompt_tokens: int) -> str:
+    """The one line for a prompt the engine's context cannot take, naming whose limit it is:
+    the model's, or the shorter one this run set (--max-context, or what the budget leaves)."""
+    context, model_context = engine.context_length, engine.model.args.context_length
+    if context >= model_context:
+        limit = f"the model's {context:,}-token context"
+    else:
+        limit = (f"the {context:,}-token context of this run (set by --max-context or the "
+                 f"memory budget; the model's is {model_context:,})")  # fmt: skip
+    return f"the prompt is {prompt_tokens:,} tokens, over {limit}"
+
+
 class Engine:
     def __init__(self, model: Model, tokenizer, name: str = "model", info=None, *,
                  group=None, peers=None):  # fmt: skip
@@ -60,11 +72,13 @@ class Engine:
         self.context_length = memory.context if memory is not None else model.args.context_length
         self.kv_bits = memory.plan.kv_bits if memory is not None else None
         self.memory_notice = memory.notice if memory is not None else ""  # one line, or ""
+        self.adapter_path: str | None = None  # the LoRA adapter applied (set_adapter), or None
         # Called after each generated token with int counts [num_layers, num_experts].
         self.routing_observer: Callable[[np.ndarray], None] | None = None
         # Counts [num_layers, num_experts] over the last reply's generated tokens (MoE only).
         self.last_routing: np.ndarray | None = None
         self._routing_steps: list[mx.array] = []
+        self._observed_by: Callable[[np.ndarray], None] | None = None
         self._cancel = threading.Event()
         self._chunk_override: int | None = None  # tests: prompt tokens per attention pass
         self._cache: list | None = None
@@ -96,8 +110,23 @@ class Engine:
         compute_bytes = built.model.norm.weight.dtype.size
         info = model_info(loaded.checkpoint, name, compute_bytes)
         if split is None:
-            return cls(built, loaded.tokenizer, name, info)
-        return cls(built, loaded.tokenizer, name, info, group=split.group, peers=split.leader())
+            engine = cls(built, loaded.tokenizer, name, info)
+        else:
+            engine = cls(built, loaded.tokenizer, name, info, group=split.group,
+                         peers=split.leader())  # fmt: skip
+        engine.adapter_path = loaded.adapter_path
+        return engine
+
+    def set_adapter(self, path: str | None) -> None:
+        """Apply the LoRA adapter in `path` instead of the current one (None: none), and
+        forget the KV cache (computed with the old weights). A MixchatError (one line) for an
+        adapter that does not fit leaves the model without one."""
+        from .tune.lora import set_adapter
+
+        self.reset()
+        self.adapter_path = None
+        set_adapter(self.model, path)
+        self.adapter_path = None if path is None else str(path)
 
     def cancel(self) -> None:
         """Stop the running stream at its next token, or the next stream at its first one
@@ -179,9 +208,7 @@ class Engine:
         if self.peers is not None and messages is None:
             raise MixchatError("a raw completion of a chat model does not run on several ranks")
         if len(ids) >= self.context_length:
-            raise MixchatError(
-                f"the prompt is {len(ids)} tokens, over the model's {self.context_length}-token context"
-            )
+            raise MixchatError(over_context(self, len(ids)))
         self._cancel.clear()
         if self.peers is not None:  # the other ranks run the same reply (and the same seed)
             settings = self.peers.start_stream(messages, settings)
@@ -209,6 +236,7 @@ class Engine:
         pending = ids[cached:]
         read_before = self.offload.snapshot() if self.offload else None
         total, self.last_routing, self._routing_steps = len(pending), None, []
+        self._observed_by = self.routing_observer  # an observer attached later catches up
         if self.offload is not None:
             # Experts stream from disk: run the prompt layer by layer over whole windows, so
             # each expert is read once per layer for the window, not once per chunk.
@@ -264,8 +292,12 @@ class Engine:
                 stats.prompt_tps = stats.prompt_tokens / (first_token_time - start)
             if routing is not None:
                 self._routing_steps.append(mx.concatenate([r.reshape(1, -1) for r in routing]))
-                if self.routing_observer is not None:
-                    self.routing_observer(self._count_experts(routing))
+                if (observer := self.routing_observer) is not None:
+                    if observer is not self._observed_by:  # attached mid-reply: catch up first
+                        self._observed_by = observer
+                        for step in self._routing_steps[:-1]:
+                            observer(self._count_step(step))
+                    observer(self._count_experts(routing))
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -356,6 +388,14 @@ class Engine:
         if routing is not None:
             routing = [r[:, -1] for r in routing]  # the position that produced the token
         return sampler(logprobs), routing
+
+    def _count_step(self, step: mx.array) -> np.ndarray:
+        """[layers, experts] counts of one kept step ([layers, k] expert ids)."""
+        experts = np.array(step)
+        counts = np.zeros((experts.shape[0], self.model.args.num_local_experts), dtype=np.int64)
+        for layer in range(experts.shape[0]):
+            np.add.at(counts[layer], experts[layer], 1)
+        return counts
 
     def _count_experts(self, routing: list[mx.array]) -> np.ndarray:
         counts = np.zeros((len(routing), self.model.args.num_local_experts), dtype=np.int64)

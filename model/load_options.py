@@ -20,6 +20,8 @@ class LoadOptions:
     kv_bits: int | None = None  # 8 or 4: a quantized KV cache
     streams: int | None = None  # CPU streams matrix products are split across; None: per core
     offload: OffloadOptions | None = None  # expert streaming's knobs; None: their defaults
+    # a LoRA adapter directory (mixchat tune's or mlx_lm.lora's) applied once loaded; None: none
+    adapter_path: str | None = None
 
     def but(self, **changes) -> LoadOptions:
         """These options with `changes` (LoadOptions' field names; a TypeError for others)."""

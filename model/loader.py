@@ -20,13 +20,14 @@ class Loaded:
     tokenizer: Any  # model.tokenizer.Tokenizer
     checkpoint: Checkpoint
     path: Path  # where the checkpoint was found
+    adapter_path: str | None = None  # the LoRA adapter applied, if any
 
 
 def load_checkpoint(spec: str | Path | None, options: LoadOptions, *, lazy: bool = False,
                     split=None) -> Loaded:  # fmt: skip
     """Load `spec` (a HF or MLX-quantized directory, a GGUF file, a repo id already in the local
     Hugging Face cache, or None: the embedded default model; never downloads) as `options`
-    say. `split` (model.distributed.RankSplit, from the app): this rank's part of a model
+    say (with `options.adapter_path`: that LoRA adapter applied). `split` (model.distributed.RankSplit, from the app): this rank's part of a model
     split over several ranks; None loads it whole. `lazy`: weights are read when first used."""
     path = resolve(None if spec is None else str(spec))
     checkpoint = locate(path)
@@ -44,7 +45,11 @@ def load_checkpoint(spec: str | Path | None, options: LoadOptions, *, lazy: bool
     model = build_model(checkpoint, dtype=options.dtype, lazy=lazy, memory=memory,
                         streams=options.streams, split=split,
                         offload_options=options.offload)  # fmt: skip
-    return Loaded(model, tokenizer, checkpoint, path)
+    if options.adapter_path:
+        from .tune.lora import load_adapter
+
+        load_adapter(model, options.adapter_path)
+    return Loaded(model, tokenizer, checkpoint, path, options.adapter_path or None)
 
 
 def load(path_or_repo_id: str | Path | None = None, options: LoadOptions | None = None, *,

@@ -334,14 +334,8 @@ def decide(checkpoint, compute_bytes: int, requested: int | str | None = None,
     full_context = min(max_context or args.context_length, args.context_length)
     plan = memory_plan(checkpoint, compute_bytes, full_context, kv_bits)
     if requested == "none":
-        notice = ""
-        room = _room()
-        if plan.full_bytes > room:
-            notice = (
-                f"warning: {name} needs {format_bytes(plan.full_bytes)} and this machine has "
-                f"{format_bytes(room)} to spare: expect swapping (drop --memory-budget none to "
-                "stream experts instead)"
-            )
+        warning = none_warning(plan, name)
+        notice = f"warning: {warning}" if warning else ""
         return MemoryDecision(plan, None, False, full_context, notice)
     if requested is None:
         room = _room()
@@ -380,6 +374,19 @@ def decide(checkpoint, compute_bytes: int, requested: int | str | None = None,
             f"{shortened})"
         )
     return MemoryDecision(plan, budget, offload, context, notice)
+
+
+def none_warning(plan: MemoryPlan, name: str) -> str:
+    """What `--memory-budget none` (everything in memory) risks: "" when `plan` fits this
+    machine's memory, else one line (after "warning: " for `ask`, `chat`; in `info`'s rows)."""
+    room = _room()
+    if plan.full_bytes <= room:
+        return ""
+    return (
+        f"{name} needs {format_bytes(plan.full_bytes)} and this machine has "
+        f"{format_bytes(room)} to spare: expect swapping (drop --memory-budget none to "
+        "stream experts instead)"
+    )
 
 
 def _room() -> int:

@@ -29,6 +29,7 @@ from .memory_plan import (
     auto_budget,
     estimate_plan,
     memory_plan,
+    none_warning,
     with_context,
 )
 from .sizes import format_bytes, format_significant, size_arg
@@ -117,7 +118,7 @@ def expert_regions(checkpoint) -> list[tuple]:
 
 @dataclass
 class FitReport:
-    budget: int
+    budget: int | None  # None: --memory-budget none (everything in memory, however much)
     budget_source: str  # "--memory-budget" or how auto chose it
     plan: MemoryPlan
     prediction: Prediction
@@ -125,16 +126,23 @@ class FitReport:
     disk_bandwidth: Bandwidth | None  # None: not measured (nothing is read from disk)
     timing: DecodeTiming
     options: list[dict]  # {"option": str, "detail": str, "prediction": dict}
+    warning: str = ""  # --memory-budget none that will not fit: the warning `ask` gives
+
+    @property
+    def fits(self) -> bool:
+        """Everything in memory: within the budget, or (none) within what this machine has."""
+        return self.prediction.fits and not self.warning
 
     def as_dict(self) -> dict:
         return {
             "budget": self.budget,
             "budget_source": self.budget_source,
-            "fits": self.prediction.fits,
+            "fits": self.fits,
             "feasible": self.prediction.feasible,
             "needs_bytes": self.plan.full_bytes,
             "minimum_budget": self.plan.minimum_budget if self.plan.offloadable else None,
-            "cache_bytes": self.plan.cache_bytes(self.budget),
+            "cache_bytes": None if self.budget is None else self.plan.cache_bytes(self.budget),
+            "warning": self.warning or None,
             "context": self.plan.context,
             "plan": self.plan.as_dict(),
             "prediction": self.prediction.as_dict(),
@@ -151,13 +159,16 @@ class FitReport:
 
     def rows(self) -> list[tuple[str, str]]:
         plan, p = self.plan, self.prediction
-        rows = [("memory budget", f"{format_bytes(self.budget)} ({self.budget_source})")]
+        budget = "none" if self.budget is None else format_bytes(self.budget)
+        rows = [("memory budget", f"{budget} ({self.budget_source})")]
         parts = (
             f"weights {format_bytes(plan.resident_bytes + plan.total_expert_bytes)} + KV cache "
             f"{format_bytes(plan.kv_bytes)} for {plan.context:,} tokens + activations "
             f"{format_bytes(plan.full_activation_bytes)}"
         )
-        if p.fits:
+        if self.warning:
+            rows.append(("fits", f"no: {self.warning}"))
+        elif p.fits:
             rows.append(("fits", f"yes: {format_bytes(plan.full_bytes)} in memory ({parts})"))
         elif p.feasible:
             rows.append((
@@ -229,10 +240,13 @@ def fit_report(checkpoint, compute_dtype, budget: int | str | None = None,
     args = checkpoint.args
     plan = memory_plan(checkpoint, compute_bytes, context, kv_bits)
     auto, auto_why = auto_budget()
+    if budget == "none":  # everything in memory, fitting or not (`ask` warns when not)
+        warning = none_warning(plan, checkpoint.path.name)
+        return _whole(checkpoint, plan, compute_dtype, streams, measurements, remeasure, warning)
     if budget is None or budget == "auto":
         budget, source = auto, f"auto: {auto_why}"
     else:
-        source = "--memory-budget"
+        budget, source = int(budget), "--memory-budget"
     if context is None and budget < plan.full_bytes:
         from .memory_plan import default_context
 
@@ -307,6 +321,18 @@ def fit_report(checkpoint, compute_dtype, budget: int | str | None = None,
             add(f"--kv-bits 8 (context {plan.context:,})", p8, budget,
                 "keys and values in 8 bits; ")  # fmt: skip
     return FitReport(budget, source, plan, prediction, memory_bw, disk_bw, timing, options)
+
+
+def _whole(checkpoint, plan: MemoryPlan, compute_dtype, streams: int,
+           measurements: MeasurementCache, remeasure: bool, warning: str) -> FitReport:  # fmt: skip
+    """The report for --memory-budget none: everything resident, nothing read from disk."""
+    memory_bw = memory_bandwidth(measurements, remeasure)
+    bits, group = _quant(checkpoint)
+    timing = decode_timing(checkpoint.args, bits, group, compute_dtype, streams, False,
+                           measurements, remeasure)  # fmt: skip
+    prediction = predict(plan, None, timing, None, memory_bw.bytes_per_second)
+    source = "everything in memory, however much it needs"
+    return FitReport(None, source, plan, prediction, memory_bw, None, timing, [], warning)
 
 
 def _with_experts(plan: MemoryPlan, est: MemoryPlan) -> MemoryPlan:

@@ -39,13 +39,17 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve(spec: str | None) -> Path:
-    """A model argument -> a path: None/'default', a local path, or a repo id in the HF cache."""
+def resolve(spec: str | None, home: Path | None = None) -> Path:
+    """A model argument -> a path: None/'default', a local path, a name `mixchat models` lists
+    for a quantized directory (known in `home`, the data directory), or a repo id in the HF
+    cache."""
     if spec in (None, "", "default", DEFAULT_MODEL):
         return default_model_path()
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    if known := known_by_name(spec, home):
+        return known
     if REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
         if cached := hf_cache_path(spec):
             return cached
@@ -84,6 +88,18 @@ def known_models(home: Path) -> list[Path]:
     except (OSError, ValueError):
         return []
     return [Path(p) for p in paths if isinstance(p, str) and Path(p).exists()]
+
+
+def known_by_name(name: str, home: Path | None = None) -> Path | None:
+    """The quantized directory `mixchat models` lists as `name` (its directory name), or None;
+    a MixchatError when several have that name. None without a data directory."""
+    if home is None:
+        return None
+    found = [p for p in known_models(home) if p.name == name]
+    if len(found) > 1:
+        paths = ", ".join(str(p) for p in found)
+        raise MixchatError(f"'{name}' names {len(found)} quantized models ({paths}): give the path")
+    return found[0] if found else None
 
 
 @dataclass

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("repo_id", help="e.g. mistralai/Mixtral-8x7B-Instruct-v0.1")
     d.add_argument("--revision", help="branch, tag or commit (default: main)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
     d.set_defaults(func=run_download)
 
     q = subparsers.add_parser(
@@ -40,9 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="quantize a checkpoint to MLX's group-wise format (loads in mixchat and mlx-lm)",
         description="Quantize SRC (a Hugging Face directory, a repo id in the local HF cache, or "
         "Mistral's params.json + consolidated*.safetensors) into DST, streaming one tensor at a "
-        "time. Work goes to DST.partial; re-running the same command resumes it.",
+        "time. Work goes to DST.partial; re-running the same command resumes it. A .gguf SRC is "
+        "converted into an MLX directory as mixchat loads it (its own quantization and "
+        "tokenizer kept, the same replies; --bits and the other quantization options do not "
+        "apply).",
     )
-    q.add_argument("src", help="model directory or cached repo id")
+    q.add_argument("src", help="model directory, cached repo id or .gguf file")
     q.add_argument("dst", help="output directory")
     q.add_argument("--bits", type=int, choices=BITS, default=4, help="bits per weight (default 4)")
     q.add_argument(
@@ -73,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--force", action="store_true", help="replace DST if it exists")
     q.add_argument("--no-eval", action="store_true", help="skip the quality report")
-    q.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    q.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
     q.set_defaults(func=run_quantize)
 
     from .compare import register as register_compare
@@ -97,7 +100,37 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_gguf(args: argparse.Namespace) -> int:
+    """`mixchat quantize MODEL.gguf DST`: the GGUF as an MLX directory (quantize/gguf_dir.py)."""
+    from model.registry import remember
+
+    from .gguf_dir import convert_gguf
+    from .progress import fmt_duration
+
+    progress = not args.quiet and sys.stderr.isatty()
+
+    def say(message: str) -> None:  # one line, rewritten
+        if progress:
+            print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+
+    result = convert_gguf(Path(args.src).expanduser(), Path(args.dst), force=args.force,
+                          max_shard_bytes=args.max_shard_size, say=say)  # fmt: skip
+    if (mixchat := getattr(args, "settings", None)) is not None:  # app/settings.py's values
+        remember(result.dst.resolve(), mixchat.data_dir)  # so `mixchat models` lists it
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)
+    if not args.quiet:
+        print(f"Wrote {result.dst} ({format_bytes(result.total_bytes)}, "
+              f"{result.bits_per_weight:.2f} bits/weight, as mixchat loads {Path(args.src).name}) "
+              f"in {fmt_duration(result.seconds)}")  # fmt: skip
+    return 0
+
+
 def run_quantize(args: argparse.Namespace) -> int:
+    from .gguf_dir import is_gguf
+
+    if is_gguf(args.src):
+        return run_gguf(args)
     from .convert import Settings, convert
     from .progress import fmt_duration, stderr_console
     from .report import format_report, quality_report, save_report

@@ -40,7 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "one expert of one layer, whatever the models' size.",
     )
     c.add_argument("reference", help="model directory, .gguf file or cached repo id")
-    c.add_argument("candidate", help="model directory, .gguf file or cached repo id")
+    c.add_argument("candidate", nargs="?",
+                   help="model directory, .gguf file or cached repo id (not with --adapter-path)")
+    c.add_argument(
+        "--adapter-path", metavar="PATH",
+        help="compare REFERENCE with the same model plus this LoRA adapter: how far the tune "
+        "moved it (both loaded whole)",
+    )  # fmt: skip
     c.add_argument("--text", metavar="FILE", help="UTF-8 text to evaluate on")
     c.add_argument(
         "--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -50,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype override"
     )
-    c.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
     c.set_defaults(func=run_compare)
 
 
@@ -93,12 +99,22 @@ def compare_models(
 def run_compare(args: argparse.Namespace) -> int:
     from .report import eval_text, format_comparison
 
+    if (args.candidate is None) == (args.adapter_path is None):
+        raise MixchatError("give two models, or one model and --adapter-path (see `mixchat "
+                           "compare --help`)")  # fmt: skip
     text = read_text(args.text) if args.text else eval_text()
+    candidate = args.candidate or f"{args.reference} + {args.adapter_path}"
     try:
-        result = compare_models(
-            args.reference, args.candidate, text, args.max_tokens, args.dtype,
-            quiet=args.quiet,
-        )  # fmt: skip
+        if args.adapter_path:
+            from .adapted import compare_adapter
+
+            result = compare_adapter(args.reference, args.adapter_path, text, args.max_tokens,
+                                     args.dtype)  # fmt: skip
+        else:
+            result = compare_models(
+                args.reference, args.candidate, text, args.max_tokens, args.dtype,
+                quiet=args.quiet,
+            )  # fmt: skip
     except KeyboardInterrupt:
         print("mixchat: compare interrupted", file=sys.stderr)
         return 130
@@ -108,7 +124,7 @@ def run_compare(args: argparse.Namespace) -> int:
     where = f"on {args.text}" if args.text else "on the built-in multilingual text"
     print(
         format_comparison(
-            f"{args.candidate} against {args.reference} {where} ({result.tokens} tokens):",
+            f"{candidate} against {args.reference} {where} ({result.tokens} tokens):",
             ("reference", "candidate"),
             result.perplexity_reference,
             result.perplexity_candidate,

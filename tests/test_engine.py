@@ -120,6 +120,24 @@ def test_routing_observer_counts_each_generated_token(engine):
     assert len(seen) == stats.generation_tokens  # no observer, no calls
 
 
+def test_an_observer_attached_mid_reply_first_gets_the_tokens_before_it(engine):
+    """F4 opened mid-reply shows the whole reply so far, not only what came after it opened."""
+    seen: list[np.ndarray] = []
+    engine.reset()
+    stream = engine.stream([{"role": "user", "content": "Hello"}],
+                           GenerationSettings(max_tokens=12, temperature=0))  # fmt: skip
+    try:
+        for i, chunk in enumerate(stream):
+            if i == 5:
+                engine.routing_observer = seen.append
+            stats = chunk.stats or None
+    finally:
+        engine.routing_observer = None
+    assert stats.generation_tokens > 6
+    assert len(seen) == stats.generation_tokens  # every token, the early ones caught up
+    assert (sum(seen) == engine.last_routing).all()
+
+
 def test_stream_from_a_worker_thread(engine):
     result = {}
 

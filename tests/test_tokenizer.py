@@ -259,6 +259,13 @@ def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:
     return [detok.add(i) for i in ids] + [detok.finish()]
 
 
+def _assert_decoded_whole(streamed: str, decoded: str) -> None:
+    """The stream is `decode`, less the U+FFFD that decode gives a last character the ids leave
+    incomplete (a reply cut mid-character ends with whole characters)."""
+    assert decoded.startswith(streamed), (streamed, decoded)
+    assert set(decoded[len(streamed) :]) <= {"\ufffd"}, (streamed, decoded)
+
+
 def _check_stream(tok: Tokenizer, ids: list[int]) -> None:
     full = tok.decode(ids)
     parts = _stream(tok, ids)
@@ -293,7 +300,8 @@ def test_sentencepiece_stream_equals_decode_on_random_ids(mistral, version):
             rng.choice([rng.randrange(tok.vocab_size), rng.choice(special), rng.choice(byte_ids)])
             for _ in range(rng.randint(0, 10))
         ]
-        assert "".join(_stream(tok, ids)) == sp.decode(ids) == tok.decode(ids)
+        assert sp.decode(ids) == tok.decode(ids)
+        _assert_decoded_whole("".join(_stream(tok, ids)), tok.decode(ids))
 
 
 def test_window_detokenizer_cost_does_not_grow():
@@ -415,7 +423,8 @@ def test_bpe_stream_equals_decode_on_random_ids(bpe, hf_gguf):
             for _ in range(rng.randint(0, 10))
         ]
         expected = hf_gguf.decode(ids, skip_special_tokens=True)
-        assert "".join(_stream(bpe, ids)) == bpe.decode(ids) == expected
+        assert bpe.decode(ids) == expected
+        _assert_decoded_whole("".join(_stream(bpe, ids)), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,3 +559,32 @@ def test_ids_past_the_vocabulary_are_ignored(mistral, bpe, hf_dirs):
         ids = [*tok.encode("Grüße 😀"), tok.vocab_size + 7, *tok.encode(" ok")]
         assert tok.decode(ids) == tok.decode(tok.encode("Grüße 😀") + tok.encode(" ok"))
         assert "".join(_stream(tok, ids)) == tok.decode(ids)
+
+
+CUT_TEXT = "emoji 👋🏽 مرحبا 你好 é"  # a reply that max tokens, a stop or a cancel cuts anywhere
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level", "window"])
+def test_a_reply_cut_mid_character_ends_with_whole_characters(mistral, bpe, hf_dirs, kind):
+    """Every tokenizer kind: cut after any token, the streamed text (its adds and finish) has no
+    U+FFFD and is the start of the whole text; some cuts do fall inside a character."""
+    tok = {"sentencepiece": mistral["v1"][0], "byte-level": bpe,
+           "window": load_tokenizer(hf_dirs["spm"])}[kind]  # fmt: skip
+    detok_kind = {"sentencepiece": "SentencePieceDetokenizer", "byte-level": "ByteDetokenizer",
+                  "window": "WindowDetokenizer"}[kind]  # fmt: skip
+    assert type(tok.detokenizer()).__name__ == detok_kind
+    ids = tok.encode(CUT_TEXT)
+    cut_inside = 0
+    for end in range(1, len(ids) + 1):
+        streamed = "".join(_stream(tok, ids[:end]))
+        assert "\ufffd" not in streamed, (end, streamed)
+        assert CUT_TEXT.startswith(streamed.lstrip()), (end, streamed)
+        cut_inside += tok.decode(ids[:end]).endswith("\ufffd")
+    assert cut_inside >= 2  # the emoji (and more) span several tokens
+    assert "".join(_stream(tok, ids)).lstrip() == CUT_TEXT
+    # the detokenizer is fresh after finish(): the next reply does not inherit held bytes
+    detok = tok.detokenizer()
+    for i in ids[:3]:
+        detok.add(i)
+    detok.finish()
+    assert "".join(detok.add(i) for i in ids).lstrip() + detok.finish() == CUT_TEXT

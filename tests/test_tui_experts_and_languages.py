@@ -73,7 +73,8 @@ async def test_context_overflow_drops_the_oldest_turns_with_a_notice(tmp_path):
         await send(pilot, app, "z" * 2000)
         assert len(engine.calls) == calls
         assert "too long for the model's context" in screen_text(app)
-        assert app.chat_screen.chat_log.message_views[-1].role == "user"
+        assert app.chat_screen.chat_log.message_views[-1].role == "assistant"  # not kept
+        assert app.chat_screen.prompt_box.text == "z" * 2000  # back in the box
 
 
 async def test_french_interface_from_the_locale(tmp_path, monkeypatch):

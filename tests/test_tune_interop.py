@@ -99,7 +99,7 @@ def test_ask_adapter_path(tiny_mixtral, tmp_path, capsys):
     ask = ["ask", "--local", "--quiet", "--model", str(tiny_mixtral), "--max-tokens", str(TOKENS)]
     assert main([*ask, "--adapter-path", str(out), PROMPT[0]["content"]]) == 0
     assert capsys.readouterr().out.strip() == mixchat_text(tiny_mixtral, out).strip()
-    assert main([*ask, "--adapter-path", str(tmp_path / "none"), "hi"]) == 1
+    assert main([*ask, "--adapter-path", str(tmp_path / "none"), "hi"]) == 2
     assert "no adapter at" in capsys.readouterr().err
 
 

@@ -1,5 +1,5 @@
 """The `mixchat` command: chat (the default), ask, models, info, download, quantize, compare,
-serve, tune. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
+serve, tune, fuse. Each command is a module with `register(commands)` (its parser) and its `cmd_*`; only the
 module of the command that runs is imported, as mlx-lm's cli.py dispatches (all of them for
 `mixchat --help`: argparse only, no MLX).
 
@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 error (one line on stderr), 2 usage, 130 interrupted.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -30,6 +31,7 @@ COMMANDS = {
     "compare": "quantize.cli",
     "serve": "app.cli.serve",
     "tune": "app.cli.tune",
+    "fuse": "quantize.fuse",
 }
 HELP = ("-h", "--help")
 
@@ -44,16 +46,36 @@ def build_parser(command: str | None = None) -> Parser:
     return parser
 
 
+def unknown_command(word: str) -> UsageError:
+    """`mixchat aks`: the valid commands, and the closest one."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.5)
+    hint = f"did you mean `mixchat {close[0]}`? " if close else ""
+    return UsageError(f"unknown command {word!r}: {hint}the commands are {', '.join(COMMANDS)} "
+                      "(see `mixchat --help`)")  # fmt: skip
+
+
+def parse(argv: list[str]):
+    """The parsed arguments; an unknown option names the help of its own command."""
+    parser = build_parser(None if argv[0] in HELP else argv[0])
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)} "
+                         f"(see `mixchat {args.command} --help`)")  # fmt: skip
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in HELP):
-        argv.insert(0, "chat")  # `mixchat` alone, or `mixchat --model M`, opens the chat app
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace")
     settings = None
     try:
-        args = build_parser(None if argv[0] in HELP else argv[0]).parse_args(argv)
+        if argv and argv[0] not in COMMANDS and argv[0] not in HELP and argv[0][:1] != "-":
+            raise unknown_command(argv[0])  # `chat` takes no word: this was meant as a command
+        if not argv or (argv[0] not in COMMANDS and argv[0] not in HELP):
+            argv.insert(0, "chat")  # `mixchat` alone, or `mixchat --model M`, opens the chat app
+        args = parse(argv)
         args.settings = settings = read_settings(args)  # the one read of the environment
         # `serve --detach` runs the same command line in the background; --hosts starts the
         # other ranks with it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import stat
 import sys
 from typing import TextIO
@@ -18,6 +19,7 @@ from model.ranks import launched
 
 from .common import (
     UsageError,
+    add_adapter_option,
     add_budget_option,
     add_hosts_option,
     add_model_option,
@@ -29,7 +31,13 @@ from .common import (
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    ask = commands.add_parser("ask", help="answer one prompt, streaming to stdout")
+    ask = commands.add_parser(
+        "ask", help="answer one prompt, streaming to stdout",
+        description="Answer PROMPT (or stdin) and stream the reply to stdout, with statistics "
+        "(prompt and decode tok/s, peak memory) on stderr, in the interface language. Greedy "
+        "unless --temp is set. Through `mixchat serve` when one runs, else in-process. Exit "
+        "codes: 0 ok, 1 error, 2 usage, 130 interrupted; every error is one line on stderr.",
+    )  # fmt: skip
     add_model_option(ask)
     ask.add_argument(
         "prompt", nargs="?",
@@ -65,13 +73,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     ask.add_argument(
         "--seed", type=int, metavar="N",
         help="random seed, 0 to 2**64-1, for reproducible sampling with --temp > 0 "
-        "(default: a new one each run)",
+        "(default: a new one each run, reported by --json; greedy decoding ignores it)",
     )  # fmt: skip
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
-    ask.add_argument("--adapter-path", metavar="PATH",
-                     help="apply a LoRA adapter (mixchat tune's or mlx_lm.lora's); in-process")  # fmt: skip
+    add_adapter_option(ask)
     add_budget_option(ask)
     add_hosts_option(ask)
     ask.set_defaults(func=cmd_ask)
@@ -139,6 +146,13 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
         generation.validate()
     except MixchatError as e:
         raise UsageError(str(e)) from None
+    if generation.temperature == 0 and generation.seed is not None:
+        print(f"mixchat: --seed {generation.seed} is ignored: without --temp the reply is greedy "
+              "(the same every run)", file=sys.stderr)  # fmt: skip
+        generation.seed = None
+    elif generation.temperature > 0 and generation.seed is None:
+        generation.seed = secrets.randbits(32)  # chosen here, so --json can report it
+    args.seed_used = generation.seed  # None: greedy
     return generation
 
 
@@ -148,7 +162,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.raw and (args.system or args.safe):
         raise UsageError("--system and --safe need a chat template; a raw completion has none")
     messages = ask_messages(prompt, args.system, args.safe)
-    if not (args.local or args.raw or args.hosts or args.adapter_path):  # `mixchat serve` answers
+    if not (args.local or args.raw or args.hosts):  # `mixchat serve` answers (adapter included)
         from .ask_server import ask_server
 
         if (code := ask_server(args, messages, generation)) is not None:
@@ -170,10 +184,6 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
     from model import Engine  # MLX and the model code: only now
 
     engine = Engine.load(settings.model, settings.load_options, split=rank_split(settings))
-    if args.adapter_path:
-        from model.tune.lora import load_adapter
-
-        load_adapter(engine.model, args.adapter_path)
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line

@@ -7,16 +7,30 @@ import argparse
 from app.settings import LANGUAGES, Settings
 from model.ranks import launched
 
-from .common import add_budget_option, add_hosts_option, add_model_option, join_hosts
+from .common import (
+    add_adapter_option,
+    add_budget_option,
+    add_hosts_option,
+    add_model_option,
+    join_hosts,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    chat = commands.add_parser("chat", help="open the chat app (the default)")
+    chat = commands.add_parser(
+        "chat", help="open the chat app (the default)",
+        description="Open the chat app (what `mixchat` alone does): conversations kept in the "
+        "data directory, the reply streamed with its statistics, settings per chat, help (F1), "
+        "model info (F3) and expert activity (F4), in English or French. The model loads in-process, "
+        "or is used through `mixchat serve` when one runs. Under --memory-budget (or when the "
+        "model does not fit) experts are read from disk as the router picks them.",
+    )  # fmt: skip
     add_model_option(chat)
     chat.add_argument(
         "--lang", help=f"interface language ({', '.join(LANGUAGES)}); default from LC_ALL or LANG"
     )
     add_budget_option(chat)
+    add_adapter_option(chat)
     add_hosts_option(chat)
     chat.add_argument("--local", action="store_true",
                       help="load the model in-process, not via `mixchat serve`")  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from collections.abc import Iterable
 from typing import Any
 
@@ -97,6 +98,21 @@ def add_budget_option(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter-path", metavar="PATH", type=adapter_dir,
+                        help="apply a LoRA adapter: a directory with adapters.safetensors and "
+                        "adapter_config.json (mixchat tune's or mlx_lm.lora's)")  # fmt: skip
+
+
+def adapter_dir(text: str) -> str:
+    """argparse type of --adapter-path: an existing directory, made absolute (a server, whose
+    working directory is another, may load it)."""
+    path = Path(text).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"no adapter at {text} (no adapter_config.json there)")
+    return str(path.resolve())
+
+
 def add_hosts_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts", metavar="HOSTFILE", help="run over several Macs: this one is "
                         "rank 0 and starts the others of this mlx.launch hostfile (README)")
@@ -163,11 +179,14 @@ EXPERT_FIGURES = ("expert_hit_rate", "bytes_read_per_token", "prompt_bytes_read_
                   "load_seconds", "compute_seconds")  # fmt: skip
 
 
-def answer_json(text: str, model: str | None, stats: GenerationStats) -> dict[str, Any]:
+def answer_json(text: str, model: str | None, stats: GenerationStats,
+                seed: int | None = None) -> dict[str, Any]:  # fmt: skip
     """`ask --json`'s object, the same in-process and through a server: the text, the figures
-    (GenerationStats' names), the model."""
+    (GenerationStats' names), the model, the seed the reply was sampled with (None: greedy;
+    `--seed` it to sample the same reply again)."""
     return ({"text": text} | {name: getattr(stats, name) for name in ANSWER_FIGURES}
-            | {"model": model} | {name: getattr(stats, name) for name in EXPERT_FIGURES})  # fmt: skip
+            | {"model": model, "seed": seed}
+            | {name: getattr(stats, name) for name in EXPERT_FIGURES})  # fmt: skip
 
 
 def print_reply(pieces: Iterable[str], args: argparse.Namespace) -> str:
@@ -186,7 +205,8 @@ def print_end(text: str, model: str | None, stats: GenerationStats,
     """After the reply: the JSON object (--json), else a newline and the statistics on stderr
     (not with --quiet)."""
     if args.json:
-        print(json.dumps(answer_json(text, model, stats), ensure_ascii=False))
+        seed = getattr(args, "seed_used", None)
+        print(json.dumps(answer_json(text, model, stats, seed), ensure_ascii=False))
         return 0
     sys.stdout.write("\n")
     sys.stdout.flush()

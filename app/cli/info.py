@@ -11,10 +11,33 @@ from model.sizes import format_bytes, format_count
 from .common import add_budget_option
 
 
+class ModelArgument(argparse.Action):
+    """MODEL given as the positional or as --model/-m (as every other command takes it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values is None:  # the positional, absent
+            return
+        if getattr(namespace, self.dest, None) not in (None, values):
+            raise argparse.ArgumentError(self, "give the model once: MODEL or --model")
+        setattr(namespace, self.dest, values)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
-    info = commands.add_parser("info", help="describe a model without loading it")
-    info.add_argument("model", nargs="?", help="path, cached repo id, or omit for the default")
-    info.add_argument("--json", action="store_true")
+    info = commands.add_parser(
+        "info", help="describe a model without loading it",
+        description="Describe MODEL without loading it: architecture, experts, parameters, "
+        "quantization, size on disk and in memory, context; then whether it fits this machine "
+        "under --memory-budget (the default: everything in memory when it fits, else the "
+        "automatic budget; none: everything in memory, with a warning when it will not fit), the "
+        "decode speed predicted from this machine's measurements, and options that would fit.",
+    )  # fmt: skip
+    info.add_argument("model", nargs="?", action=ModelArgument, metavar="MODEL",
+                      help="model directory, .gguf file, cached repo id or a name `mixchat "
+                      "models` lists (default: the embedded model); also --model/-m")  # fmt: skip
+    info.add_argument("--model", "-m", action=ModelArgument, dest="model", metavar="MODEL",
+                      help="the same as MODEL, as the other commands take it")  # fmt: skip
+    info.add_argument("--json", action="store_true",
+                      help="print one JSON object (the figures and the memory plan) instead")
     info.add_argument("--dtype", choices=DTYPES, help="compute dtype override")
     info.add_argument("--remeasure", action="store_true",
                       help="measure this machine's disk, memory and kernel speed again "
@@ -31,10 +54,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from model.machine import CACHE_FILE, MeasurementCache
     from model.predict import fit_report
 
-    path = registry.resolve(args.model)
+    settings: Settings = args.settings
+    path = registry.resolve(settings.model)  # a listed name is already its path (settings)
     checkpoint = weights.locate(path)
     name = registry.DEFAULT_MODEL if args.model is None else args.model
-    settings: Settings = args.settings
     dtype = weights.compute_dtype(checkpoint, settings.dtype)
     info = model_info(checkpoint, name, dtype.size)
     fit = fit_report(
@@ -68,8 +91,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("size on disk", format_bytes(info.size_bytes)),
         ("memory to run", f"{format_bytes(info.memory_bytes)} weights + "
                           f"{format_bytes(info.kv_bytes_per_token * 1024)} KV cache per 1K tokens"),
-        ("context", f"{info.context_length} tokens"
-                    + (f", sliding window {info.sliding_window}" if info.sliding_window else "")),
+        ("context", f"{info.context_length:,} tokens"
+                    + (f", sliding window {info.sliding_window:,}" if info.sliding_window else "")),
     ]
     rows += fit.rows() + (hosts[0] if hosts else [])
     for key, value in rows:

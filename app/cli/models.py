@@ -8,7 +8,8 @@ import json
 
 def register(commands: argparse._SubParsersAction) -> None:
     models = commands.add_parser("models", help="list the models mixchat can find")
-    models.add_argument("--json", action="store_true")
+    models.add_argument("--json", action="store_true",
+                        help="print one JSON list of {name, source, path} instead")
     models.set_defaults(func=cmd_models)
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from model.generation.limit import DEFAULT_BATCH
 
-from .common import UsageError, add_budget_option, add_model_option, positive, size
+from .common import (
+    UsageError,
+    add_adapter_option,
+    add_budget_option,
+    add_model_option,
+    positive,
+    size,
+)
 
 DEFAULT_PORT = 8741
 
@@ -42,6 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     add_budget_option(serve)
+    add_adapter_option(serve)  # the model it starts with; a request's `adapters` overrides it
     serve.add_argument(
         "--keep-alive", type=duration, default=300.0, metavar="DURATION",
         help="unload the model after this long idle (default 5m; 0: after each request; "

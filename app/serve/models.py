@@ -46,6 +46,8 @@ class ModelManager:
         self.cache_bytes, self.cache_slots = prompt_cache_bytes, prompt_cache_slots
         self._names: dict[str, str] = {}  # model name or spec -> key
         self._name_of: dict[str, str] = {}  # key -> display name
+        self._parts: dict[str, tuple[str, str]] = {}  # key with an adapter -> (model, adapter)
+        self.adapter = self.load_options.adapter_path  # --adapter-path: the start model's
         self.start_key: str | None = None
         self.start_key = self.resolve(model)  # fails now, before serving, for a bad --model
         self.engine: Engine | None = None
@@ -62,7 +64,29 @@ class ModelManager:
         if spec:
             self._names[spec] = key
 
-    def resolve(self, spec: str | None) -> str:
+    def resolve(self, spec: str | None, adapter: str | None = None) -> str:
+        """A request's `model` and `adapters` -> the key of that model with that adapter
+        (None: the server's --adapter-path on the model it started with; "": none); ApiError
+        404 for a model or adapter not there. Thread-safe; reads no weights."""
+        base = self.parts(self.resolve_model(spec))[0]
+        if adapter is None:
+            adapter = self.adapter if base == self.start_key else None
+        if not adapter:
+            return base
+        path = Path(adapter).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise ApiError(404, f"no adapter at {adapter} (no adapter_config.json there)",
+                           code="adapter_not_found", param="adapters")  # fmt: skip
+        key = f"{base}\n{path.resolve()}"  # a newline: in no path a client names
+        self._parts[key] = (base, str(path.resolve()))
+        self._name_of.setdefault(key, self.name(base))
+        return key
+
+    def parts(self, key: str) -> tuple[str, str | None]:
+        """A key -> (the model's key, its adapter or None)."""
+        return self._parts.get(key, (key, None))
+
+    def resolve_model(self, spec: str | None) -> str:
         """A request's `model` -> the key (resolved path) of a loadable checkpoint; ApiError 404
         for anything else. None, "" or "default": the model loaded now, else the one given at
         start (a client that names none never makes the server swap models). Thread-safe;
@@ -86,8 +110,8 @@ class ModelManager:
         """The model's name in answers: as Engine.load names `spec` (what the request asked
         for), or the name the model was first known by."""
         if spec not in (None, "", "default"):
-            return display_name(spec, Path(key))
-        return self._name_of.get(key, Path(key).name)
+            return display_name(spec, Path(self.parts(key)[0]))
+        return self._name_of.get(key, Path(self.parts(key)[0]).name)
 
     def listed(self) -> list[str]:
         """Names for /v1/models: the model given at start, then the loaded one."""
@@ -102,10 +126,16 @@ class ModelManager:
         self.last_used = time.monotonic()
         if self.key == key and self.engine is not None:
             return self.engine
+        base, adapter = self.parts(key)
+        if self.engine is not None and self.key is not None and self.parts(self.key)[0] == base:
+            self.key = base  # the same model: only its adapter changes (the KV caches are
+            self.engine.set_adapter(adapter)  # kept per key, adapter included)
+            self.key = key
+            return self.engine
         self.replaced = self.name(self.key) if self.engine is not None and self.key else None
         self.unload()
         print(f"mixchat serve: loading {self.name(key)}", file=sys.stderr)
-        engine = Engine.load(key, self.load_options)
+        engine = Engine.load(base, self.load_options.but(adapter_path=adapter))
         if engine.memory_notice:
             print(f"mixchat serve: {engine.memory_notice}", file=sys.stderr)
         engine.name = self.name(key)

@@ -44,6 +44,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    # mlx-lm's `adapters`: a LoRA adapter directory for this request ("": none); None: the
+    # server's --adapter-path (for the model it started with)
+    adapter: str | None = None
 
 
 def parse_json(data: bytes) -> dict:
@@ -76,9 +79,11 @@ def parse_tokenize(body: dict) -> GenerationRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", "'model' must be a string")
+    adapter = adapter_field(body)
     messages = body.get("messages")
     if messages is None:
-        return GenerationRequest("load", model=model, settings=GenerationSettings())
+        return GenerationRequest("load", model=model, settings=GenerationSettings(),
+                                 adapter=adapter)  # fmt: skip
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
     clean = []
@@ -86,7 +91,8 @@ def parse_tokenize(body: dict) -> GenerationRequest:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise bad("messages", f"messages[{i}] needs a role among {', '.join(ROLES)}")
         clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
-    return GenerationRequest("load", model=model, settings=GenerationSettings(), messages=clean)
+    return GenerationRequest("load", model=model, settings=GenerationSettings(), messages=clean,
+                             adapter=adapter)  # fmt: skip
 
 
 def parse_completion(body: dict) -> GenerationRequest:
@@ -154,7 +160,16 @@ def common(body: dict) -> dict:
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise bad("stream_options", "'stream_options' must be {\"include_usage\": bool}")
     return dict(model=model, settings=settings, stop=stop, stream=stream,
-                include_usage=bool(options.get("include_usage")))  # fmt: skip
+                include_usage=bool(options.get("include_usage")),
+                adapter=adapter_field(body))  # fmt: skip
+
+
+def adapter_field(body: dict) -> str | None:
+    """mlx-lm's per-request `adapters`: a path (on the server's machine), "" for none."""
+    adapter = body.get("adapters")
+    if adapter is not None and not isinstance(adapter, str):
+        raise bad("adapters", "'adapters' must be the path of an adapter directory")
+    return adapter
 
 
 def number(body: dict, name: str, kind: type, default=None):

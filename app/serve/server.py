@@ -70,7 +70,7 @@ def build_app(
     async def generate(request: Request, parse) -> Response:
         check_key(request)
         gen: GenerationRequest = parse(await read_body(request))
-        key = await run_in_threadpool(models.resolve, gen.model)
+        key = await run_in_threadpool(models.resolve, gen.model, gen.adapter)
         job = Job(gen, key, asyncio.get_running_loop())
         scheduler.submit(job)
         gone = asyncio.ensure_future(disconnected(request))
@@ -167,7 +167,7 @@ def build_app(
         with). The tokenizer runs here, off the worker thread: it uses no MLX."""
         check_key(request)
         gen = parse_tokenize(await read_body(request))
-        key = await run_in_threadpool(models.resolve, gen.model)
+        key = await run_in_threadpool(models.resolve, gen.model, gen.adapter)
         engine = models.engine if models.key == key else None
         if engine is None:
             job = Job(gen, key, asyncio.get_running_loop())

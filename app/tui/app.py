@@ -96,6 +96,14 @@ class MixchatApp(App[int]):
         self._engine = engine
         await self.chat_screen.engine_ready(engine, announce=True)
 
+    def reload_engine(self) -> Engine:
+        """Build the engine again, as at start-up (from a worker thread: the chat screen's, after
+        its server went away): that server if it answers again, else the model in-process."""
+        if self._engine_loader is None:
+            raise RuntimeError("this app was given its engine: there is none to load again")
+        self._engine = self._engine_loader()
+        return self._engine
+
     async def _engine_failed(self, detail: str) -> None:
         self.load_error = detail
         await self.chat_screen.engine_failed(detail)
@@ -177,7 +185,8 @@ def _load_engine(
     the loading thread), this rank's part when the ranks were joined at start-up."""
     from app.remote_engine import connect
 
-    if (remote := connect(server, model, api_key)) is not None:
+    adapter = options.adapter_path if options is not None else None
+    if (remote := connect(server, model, api_key, adapter)) is not None:
         return remote
     from model.distributed import rank_split
     from model.generate import Engine as ModelEngine

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from textual import work
 from textual.widgets import TextArea
 
 from app.i18n import Strings
@@ -144,9 +145,21 @@ class ConversationActions:
             self.notify(self.strings("notify.copied_osc52"), severity="warning", timeout=8)
 
     def action_settings(self) -> None:
+        engine = self.reply_flow.engine
+        screen = SettingsScreen(self.settings, self.strings,
+                                getattr(engine, "adapter_path", None) or "")  # fmt: skip
+
         def apply(result: ChatSettings | None) -> None:
             if result is None:
                 return
+            if engine is not None and screen.adapter_path != (
+                getattr(engine, "adapter_path", None) or ""
+            ):
+                if self.reply_flow.busy:  # the model is in use: not changed under the reply
+                    self.notify(self.strings("notify.adapter_failed", error="a reply is running"),
+                                severity="warning")  # fmt: skip
+                else:
+                    self.change_adapter(engine, screen.adapter_path or None)
             if self.conversation is not None:
                 self.store.update_settings(self.conversation.id, result)
                 self.conversation = replace(self.conversation, settings=result)
@@ -154,7 +167,20 @@ class ConversationActions:
                 self.draft_settings = result
             self.notify(self.strings("notify.settings_saved"))
 
-        self.app.push_screen(SettingsScreen(self.settings, self.strings), apply)
+        self.app.push_screen(screen, apply)
+
+    @work(thread=True, exclusive=True, group="adapter")
+    def change_adapter(self, engine, path: str | None) -> None:
+        """Apply the adapter in `path` (None: remove it) in a thread, then say so."""
+        t = self.strings
+        try:
+            engine.set_adapter(path)
+        except Exception as error:  # one line for the user
+            message, severity = t("notify.adapter_failed", error=str(error)), "error"
+        else:
+            message = t("notify.adapter_applied", path=path) if path else t("notify.adapter_removed")
+            severity = "information"
+        self.app.call_from_thread(self.notify, message, severity=severity)
 
     def action_rename_chat(self) -> None:
         t = self.strings

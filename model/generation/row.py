@@ -10,7 +10,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..errors import MixchatError
-from ..generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, GenerationStats
+from ..generate import CANCEL_WITHIN, FIRST_PROMPT_CHUNK, Engine, GenerationStats, over_context
 from ..generation_settings import GenerationSettings
 from ..memory_plan import prefill_chunk
 from ..mlx_lm_parts import trim_prompt_cache
@@ -30,8 +30,7 @@ class Row:
                  stop: list[str], nearest: NearestCache | None = None):  # fmt: skip
         settings.validate()
         if len(ids) >= engine.context_length:
-            raise MixchatError(f"the prompt is {len(ids)} tokens, over the model's "
-                               f"{engine.context_length}-token context")  # fmt: skip
+            raise MixchatError(over_context(engine, len(ids)))
         self.engine, self.ids = engine, ids
         cache, cached = reusable_cache(*nearest(ids), ids) if nearest else (None, 0)
         self.cache = cache if cache is not None else engine.model.make_cache()

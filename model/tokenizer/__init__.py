@@ -3,7 +3,8 @@
     tok = load_tokenizer("/path/to/model_dir")        # or load_tokenizer(gguf_metadata_dict)
     ids = tok.encode_chat([{"role": "user", "content": "Bonjour"}])
     detok = tok.detokenizer()
-    text = "".join(detok.add(t) for t in reply_ids) + detok.finish()   # == tok.decode(reply_ids)
+    text = "".join(detok.add(t) for t in reply_ids) + detok.finish()
+    # == tok.decode(reply_ids), less a last character the ids leave incomplete (U+FFFD there)
 
 base.py: the interfaces; sentencepiece.py: SentencePiece and Mistral's chat formats (token for
 token as mistral-common); gguf_vocab.py: vocabularies rebuilt from GGUF metadata; hf.py:

@@ -13,8 +13,10 @@ class StreamingDetokenizer:
     """Turns generated token ids into text one token at a time.
 
     `add` returns the text that became final with this token (possibly ""), never a partial
-    multi-byte character; `finish` returns whatever was held back. The concatenation of every
-    `add` output and `finish` equals `Tokenizer.decode(all_ids)`.
+    multi-byte character; `finish` returns whatever was held back, whole characters only (the
+    reply may end mid-character: max tokens, a stop, a cancel). The concatenation of every `add`
+    output and `finish` equals `Tokenizer.decode(all_ids)`, less the U+FFFD that decode gives an
+    incomplete last character.
     """
 
     def add(self, token_id: int) -> str:

@@ -1,7 +1,9 @@
 """Streaming detokenizers: generated ids to text one token at a time, never a broken character.
 
 `SentencePieceDetokenizer` streams SentencePiece's decode exactly, `ByteDetokenizer` byte-level
-BPE, `WindowDetokenizer` any `decode` function.
+BPE, `WindowDetokenizer` any `decode` function. A reply can end in the middle of a character
+(max tokens, a stop, a cancel): `finish()` then drops the incomplete character where `decode`
+would end in U+FFFD, so a reply only ever holds whole characters.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class SentencePieceDetokenizer(StreamingDetokenizer):
             self.pending = True
             self.strip = False
             return self.utf8.decode(bytes((b,)))
-        out = self.finish() if self.pending else ""
+        out = self._end_run() if self.pending else ""
         kind = self.kinds[token_id]
         if kind == CONTROL:
             return out
@@ -60,11 +62,18 @@ class SentencePieceDetokenizer(StreamingDetokenizer):
         self.strip = False
         return out + surface
 
-    def finish(self) -> str:
+    def _end_run(self) -> str:
+        """A byte run ended by a piece: its incomplete character is U+FFFD per byte, as decode."""
         self.pending = False
         out = self.utf8.decode(b"", final=True)
         self.utf8.reset()
         return out
+
+    def finish(self) -> str:
+        """The reply ends: an incomplete character (the decoder holds only those) is dropped."""
+        self.pending = False
+        self.utf8.reset()
+        return ""
 
 
 class ByteDetokenizer(StreamingDetokenizer):
@@ -81,9 +90,9 @@ class ByteDetokenizer(StreamingDetokenizer):
         return self.utf8.decode(self.table[token_id])
 
     def finish(self) -> str:
-        out = self.utf8.decode(b"", final=True)
+        """The reply ends: an incomplete character (the decoder holds only those) is dropped."""
         self.utf8.reset()
-        return out
+        return ""
 
 
 class WindowDetokenizer(StreamingDetokenizer):
@@ -115,8 +124,13 @@ class WindowDetokenizer(StreamingDetokenizer):
         return new
 
     def finish(self) -> str:
-        new = (
-            self.decode(self.ids)[len(self.context_text) :] if len(self.ids) > self.context else ""
-        )
+        """The held tokens' text, without a last character they leave incomplete (U+FFFD): the
+        longest run of them whose text does not end in U+FFFD."""
+        new = ""
+        for end in range(len(self.ids), self.context, -1):
+            text = self.decode(self.ids[:end])
+            if not text.endswith("\ufffd"):
+                new = text[len(self.context_text) :]
+                break
         self.ids, self.context, self.context_text = [], 0, ""
         return new

@@ -156,7 +156,7 @@ def bpe_from_gguf(meta: dict) -> HFTokenizer:
 
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types = meta.get("tokenizer.ggml.token_type")
-    types = [int(t) for t in types.tolist()] if types is not None else [1] * len(tokens)
+    types = [1] * len(tokens) if types is None else [int(t) for t in types]  # array or list
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     # Tokens not spelled in GPT-2's byte alphabet are respelled (as transformers' converter does).
     alphabet = byte_decoder()

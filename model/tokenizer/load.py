@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import MixchatError, UnsupportedModelError
@@ -10,9 +11,13 @@ from .gguf_vocab import GGUFSentencePieceTokenizer, bpe_from_gguf
 from .hf import HFTokenizer
 from .sentencepiece import SentencePieceTokenizer
 
+# A GGUF's tokenizer metadata, kept by `mixchat quantize MODEL.gguf DIR` (quantize/gguf_dir.py).
+GGUF_TOKENIZER_FILE = "tokenizer_gguf.json"
+
 
 def load_tokenizer(source: str | Path | dict | Tokenizer) -> Tokenizer:
-    """A model directory (tokenizer.model, else tokenizer.json) or GGUF metadata -> Tokenizer."""
+    """A model directory (a GGUF's tokenizer metadata, tokenizer.model, else tokenizer.json) or
+    GGUF metadata -> Tokenizer."""
     if isinstance(source, Tokenizer):
         return source
     if isinstance(source, dict):
@@ -30,6 +35,12 @@ def load_tokenizer(source: str | Path | dict | Tokenizer) -> Tokenizer:
     path = Path(source)
     if not path.is_dir():
         raise MixchatError(f"cannot load a tokenizer from {path}: not a directory")
+    if (path / GGUF_TOKENIZER_FILE).is_file():
+        try:
+            metadata = json.loads((path / GGUF_TOKENIZER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise MixchatError(f"cannot read {path / GGUF_TOKENIZER_FILE}: {e}") from None
+        return load_tokenizer(metadata)
     if (path / "tokenizer.model").is_file():
         return SentencePieceTokenizer(path / "tokenizer.model")
     versioned = sorted(path.glob("tokenizer.model.v*"))  # mistral-format repos

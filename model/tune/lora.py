@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import MixchatError
 from ..mlx_lm_parts import SwitchLinear
@@ -144,3 +144,28 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return config
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The LoRA wrappers in `model` (mlx-lm's LoRALinear / LoRASwitchLinear), by path."""
+    return [(name, m) for name, m in model.named_modules() if "lora_a" in m and "linear" in m]
+
+
+def remove_adapter(model: nn.Module) -> None:
+    """Undo load_adapter/apply_lora: every LoRA wrapper gives way to its base module."""
+    if wrapped := lora_modules(model):
+        model.update_modules(tree_unflatten([(name, m.linear) for name, m in wrapped]))
+
+
+def set_adapter(model: nn.Module, path: str | Path | None) -> dict | None:
+    """Swap the model's adapter for the one in `path` (None: none); returns its config. The
+    old adapter is gone even if the new one fails (a MixchatError)."""
+    remove_adapter(model)
+    return None if path is None else load_adapter(model, path)
+
+
+def fuse_adapter(model: nn.Module, dequantize: bool = False) -> None:
+    """Merge every LoRA wrapper into its base weights (mlx-lm's `fuse`): quantized bases are
+    re-quantized with their own bits and group size, unless `dequantize` (then float)."""
+    if fused := [(name, m.fuse(dequantize=dequantize)) for name, m in lora_modules(model)]:
+        model.update_modules(tree_unflatten(fused))

@@ -10,7 +10,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, LoadingIndicator
+from textual.widgets import LoadingIndicator
 
 from app.i18n import Strings
 from app.store import (
@@ -29,6 +29,8 @@ from app.tui.prompting import build_messages
 from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.model_info import ModelInfoScreen
+from app.tui.server_recovery import ServerRecovery
+from app.tui.widgets.chat_footer import ChatFooter
 from app.tui.widgets.chat_log import ChatLog
 from app.tui.widgets.conversation_list import ConversationList
 from app.tui.widgets.experts_panel import ExpertsPanel
@@ -40,7 +42,7 @@ from app.tui.widgets.status_bar import StatusBar
 NARROW_SCREEN_WIDTH = 120  # below this, showing the experts panel hides the chats sidebar
 
 
-class ChatScreen(ConversationActions, Screen[None]):
+class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
     BINDINGS = chat_bindings()
     AUTO_FOCUS = "#prompt"
 
@@ -73,7 +75,7 @@ class ChatScreen(ConversationActions, Screen[None]):
                 )
                 yield StatusBar(t, id="status")
             yield self.reply_flow.experts
-        yield Footer(compact=True)
+        yield ChatFooter()
         yield self.reply_flow
 
     @property
@@ -214,6 +216,7 @@ class ChatScreen(ConversationActions, Screen[None]):
         reply = self.reply_flow.begin(self.conversation.id, view, messages, self.settings)
         if self.reply_flow.waiting is reply:
             self.status_bar.set_state(self.strings("status.waiting"))
+            self.recover_engine()  # after a server went away: it, if back, else in-process
         self.refresh_bindings()
 
     # What the reply flow reports
@@ -242,6 +245,10 @@ class ChatScreen(ConversationActions, Screen[None]):
 
     @on(ReplyFlow.PromptTooLong)
     async def _prompt_too_long(self, message: ReplySession.PromptTooLong) -> None:
+        """A message longer than the context is not sent: it leaves the chat and the store (so
+        it never pushes earlier turns out of the next prompt, nor dangles after a restart) and
+        goes back to the prompt box."""
+        await self._take_back_refused(message.reply)
         t = self.strings
         text = t(
             "notice.prompt_too_long",
@@ -250,6 +257,24 @@ class ChatScreen(ConversationActions, Screen[None]):
         )
         await self.chat_log.add_notice(text, kind="error", before=message.reply.view)
         self.notify(text, severity="error")
+
+    async def _take_back_refused(self, reply: ActiveReply) -> None:
+        conversation = self.conversation
+        if conversation is None or conversation.id != reply.conversation_id:
+            return
+        if not self.history or self.history[-1].role != "user":
+            return
+        refused = self.history.pop()
+        self.store.delete_messages_from(conversation.id, refused.id)
+        for view in self.chat_log.message_views:
+            if view.message_id == refused.id:
+                await view.remove()
+        if not self.history:  # the chat's only message: no empty chat is left behind
+            self.store.delete_conversation(conversation.id)
+            self.conversation, self.draft_settings = None, conversation.settings
+            self.refresh_sidebar()
+        if not self.prompt_box.text.strip():  # never over what was typed since
+            self.prompt_box.set_prompt(refused.content)
 
     @on(ReplyFlow.LongPrompt)
     async def _long_prompt(self, message: ReplySession.LongPrompt) -> None:
@@ -285,6 +310,8 @@ class ChatScreen(ConversationActions, Screen[None]):
         self.status_bar.set_state(self.strings("status.ready"))
         self._redraw_experts()
         self.refresh_bindings()
+        if self.server_went_away(message.error):
+            await self.forget_server(retry=saved is None)
 
     def save_partial_reply_now(self) -> None:
         """On quit: stop generating and save whatever the reply holds."""
@@ -335,7 +362,7 @@ class ChatScreen(ConversationActions, Screen[None]):
         last_stats = next(
             (m.stats for m in reversed(self.history) if m.role == "assistant" and m.stats), None
         )
-        self.status_bar.set_stats(ReplyStats.of(last_stats))
+        self.status_bar.set_saved_stats(ReplyStats.of(last_stats))
         self.session.routing.reset()
         self._redraw_experts()
         self.refresh_sidebar()
@@ -433,11 +460,6 @@ class ChatScreen(ConversationActions, Screen[None]):
             sidebar.toggle_class("-revealed")
         else:
             sidebar.toggle_class("-hidden")
-
-    def on_resize(self) -> None:
-        """Below 120 columns the footer leaves out the palette key, which would be drawn over
-        the last keys (Ctrl+P still works, F1 lists it)."""
-        self.query_one(Footer).show_command_palette = self.has_class("-wide")
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(self.strings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -14,6 +15,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
 from app.i18n import Strings
+
+_BITS_PER_WEIGHT = re.compile(r"(\d+(?:\.\d+)?) bits/weight")  # "GGUF Q4_K_M, 4.87 bits/weight"
+DENSE_NAMES = ("num_experts", "num_local_experts")
+PER_TOKEN_NAMES = ("experts_per_token", "num_experts_per_tok")
 
 # Shown first when present, in this order; anything else the info object has follows.
 PREFERRED_ORDER = (
@@ -78,7 +83,25 @@ def format_value(name: str, value: Any, strings: Strings | None = None) -> str:
         return t.number(value, 2)
     if isinstance(value, (list, tuple)):
         return ", ".join(str(item) for item in value)
+    if isinstance(value, str):  # the model's own words: its "bits/weight" in the language's
+        return _BITS_PER_WEIGHT.sub(
+            lambda m: t("model.bits_per_weight", bits=t.number(float(m.group(1)), 2)), value
+        )
     return str(value)
+
+
+def table_rows(info: Any, strings: Strings) -> list[tuple[str, str]]:
+    """(label, value) rows of an info object; a dense model's experts say "none (dense)", as
+    `mixchat info` does, rather than "0"."""
+    items = info_attributes(info)
+    dense = any(name in DENSE_NAMES and value == 0 for name, value in items)
+    rows = []
+    for name, value in items:
+        if name in ("name", "context_length") or (dense and name in PER_TOKEN_NAMES):
+            continue  # the first rows have them; a dense model has no experts per token
+        shown = strings("model.dense") if dense and name in DENSE_NAMES else None
+        rows.append((label_for(name, strings), shown or format_value(name, value, strings)))
+    return rows
 
 
 def label_for(name: str, strings: Strings | None = None) -> str:
@@ -115,10 +138,8 @@ class ModelInfoScreen(ModalScreen[None]):
                 table.add_row(t("model.name"), self.model_name)
                 if self.context_length:
                     table.add_row(t("model.context_length"), t.number(self.context_length))
-                for name, value in info_attributes(self.info):
-                    if name in ("name", "context_length"):
-                        continue  # already in the first rows
-                    table.add_row(label_for(name, t), format_value(name, value, t))
+                for label, value in table_rows(self.info, t):
+                    table.add_row(label, value)
                 with VerticalScroll(id="model-table"):
                     yield Static(table)
             with Horizontal(classes="dialog-buttons"):

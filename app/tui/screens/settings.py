@@ -1,6 +1,8 @@
-"""Per-chat settings: system prompt, sampling, reply length, reply language, safe mode."""
+"""Per-chat settings: system prompt, sampling, reply length, reply language, safe mode; and\nthe model's LoRA adapter (for every chat: the engine applies it)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
@@ -37,10 +39,12 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         Binding("ctrl+s", "save", "Save", priority=True),
     ]
 
-    def __init__(self, settings: ChatSettings, strings: Strings) -> None:
+    def __init__(self, settings: ChatSettings, strings: Strings, adapter_path: str = "") -> None:
         super().__init__(classes="dialog-screen")
         self.settings = settings
         self.strings = strings
+        # The model's LoRA adapter ("": none); once saved, what the user asked for.
+        self.adapter_path = adapter_path
 
     def compose(self) -> ComposeResult:
         t = self.strings
@@ -83,6 +87,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     with Vertical(classes="field"):
                         yield Label(t("settings.safe_mode"), classes="field-label")
                         yield Switch(settings.safe_mode, id="safe-mode")
+                yield Label(t("settings.adapter_path"), classes="field-label")
+                yield Input(self.adapter_path, id="adapter-path")
             yield Label("", id="settings-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button(t("settings.save"), variant="primary", id="save")
@@ -112,6 +118,10 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                 raise ValueError
         except ValueError:
             return t("settings.max_tokens")
+        adapter = self.query_one("#adapter-path", Input).value.strip()
+        if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+            return t("settings.adapter_path")
+        self.adapter_path = str(Path(adapter).expanduser().resolve()) if adapter else ""
         language = self.query_one("#reply-language", Select).value
         return ChatSettings(
             system_prompt=self.query_one("#system-prompt", TextArea).text,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from rich.text import Text
@@ -10,6 +11,22 @@ from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
 from app.store import Conversation
+
+# Sequences whose width terminals disagree on (Rich counts a skin-toned or ZWJ-joined emoji as
+# one 2-cell glyph, many terminals as 4 or 6 cells; a flag's two regional indicators as one
+# glyph or two): in the sidebar's fixed frame they would push its right border out of line.
+_JOINED = re.compile("\u200d.")  # a zero-width joiner and the emoji it joins on
+_MODIFIERS = re.compile("[\U0001F3FB-\U0001F3FF\uFE00-\uFE0F]")  # skin tones, variation selectors
+_FLAG = re.compile("([\U0001F1E6-\U0001F1FF])([\U0001F1E6-\U0001F1FF])?")
+
+
+def sidebar_title(title: str) -> str:
+    """The title as the sidebar shows it: each character as wide in every terminal as Rich
+    measures it (a family emoji is its first person, a flag its country's letters)."""
+    title = _MODIFIERS.sub("", _JOINED.sub("", title))
+    return _FLAG.sub(
+        lambda m: "".join(chr(ord(c) - 0x1F1E6 + ord("A")) for c in m.groups() if c), title
+    )
 
 
 class ConversationList(OptionList):
@@ -36,7 +53,7 @@ class ConversationList(OptionList):
             return
         self.add_options(
             Option(
-                Text(conversation.title, no_wrap=True, overflow="ellipsis"), id=str(conversation.id)
+                Text(sidebar_title(conversation.title), no_wrap=True, overflow="ellipsis"), id=str(conversation.id)
             )
             for conversation in conversations
         )

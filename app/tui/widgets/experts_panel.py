@@ -64,6 +64,9 @@ class ExpertsPanel(VerticalScroll):
         if counts is None:
             return heatmap.show_note(t("experts.waiting"))
         heatmap.show_counts(
-            counts, tokens, t("experts.total", tokens=t.number(tokens)), t("experts.layer_short")
+            counts,
+            tokens,
+            t("experts.total_one" if tokens == 1 else "experts.total", tokens=t.number(tokens)),
+            t("experts.layer_short"),
         )
         return True

@@ -89,6 +89,11 @@ class ReplyFlow(Widget):
         self.draw_experts(force=True)
         return started
 
+    def engine_gone(self) -> None:
+        """The engine can no longer answer (its server went away): the next reply waits for
+        ``engine_ready``, as during the first load."""
+        self.session.engine = None
+
     def begin(
         self,
         conversation_id: int,
@@ -120,7 +125,8 @@ class ReplyFlow(Widget):
         something was drawn."""
         t = self.strings
         if live.phase == "writing":
-            state = t("status.writing", tokens=t.number(live.tokens))
+            key = "status.writing_one" if live.tokens == 1 else "status.writing"
+            state = t(key, tokens=t.number(live.tokens))
         elif live.total:
             left = "" if live.seconds_left is None else t.duration(live.seconds_left)
             state = t(

@@ -36,10 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False) -> Path:
     """Write `model` + `adapter`, fused, into `out` (atomically: a sibling, then a rename)."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model
 
-    import mlx.core as mx
     from model.load_options import LoadOptions
     from model.loader import load_checkpoint
     from model.tune.lora import fuse_adapter

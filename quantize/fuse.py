@@ -36,10 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False) -> Path:
     """Write `model` + `adapter`, fused, into `out` (atomically: a sibling, then a rename)."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model
 
-    import mlx.core as mx
     from model.load_options import LoadOptions
     from model.loader import load_checkpoint
     from model.tune.lora import fuse_adapter
@@ -52,8 +52,8 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False) ->
     if loaded.checkpoint.format == "gguf" or not (source / "config.json").is_file():
         raise MixchatError(
             f"fuse writes mlx-lm's layout and needs a Hugging Face or MLX directory, not "
-            f"{source.name}: give --model the same model's Hugging Face directory (or repo "
-            "id), or use the adapter as it is (`--adapter-path`)"
+            f"{source.name}: convert it first (`mixchat quantize {source.name} DIR`, then "
+            "`mixchat fuse --model DIR …`), or use the adapter as it is (`--adapter-path`)"
         )
     fuse_adapter(loaded.model, dequantize)
     config = json.loads((source / "config.json").read_text())

@@ -171,7 +171,7 @@ def test_fuse_refuses_a_gguf_model_in_one_line(default_model_path, tmp_path, cap
     assert main(["fuse", "--model", str(default_model_path), "--adapter-path",
                  str(tmp_path / "a"), str(tmp_path / "out")]) == 1  # fmt: skip
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "Hugging Face directory" in err
+    assert len(err.splitlines()) == 1 and "mixchat quantize" in err
     assert not (tmp_path / "out").exists()
 
 

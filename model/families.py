@@ -62,7 +62,9 @@ def mlx_lm_model(args) -> nn.Module:
     try:
         return module.Model(module.ModelArgs.from_dict(config))
     except (TypeError, ValueError, KeyError, AssertionError) as e:
-        raise CheckpointError(f"config.json does not describe a {args.model_type} model: {e}") from None
+        raise CheckpointError(
+            f"config.json does not describe a {args.model_type} model: {e}"
+        ) from None
 
 
 class FamilyModel(nn.Module):

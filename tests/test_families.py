@@ -29,13 +29,28 @@ COMMON = dict(vocab_size=32000, hidden_size=64, num_hidden_layers=2, num_attenti
               initializer_range=0.2, num_experts_per_tok=2, tie_word_embeddings=False)  # fmt: skip
 FAMILIES = {
     # top-2 of 8, normalised (Qwen3-30B-A3B: top-8 of 128); a per-head q/k norm
-    "qwen3_moe": ("Qwen3Moe", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
-                                   norm_topk_prob=True, head_dim=16)),  # fmt: skip
+    "qwen3_moe": (
+        "Qwen3Moe",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=8,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+    ),  # fmt: skip
     # a shared expert behind its sigmoid gate; q/k/v biases
-    "qwen2_moe": ("Qwen2Moe", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
-                                   shared_expert_intermediate_size=96)),  # fmt: skip
+    "qwen2_moe": (
+        "Qwen2Moe",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=8,
+            shared_expert_intermediate_size=96,
+        ),
+    ),  # fmt: skip
     # q/k norms over all heads, unnormalised top-k
-    "olmoe": ("Olmoe", dict(intermediate_size=64, num_experts=8)),
+    "olmoe": ("Olmoe", dict(intermediate_size=64, num_experts=8, eos_token_id=2)),
 }
 
 
@@ -68,7 +83,9 @@ def build_family(path, family: str, seed: int = 0):
                 p.add_(torch.randn_like(p) * 0.1)
     model.eval().save_pretrained(path)
     config_file = path / "config.json"
-    config_file.write_text(json.dumps(published_config(json.loads(config_file.read_text())), indent=2))
+    config_file.write_text(
+        json.dumps(published_config(json.loads(config_file.read_text())), indent=2)
+    )
     shutil.copy(mistral_tokenizer_file("v1"), path / "tokenizer.model")
     tok = transformers.LlamaTokenizer.from_pretrained(str(path), add_bos_token=False)
     (path / "tokenizer.model").unlink()  # a tokenizer.json, as Qwen and OLMoE ship
@@ -152,8 +169,9 @@ def test_chat_uses_the_model_template(family_dirs):
                                        return_dict=False)  # fmt: skip
     engine = Engine.load(str(path))
     assert engine.has_chat_template and engine.prompt_ids(messages) == expected
-    reply = "".join(c.text for c in engine.stream(messages, GenerationSettings(max_tokens=4,
-                                                                              temperature=0.0)))
+    reply = "".join(
+        c.text for c in engine.stream(messages, GenerationSettings(max_tokens=4, temperature=0.0))
+    )
     assert reply
 
 
@@ -164,7 +182,9 @@ def test_mlx_community_4bit_directory_runs_as_mlx_lm(family_dirs, tmp_path_facto
     from mlx_lm.sample_utils import make_sampler
 
     out = tmp_path_factory.mktemp("q3-4bit") / "m"
-    mlx_lm.convert(str(family_dirs["qwen3_moe"]), str(out), quantize=True, q_bits=4, q_group_size=64)
+    mlx_lm.convert(
+        str(family_dirs["qwen3_moe"]), str(out), quantize=True, q_bits=4, q_group_size=64
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
     engine = Engine.load(str(out))

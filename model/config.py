@@ -11,12 +11,15 @@ from typing import Any
 
 from .errors import CheckpointError, UnsupportedModelError
 
-SUPPORTED_TYPES = ("mixtral", "mistral", "llama")
+SUPPORTED_TYPES = ("mixtral", "mistral", "llama")  # mixchat's own definition (model/mixtral.py)
+# MoE families run on mlx-lm's own definitions (model/families.py): loaded whole, not yet
+# streamed under a budget, quantized, tuned or read from GGUF.
+FAMILY_TYPES = ("qwen3_moe", "qwen2_moe", "olmoe")
 
 
 @dataclass
 class ModelArgs:
-    model_type: str  # "mixtral" (sparse MoE) | "mistral" | "llama" (dense)
+    model_type: str  # "mixtral" (sparse MoE) | "mistral" | "llama" (dense) | a FAMILY_TYPES one
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -37,13 +40,14 @@ class ModelArgs:
     eos_token_id: int | list[int] | None = None
     # mlx_lm-style quantization block: {"group_size", "bits", "mode", "<module path>": {...}|False}
     quantization: dict[str, Any] | None = None
+    # a FAMILY_TYPES model's whole config.json ("config"): mlx-lm's ModelArgs.from_dict reads it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_TYPES:
+        if self.model_type not in SUPPORTED_TYPES + FAMILY_TYPES:
             raise UnsupportedModelError(
                 f"unsupported architecture '{self.model_type}' "
-                f"(mixchat runs {', '.join(SUPPORTED_TYPES)})"
+                f"(mixchat runs {', '.join(SUPPORTED_TYPES + FAMILY_TYPES)})"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads"):  # fmt: skip
@@ -74,6 +78,11 @@ class ModelArgs:
         return self.num_local_experts > 0
 
     @property
+    def is_family(self) -> bool:
+        """Run on mlx-lm's definition of its architecture (model/families.py), not ours."""
+        return self.model_type in FAMILY_TYPES
+
+    @property
     def kv_group_size(self) -> int | None:
         """Group size of a quantized KV cache (None: the head dimension does not allow one)."""
         return next((g for g in (64, 32) if self.head_dim % g == 0), None)
@@ -94,34 +103,41 @@ class ModelArgs:
         rope_scaling = config.get("rope_scaling")
         if rope_scaling is None and rope.get("rope_type", "default") != "default":
             rope_scaling = rope
+        family = model_type in FAMILY_TYPES
+        if family:  # experts: `num_experts` as published (transformers v5 writes the other)
+            experts = config.get("num_experts") or config.get("num_local_experts") or 0
+        else:
+            experts = config.get("num_local_experts") or 0 if model_type == "mixtral" else 0
         try:
             return cls(
                 model_type=model_type,
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=int(config["hidden_size"]),
-                intermediate_size=int(config["intermediate_size"]),
+                # a family's experts' width (Qwen's moe_intermediate_size; OLMoE has only one)
+                intermediate_size=int(
+                    (family and config.get("moe_intermediate_size")) or config["intermediate_size"]
+                ),
                 num_hidden_layers=int(config["num_hidden_layers"]),
                 num_attention_heads=int(config["num_attention_heads"]),
                 num_key_value_heads=int(
                     config.get("num_key_value_heads") or config["num_attention_heads"]
                 ),
                 head_dim=int(config.get("head_dim") or 0),
-                num_local_experts=int(config.get("num_local_experts") or 0)
-                if model_type == "mixtral"
-                else 0,
+                num_local_experts=int(experts),
                 num_experts_per_tok=int(config.get("num_experts_per_tok") or 2),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(rope_theta),
                 rope_traditional=bool(config.get("rope_traditional", False)),
                 rope_scaling=rope_scaling,
-                sliding_window=config.get("sliding_window")
-                if config.get("use_sliding_window", True)
+                sliding_window=config.get("sliding_window")  # mlx-lm's families use none
+                if config.get("use_sliding_window", True) and not family
                 else None,
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 max_position_embeddings=int(config.get("max_position_embeddings") or 32768),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
                 quantization=_mlx_quantization(config),
+                extra={"config": config} if family else {},
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -196,6 +212,10 @@ def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every weight of model.mixtral's definition for `args`, under mlx-lm's names, with its
     unquantized shape, in layer order: experts stacked [E, out, in], no lm_head when tied. The
     one place parameter counts and tensor shapes come from (info, quantize)."""
+    if args.is_family:  # mlx-lm's definition: its own parameters' shapes (nothing evaluated)
+        from .families import parameter_shapes as family_shapes
+
+        return family_shapes(args)
     H, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
     q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     E = args.num_local_experts

@@ -217,7 +217,10 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
             active += mem
     E = max(args.num_local_experts, 1) if args.is_moe else 1
     offloadable, why = True, ""
-    if not args.is_moe or not layer_mem:
+    if args.is_family:
+        offloadable = False
+        why = f"experts of {args.model_type} models do not stream yet (--memory-budget none)"
+    elif not args.is_moe or not layer_mem:
         offloadable, why = False, "it is a dense model: it has no experts to stream"
     elif checkpoint.format not in ("hf", "gguf") or per_expert or not stacked:
         offloadable = False

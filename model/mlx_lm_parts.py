@@ -18,8 +18,10 @@ import types
 PARTS = ("models.base", "models.cache", "models.rope_utils", "models.switch_layers", "sample_utils")
 
 
-def _import_parts() -> None:
+def _import_parts(parts: tuple[str, ...] = PARTS) -> None:
     if "mlx_lm" in sys.modules:  # the real package is already there: nothing to save
+        for part in parts:
+            importlib.import_module(f"mlx_lm.{part}")
         return
     spec = importlib.util.find_spec("mlx_lm")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
@@ -28,7 +30,7 @@ def _import_parts() -> None:
     stand_in.__path__ = list(spec.submodule_search_locations)
     sys.modules["mlx_lm"] = stand_in
     try:
-        for part in PARTS:
+        for part in parts:
             importlib.import_module(f"mlx_lm.{part}")
     finally:
         if sys.modules.get("mlx_lm") is stand_in:
@@ -36,6 +38,14 @@ def _import_parts() -> None:
 
 
 _import_parts()
+
+
+def model_module(model_type: str) -> types.ModuleType:
+    """mlx-lm's definition of `model_type` (`mlx_lm.models.qwen3_moe`: its ModelArgs, Model and
+    sanitize), imported the same way, without mlx-lm's package `__init__`."""
+    _import_parts((f"models.{model_type}",))
+    return sys.modules[f"mlx_lm.models.{model_type}"]
+
 
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import (  # noqa: E402
@@ -62,6 +72,7 @@ __all__ = [
     "create_attention_mask",
     "initialize_rope",
     "make_sampler",
+    "model_module",
     "scaled_dot_product_attention",
     "trim_prompt_cache",
 ]

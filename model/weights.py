@@ -213,6 +213,10 @@ def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
     `split` (model.distributed.RankSplit): the budget applies to this rank's share."""
     from .memory_plan import decide
 
+    if split is not None and checkpoint.args.is_family:
+        raise UnsupportedModelError(
+            f"{checkpoint.args.model_type} models do not run over several hosts yet"
+        )
     if split is not None:
         return split.plan_memory(checkpoint, compute_dtype(checkpoint, dtype).size,
                                  memory_budget, max_context, kv_bits)  # fmt: skip
@@ -240,7 +244,12 @@ def build_model(
     use_parallel_streams(stream_count(streams))
     args = checkpoint.args
     offload = memory is not None and memory.offload
-    model = Model(args)
+    if args.is_family:  # mlx-lm's definition behind the engine's contract
+        from .families import FamilyModel
+
+        model = FamilyModel(args)
+    else:
+        model = Model(args)
     weights = read_weights(checkpoint, skip_experts=offload)
     if split is not None:  # this rank's share of the experts, or its block of layers, only
         kv_bits = memory.plan.kv_bits if memory is not None else None

@@ -1,0 +1,169 @@
+"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE: config.py's
+FAMILY_TYPES), behind the contract the engine (model/generate.py) has with model.mixtral.Model.
+
+mlx-lm's `Model(ModelArgs.from_dict(config))` is built once and never copied: its `sanitize`
+stacks a published checkpoint's per-expert tensors (`mlp.experts.N.gate_proj.weight`) into its
+`switch_mlp`, an mlx-community directory is already stacked. `FamilyModel` holds the same
+modules under the same names (`model.…`, `lm_head`), so weights.build_model checks, quantizes
+and loads them as it does Mixtral's, and adds what the engine uses: `hidden_states`, `logits`,
+`make_cache`, `routing` (each MoE layer's top-k, recorded at its router), `memory`, `stage`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import CheckpointError, UnsupportedModelError
+from .mlx_lm_parts import KVCache, QuantizedKVCache, model_module
+from .router import top_experts
+
+
+class _RoutingLog:
+    """Where the routers record their choices: `steps` is the engine's list (None: off)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.steps: list | None = None
+
+
+_RECORDING: dict[type, type] = {}
+
+
+def _recording_class(cls: type) -> type:
+    """`cls` (a router: nn.Linear or nn.QuantizedLinear) that also records its top-k."""
+    if cls not in _RECORDING:
+
+        def __call__(self, x: mx.array) -> mx.array:
+            logits = cls.__call__(self, x)
+            log = self._routing_log
+            if log.steps is not None:
+                log.steps.append(top_experts(logits, log.k))
+            return logits
+
+        _RECORDING[cls] = type(f"Routed{cls.__name__}", (cls,), {"__call__": __call__})
+    return _RECORDING[cls]
+
+
+def mlx_lm_model(args) -> nn.Module:
+    """mlx-lm's model of `args.model_type` (a config.ModelArgs of a FAMILY_TYPES checkpoint)."""
+    config = args.extra.get("config")
+    if config is None:
+        raise UnsupportedModelError(f"{args.model_type} models load from a config.json only")
+    try:
+        module = model_module(args.model_type)
+    except ModuleNotFoundError:
+        raise UnsupportedModelError(
+            f"this mlx-lm has no definition of {args.model_type}: upgrade mlx-lm"
+        ) from None
+    try:
+        return module.Model(module.ModelArgs.from_dict(config))
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise CheckpointError(
+            f"config.json does not describe a {args.model_type} model: {e}"
+        ) from None
+
+
+class FamilyModel(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        inner = mlx_lm_model(args)
+        object.__setattr__(self, "_inner", inner)  # for sanitize and layers, not a child
+        object.__setattr__(self, "_log", _RoutingLog(args.num_experts_per_tok))
+        object.__setattr__(self, "_watching", False)
+        self.args = args
+        self.model = inner.model  # the same modules under the same names: weights load into both
+        if "lm_head" in inner:
+            self.lm_head = inner.lm_head
+        self.memory = None  # how it was loaded: a memory_plan.MemoryDecision, or None
+        self.stage = None  # never split over ranks (weights.plan_memory refuses)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in ("memory", "stage", "routing"):  # plain attributes, never parameters
+            object.__setattr__(self, key, value)
+        else:
+            super().__setattr__(key, value)
+
+    @property
+    def routing(self) -> list | None:
+        """Set to a list to record each MoE layer's top-k expert ids ([B, T, k], layer order)."""
+        return self._log.steps
+
+    @routing.setter
+    def routing(self, value: list | None) -> None:
+        self._log.steps = value
+
+    @property
+    def layers(self) -> list:
+        return self._inner.layers
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """mlx-lm's: a published checkpoint's per-expert tensors stacked into `switch_mlp`."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        try:
+            return self._inner.sanitize(weights)
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint lacks tensor {e.args[0]}") from None
+
+    def _watch_routers(self) -> None:
+        """Each MoE layer's router records its top-k while `routing` is a list."""
+        for layer in self.layers:
+            mlp = layer.get("mlp") if isinstance(layer, dict) else None
+            if mlp is None or "gate" not in mlp or "switch_mlp" not in mlp:
+                continue  # a dense layer (Qwen's mlp_only_layers)
+            gate = mlp["gate"]
+            object.__setattr__(gate, "_routing_log", self._log)
+            if type(gate) not in _RECORDING.values():
+                gate.__class__ = _recording_class(type(gate))
+        object.__setattr__(self, "_watching", True)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """inputs: int [B, T] -> logits [B, T, vocab] (causal; continues `cache` if given)."""
+        return self.logits(self.hidden_states(inputs, cache))
+
+    def hidden_states(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """inputs: int [B, T] -> final-normed hidden states [B, T, hidden]."""
+        if not self._watching:
+            self._watch_routers()
+        steps = self._log.steps
+        first = len(steps) if steps is not None else 0
+        h = self.model(inputs, cache)
+        if steps is not None:  # OLMoE routes flattened tokens: back to [B, T, k]
+            for i in range(first, len(steps)):
+                steps[i] = steps[i].reshape(*inputs.shape, -1)
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Hidden states [..., hidden] -> logits [..., vocab]."""
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h)
+
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        """mlx-lm's caches for the model (its own make_cache where it has one); keys and values
+        quantized to `kv_bits` (mlx-lm's QuantizedKVCache) when asked."""
+        if hasattr(self._inner, "make_cache"):
+            if kv_bits:
+                raise CheckpointError(
+                    f"a quantized KV cache is not available for {self.args.model_type} models"
+                )
+            return self._inner.make_cache()
+        if kv_bits:
+            group = self.args.kv_group_size
+            if group is None:
+                raise CheckpointError(
+                    "a quantized KV cache needs a head dimension divisible by 32, not "
+                    f"{self.args.head_dim}"
+                )
+            return [QuantizedKVCache(group_size=group, bits=kv_bits) for _ in self.layers]
+        return [KVCache() for _ in self.layers]
+
+
+def parameter_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Every weight of mlx-lm's definition for `args` with its unquantized shape (experts
+    stacked [E, out, in] under `switch_mlp`); nothing is evaluated."""
+    model = FamilyModel(args)
+    return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}

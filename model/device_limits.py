@@ -97,7 +97,7 @@ def _size_down(n: float) -> tuple[int, str]:
 
 
 # The limits before the first model set them, restored when the last one is freed.
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a finalizer may run during gc while it is held
 _saved: dict[str, int] = {}
 _holders = 0
 
@@ -122,12 +122,12 @@ def limit_device(model, memory=None, *, name: str = "the model",
         )
     limits = plan_limits(int(working_set), memory, model_bytes, name)
     with _lock:
+        _holders += 1  # first: a model freed meanwhile (gc, this thread) restores nothing
         old = device.set_wired_limit(limits.wired_limit)
         _saved.setdefault("wired", old)
         if limits.cache_limit is not None:
             old = device.set_cache_limit(limits.cache_limit)
             _saved.setdefault("cache", old)
-        _holders += 1
     if limits.warning and memory is not None:
         memory.notice = "; ".join(n for n in (memory.notice, limits.warning) if n)
     model.device_limits = limits

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .device_limits import limit_device
 from .load_options import LoadOptions
 from .memory_plan import BudgetError, parse_budget
 from .registry import resolve
@@ -45,6 +46,7 @@ def load_checkpoint(spec: str | Path | None, options: LoadOptions, *, lazy: bool
     model = build_model(checkpoint, dtype=options.dtype, lazy=lazy, memory=memory,
                         streams=options.streams, split=split,
                         offload_options=options.offload)  # fmt: skip
+    limit_device(model, memory, name=checkpoint.path.name)  # a Metal GPU: wired + cache limits
     if options.adapter_path:
         from .tune.lora import load_adapter
 

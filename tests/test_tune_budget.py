@@ -104,7 +104,7 @@ def test_budget_below_the_training_minimum_is_refused_naming_it(tiny_q4, data_di
     budget = plan.minimum_budget + plan.expert_bytes
     assert budget < minimum
     code = main(["tune", "--model", str(tiny_q4), "--data", str(data_dir), "--memory-budget",
-                 str(budget), "--num-layers", "-1", "--iters", "1",
+                 str(budget), "--num-layers", "-1", "--iters", "1", "--max-seq-length", str(SEQ),
                  "--adapter-path", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from model.tune.streamed import StreamedTrainer, prepare
     from model.tune.train import TrainConfig, Trainer
 
-    model, tokenizer = load(settings.model, settings.load_options.but(max_context=args.max_seq_length))
+    model, tokenizer = load(
+        settings.model, settings.load_options.but(max_context=args.max_seq_length)
+    )
     streamed = prepare(model)  # experts stream under the budget: train layer by layer
     data = load_dataset(args.data, tokenizer, args.max_seq_length, args.mask_prompt)
     for line in data.warnings(args.max_seq_length):

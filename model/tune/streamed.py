@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .. import blas
 from ..errors import MixchatError
-from ..experts import PROJECTIONS, Projection, RowGroups, matmul
+from ..experts import Projection, RowGroups, matmul
 from ..mixtral import create_attention_mask
 from ..mlx_lm_parts import SwitchLinear
 from ..offload.module import OffloadedExperts, _projections
@@ -155,7 +155,9 @@ class StreamedTrainer(Trainer):
         mx.eval(loss, dh)
         flat: dict[str, mx.array] = {}
         layers = self.model.layers
-        adapted = [i for i, layer in enumerate(layers) if tree_flatten(layer.trainable_parameters())]
+        adapted = [
+            i for i, layer in enumerate(layers) if tree_flatten(layer.trainable_parameters())
+        ]
         first = min(adapted, default=len(layers))
         for i in range(len(layers) - 1, first - 1, -1):
             layer = layers[i]

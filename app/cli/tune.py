@@ -133,8 +133,10 @@ def fit_training_budget(model, data, args: argparse.Namespace, num_layers: int) 
     runtime = runtime_of(model)
     runtime.capacity = capacity
     runtime.cache.resize(capacity)
-    if memory.notice:
-        print(f"mixchat: {memory.notice}; training layer by layer", file=sys.stderr)
+    from model.sizes import format_bytes
+
+    print(f"mixchat: training layer by layer within {format_bytes(memory.budget)} (the minimum "
+          f"is {format_bytes(sum(parts.values()))}): {runtime.describe()}", file=sys.stderr)  # fmt: skip
 
 
 class ProgressLine:

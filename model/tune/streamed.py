@@ -133,6 +133,7 @@ class StreamedTrainer(Trainer):
             saved.append(h)
             h = layer(h, mask, None, None)
             mx.eval(h)
+            mx.clear_cache()
         return saved, h, mask
 
     def _head(self, targets: mx.array, mask: mx.array):
@@ -172,6 +173,7 @@ class StreamedTrainer(Trainer):
             mx.eval(grads, dx) if dx is not None else mx.eval(grads)
             flat |= {f"model.layers.{i}.{k}": g for k, g in tree_flatten(grads)}
             dh, saved[i] = dx, None
+            mx.clear_cache()  # the layer's temporaries: back to the system, not MLX's pool
         self.runtime.release()
         trainable = self.model.trainable_parameters()
         return loss, ntoks, tree_map_with_path(lambda path, _: flat[path], trainable)

@@ -454,3 +454,47 @@ def estimate_plan(
         why_not="" if E else "it is a dense model: it has no experts to stream",
         expert_bits=expert_bits,
     )
+
+
+# --- training (model/tune/streamed.py) ---------------------------------------------------------
+
+
+def training_minimum(plan: MemoryPlan, args, batch: int, seq: int, rank: int, num_layers: int,
+                     compute_bytes: int) -> dict[str, int]:  # fmt: skip
+    """The smallest budget that trains LoRA with experts streamed, in parts: resident weights;
+    LoRA weights, gradients and Adam's two moments (float32) on the last `num_layers` layers
+    (-1: all); activations (each layer's saved input, one layer recomputed with its gradient,
+    the logits and theirs); one layer's routed experts (all of them once a batch routes
+    batch * seq * k rows) and two read buffers."""
+    D, F, E = args.hidden_size, args.intermediate_size, max(args.num_local_experts, 1)
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    per_layer = (D + q) * 2 + (D + kv) * 2  # q, o, k, v
+    per_layer += (D + E) + 3 * E * (D + F) if args.is_moe else 3 * (D + F)
+    layers = args.num_hidden_layers if num_layers == -1 else num_layers
+    tokens = batch * seq
+    kept = (args.num_hidden_layers + 1) * tokens * D * compute_bytes
+    scores = batch * args.num_attention_heads * seq * seq * 4 * 3
+    rows = tokens * max(args.num_experts_per_tok, 1)
+    layer = rows * F * 4 * 6 + tokens * (D + q + 2 * kv) * 4 * 6 + scores
+    routed = min(E, rows) if args.is_moe else 0
+    return {
+        "resident weights": plan.resident_bytes,
+        "LoRA + optimizer": layers * per_layer * rank * 4 * 4,
+        "activations": kept + layer + tokens * args.vocab_size * 4 * 3,
+        f"{routed} experts": routed * plan.expert_bytes + 2 * plan.expert_disk_bytes,
+    }
+
+
+def check_training_budget(parts: dict[str, int], budget: int, model_name: str) -> int:
+    """The experts' share of `budget` for training (BudgetError, one line naming the minimum
+    and its parts, when the budget is below it)."""
+    minimum = sum(parts.values())
+    if budget < minimum:
+        detail = " + ".join(f"{format_bytes(v)} {k}" for k, v in parts.items())
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} is below the minimum of "
+            f"{format_bytes(minimum)} for training {model_name} ({detail}): use --memory-budget "
+            f"{size_arg(minimum)}, a smaller --batch-size or --max-seq-length"
+        )
+    experts = [v for k, v in parts.items() if k.endswith("experts")][0]
+    return budget - minimum + experts

@@ -55,7 +55,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
                       help="learn the assistant's tokens only (default: on)")  # fmt: skip
     tune.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
-                      help="most memory the model may use; training needs it whole for now")  # fmt: skip
+                      help="most memory training may use: above it, experts stream from disk "
+                      "layer by layer (default: automatic, as for inference)")  # fmt: skip
     tune.add_argument("--resume", action="store_true",
                       help="continue the run saved in --adapter-path")  # fmt: skip
     tune.set_defaults(func=run)
@@ -85,16 +86,21 @@ def run(args: argparse.Namespace) -> int:
     from model import load
     from model.tune.data import load_dataset
     from model.tune.lora import apply_lora, lora_config, read_config
+    from model.tune.streamed import StreamedTrainer, prepare
     from model.tune.train import TrainConfig, Trainer
 
-    budget = settings.memory_budget if settings.memory_budget is not None else "none"
-    model, tokenizer = load(settings.model, settings.load_options.but(memory_budget=budget))
+    model, tokenizer = load(
+        settings.model, settings.load_options.but(max_context=args.max_seq_length)
+    )
+    streamed = prepare(model)  # experts stream under the budget: train layer by layer
     data = load_dataset(args.data, tokenizer, args.max_seq_length, args.mask_prompt)
     for line in data.warnings(args.max_seq_length):
         print(f"mixchat: warning: {line}", file=sys.stderr)
     out = Path(args.adapter_path)
     layers = args.num_layers if args.num_layers is not None else min(16, len(model.layers))
     config = lora_config(model, layers, args.rank)
+    if streamed:
+        fit_training_budget(model, data, args, config["num_layers"])
     if args.resume:
         saved = read_config(out)
         if saved != config:
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     train = TrainConfig(args.iters, args.batch_size, args.learning_rate, args.seed,
                         args.steps_per_eval, args.save_every, args.val_batches)  # fmt: skip
     bar = ProgressLine(sys.stderr)
-    trainer = Trainer(model, data, train, out, config, bar.show)
+    trainer = (StreamedTrainer if streamed else Trainer)(model, data, train, out, config, bar.show)
     try:
         trainer.run(resume=args.resume)
     finally:
@@ -112,6 +118,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"adapter saved in {out} (step {trainer.step}); use it with "
           f"`mixchat ask --adapter-path {out}`", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def fit_training_budget(model, data, args: argparse.Namespace, num_layers: int) -> None:
+    """Refuse a budget below training's minimum (one line); give the expert cache the rest."""
+    from model.memory_plan import check_training_budget, training_minimum
+    from model.offload import runtime_of
+
+    memory = model.memory
+    seq = min(args.max_seq_length, max(len(r.ids) for r in data.train.rows))
+    parts = training_minimum(memory.plan, model.args, args.batch_size, seq, args.rank,
+                             num_layers, model.model.norm.weight.dtype.size)  # fmt: skip
+    capacity = check_training_budget(parts, memory.budget, "this model")
+    runtime = runtime_of(model)
+    runtime.capacity = capacity
+    runtime.cache.resize(capacity)
+    from model.sizes import format_bytes
+
+    print(f"mixchat: training layer by layer within {format_bytes(memory.budget)} (the minimum "
+          f"is {format_bytes(sum(parts.values()))}): {runtime.describe()}", file=sys.stderr)  # fmt: skip
 
 
 class ProgressLine:

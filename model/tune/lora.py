@@ -76,7 +76,11 @@ def apply_lora(model: nn.Module, config: dict) -> None:
 def check_resident(model: nn.Module) -> None:
     """LoRA needs every weight in this process: not streamed experts, not split over ranks."""
     memory = getattr(model, "memory", None)
-    if memory is not None and memory.offload:
+    streamed = all(  # prepared for training under the budget (model/tune/streamed.py)
+        "gate_proj" in layer.block_sparse_moe.switch_mlp
+        for layer in model.layers if "block_sparse_moe" in layer
+    )  # fmt: skip
+    if memory is not None and memory.offload and not streamed:
         raise MixchatError("adapters need the whole model in memory (its experts stream from "
                            "disk under this budget): use --memory-budget none")  # fmt: skip
     if getattr(model, "stage", None) is not None or any(

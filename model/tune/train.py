@@ -9,9 +9,10 @@ the step and what the run was started with (MLX's random generator, for dropout,
 (seed, step) before each step, so it needs no saving). Resuming reads it and goes on
 as if the run had never stopped (bit for bit: the same batches, the same updates).
 
-A budgeted (layer-by-layer) run would replace `Trainer.step_grads` only: the loss and its
-gradients for one batch, from a forward pass that keeps each layer's input and a backward pass
-that goes through the layers again in reverse; the optimizer, data and saves stay as they are.
+A budgeted run (experts streamed: model/tune/streamed.py's StreamedTrainer) replaces
+`Trainer.step_grads` and `validate` only: the loss and its gradients for one batch, from a
+forward pass that keeps each layer's input and a backward pass that goes through the layers
+again in reverse; the optimizer, data and saves stay as they are.
 """
 
 from __future__ import annotations

@@ -1,0 +1,202 @@
+"""Training larger than memory: LoRA on experts that stream from disk, layer by layer.
+
+Under a memory budget the model's experts live in the offload cache (model/offload/). For
+training, `prepare` swaps each layer's OffloadedExperts for `StreamedLoRAExperts`: the same
+streamed base weights, plus gate_proj/up_proj/down_proj children that are placeholders of the
+stacked projections' shapes (broadcast zeros: no memory), so mlx-lm's `linear_to_lora_layers`
+wraps them in LoRASwitchLinear exactly as it wraps the resident model's (the same keys, the
+same random draws, the same adapter files). Only their lora_a [E, r, in] / lora_b [E, out, r]
+are used: they stay resident with the optimizer state, while the base experts stream.
+
+`StreamedTrainer.step_grads` (replacing `Trainer.step_grads`) computes one batch's loss and
+gradients with checkpointing at layer boundaries: the forward pass runs layer by layer and
+keeps each layer's input; the backward pass goes from the last layer to the first, recomputing
+each layer from its saved input (reading its routed experts again) and taking the gradient of
+its LoRA weights and of its input from the gradient of its output.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .. import blas
+from ..errors import MixchatError
+from ..experts import Projection, RowGroups, matmul
+from ..mixtral import create_attention_mask
+from ..mlx_lm_parts import SwitchLinear
+from ..offload.module import OffloadedExperts, _projections
+from ..offload.wiring import moe_layers, runtime_of
+from .data import Row
+from .train import Trainer, pad
+
+
+def _placeholder(num_experts: int, out_features: int, in_features: int) -> SwitchLinear:
+    """A frozen SwitchLinear of these shapes whose weight takes no memory (LoRA's base: only
+    its shape is read)."""
+    module = SwitchLinear.__new__(SwitchLinear)
+    nn.Module.__init__(module)
+    module.weight = mx.broadcast_to(mx.zeros((1, 1, 1)), (num_experts, out_features, in_features))
+    module.freeze()
+    return module
+
+
+class StreamedLoRAExperts(OffloadedExperts):
+    """OffloadedExperts whose projections carry LoRA (mlx-lm's LoRASwitchLinear A/B per
+    expert, resident) on top of the streamed base weights; differentiable in x and in A/B."""
+
+    def __init__(self, runtime, layer: int, hidden: int, ffn: int, num_experts: int):
+        super().__init__(runtime, layer)
+        self.gate_proj = _placeholder(num_experts, ffn, hidden)
+        self.up_proj = _placeholder(num_experts, ffn, hidden)
+        self.down_proj = _placeholder(num_experts, hidden, ffn)
+
+    def _project(self, x: mx.array, p: Projection, name: str, e: int) -> mx.array:
+        """x [n, 1, in] through expert e's projection `name` (+ its LoRA) -> [n, 1, out]."""
+        out_features = p.weight.shape[-2]
+        in_features = x.shape[-1]
+        if blas.applies(x.shape[0], out_features, in_features, p.weight.dtype):
+            y = blas.linear(x, p.weight[0], None if p.scales is None else p.scales[0],
+                            None if p.biases is None else p.biases[0], p.group_size, p.bits,
+                            p.mode)  # fmt: skip
+        else:
+            y = matmul(x, p, mx.zeros((x.shape[0],), dtype=mx.uint32), sorted_inds=True)
+        lora = self[name]
+        if "lora_a" in lora:
+            z = (lora.dropout(x) @ lora.lora_a[e].T) @ lora.lora_b[e].T
+            y = y + (lora.scale * z).astype(y.dtype)
+        return y
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        """x: [N, hidden], inds: [N, k] -> [N, k, hidden]."""
+        rt = self.runtime
+        N, k = inds.shape
+        mx.eval(inds)
+        rt.release()  # everything before this layer is computed: its experts may go
+        rt.counters.forward_passes += self.layer == min(rt.specs)
+        groups = RowGroups.of(np.array(inds))
+        rows = groups.rows(x, k)  # [N*k, 1, hidden], grouped by expert
+        specs = rt.specs[self.layer]
+        # The training minimum holds every routed expert of a layer at once: the backward
+        # pass needs them all together.
+        cached = rt.demand(self.layer, groups.experts)
+        parts = []
+        for j, e in enumerate(groups.experts):
+            w = _projections(cached[e], specs)
+            r = rows[groups.bounds[j] : groups.bounds[j + 1]]
+            h = nn.silu(self._project(r, w["gate_proj"], "gate_proj", e))
+            h = h * self._project(r, w["up_proj"], "up_proj", e)
+            parts.append(self._project(h, w["down_proj"], "down_proj", e))
+        y = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        return groups.unsort(y, N, k)
+
+
+def prepare(model: nn.Module) -> bool:
+    """Give a model whose experts stream LoRA-ready expert modules (before `lora_config` and
+    `apply_lora`). False when its experts are resident (nothing to do)."""
+    runtime = runtime_of(model)
+    if runtime is None:
+        return False
+    args = model.args
+    for i in moe_layers(model):
+        moe = model.layers[i].block_sparse_moe
+        if not isinstance(moe.switch_mlp, StreamedLoRAExperts):
+            moe.switch_mlp = StreamedLoRAExperts(runtime, i, args.hidden_size,
+                                                 args.intermediate_size, args.num_local_experts)  # fmt: skip
+    return True
+
+
+def _layer_fn(layer: nn.Module, mask, dh: mx.array):
+    """(params, x) -> <layer(x), dh>: its gradient is the layer's vector-Jacobian product."""
+
+    def fn(params, x):
+        layer.update(params)
+        out = layer(x, mask, None, None)
+        return (out.astype(mx.float32) * dh.astype(mx.float32)).sum()
+
+    return fn
+
+
+class StreamedTrainer(Trainer):
+    """`Trainer` with the loss and gradients computed layer by layer (checkpointing at layer
+    boundaries), for a model whose experts stream; the optimizer, data and saves are the same."""
+
+    def _forward(self, inputs: mx.array) -> tuple[list[mx.array], mx.array, object]:
+        """Each layer's input (evaluated, layer by layer), the last layer's output, the mask."""
+        model = self.model
+        h = model.model.embed_tokens(inputs)
+        mask = create_attention_mask(h, None, window_size=model.args.sliding_window)
+        saved = []
+        for layer in model.layers:
+            saved.append(h)
+            h = layer(h, mask, None, None)
+            mx.eval(h)
+            mx.clear_cache()
+        return saved, h, mask
+
+    def _head(self, targets: mx.array, mask: mx.array):
+        model = self.model
+
+        def loss(h: mx.array) -> mx.array:
+            logits = model.logits(model.model.norm(h))
+            ce = nn.losses.cross_entropy(logits, targets) * mask
+            return ce.astype(mx.float32).sum() / mask.sum()
+
+        return loss
+
+    def step_grads(self, rows: list[Row]) -> tuple[mx.array, mx.array, dict]:
+        inputs, targets, weights = pad(rows)
+        ntoks = weights.sum()
+        if ntoks.item() == 0:  # nothing to learn: train_step leaves the weights as they are
+            return mx.array(float("nan")), ntoks, {}
+        saved, h, mask = self._forward(inputs)
+        loss, dh = mx.value_and_grad(self._head(targets, weights))(h)
+        mx.eval(loss, dh)
+        flat: dict[str, mx.array] = {}
+        layers = self.model.layers
+        adapted = [
+            i for i, layer in enumerate(layers) if tree_flatten(layer.trainable_parameters())
+        ]
+        first = min(adapted, default=len(layers))
+        for i in range(len(layers) - 1, first - 1, -1):
+            layer = layers[i]
+            params = layer.trainable_parameters()
+            fn = _layer_fn(layer, mask, dh)
+            if i == first:  # no layer below learns: the input's gradient is not needed
+                grads = mx.grad(fn, argnums=0)(params, saved[i])
+                dx = None
+            else:
+                grads, dx = mx.grad(fn, argnums=(0, 1))(params, saved[i])
+            layer.update(params)
+            mx.eval(grads, dx) if dx is not None else mx.eval(grads)
+            flat |= {f"model.layers.{i}.{k}": g for k, g in tree_flatten(grads)}
+            dh, saved[i] = dx, None
+            mx.clear_cache()  # the layer's temporaries: back to the system, not MLX's pool
+        self.runtime.release()
+        trainable = self.model.trainable_parameters()
+        return loss, ntoks, tree_map_with_path(lambda path, _: flat[path], trainable)
+
+    def validate(self) -> float | None:
+        if not self.val_batches:
+            return None
+        total, count = 0.0, 0.0
+        for rows in self.val_batches:
+            inputs, targets, weights = pad(rows)
+            _, h, _ = self._forward(inputs)
+            loss = self._head(targets, weights)(h)
+            ntoks = weights.sum()
+            mx.eval(loss, ntoks)
+            total += loss.item() * ntoks.item()
+            count += ntoks.item()
+        self.runtime.release()
+        self.val_loss = total / count
+        return self.val_loss
+
+    @property
+    def runtime(self):
+        runtime = runtime_of(self.model)
+        if runtime is None:
+            raise MixchatError("layer-by-layer training needs a model whose experts stream")
+        return runtime

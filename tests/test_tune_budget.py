@@ -1,0 +1,112 @@
+"""mixchat tune under a memory budget: experts stream, layer by layer (model/tune/streamed.py).
+The budgeted run learns the same adapter as the resident one, reading experts from disk; a
+budget below training's minimum is refused in one line naming it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from app.cli import main
+from model import load, weights
+from model.memory_plan import memory_plan, training_minimum
+from model.offload import runtime_of
+from model.tune.data import load_dataset
+from model.tune.lora import apply_lora, lora_config
+from model.tune.streamed import StreamedTrainer, prepare
+from model.tune.train import TrainConfig, Trainer
+from tests.checkpoints import build_hf_checkpoint
+
+SEQ = 64  # max_context the models are loaded with (rows are shorter)
+CHATS = [
+    {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                  {"role": "assistant", "content": f"It is {2 * i}, of course."}]}
+    for i in range(6)
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    """A 4-layer, 8-expert top-2 Mixtral quantized to 4 bits by `mixchat quantize`."""
+    from quantize.convert import Settings, convert
+    from quantize.sources import open_source
+
+    root = tmp_path_factory.mktemp("tune_budget")
+    src = build_hf_checkpoint(root / "hf", "mixtral", num_experts=8, num_layers=4,
+                              intermediate_size=128)  # fmt: skip
+    dst = root / "q4"
+    convert(open_source(str(src)), dst, Settings(bits=4, group_size=32, dtype="float32"),
+            quiet=True)  # fmt: skip
+    if not (dst / "tokenizer.model").exists():
+        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
+    return dst
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(c) for c in CHATS) + "\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(json.dumps(c) for c in CHATS[:2]) + "\n")
+    return tmp_path
+
+
+def train(path: Path, data_dir: Path, out: Path, budget) -> tuple[dict, object]:
+    """Three steps of LoRA on all layers (seed 3); (the adapter, the model)."""
+    model, tokenizer = load(str(path), memory_budget=budget, max_context=SEQ)
+    streamed = prepare(model)
+    data = load_dataset(str(data_dir), tokenizer, SEQ, True)
+    config = lora_config(model, -1, 4)
+    mx.random.seed(3)
+    apply_lora(model, config)
+    trainer_class = StreamedTrainer if streamed else Trainer
+    trainer = trainer_class(model, data, TrainConfig(iters=3, batch_size=2, learning_rate=1e-2,
+                            seed=3, steps_per_eval=2, save_every=3), out, config)  # fmt: skip
+    if streamed:  # the smallest expert cache: one layer's experts (every layer read again)
+        runtime = runtime_of(model)
+        runtime.cache.resize(model.args.num_local_experts * runtime.store.expert_bytes(0))
+    trainer.run()
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}, model
+
+
+def test_budgeted_run_learns_the_same_adapter_reading_experts(tiny_q4, data_dir, tmp_path):
+    plan = memory_plan(weights.locate(tiny_q4), 4, SEQ)
+    resident, model = train(tiny_q4, data_dir, tmp_path / "whole", "none")
+    assert runtime_of(model) is None
+    budget = plan.minimum_budget + plan.expert_bytes  # below the whole model: experts stream
+    streamed, model = train(tiny_q4, data_dir, tmp_path / "streamed", budget)
+    runtime = runtime_of(model)
+    assert runtime is not None
+    # every step: each layer read in the forward pass and again in the backward pass
+    assert runtime.counters.reads >= 3 * 2 * 4 * 2
+    assert runtime.cache.peak <= 8 * runtime.store.expert_bytes(0)
+    assert set(streamed) == set(resident)
+    assert any("switch_mlp.down_proj.lora_b" in k for k in streamed)
+    for name, value in resident.items():
+        assert np.abs(value).max() > 0 or "lora_b" not in name  # it learned something
+        scale = np.abs(value).max() + 1e-6
+        assert np.abs(streamed[name] - value).max() <= 1e-4 * scale, name
+    saved = mx.load(str(tmp_path / "streamed" / "adapters.safetensors"))
+    assert set(saved) == set(streamed)
+
+
+def test_budget_below_the_training_minimum_is_refused_naming_it(tiny_q4, data_dir, tmp_path,
+                                                               capsys):  # fmt: skip
+    plan = memory_plan(weights.locate(tiny_q4), 4, SEQ)
+    model, _ = load(str(tiny_q4), memory_budget="none", max_context=SEQ)
+    parts = training_minimum(plan, model.args, 4, 20, 8, -1, 4)
+    minimum = sum(parts.values())
+    assert plan.minimum_budget < minimum  # training needs more than inference
+    budget = plan.minimum_budget + plan.expert_bytes
+    assert budget < minimum
+    code = main(["tune", "--model", str(tiny_q4), "--data", str(data_dir), "--memory-budget",
+                 str(budget), "--num-layers", "-1", "--iters", "1", "--max-seq-length", str(SEQ),
+                 "--adapter-path", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "below the minimum of" in err and "for training" in err
+    assert "LoRA + optimizer" in err and "experts" in err

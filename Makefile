@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml Makefile
 chat: setup
 	$(BIN)/mixchat
 
+# Two workers: the suite's tests wait on processes, servers and terminals as much as they
+# compute, and this project's machines have 2 cores (tests/ keep no shared state between them).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: setup
 	$(BIN)/ruff check app model quantize tests benchmarks

@@ -18,7 +18,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, UnsupportedModelError
-from .mlx_lm_parts import KVCache, QuantizedKVCache, model_module
+from .kv_cache import kv_caches
+from .mlx_lm_parts import model_module
 from .router import top_experts
 
 
@@ -151,15 +152,7 @@ class FamilyModel(nn.Module):
                     f"a quantized KV cache is not available for {self.args.model_type} models"
                 )
             return self._inner.make_cache()
-        if kv_bits:
-            group = self.args.kv_group_size
-            if group is None:
-                raise CheckpointError(
-                    "a quantized KV cache needs a head dimension divisible by 32, not "
-                    f"{self.args.head_dim}"
-                )
-            return [QuantizedKVCache(group_size=group, bits=kv_bits) for _ in self.layers]
-        return [KVCache() for _ in self.layers]
+        return kv_caches(self.args, len(self.layers), kv_bits)
 
 
 def parameter_shapes(args) -> dict[str, tuple[int, ...]]:

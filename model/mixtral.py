@@ -22,9 +22,8 @@ from . import blas
 from .config import ModelArgs
 from .errors import CheckpointError
 from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, RowGroups, by_blas, swiglu
+from .kv_cache import kv_caches
 from .mlx_lm_parts import (
-    KVCache,
-    QuantizedKVCache,
     RotatingKVCache,
     SwitchLinear,
     create_attention_mask,
@@ -336,15 +335,7 @@ class Model(nn.Module):
                     "a quantized KV cache is not available for sliding-window models"
                 )
             return [RotatingKVCache(max_size=self.args.sliding_window) for _ in self.layers]
-        if kv_bits:
-            group = self.args.kv_group_size
-            if group is None:
-                raise CheckpointError(
-                    "a quantized KV cache needs a head dimension divisible by 32, not "
-                    f"{self.args.head_dim}"
-                )
-            return [QuantizedKVCache(group_size=group, bits=kv_bits) for _ in self.layers]
-        return [KVCache() for _ in self.layers]
+        return kv_caches(self.args, len(self.layers), kv_bits)
 
     def prefill_layerwise(self, inputs: mx.array, cache: list, chunk: int) -> mx.array:
         """Like `hidden_states(inputs, cache)`, but layer by layer over all of `inputs` [1, T]:

@@ -97,6 +97,22 @@ def build_hf_checkpoint(
     return path
 
 
+def quantized_moe(root: Path, num_layers: int, scales_dtype: str = "float16") -> Path:
+    """An `num_layers`-layer, 8-expert top-2 Mixtral quantized to 4 bits by `mixchat quantize`
+    (experts can stream), in root/q4."""
+    from quantize.convert import Settings, convert
+    from quantize.sources import open_source
+
+    src = build_hf_checkpoint(root / "hf", "mixtral", num_experts=8, num_layers=num_layers,
+                              intermediate_size=128)  # fmt: skip
+    dst = root / "q4"
+    convert(open_source(str(src)), dst, Settings(bits=4, group_size=32, dtype=scales_dtype),
+            quiet=True)  # fmt: skip
+    if not (dst / "tokenizer.model").exists():
+        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
+    return dst
+
+
 def reference_logits(path: Path, ids: list[int] | np.ndarray) -> np.ndarray:
     """Full causal forward of transformers' model on `ids` ([T] or [B, T]), in float32."""
     import torch

@@ -5,7 +5,6 @@ nothing may be set); half precision on a GPU."""
 from __future__ import annotations
 
 import gc
-import shutil
 from dataclasses import replace
 
 import mlx.core as mx
@@ -15,7 +14,7 @@ from model import Engine, load, weights
 from model.device_limits import plan_limits
 from model.memory_plan import MemoryDecision, memory_plan
 from model.sizes import parse_budget
-from tests.checkpoints import build_hf_checkpoint
+from tests.checkpoints import quantized_moe
 
 CONTEXT = 256
 GIB = 2**30
@@ -50,18 +49,7 @@ class FakeMetal:
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
     """A 2-layer, 8-expert top-2 Mixtral quantized to 4 bits (experts can stream)."""
-    from quantize.convert import Settings, convert
-    from quantize.sources import open_source
-
-    root = tmp_path_factory.mktemp("metal")
-    src = build_hf_checkpoint(root / "hf", "mixtral", num_experts=8, num_layers=2,
-                              intermediate_size=128)  # fmt: skip
-    dst = root / "q4"
-    convert(open_source(str(src)), dst, Settings(bits=4, group_size=32, dtype="float16"),
-            quiet=True)  # fmt: skip
-    if not (dst / "tokenizer.model").exists():
-        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
-    return dst
+    return quantized_moe(tmp_path_factory.mktemp("metal"), 2, "float16")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ budget, eviction policies on scripted accesses, prefetch."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from model.offload import (
     Prefetch,
     runtime_of,
 )
-from tests.checkpoints import build_hf_checkpoint
+from tests.checkpoints import build_hf_checkpoint, quantized_moe
 
 # Long enough (> 32 tokens) that the unbudgeted model takes its prefill (sorted gather) path.
 MESSAGES = [{"role": "user", "content": "Explique la différence entre un modèle dense et un "
@@ -38,18 +37,7 @@ CONTEXT = 256  # every budgeted engine here plans its KV cache for this many tok
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
     """A 4-layer, 8-expert top-2 Mixtral quantized to 4 bits by `mixchat quantize`."""
-    from quantize.convert import Settings, convert
-    from quantize.sources import open_source
-
-    root = tmp_path_factory.mktemp("offload")
-    src = build_hf_checkpoint(root / "hf", "mixtral", num_experts=8, num_layers=4,
-                              intermediate_size=128)  # fmt: skip
-    dst = root / "q4"
-    convert(open_source(str(src)), dst, Settings(bits=4, group_size=32, dtype="float16"),
-            quiet=True)  # fmt: skip
-    if not (dst / "tokenizer.model").exists():
-        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
-    return dst
+    return quantized_moe(tmp_path_factory.mktemp("offload"), 4, "float16")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ budget below training's minimum is refused in one line naming it."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,7 +20,7 @@ from model.tune.data import load_dataset
 from model.tune.lora import apply_lora, lora_config
 from model.tune.streamed import StreamedTrainer, prepare
 from model.tune.train import TrainConfig, Trainer
-from tests.checkpoints import build_hf_checkpoint
+from tests.checkpoints import quantized_moe
 
 SEQ = 64  # max_context the models are loaded with (rows are shorter)
 CHATS = [
@@ -34,18 +33,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
     """A 4-layer, 8-expert top-2 Mixtral quantized to 4 bits by `mixchat quantize`."""
-    from quantize.convert import Settings, convert
-    from quantize.sources import open_source
-
-    root = tmp_path_factory.mktemp("tune_budget")
-    src = build_hf_checkpoint(root / "hf", "mixtral", num_experts=8, num_layers=4,
-                              intermediate_size=128)  # fmt: skip
-    dst = root / "q4"
-    convert(open_source(str(src)), dst, Settings(bits=4, group_size=32, dtype="float32"),
-            quiet=True)  # fmt: skip
-    if not (dst / "tokenizer.model").exists():
-        shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
-    return dst
+    return quantized_moe(tmp_path_factory.mktemp("tune_budget"), 4, "float32")
 
 
 @pytest.fixture

@@ -109,3 +109,25 @@ def test_offline_default_meets_its_target_on_the_held_out_split(lexical):
     false_alarms = [r["text"] for r in harmless if lexical.check(r["text"]).flagged]
     assert len(caught) / len(harmful) >= 0.80
     assert len(false_alarms) / len(harmless) <= 0.05, false_alarms
+
+
+def test_policy_checks_huge_text_in_chunks_and_finds_the_late_threat():
+    from app.moderation import Policy
+
+    text = "A calm sentence about gardening. " * 2000 + "I will kill you. " + "More calm. " * 500
+    result = Policy(chunk_chars=1000).check(text)
+    assert result.flagged_categories == ["violence_and_threats"] and result.guard == "lexical"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "empty"), ("   \n", "empty"), (b"\xff\xfe\x00binary", "not UTF-8"),
+     ("PK\x03\x04\x00\x00\x08", "binary")],
+)  # fmt: skip
+def test_policy_bad_input_is_one_line(text, message):
+    from app.moderation import Policy
+    from model.errors import MixchatError
+
+    with pytest.raises(MixchatError, match=message) as err:
+        Policy().check(text)
+    assert "\n" not in str(err.value)

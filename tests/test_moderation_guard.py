@@ -68,10 +68,11 @@ def guards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("guards")
     base = build_hf_checkpoint(root / "base", "mistral", num_layers=1, seed=3)
-    return {
+    loaded = {
         label: LlamaGuard(Engine.load(str(guard_checkpoint(base, root / label, token))))
         for label, token in (("safe", SAFE), ("unsafe", UNSAFE))
     }
+    return {**loaded, "base": base}
 
 
 def test_a_head_preferring_safe_passes_the_text(guards):
@@ -93,3 +94,15 @@ def test_a_model_that_is_not_a_guard_is_one_line(tiny_mixtral):
     with pytest.raises(MixchatError, match="not a Llama Guard model") as err:
         LlamaGuard(Engine.load(str(tiny_mixtral)))
     assert "\n" not in str(err.value)
+
+
+
+def test_self_check_answers_with_the_label_the_model_prefers(tmp_path, guards):
+    from app.moderation.self_check import SelfCheck
+    from model import Engine
+
+    assert not SelfCheck(guards["safe"].engine).check("I will kill you.").flagged
+    violence = SelfCheck(guards["safe"].engine).labels["violence"][0]
+    engine = Engine.load(str(guard_checkpoint(guards["base"], tmp_path / "violent", violence)))
+    result = SelfCheck(engine).check("What a nice day.")
+    assert result.flagged_categories == ["violence_and_threats"] and result.guard == "self-check"

@@ -30,6 +30,7 @@ COMMANDS = {
     "compare": "quantize.cli",
     "serve": "app.cli.serve",
     "tune": "app.cli.tune",
+    "moderate": "app.cli.moderate",
 }
 HELP = ("-h", "--help")
 

@@ -112,10 +112,12 @@ class LexicalGuard:
         start = time.perf_counter()
         normalized = normalize(text)
         scores = dict.fromkeys(CATEGORIES, 0.0)
-        for sentence in SENTENCES.split(normalized):
+        # Only rules whose every group occurs somewhere are tried sentence by sentence.
+        rules = [r for r in self.rules if all(p.search(normalized) for p in r.all_of)]
+        for sentence in SENTENCES.split(normalized) if rules else ():
             if not sentence.strip():
                 continue
-            for rule in self.rules:
+            for rule in rules:
                 if rule.score > scores[rule.category] and rule.fires(sentence):
                     scores[rule.category] = rule.score
         scores["pii"] = max(scores["pii"], pii_score(text, normalized))

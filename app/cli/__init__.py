@@ -1,7 +1,7 @@
 """The `mixchat` command: chat (the default), ask, models, info, download, quantize, compare,
-serve, tune, fuse. Each command is a module with `register(commands)` (its parser) and its
-`cmd_*`; only the module of the command that runs is imported, as mlx-lm's cli.py dispatches
-(all of them for `mixchat --help`: argparse only, no MLX).
+serve, tune, fuse, moderate. Each command is a module with `register(commands)` (its parser)
+and its `cmd_*`; only the module of the command that runs is imported, as mlx-lm's cli.py
+dispatches (all of them for `mixchat --help`: argparse only, no MLX).
 
 Exit codes: 0 ok, 1 error (one line on stderr), 2 usage, 130 interrupted.
 """
@@ -32,6 +32,7 @@ COMMANDS = {
     "serve": "app.cli.serve",
     "tune": "app.cli.tune",
     "fuse": "quantize.fuse",
+    "moderate": "app.cli.moderate",
 }
 HELP = ("-h", "--help")
 

@@ -1,4 +1,5 @@
-"""The Starlette app: OpenAI's /v1/chat/completions, /v1/completions, /v1/models, and /health.
+"""The Starlette app: OpenAI's /v1/chat/completions, /v1/completions, /v1/models,
+/v1/moderations (and Mistral's /v1/chat/moderations), and /health.
 
 Every error is OpenAI-style JSON (`{"error": {"message", "type", "code", "param"}}`) with a 4xx
 status, or 500 for a bug; the server keeps serving either way. Streams are server-sent events
@@ -198,6 +199,23 @@ def build_app(
             "memory_notice": engine.memory_notice, "info": info,
         })  # fmt: skip
 
+    async def moderations(request: Request, openai: bool = True) -> Response:
+        """OpenAI's /v1/moderations and Mistral's /v1/chat/moderations (app/moderation/api.py),
+        by the lexical guard, off the event loop."""
+        from app.moderation import api
+        from app.moderation.policy import default_policy
+
+        check_key(request)
+        body = await read_body(request)
+        answer = api.moderations if openai else api.chat_moderations
+        try:
+            return JSONResponse(await run_in_threadpool(answer, default_policy(), body))
+        except MixchatError as e:
+            raise ApiError(400, str(e), code="invalid_value", param="input") from None
+
+    async def chat_moderations(request: Request) -> Response:
+        return await moderations(request, openai=False)
+
     async def list_models(request: Request) -> Response:
         check_key(request)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "mixchat"}
@@ -238,6 +256,8 @@ def build_app(
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/mixchat/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/moderations", moderations, methods=["POST"]),
+        Route("/v1/chat/moderations", chat_moderations, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}

@@ -163,12 +163,27 @@ def lora_models(path: Path):
     return ours, ref
 
 
-def test_loss_and_lora_gradients_match_mlx_lm(tiny_mixtral, tokenizer):
+@pytest.mark.parametrize("route", ["mlx", "blas", "blas-and-gather"])
+def test_loss_and_lora_gradients_match_mlx_lm(tiny_mixtral, tokenizer, route, monkeypatch):
+    """Through MLX's kernels (tiny weights), and through the CPU's many-row route that training
+    takes on real models: every product through numpy's BLAS, each expert's base weights
+    dequantized once (with experts of few rows through the gather kernels: blas-and-gather)."""
     import mlx.nn as nn
     from mlx_lm.tuner.trainer import default_loss
 
+    from model import blas, experts
     from model.tune.train import loss_fn, pad
 
+    calls = {"blas": 0, "gather": 0}
+    if route != "mlx":
+        monkeypatch.setattr(blas, "MIN_WEIGHTS", 1)
+        monkeypatch.setattr(blas, "MIN_ROWS_SMALL", 4 if route == "blas" else 12)
+
+        def count(name, f):
+            return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or f(*a, **k)
+
+        monkeypatch.setattr(experts, "_lora_gathered", count("gather", experts._lora_gathered))
+        monkeypatch.setattr(blas, "linear", count("blas", blas.linear))
     ours, ref = lora_models(tiny_mixtral)
     rows = [encode_row(c, tokenizer) for c in CHATS[:3]]
     inputs, targets, mask = pad(rows)
@@ -184,6 +199,8 @@ def test_loss_and_lora_gradients_match_mlx_lm(tiny_mixtral, tokenizer):
     for name, g in ours_flat.items():
         r = np.array(ref_flat[name])
         assert np.abs(np.array(g) - r).max() <= 1e-3 * (np.abs(r).max() + 1e-6), name
+    if route != "mlx":  # the experts' rows went the way the route says
+        assert calls["blas"] > 0 and (calls["gather"] > 0) == (route == "blas-and-gather")
 
 
 # --- the command ------------------------------------------------------------------------------

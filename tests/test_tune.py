@@ -232,6 +232,36 @@ def test_resume_continues_exactly(tiny_mixtral, data_dir, tmp_path):
     assert config["lora_parameters"]["rank"] == 8
 
 
+def test_ctrl_c_says_how_to_resume_and_resume_continues(tiny_mixtral, data_dir, tmp_path,
+                                                        capsys, monkeypatch):  # fmt: skip
+    from model.tune import train
+
+    common = ["--model", str(tiny_mixtral), "--data", str(data_dir), "--learning-rate", "1e-3",
+              "--batch-size", "2", "--save-every", "2", "--iters", "4"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert tune(*common, "--adapter-path", str(straight)) == 0
+    step = train.Trainer.train_step
+
+    def ctrl_c_at_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(train.Trainer, "train_step", ctrl_c_at_step_3)
+    capsys.readouterr()
+    assert tune(*common, "--adapter-path", str(stopped)) == 130
+    err = capsys.readouterr().err
+    assert f"stopped at step 3; {stopped} holds the save of step 2" in err and "--resume" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(train.Trainer, "train_step", step)
+    assert tune(*common, "--adapter-path", str(stopped), "--resume") == 0
+    a, b = adapter(straight), adapter(stopped)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert tune(*common, "--adapter-path", str(stopped), "--resume") == 0  # nothing left to do
+    assert "already at step 4 of --iters 4: raise --iters" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, code, message",
     [

@@ -107,8 +107,17 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(model, data, train, out, config, bar.show)
     try:
         trainer.run(resume=args.resume)
-    finally:
+    except KeyboardInterrupt:
         bar.end()
+        if trainer.saved_step is not None:  # Ctrl-C: say where the run can continue from
+            print(f"mixchat: stopped at step {trainer.step}; {out} holds the save of step "
+                  f"{trainer.saved_step}: the same command with --resume continues from there",
+                  file=sys.stderr)  # fmt: skip
+        raise
+    bar.end()
+    if args.resume and trainer.steps_run == 0:
+        print(f"mixchat: the run in {out} is already at step {trainer.step} of --iters "
+              f"{args.iters}: raise --iters to train on", file=sys.stderr)  # fmt: skip
     print(f"adapter saved in {out} (step {trainer.step}); use it with "
           f"`mixchat ask --adapter-path {out}`", file=sys.stderr)  # fmt: skip
     return 0

@@ -25,7 +25,14 @@ DEFAULTS = {  # mlx_lm.lora's CONFIG_DEFAULTS where it has the flag
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the `tune` subcommand to the `mixchat` parser's subparsers."""
-    tune = commands.add_parser("tune", help="fine-tune a model with LoRA on your data")
+    tune = commands.add_parser(
+        "tune", help="fine-tune a model with LoRA on your data",
+        description="Train a LoRA adapter (mlx-lm's files) on chat, prompt/completion or text "
+        "rows; then `mixchat ask --adapter-path OUT`. Ctrl-C keeps the last save: the same "
+        "command with --resume continues it.",
+        epilog="example: mixchat tune --data examples/facts-fr --adapter-path fr-facts "
+        "--iters 30 --learning-rate 2e-4 --steps-per-eval 10 (README: Fine-tuning)",
+    )  # fmt: skip
     add_model_option(tune)
     tune.add_argument("--data", required=True, metavar="PATH",
                       help="a folder with train.jsonl (valid.jsonl, test.jsonl optional) or one "

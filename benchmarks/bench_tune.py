@@ -1,8 +1,8 @@
 """Training tokens/s and peak memory: `mixchat tune` vs `mlx_lm.lora`, same model, same data.
 
 The ~790M-parameter Mixtral-shaped random checkpoint (benchmarks/make_checkpoint.py), converted
-to 4 bits by `mlx_lm.convert` with its defaults (benchmarks/bench_decode.py's
-mixtral-790m-q4), is fine-tuned by both tools with the same settings: LoRA rank 8 on every
+to 4 bits by `mlx_lm.convert` as benchmarks/bench_decode.py does (its defaults, and
+`--dtype float32`: mlx-lm's best on a CPU), is fine-tuned by both tools with the same settings: LoRA rank 8 on every
 layer's attention, router and experts (mlx-lm's defaults for Mixtral), batches of 2 rows of
 ~24 tokens of plain text (every token learned), Adam at 1e-5, no validation set (mlx-lm
 training without one, as it allows, and mixchat). Each run is a fresh process;
@@ -143,34 +143,41 @@ def main() -> None:
     from benchmarks.make_checkpoint import make_checkpoint
 
     src = make_checkpoint(args.out / "mixtral-790m-f16")
-    model = convert(src, args.out / "mixtral-790m-q4", [])
+    q4_default = convert(src, args.out / "mixtral-790m-q4", [])
+    q4_f32 = convert(src, args.out / "mixtral-790m-q4-f32", ["--dtype", "float32"])
     data = write_data(args.out / "tune-data")
+    # mlx-lm on its best CPU file (float32 scales: its float16 CPU kernels are ~40x slower),
+    # mixchat on both (the default conversion is what a user has).
+    checkpoints = {"mlx-lm": [q4_f32], "mixchat": [q4_default, q4_f32]}
     results = []
     for round_ in range(args.rounds):
-        for tool in args.tools.split(","):
+        for tool, model in [(t, m) for t in args.tools.split(",") for m in checkpoints[t]]:
             before = os.getloadavg()[0]
             result = run_worker(tool, model, data, args.out, args.iters)
+            result["checkpoint"] = model.name
             result["load_average_before"] = before
             results.append(result)
-            print(f"round {round_ + 1}: {tool:8} {result['tokens_per_second']:7.2f} tok/s  "
+            print(f"round {round_ + 1}: {tool:8} {model.name:20} "
+                  f"{result['tokens_per_second']:7.2f} tok/s  "
                   f"loss {result['loss']:.3f}  max RSS {result['max_rss_gb']:.2f} GB  "
                   f"wall {result['wall_s']:.0f} s  load average {before:.1f}-"
                   f"{result['load_average']:.1f}", file=sys.stderr)  # fmt: skip
 
-    def median(tool: str, key: str) -> float:
-        return statistics.median(r[key] for r in results if r["tool"] == tool)
+    def median(row: tuple, key: str) -> float:
+        return statistics.median(r[key] for r in results if (r["tool"], r["checkpoint"]) == row)
 
-    tools = list(dict.fromkeys(r["tool"] for r in results))
-    print(f"\n{args.iters} steps of {BATCH} rows, {model.name}, {os.cpu_count()} CPUs\n")
-    print("| tool | training tok/s | vs mlx-lm | max RSS | peak MLX memory | wall (load, "
+    rows = list(dict.fromkeys((r["tool"], r["checkpoint"]) for r in results))
+    peer = ("mlx-lm", q4_f32.name)
+    print(f"\n{args.iters} steps of {BATCH} rows, {os.cpu_count()} CPUs\n")
+    print("| tool | checkpoint | training tok/s | vs mlx-lm | max RSS | peak MLX memory | wall (load, "
           "steps) | load average |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for tool in tools:
-        tps = median(tool, "tokens_per_second")
-        ratio = f"{tps / median('mlx-lm', 'tokens_per_second'):.1f}x" if "mlx-lm" in tools else "—"
-        loads = [r["load_average_before"] for r in results if r["tool"] == tool]
-        print(f"| {tool} | {tps:.2f} | {ratio} | {median(tool, 'max_rss_gb'):.2f} GB | "
-              f"{median(tool, 'peak_mlx_gb'):.2f} GB | {median(tool, 'wall_s'):.0f} s | "
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        tps = median(row, "tokens_per_second")
+        ratio = f"{tps / median(peer, 'tokens_per_second'):.1f}x" if peer in rows else "—"
+        loads = [r["load_average_before"] for r in results if (r["tool"], r["checkpoint"]) == row]
+        print(f"| {row[0]} | {row[1]} | {tps:.2f} | {ratio} | {median(row, 'max_rss_gb'):.2f} GB | "
+              f"{median(row, 'peak_mlx_gb'):.2f} GB | {median(row, 'wall_s'):.0f} s | "
               f"{min(loads):.1f}-{max(loads):.1f} |")  # fmt: skip
     (args.out / "bench_tune.json").write_text(json.dumps(results, indent=1))
 

@@ -166,3 +166,47 @@ class RowGroups:
     def unsort(self, y: mx.array, n: int, k: int) -> mx.array:
         """Sorted rows [N*k, 1, out] -> [N, k, out]."""
         return y[mx.array(np.argsort(self.order))].reshape(n, k, -1)
+
+
+def lora_swiglu_by_expert(rows: mx.array, modules: dict[str, nn.Module], groups: RowGroups,
+                          inds: mx.array) -> mx.array:  # fmt: skip
+    """swiglu through mlx-lm's LoRASwitchLinear modules (frozen base + one A/B pair per expert)
+    for rows [R, hidden] in `groups`' sorted order, inds [R] their experts; -> [R, hidden].
+
+    On the CPU this is what training costs: MLX's gather kernels dequantize an expert's
+    weights again for every row, forward and backward. Here each expert's base products are
+    model/blas.py ops (its weights dequantized once, d(input) through BLAS too), and the
+    low-rank A/B products, small, stay in MLX, differentiable in the LoRA weights. Experts with
+    one row or a few together go through the gather kernels (rows sorted by expert)."""
+    base = {name: Projection.of(modules[name].linear) for name in PROJECTIONS}
+    parts, few = [], []
+    for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:]):
+        if b - a < blas.MIN_ROWS_SMALL:
+            few.append((a, b))
+            continue
+        if few:
+            parts.append(_lora_gathered(rows, modules, inds, few))
+            few = []
+
+        def project(name: str, x: mx.array, e: int = e) -> mx.array:
+            module = modules[name]
+            y = blas.linear(x, *_expert(base[name], e))
+            z = (module.dropout(x) @ module.lora_a[e].T) @ module.lora_b[e].T
+            return y + (module.scale * z).astype(x.dtype)
+
+        xe = rows[a:b]
+        h = nn.silu(project("gate_proj", xe)) * project("up_proj", xe)
+        parts.append(project("down_proj", h))
+    if few:
+        parts.append(_lora_gathered(rows, modules, inds, few))
+    return mx.concatenate(parts, axis=0)
+
+
+def _lora_gathered(rows: mx.array, modules: dict[str, nn.Module], inds: mx.array,
+                   spans: list[tuple[int, int]]) -> mx.array:  # fmt: skip
+    """The LoRA swiglu of rows[a:b] for consecutive spans, through MLX's gather kernels."""
+    a, b = spans[0][0], spans[-1][1]
+    x, flat = rows[a:b][:, None], inds[a:b]  # [n, 1, hidden], [n]
+    gate, up, down = (modules[name] for name in PROJECTIONS)
+    h = nn.silu(gate(x, flat, sorted_indices=True)) * up(x, flat, sorted_indices=True)
+    return down(h, flat, sorted_indices=True)[:, 0]

@@ -21,7 +21,15 @@ import numpy as np
 from . import blas
 from .config import ModelArgs
 from .errors import CheckpointError
-from .experts import PROJECTIONS, SORTED_MIN_ROWS, Projection, RowGroups, by_blas, swiglu
+from .experts import (
+    PROJECTIONS,
+    SORTED_MIN_ROWS,
+    Projection,
+    RowGroups,
+    by_blas,
+    lora_swiglu_by_expert,
+    swiglu,
+)
 from .kv_cache import kv_caches
 from .mlx_lm_parts import (
     RotatingKVCache,
@@ -217,6 +225,15 @@ class Experts(nn.Module):
         """__call__ through the projection modules themselves, as mlx-lm's SwitchGLU does:
         what LoRASwitchLinear wrappers (one A/B pair per expert) need, differentiable."""
         N, k = inds.shape
+        modules = {name: self[name] for name in PROJECTIONS}
+        if all("lora_a" in m for m in modules.values()) and by_blas(
+            N * k, {name: Projection.of(m.linear) for name, m in modules.items()}
+        ):  # CPU, many rows (training, an adapted prompt): each expert's rows through BLAS
+            groups = RowGroups.of(np.array(inds))
+            order = mx.array(groups.order)
+            rows, flat = x[order // k], inds.flatten()[order]  # [N*k, hidden], [N*k]
+            y = lora_swiglu_by_expert(rows, modules, groups, flat)
+            return groups.unsort(y, N, k)
         rows, flat, order = x[:, None, None], inds, None  # [N, 1, 1, hidden]
         if N * k >= SORTED_MIN_ROWS:  # rows grouped by expert, as mlx-lm's gather_sort
             order = mx.argsort(inds.flatten())

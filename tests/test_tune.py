@@ -163,12 +163,27 @@ def lora_models(path: Path):
     return ours, ref
 
 
-def test_loss_and_lora_gradients_match_mlx_lm(tiny_mixtral, tokenizer):
+@pytest.mark.parametrize("route", ["mlx", "blas", "blas-and-gather"])
+def test_loss_and_lora_gradients_match_mlx_lm(tiny_mixtral, tokenizer, route, monkeypatch):
+    """Through MLX's kernels (tiny weights), and through the CPU's many-row route that training
+    takes on real models: every product through numpy's BLAS, each expert's base weights
+    dequantized once (with experts of few rows through the gather kernels: blas-and-gather)."""
     import mlx.nn as nn
     from mlx_lm.tuner.trainer import default_loss
 
+    from model import blas, experts
     from model.tune.train import loss_fn, pad
 
+    calls = {"blas": 0, "gather": 0}
+    if route != "mlx":
+        monkeypatch.setattr(blas, "MIN_WEIGHTS", 1)
+        monkeypatch.setattr(blas, "MIN_ROWS_SMALL", 4 if route == "blas" else 12)
+
+        def count(name, f):
+            return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or f(*a, **k)
+
+        monkeypatch.setattr(experts, "_lora_gathered", count("gather", experts._lora_gathered))
+        monkeypatch.setattr(blas, "linear", count("blas", blas.linear))
     ours, ref = lora_models(tiny_mixtral)
     rows = [encode_row(c, tokenizer) for c in CHATS[:3]]
     inputs, targets, mask = pad(rows)
@@ -184,6 +199,8 @@ def test_loss_and_lora_gradients_match_mlx_lm(tiny_mixtral, tokenizer):
     for name, g in ours_flat.items():
         r = np.array(ref_flat[name])
         assert np.abs(np.array(g) - r).max() <= 1e-3 * (np.abs(r).max() + 1e-6), name
+    if route != "mlx":  # the experts' rows went the way the route says
+        assert calls["blas"] > 0 and (calls["gather"] > 0) == (route == "blas-and-gather")
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -213,6 +230,36 @@ def test_resume_continues_exactly(tiny_mixtral, data_dir, tmp_path):
     config = json.loads((straight / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
     assert config["lora_parameters"]["rank"] == 8
+
+
+def test_ctrl_c_says_how_to_resume_and_resume_continues(tiny_mixtral, data_dir, tmp_path,
+                                                        capsys, monkeypatch):  # fmt: skip
+    from model.tune import train
+
+    common = ["--model", str(tiny_mixtral), "--data", str(data_dir), "--learning-rate", "1e-3",
+              "--batch-size", "2", "--save-every", "2", "--iters", "4"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert tune(*common, "--adapter-path", str(straight)) == 0
+    step = train.Trainer.train_step
+
+    def ctrl_c_at_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(train.Trainer, "train_step", ctrl_c_at_step_3)
+    capsys.readouterr()
+    assert tune(*common, "--adapter-path", str(stopped)) == 130
+    err = capsys.readouterr().err
+    assert f"stopped at step 3; {stopped} holds the save of step 2" in err and "--resume" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(train.Trainer, "train_step", step)
+    assert tune(*common, "--adapter-path", str(stopped), "--resume") == 0
+    a, b = adapter(straight), adapter(stopped)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert tune(*common, "--adapter-path", str(stopped), "--resume") == 0  # nothing left to do
+    assert "already at step 4 of --iters 4: raise --iters" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

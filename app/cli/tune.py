@@ -25,7 +25,14 @@ DEFAULTS = {  # mlx_lm.lora's CONFIG_DEFAULTS where it has the flag
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the `tune` subcommand to the `mixchat` parser's subparsers."""
-    tune = commands.add_parser("tune", help="fine-tune a model with LoRA on your data")
+    tune = commands.add_parser(
+        "tune", help="fine-tune a model with LoRA on your data",
+        description="Train a LoRA adapter (mlx-lm's files) on chat, prompt/completion or text "
+        "rows; then `mixchat ask --adapter-path OUT`. Ctrl-C keeps the last save: the same "
+        "command with --resume continues it.",
+        epilog="example: mixchat tune --data examples/facts-fr --adapter-path fr-facts "
+        "--iters 30 --learning-rate 2e-4 --steps-per-eval 10 (README: Fine-tuning)",
+    )  # fmt: skip
     add_model_option(tune)
     tune.add_argument("--data", required=True, metavar="PATH",
                       help="a folder with train.jsonl (valid.jsonl, test.jsonl optional) or one "
@@ -113,8 +120,17 @@ def run(args: argparse.Namespace) -> int:
     trainer = (StreamedTrainer if streamed else Trainer)(model, data, train, out, config, bar.show)
     try:
         trainer.run(resume=args.resume)
-    finally:
+    except KeyboardInterrupt:
         bar.end()
+        if trainer.saved_step is not None:  # Ctrl-C: say where the run can continue from
+            print(f"mixchat: stopped at step {trainer.step}; {out} holds the save of step "
+                  f"{trainer.saved_step}: the same command with --resume continues from there",
+                  file=sys.stderr)  # fmt: skip
+        raise
+    bar.end()
+    if args.resume and trainer.steps_run == 0:
+        print(f"mixchat: the run in {out} is already at step {trainer.step} of --iters "
+              f"{args.iters}: raise --iters to train on", file=sys.stderr)  # fmt: skip
     print(f"adapter saved in {out} (step {trainer.step}); use it with "
           f"`mixchat ask --adapter-path {out}`", file=sys.stderr)  # fmt: skip
     return 0

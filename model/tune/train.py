@@ -126,6 +126,7 @@ class Trainer:
         self.val_batches = self._validation_batches()
         self.optimizer = optim.Adam(learning_rate=config.learning_rate)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the latest save (what --resume reads)
         self.val_loss: float | None = None
         self.tokens, self.seconds, self.steps_run = 0, 0.0, 0
         self.identity = {"train": self.config.identity(), "adapter": adapter_config,
@@ -216,6 +217,7 @@ class Trainer:
                     "epoch_and_batch": json.dumps(divmod(self.step, len(self.batches)))}  # fmt: skip
         path = self.adapter_path / STATE_FILE
         write_atomic(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata))
+        self.saved_step = self.step
 
     def load_state(self) -> None:
         path = self.adapter_path / STATE_FILE
@@ -244,4 +246,4 @@ class Trainer:
         ]
         self.optimizer.state = tree_unflatten(state)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.step = step
+        self.step = self.saved_step = step

@@ -61,6 +61,9 @@ def worker(tool: str, path: str, max_tokens: int, short: bool = False) -> dict:
         stream = engine.stream(messages, GenerationSettings(max_tokens=max_tokens, temperature=0))
         tokens = 0
         for chunk in stream:  # a chunk per token with text, then a final one with stats
+            if getattr(chunk, "progress", None) is not None:
+                continue  # the prompt being read (no token yet): timing it would count the
+                # prompt as decode time and make the first token look early
             token_times.append(time.perf_counter())
             tokens = chunk.stats.generation_tokens if chunk.stats else tokens
     else:
@@ -94,7 +97,8 @@ BASELINE: Path | None = None  # --baseline: another checkout's code, timed as "m
 def run_worker(tool: str, path: Path, max_tokens: int, short: bool = False) -> dict:
     """`tool`'s generation in a fresh process ("mixchat-before": the --baseline checkout's)."""
     root = BASELINE if tool == "mixchat-before" else ROOT
-    cmd = [sys.executable, "-m", "benchmarks.bench_decode", "--worker",
+    # This file's worker either way (the same timing), over `root`'s code (PYTHONPATH).
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
            "mixchat" if tool == "mixchat-before" else tool, str(path),
            str(max_tokens)] + (["--short"] if short else [])  # fmt: skip
     out = subprocess.run(

@@ -72,7 +72,11 @@ def failure(refused: Refused) -> int | None:
 def print_answer(reply: ReplyStream, args: argparse.Namespace, url: str) -> int:
     """Stream the reply to stdout and the statistics to stderr, as the in-process path does."""
     try:
-        text = print_reply(reply, args)
+        text = print_reply(reply, args, guard := getattr(args, "reply_guard", None))
+        if guard is not None and guard.result is not None:  # --safe: the reply was flagged
+            from .ask import print_flagged  # the connection closes: the server cancels it
+
+            return print_flagged(text, guard.result, args)
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise MixchatError(f"the reply from {url} broke off: {e}") from None
     if reply.replaced_model:  # --model named another model than the server's: it was swapped

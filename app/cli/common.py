@@ -189,14 +189,21 @@ def answer_json(text: str, model: str | None, stats: GenerationStats,
             | {name: getattr(stats, name) for name in EXPERT_FIGURES})  # fmt: skip
 
 
-def print_reply(pieces: Iterable[str], args: argparse.Namespace) -> str:
-    """Stream the reply's text to stdout (not with --json); return the whole text."""
+def print_reply(pieces: Iterable[str], args: argparse.Namespace, guard=None) -> str:
+    """Stream the reply's text to stdout (not with --json); return the whole text. With a
+    `guard` (app.moderation.stream.ReplyGuard, `--safe`), stop reading at the first flagged
+    sentence window: the text printed so far stays."""
     text = []
     for piece in pieces:
         text.append(piece)
         if piece and not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
+        if guard is not None and guard.feed(piece):
+            break
+    else:
+        if guard is not None:
+            guard.finish()
     return "".join(text)
 
 

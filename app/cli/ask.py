@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import stat
@@ -19,6 +18,7 @@ from model.generation_settings import GenerationSettings
 from model.ranks import launched
 
 from .common import (
+    FLAGGED,
     UsageError,
     add_adapter_option,
     add_budget_option,
@@ -26,6 +26,7 @@ from .common import (
     add_model_option,
     join_hosts,
     print_end,
+    print_flagged,
     print_reply,
     rank_split,
 )
@@ -242,8 +243,6 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
 
 # --- safe mode -------------------------------------------------------------------------------
 
-FLAGGED = 3
-
 
 def check_input(args: argparse.Namespace, instruction: str, piped: str) -> int | None:
     """--safe: the prompt and the piped text checked before anything is sent (or loaded):
@@ -260,18 +259,3 @@ def check_input(args: argparse.Namespace, instruction: str, piped: str) -> int |
               f"({', '.join(result.flagged_categories)}, by {result.guard})", file=sys.stderr)  # fmt: skip
         return FLAGGED
     return None
-
-
-def print_flagged(text: str, result, args: argparse.Namespace) -> int:
-    """The reply was stopped by --safe: the text printed so far stays; one line on stderr
-    (--json: the text, finish_reason content_filter and the moderation result); exit 3."""
-    from app.moderation.stream import folded_line
-
-    if args.json:
-        print(json.dumps({"text": text, "finish_reason": "content_filter",
-                          "moderation": result.to_json()}, ensure_ascii=False))  # fmt: skip
-    else:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        print(f"mixchat: {folded_line(result)}", file=sys.stderr)
-    return FLAGGED

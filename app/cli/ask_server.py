@@ -27,7 +27,7 @@ from app.remote import (
 from model.errors import MixchatError
 from model.generation_settings import GenerationSettings
 
-from .common import UsageError, print_end, print_reply
+from .common import UsageError, print_end, print_flagged, print_reply
 
 
 def ask_server(args: argparse.Namespace, messages: list[dict],
@@ -74,9 +74,8 @@ def print_answer(reply: ReplyStream, args: argparse.Namespace, url: str) -> int:
     try:
         text = print_reply(reply, args, guard := getattr(args, "reply_guard", None))
         if guard is not None and guard.result is not None:  # --safe: the reply was flagged
-            from .ask import print_flagged  # the connection closes: the server cancels it
-
-            return print_flagged(text, guard.result, args)
+            return print_flagged(text, guard.result, args)  # the connection closes: the
+            # server cancels the reply
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise MixchatError(f"the reply from {url} broke off: {e}") from None
     if reply.replaced_model:  # --model named another model than the server's: it was swapped

@@ -221,3 +221,21 @@ def print_end(text: str, model: str | None, stats: GenerationStats,
         for line in stats_lines(stats, args.settings.lang):
             print(line, file=sys.stderr)
     return 0
+
+
+FLAGGED = 3  # exit status: --safe stopped the prompt or the reply
+
+
+def print_flagged(text: str, result, args: argparse.Namespace) -> int:
+    """The reply was stopped by --safe: the text printed so far stays; one line on stderr
+    (--json: the text, finish_reason content_filter and the moderation result); exit 3."""
+    from app.moderation.stream import folded_line
+
+    if args.json:
+        print(json.dumps({"text": text, "finish_reason": "content_filter",
+                          "moderation": result.to_json()}, ensure_ascii=False))  # fmt: skip
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"mixchat: {folded_line(result)}", file=sys.stderr)
+    return FLAGGED

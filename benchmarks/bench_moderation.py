@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -47,25 +46,25 @@ def run_guard(policy: Policy, rows: list[dict]) -> tuple[list[bool], list[float]
 
 
 def stream_overhead(engine, tokens: int) -> dict:
-    """Decode a reply; check it with the lexical guard each time a sentence ends (the window:
-    the sentence just finished), as a streaming reply is checked. Overhead = checking time /
-    decode time."""
+    """Decode a reply and check it as `--safe` does (app.moderation.stream.ReplyGuard: the
+    lexical guard on sentence windows, fed every piece, the tail at the end). Overhead =
+    time in feed()/finish() / decode time."""
+    from app.moderation.stream import ReplyGuard
     from model import GenerationSettings
 
-    guard = LexicalGuard()
+    guard = ReplyGuard()
     settings = GenerationSettings(max_tokens=tokens, temperature=0.0)
-    text, window_start, checks, check_time, stats = "", 0, 0, 0.0, None
+    checks, check_time, stats = 0, 0.0, None
     for chunk in engine.stream([{"role": "user", "content": REPLY_PROMPT}], settings):
-        text += chunk.text
         if chunk.stats is not None:
             stats = chunk.stats
-        ends = [m.end() for m in re.finditer(r"[.!?\n]", text[window_start:])]
-        if ends or chunk.stats is not None:
-            end = window_start + (ends[-1] if ends else len(text) - window_start)
-            start = time.perf_counter()
-            guard.check(text[window_start:end], role="assistant")
-            check_time += time.perf_counter() - start
-            checks, window_start = checks + 1, end
+        start = time.perf_counter()
+        before = len(guard.sentences), guard.checked
+        guard.feed(chunk.text)
+        if chunk.stats is not None:
+            guard.finish()
+        check_time += time.perf_counter() - start
+        checks += (len(guard.sentences), guard.checked) != before
     decode = stats.generation_tokens / stats.generation_tps if stats.generation_tps else 0.0
     return {"tokens": stats.generation_tokens, "decode_s": decode, "checks": checks,
             "check_s": check_time, "overhead": check_time / decode if decode else 0.0}  # fmt: skip

@@ -18,6 +18,7 @@ from model.generation_settings import GenerationSettings
 from model.ranks import launched
 
 from .common import (
+    FLAGGED,
     UsageError,
     add_adapter_option,
     add_budget_option,
@@ -25,6 +26,7 @@ from .common import (
     add_model_option,
     join_hosts,
     print_end,
+    print_flagged,
     print_reply,
     rank_split,
 )
@@ -36,7 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Answer PROMPT (or stdin) and stream the reply to stdout, with statistics "
         "(prompt and decode tok/s, peak memory) on stderr, in the interface language. Greedy "
         "unless --temp is set. Through `mixchat serve` when one runs, else in-process. Exit "
-        "codes: 0 ok, 1 error, 2 usage, 130 interrupted; every error is one line on stderr.",
+        "codes: 0 ok, 1 error, 2 usage, 3 flagged by --safe, 130 interrupted; every error is "
+        "one line on stderr.",
     )  # fmt: skip
     add_model_option(ask)
     ask.add_argument(
@@ -47,8 +50,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--system", help="system prompt")
     ask.add_argument(
         "--safe", action="store_true",
-        help="safe mode: put Mistral's guardrail system prompt before --system (as the chat "
-        "app's safe mode does)",
+        help="safe mode (as the chat app's): Mistral's guardrail system prompt before --system; "
+        "the prompt checked before it is sent and piped text framed as data and checked for "
+        "injection (flagged: nothing is sent, exit 3); the reply checked as it streams, "
+        "stopped when flagged (exit 3)",
+    )  # fmt: skip
+    ask.add_argument(
+        "--guard-model", metavar="M",
+        help="with --safe: also check the prompt with this Llama Guard 3 checkpoint",
     )  # fmt: skip
     ask.add_argument(
         "--max-tokens", type=int, default=512, metavar="N",
@@ -111,19 +120,27 @@ def decode_stdin(data: bytes) -> str:
 def read_prompt(argument: str | None, stdin: TextIO) -> str:
     """The prompt: the argument; stdin for '-' or no argument; with an argument and a pipe, the
     argument (an instruction), a blank line, then the piped text, as `llm` and others join them."""
+    instruction, piped = read_parts(argument, stdin)
+    return f"{instruction}\n\n{piped}" if piped else instruction
+
+
+def read_parts(argument: str | None, stdin: TextIO) -> tuple[str, str]:
+    """(the prompt, the piped text): the piped text is "" unless there is both an argument and
+    a pipe (then the argument is the instruction and the piped text a document)."""
     if argument is None and stdin.isatty():
         raise UsageError("no prompt: give one as an argument or pipe it on stdin")
+    piped = ""
     if argument in (None, "-"):
         prompt = decode_stdin(stdin.buffer.read())
     else:
         prompt = clean_text(argument)
         # mlx.launch keeps every rank's stdin open: there the argument is the whole prompt.
         if is_piped(stdin) and not launched():
-            if (piped := decode_stdin(stdin.buffer.read())).strip():
-                prompt = f"{prompt}\n\n{piped}"
-    if not prompt.strip():
+            if not (piped := decode_stdin(stdin.buffer.read())).strip():
+                piped = ""
+    if not prompt.strip() and not piped:
         raise UsageError("the prompt is empty")
-    return prompt
+    return prompt, piped
 
 
 def ask_messages(prompt: str, system: str | None, safe: bool) -> list[dict]:
@@ -158,9 +175,21 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     generation = generation_settings(args)
-    prompt = read_prompt(args.prompt, sys.stdin)
+    instruction, piped = read_parts(args.prompt, sys.stdin)
     if args.raw and (args.system or args.safe):
         raise UsageError("--system and --safe need a chat template; a raw completion has none")
+    if args.guard_model and not args.safe:
+        raise UsageError("--guard-model needs --safe")
+    args.reply_guard = None
+    if args.safe:
+        if (flagged := check_input(args, instruction, piped)) is not None:
+            return flagged
+        from app.moderation.stream import ReplyGuard, frame_document
+
+        args.reply_guard = ReplyGuard()  # the reply: the lexical guard, sentence by sentence
+        prompt = f"{instruction}\n\n{frame_document(piped)}" if piped else instruction
+    else:
+        prompt = f"{instruction}\n\n{piped}" if piped else instruction
     messages = ask_messages(prompt, args.system, args.safe)
     if not (args.local or args.raw or args.hosts):  # `mixchat serve` answers (adapter included)
         from .ask_server import ask_server
@@ -203,6 +232,30 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
             stats = chunk.stats or stats
             yield chunk.text
 
-    text = print_reply(pieces(), args)
+    guard = args.reply_guard
+    text = print_reply(pieces(), args, guard)
+    if guard is not None and guard.result is not None:  # --safe: stopped at a flagged window
+        engine.cancel()
+        return print_flagged(text, guard.result, args)
     assert stats is not None
     return print_end(text, engine.name, stats, args)
+
+
+# --- safe mode -------------------------------------------------------------------------------
+
+
+def check_input(args: argparse.Namespace, instruction: str, piped: str) -> int | None:
+    """--safe: the prompt and the piped text checked before anything is sent (or loaded):
+    exit 3 and one line when either is flagged, else None."""
+    from app.moderation import Policy
+    from app.moderation.stream import blocked_line, check_document, check_message
+
+    policy = Policy.build(args.guard_model, args.settings.load_options) if args.guard_model else None
+    if (result := check_message(instruction, policy)) is not None:
+        print(f"mixchat: {blocked_line(result, 'prompt')}", file=sys.stderr)
+        return FLAGGED
+    if piped and (result := check_document(piped, policy)) is not None:
+        print(f"mixchat: the piped text was not sent: it looks like a prompt injection "
+              f"({', '.join(result.flagged_categories)}, by {result.guard})", file=sys.stderr)  # fmt: skip
+        return FLAGGED
+    return None

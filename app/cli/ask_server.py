@@ -27,7 +27,7 @@ from app.remote import (
 from model.errors import MixchatError
 from model.generation_settings import GenerationSettings
 
-from .common import UsageError, print_end, print_reply
+from .common import UsageError, print_end, print_flagged, print_reply
 
 
 def ask_server(args: argparse.Namespace, messages: list[dict],
@@ -72,7 +72,10 @@ def failure(refused: Refused) -> int | None:
 def print_answer(reply: ReplyStream, args: argparse.Namespace, url: str) -> int:
     """Stream the reply to stdout and the statistics to stderr, as the in-process path does."""
     try:
-        text = print_reply(reply, args)
+        text = print_reply(reply, args, guard := getattr(args, "reply_guard", None))
+        if guard is not None and guard.result is not None:  # --safe: the reply was flagged
+            return print_flagged(text, guard.result, args)  # the connection closes: the
+            # server cancels the reply
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise MixchatError(f"the reply from {url} broke off: {e}") from None
     if reply.replaced_model:  # --model named another model than the server's: it was swapped

@@ -189,14 +189,21 @@ def answer_json(text: str, model: str | None, stats: GenerationStats,
             | {name: getattr(stats, name) for name in EXPERT_FIGURES})  # fmt: skip
 
 
-def print_reply(pieces: Iterable[str], args: argparse.Namespace) -> str:
-    """Stream the reply's text to stdout (not with --json); return the whole text."""
+def print_reply(pieces: Iterable[str], args: argparse.Namespace, guard=None) -> str:
+    """Stream the reply's text to stdout (not with --json); return the whole text. With a
+    `guard` (app.moderation.stream.ReplyGuard, `--safe`), stop reading at the first flagged
+    sentence window: the text printed so far stays."""
     text = []
     for piece in pieces:
         text.append(piece)
         if piece and not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
+        if guard is not None and guard.feed(piece):
+            break
+    else:
+        if guard is not None:
+            guard.finish()
     return "".join(text)
 
 
@@ -214,3 +221,21 @@ def print_end(text: str, model: str | None, stats: GenerationStats,
         for line in stats_lines(stats, args.settings.lang):
             print(line, file=sys.stderr)
     return 0
+
+
+FLAGGED = 3  # exit status: --safe stopped the prompt or the reply
+
+
+def print_flagged(text: str, result, args: argparse.Namespace) -> int:
+    """The reply was stopped by --safe: the text printed so far stays; one line on stderr
+    (--json: the text, finish_reason content_filter and the moderation result); exit 3."""
+    from app.moderation.stream import folded_line
+
+    if args.json:
+        print(json.dumps({"text": text, "finish_reason": "content_filter",
+                          "moderation": result.to_json()}, ensure_ascii=False))  # fmt: skip
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"mixchat: {folded_line(result)}", file=sys.stderr)
+    return FLAGGED

@@ -67,6 +67,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "dense model, 1 for an MoE model; 1: one at a time)")  # fmt: skip
     serve.add_argument("--prompt-cache", type=size, default=1 << 30, metavar="SIZE",
                        help="memory for saved conversation KV caches (default 1GiB)")  # fmt: skip
+    serve.add_argument("--safe", action="store_true",
+                       help="moderate every chat completion (a request's \"moderation\": false "
+                       "turns it off): a flagged prompt or reply ends with finish_reason "
+                       "content_filter")  # fmt: skip
     serve.add_argument("--detach", action="store_true",
                        help="run in the background (pid and URL in the data directory's "
                        "serve.json, output in serve.log)")  # fmt: skip
@@ -117,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
-    server = make_server(build_app(scheduler, api_key=api_key), scheduler)
+    server = make_server(build_app(scheduler, api_key=api_key, safe=args.safe), scheduler)
     from app.serve.detach import remove_state, write_state
 
     state = Path(args.state_file) if args.state_file else None  # --detach's child

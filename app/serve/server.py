@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from model.errors import MixchatError
 
+from . import moderated
 from .requests import (
     ApiError,
     GenerationRequest,
@@ -41,8 +42,11 @@ DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this bef
 
 
 def build_app(
-    scheduler: Scheduler, *, api_key: str | None = None, max_body: int = MAX_BODY
-) -> Starlette:
+    scheduler: Scheduler, *, api_key: str | None = None, max_body: int = MAX_BODY,
+    safe: bool = False, policy=None,
+) -> Starlette:  # fmt: skip
+    """`safe`: every chat completion moderated (a request's `moderation` overrides it);
+    `policy`: the moderation policy (default: the lexical guard)."""
     models = scheduler.models
 
     def check_key(request: Request) -> None:
@@ -70,9 +74,18 @@ def build_app(
 
     async def generate(request: Request, parse) -> Response:
         check_key(request)
-        gen: GenerationRequest = parse(await read_body(request))
+        body = await read_body(request)
+        gen: GenerationRequest = parse(body)
         key = await run_in_threadpool(models.resolve, gen.model, gen.adapter)
         job = Job(gen, key, asyncio.get_running_loop())
+        if moderated.wanted(body, gen, safe):
+            if flagged := await run_in_threadpool(moderated.check_prompt, gen, policy):
+                answer = moderated.refused(base(job), flagged, gen.stream)
+                if not gen.stream:
+                    return JSONResponse(answer)
+                events = "".join(event(b) for b in answer) + "data: [DONE]\n\n"
+                return Response(events, media_type="text/event-stream")
+            job.guard = moderated.reply_guard(policy)
         scheduler.submit(job)
         gone = asyncio.ensure_future(disconnected(request))
         streaming = False
@@ -91,7 +104,8 @@ def build_app(
                 )  # fmt: skip
             text, item = [], first
             while isinstance(item, Delta):
-                text.append(item.text)
+                if not filtered(job, item):
+                    text.append(item.text)
                 item = await next_event(job, gone)
             if item is None:
                 return Response(status_code=204)
@@ -110,7 +124,8 @@ def build_app(
             item = first
             while True:
                 if isinstance(item, Delta):
-                    yield event(chunk(job, text=item.text))
+                    if not filtered(job, item):
+                        yield event(chunk(job, text=item.text))
                 elif isinstance(item, Done):
                     yield event(chunk(job, finish=item))
                     if job.request.include_usage:
@@ -124,6 +139,28 @@ def build_app(
         finally:
             scheduler.cancel(job)
 
+    def filtered(job: Job, delta: Delta) -> bool:
+        """A moderated reply: True for text at or after a flagged sentence window (dropped;
+        the job is cancelled at its next token)."""
+        guard = getattr(job, "guard", None)
+        if guard is None:
+            return False
+        if guard.result is not None:
+            return True
+        if guard.feed(delta.text) is not None:
+            scheduler.cancel(job)
+        return False
+
+    def finish_reason(job: Job, done: Done) -> str:
+        guard = getattr(job, "guard", None)
+        if guard is not None and (guard.result or guard.finish()):
+            return moderated.CONTENT_FILTER
+        return openai_reason(done.finish_reason)
+
+    def flagged_json(job: Job) -> dict:
+        guard = getattr(job, "guard", None)
+        return {"moderation": guard.result.to_json()} if guard and guard.result else {}
+
     def base(job: Job, model: str | None = None) -> dict:
         chat = job.request.kind == "chat"
         return {
@@ -134,7 +171,7 @@ def build_app(
         }
 
     def chunk(job: Job, delta: dict | None = None, *, text: str = "", finish: Done | None = None):
-        reason = None if finish is None else openai_reason(finish.finish_reason)
+        reason = None if finish is None else finish_reason(job, finish)
         if job.request.kind == "chat":
             delta = delta if delta is not None else {} if finish else {"content": text}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
@@ -143,10 +180,11 @@ def build_app(
         body = base(job, finish.model if finish else None) | {"choices": [choice]}
         if finish is not None:
             body["mixchat"] = engine_stats(finish)
+            body |= flagged_json(job)
         return body
 
     def whole(job: Job, text: str, done: Done) -> dict:
-        reason = openai_reason(done.finish_reason)
+        reason = finish_reason(job, done)
         if job.request.kind == "chat":
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
@@ -154,7 +192,7 @@ def build_app(
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
             body = base(job, done.model)
-        return body | {"choices": [choice], "usage": usage(done), "mixchat": engine_stats(done)}
+        return body | {"choices": [choice], "usage": usage(done), "mixchat": engine_stats(done)} | flagged_json(job)
 
     async def chat_completions(request: Request) -> Response:
         return await generate(request, parse_chat)

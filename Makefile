@@ -25,9 +25,10 @@ chat: setup
 	$(BIN)/mixchat
 
 # Two workers: the suite's tests wait on processes, servers and terminals as much as they
-# compute, and this project's machines have 2 cores (tests/ keep no shared state between them).
+# compute, and this project's machines have 2 cores. Tests keep no shared state, except the
+# multi-rank ones (loopback ports), grouped on one worker (xdist_group "ranks").
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check app model quantize tests benchmarks

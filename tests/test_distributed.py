@@ -21,6 +21,8 @@ from app.cli import main
 from model import Engine, GenerationSettings, distributed, weights
 from model.memory_plan import memory_plan
 
+pytestmark = pytest.mark.xdist_group("ranks")  # ranks on loopback ports: one worker runs them all
+
 BIN = Path(sys.executable).parent
 MIXCHAT = str(BIN / "mixchat")
 # Over 32 tokens: the prompt takes the sorted (prefill) expert path, decoding the other one.

@@ -16,6 +16,8 @@ from model.distributed.hosts import rank_share
 from model.memory_plan import memory_plan
 from tests.test_distributed import MIXCHAT, finish, quantized, start_ranks
 
+pytestmark = pytest.mark.xdist_group("ranks")  # ranks on loopback ports: one worker runs them all
+
 CONTEXT = 64
 PROMPT = "Tell me about mixtures of experts, at length: how a router picks two experts per token."
 

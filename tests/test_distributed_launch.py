@@ -47,7 +47,10 @@ def gone(mark: str, within: float = 10.0) -> bool:
     return not marked(mark)
 
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc"),
+    pytest.mark.xdist_group("ranks"),  # ranks on loopback ports: one worker runs them all
+]
 
 
 def test_ask_with_hosts_starts_the_other_rank_and_gives_the_tokens_of_one_process(

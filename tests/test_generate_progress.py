@@ -135,6 +135,7 @@ LONG_PROMPT_LEADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.xdist_group("ranks")  # ranks on loopback ports: one worker runs them all
 def test_two_ranks_read_a_long_prompt_in_step_and_stop_together(tiny_mixtral, tmp_path):
     """Ranks that share the experts keep fixed passes (their all_sums must match) and agree on
     a cancel between passes; the reply after it is the one a single process writes."""

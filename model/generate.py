@@ -297,7 +297,7 @@ class Engine:
                         self._observed_by = observer
                         for step in self._routing_steps[:-1]:
                             observer(self._count_step(step))
-                    observer(self._count_experts(routing))
+                    observer(self._count_step(self._routing_steps[-1]))
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -395,12 +395,6 @@ class Engine:
         counts = np.zeros((experts.shape[0], self.model.args.num_local_experts), dtype=np.int64)
         for layer in range(experts.shape[0]):
             np.add.at(counts[layer], experts[layer], 1)
-        return counts
-
-    def _count_experts(self, routing: list[mx.array]) -> np.ndarray:
-        counts = np.zeros((len(routing), self.model.args.num_local_experts), dtype=np.int64)
-        for layer, inds in enumerate(routing):
-            np.add.at(counts[layer], np.array(inds).ravel(), 1)
         return counts
 
     def _reuse_cache(self, ids: list[int]) -> int:

@@ -10,7 +10,10 @@ import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the test extra's tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "model", "quantize")

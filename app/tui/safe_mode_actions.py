@@ -5,26 +5,27 @@ folded behind a notice, and revealed on a click or Enter (the reveal is saved wi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from app.store import StoredMessage
+from app.i18n import Strings
+from app.store import ConversationStore, StoredMessage
 from app.tui.moderation import CONTENT_FILTER, ChatModeration, is_folded
 from app.tui.widgets.message_view import MessageView
-
-if TYPE_CHECKING:
-    from app.tui.screens.chat import ChatScreen
 
 HELD_CLASS = "held-by-safe-mode"
 
 
 class SafeModeActions:
-    """Mixed into ChatScreen."""
+    """Mixed into ChatScreen (app/tui/screens/chat.py), which provides the state below and
+    ``settings``, ``send_prompt``, ``chat_log``, ``prompt_box``, and Textual's ``notify`` and
+    ``refresh_bindings``."""
 
+    store: ConversationStore
+    strings: Strings
+    history: list[StoredMessage]
     moderation: ChatModeration
     held: str | None = None  # the text safe mode held back, while its notice stands
     _send_unchecked: bool = False
 
-    async def held_back(self: ChatScreen, text: str) -> bool:
+    async def held_back(self, text: str) -> bool:
         """Check ``text`` before it is sent; True when it is held back (nothing sent, nothing
         saved: the text is back in the prompt box and a notice says why)."""
         unchecked, self._send_unchecked = self._send_unchecked, False
@@ -50,7 +51,7 @@ class SafeModeActions:
         self.refresh_bindings()
         return True
 
-    async def action_send_anyway(self: ChatScreen) -> None:
+    async def action_send_anyway(self) -> None:
         """Ctrl+G: send what the prompt box holds, without the check, once."""
         if self.held is None:
             return
@@ -61,14 +62,14 @@ class SafeModeActions:
         self._send_unchecked = True
         await self.send_prompt(text)
 
-    def fold_if_stopped(self: ChatScreen, view: MessageView, message: StoredMessage) -> None:
+    def fold_if_stopped(self, view: MessageView, message: StoredMessage) -> None:
         """A reply stopped by safe mode, not revealed: behind its notice."""
         if is_folded(message.stats):
             stats = message.stats or {}
             view.fold(self.strings("message.folded", categories=stats.get("flagged", "?"),
                                    guard=stats.get("guard", "?")))  # fmt: skip
 
-    def on_message_view_revealed(self: ChatScreen, event: MessageView.Revealed) -> None:
+    def on_message_view_revealed(self, event: MessageView.Revealed) -> None:
         """Remember the reveal: the reply shows after a restart too."""
         for message in self.history:
             if message.id == event.view.message_id and message.stats:

@@ -25,8 +25,8 @@ from app.tui.conversation_actions import ConversationActions
 from app.tui.engine import Engine, ReplyStats
 from app.tui.engine_notices import load_notices, load_state, model_label
 from app.tui.errors import describe_error
-from app.tui.prompting import build_messages
 from app.tui.moderation import ChatModeration
+from app.tui.prompting import build_messages
 from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
 from app.tui.safe_mode_actions import SafeModeActions
 from app.tui.screens.help import HelpScreen

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from markdown_it import MarkdownIt
-from textual import events
 from markdown_it.rules_core import StateCore
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message

@@ -145,3 +145,9 @@ async def test_the_chats_safe_mode_switch_turns_the_checks_on(tmp_path):
         app.chat_screen.draft_settings = ChatSettings(safe_mode=True)
         await send(pilot, app, THREAT)
         assert engine.calls == [] and "violence_and_threats" in screen_text(app)
+
+
+def test_chat_with_a_guard_model_that_cannot_load_is_one_line_before_the_ui(cli, tmp_path):
+    ran = cli("chat", "--guard-model", str(tmp_path / "no-such-guard"))
+    assert ran.returncode == 1 and ran.stdout == b""
+    assert ran.stderr.decode().count("\n") == 1 and "no model at" in ran.stderr.decode()

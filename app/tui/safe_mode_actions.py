@@ -45,8 +45,7 @@ class SafeModeActions:
         notice = t(f"notice.held_{kind}", categories=", ".join(result.flagged_categories),
                    guard=result.guard)  # fmt: skip
         await self.chat_log.add_notice(notice, kind="warning", classes=HELD_CLASS)
-        self.chat_log.follow()
-        self.notify(notice, severity="warning", timeout=8)
+        self.chat_log.follow()  # the notice, just above the prompt box (no toast over it)
         self.held = text
         self.refresh_bindings()
         return True

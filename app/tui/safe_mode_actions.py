@@ -59,7 +59,10 @@ class SafeModeActions:
             text = self.held
         self.prompt_box.clear_prompt()
         self._send_unchecked = True
-        await self.send_prompt(text)
+        try:
+            await self.send_prompt(text)
+        finally:  # not sent (a reply still being written): the next try is checked again
+            self._send_unchecked = False
 
     def fold_if_stopped(self, view: MessageView, message: StoredMessage) -> None:
         """A reply stopped by safe mode, not revealed: behind its notice."""

@@ -120,7 +120,7 @@ def test_chat_gets_its_settings_as_arguments(monkeypatch, tmp_path):
     assert received == {
         "model": "some/model", "lang": "fr", "data_dir": tmp_path,
         "load_options": LoadOptions(dtype="float16", streams=2),
-        "server": "http://127.0.0.1:8741", "api_key": "k",
+        "server": "http://127.0.0.1:8741", "api_key": "k", "moderation": None,
     }  # fmt: skip
     assert dict(os.environ) == before
     assert main(["chat", "--local"]) == 0 and received["server"] is None  # in-process

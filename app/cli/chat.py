@@ -32,6 +32,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_budget_option(chat)
     add_adapter_option(chat)
     add_hosts_option(chat)
+    chat.add_argument(
+        "--safe", action="store_true",
+        help="safe mode in every chat: Mistral's guardrail system prompt; your message checked "
+        "before it is sent (a flagged one is held back: edit it, or Ctrl+G sends it anyway), "
+        "long pastes framed as data and checked for injection, the reply checked as it streams "
+        "(stopped and folded when flagged; a click shows it)",
+    )  # fmt: skip
+    chat.add_argument(
+        "--guard-model", metavar="M",
+        help="implies --safe: also check your messages with this Llama Guard 3 checkpoint "
+        "(loaded before the chat opens, under the memory budget)",
+    )  # fmt: skip
     chat.add_argument("--local", action="store_true",
                       help="load the model in-process, not via `mixchat serve`")  # fmt: skip
     chat.set_defaults(func=cmd_chat)
@@ -44,6 +56,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         check_memory_budget(args)  # a budget that cannot work fails before the UI opens
     from app.tui.run import run_chat
 
+    moderation = None
+    if args.safe or args.guard_model:
+        from app.moderation import Policy
+        from app.tui.moderation import ChatModeration
+
+        policy = Policy.build(args.guard_model, settings.load_options) if args.guard_model else None
+        moderation = ChatModeration(policy, forced=True)  # a guard that fails: one line, exit 1
+
     return run_chat(
         model=settings.model,
         lang=settings.lang,
@@ -51,6 +71,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         load_options=settings.load_options,
         server=None if args.local or args.hosts or launched() else settings.server,  # ranks: local
         api_key=settings.api_key,
+        moderation=moderation,
     )
 
 

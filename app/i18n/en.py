@@ -13,6 +13,9 @@ ENGLISH: dict[str, str] = {
     "prompt.editing": "Editing your last message (Esc to cancel the edit)",
     "prompt.paste_marker": "paste {number}: {chars} chars",
     "message.stopped": "stopped",
+    "message.content_filter": "stopped by safe mode",
+    "message.folded": "⚠ Reply stopped by safe mode: flagged as {categories} (by {guard}). "
+    "Click it, or Tab to it and press Enter, to show it.",
     "message.truncated": "reached the token limit",
     "message.interrupted": "interrupted (the app closed while writing)",
     "message.tokens": "{tokens} tokens",
@@ -57,6 +60,10 @@ ENGLISH: dict[str, str] = {
     "({tokens} tokens, the context holds {context}). It was not sent: it is back in the prompt "
     "box, to shorten.",
     "notice.error": "Error: {error}",
+    "notice.held_message": "Not sent: safe mode flagged your message as {categories} (by "
+    "{guard}). Edit it, or press Ctrl+G to send it anyway.",
+    "notice.held_paste": "Not sent: the pasted text looks like a prompt injection ({categories}, "
+    "by {guard}). Edit it, or press Ctrl+G to send it anyway.",
     "notice.long_prompt": "This prompt is {tokens} tokens: reading it takes about {left} more. Esc stops it.",
     "notice.stopped_reading": "Stopped while reading the prompt ({read} of {total} tokens "
     "read): nothing was written.",
@@ -151,6 +158,7 @@ ENGLISH: dict[str, str] = {
     "action.regenerate": "Regenerate",
     "action.edit_last": "Edit",
     "action.copy_reply": "Copy",
+    "action.send_anyway": "Send anyway",
     "action.settings": "Settings",
     "action.toggle_experts": "Experts",
     "action.toggle_sidebar": "Chats",
@@ -169,6 +177,7 @@ ENGLISH: dict[str, str] = {
     "command.regenerate": "Write the last reply again",
     "command.edit_last": "Edit and resend your last message",
     "command.copy_reply": "Copy the last reply to the clipboard",
+    "command.send_anyway": "Send the message safe mode held back, unchecked, once",
     "command.settings": "System prompt, temperature, top-p, max tokens, language, safe mode",
     "command.toggle_experts": "Show or hide which experts each layer uses",
     "command.toggle_sidebar": "Show or hide the list of saved chats",

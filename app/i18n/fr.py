@@ -12,6 +12,9 @@ FRENCH: dict[str, str] = {
     "prompt.editing": "Modification de votre dernier message (Échap pour annuler)",
     "prompt.paste_marker": "collage {number} : {chars} caractères",
     "message.stopped": "interrompu",
+    "message.content_filter": "arrêtée par le mode sûr",
+    "message.folded": "⚠ Réponse arrêtée par le mode sûr : signalée comme {categories} (par "
+    "{guard}). Cliquez dessus, ou allez-y avec Tab et appuyez sur Entrée, pour l’afficher.",
     "message.truncated": "limite de jetons atteinte",
     "message.interrupted": "interrompu (l’application s’est fermée pendant l’écriture)",
     "message.tokens": "{tokens} jetons",
@@ -57,6 +60,10 @@ FRENCH: dict[str, str] = {
     "({tokens} jetons, le contexte en contient {context}). Il n’a pas été envoyé : il est de "
     "retour dans la zone de saisie, à raccourcir.",
     "notice.error": "Erreur : {error}",
+    "notice.held_message": "Non envoyé : le mode sûr a signalé votre message comme {categories} "
+    "(par {guard}). Modifiez-le, ou appuyez sur Ctrl+G pour l’envoyer quand même.",
+    "notice.held_paste": "Non envoyé : le texte collé ressemble à une injection de consignes "
+    "({categories}, par {guard}). Modifiez-le, ou appuyez sur Ctrl+G pour l’envoyer quand même.",
     "notice.long_prompt": "Ce prompt fait {tokens} jetons : sa lecture prend encore environ {left}. Échap l’arrête.",
     "notice.stopped_reading": "Arrêté pendant la lecture du prompt ({read} jetons lus sur "
     "{total}) : rien n’a été écrit.",
@@ -146,6 +153,7 @@ FRENCH: dict[str, str] = {
     "action.regenerate": "Relancer",
     "action.edit_last": "Éditer",
     "action.copy_reply": "Copier",
+    "action.send_anyway": "Envoyer quand même",
     "action.settings": "Réglages",
     "action.toggle_experts": "Experts",
     "action.toggle_sidebar": "Discussions",
@@ -164,6 +172,7 @@ FRENCH: dict[str, str] = {
     "command.regenerate": "Réécrire la dernière réponse",
     "command.edit_last": "Modifier et renvoyer votre dernier message",
     "command.copy_reply": "Copier la dernière réponse dans le presse-papiers",
+    "command.send_anyway": "Envoyer sans vérification, une fois, le message retenu par le mode sûr",
     "command.settings": "Prompt système, température, top-p, jetons max., langue, mode sûr",
     "command.toggle_experts": "Afficher ou masquer les experts utilisés par chaque couche",
     "command.toggle_sidebar": "Afficher ou masquer la liste des discussions",

@@ -34,6 +34,8 @@ class ChatAction:
 
 CHAT_ACTIONS: tuple[ChatAction, ...] = (
     ChatAction("cancel", "escape", "Esc"),
+    # Shown only while safe mode holds a message back (ChatScreen.check_action).
+    ChatAction("send_anyway", "ctrl+g", "Ctrl+G"),
     ChatAction("new_chat", "ctrl+n", "Ctrl+N"),
     ChatAction("regenerate", "ctrl+r", "Ctrl+R"),
     ChatAction("edit_last", "ctrl+l", "Ctrl+L"),

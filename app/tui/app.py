@@ -18,6 +18,7 @@ from app.store import ConversationStore
 from app.tui.actions import CHAT_ACTIONS
 from app.tui.engine import Engine
 from app.tui.errors import describe_error
+from app.tui.moderation import ChatModeration
 from app.tui.screens.chat import ChatScreen
 from model.load_options import LoadOptions
 
@@ -33,7 +34,8 @@ class MixchatApp(App[int]):
     ``load_options`` (a model.load_options.LoadOptions; None: the defaults) say. The loader
     runs in a thread while the chat screen already shows, with a loading state; a message sent
     meanwhile waits and goes when the model is ready. If loading fails, the app exits with code
-    1 and the error as its exit message.
+    1 and the error as its exit message. ``moderation`` (app/tui/moderation.py): safe mode's
+    checks (None: the lexical guard, for chats whose safe-mode switch is on).
     """
 
     CSS_PATH = "mixchat.tcss"
@@ -52,6 +54,7 @@ class MixchatApp(App[int]):
         load_options: LoadOptions | None = None,
         server: str | None = None,
         api_key: str | None = None,
+        moderation: ChatModeration | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -62,7 +65,7 @@ class MixchatApp(App[int]):
         if engine is None and engine_loader is None:
             engine_loader = partial(_load_engine, model, load_options, server, api_key)
         self._engine_loader = engine_loader if engine is None else None
-        self.chat_screen = ChatScreen(store, self.strings)
+        self.chat_screen = ChatScreen(store, self.strings, moderation)
         self.load_error: str | None = None
 
     @property

@@ -27,6 +27,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from app.store import ChatSettings, ConversationStore, StoredMessage, stats_to_dict
 from app.tui.engine import Engine
+from app.tui.moderation import stopped_stats
 from app.tui.prompting import fit_to_context
 from app.tui.streaming import RoutingAccumulator, TextBuffer, UpdatePacer
 from app.tui.widgets.message_view import MessageView
@@ -66,6 +67,7 @@ class ActiveReply:
     last_text_at: float | None = None  # when text last went to the Markdown stream
     completed_at: float | None = None  # when all its text was in the Markdown widget
     stats: Any = None
+    guard: Any = None  # safe mode: an app.moderation ReplyGuard fed the reply as it streams
     # Written by the worker thread (plain assignments), read by the UI's tick:
     started_at: float | None = None  # when the engine was asked (monotonic)
     progress: tuple[int, int] | None = None  # prompt tokens read, of how many
@@ -171,9 +173,11 @@ class ReplySession:
         view: MessageView,
         messages: list[dict],
         settings: ChatSettings,
+        guard: Any = None,
     ) -> ActiveReply:
-        """Start the reply now, or as soon as the engine is ready."""
+        """Start the reply now, or as soon as the engine is ready (``guard``: safe mode's)."""
         reply = ActiveReply(conversation_id, view, view.get_stream(), messages, settings)
+        reply.guard = guard
         if self.engine is None:
             self.waiting = reply
         else:
@@ -248,7 +252,7 @@ class ReplySession:
                         if not warned and left + (now - reply.started_at) > LONG_PROMPT_SECONDS:
                             warned = True
                             post(self.LongPrompt(reply, progress[1], left))
-                    if chunk.text:
+                    if chunk.text and not self._stopped_by_guard(reply, chunk.text, engine):
                         if reply.first_text_at is None:
                             reply.first_text_at = now
                         reply.text_chunks += 1
@@ -260,10 +264,25 @@ class ReplySession:
                         # Esc may have come before the stream started: say it again.
                         engine.cancel()
                         cancel_sent = True
+                if reply.guard is not None and not reply.cancel_requested:
+                    reply.guard.finish()  # the tail after the last closed sentence
         except Exception as exception:  # shown in the chat, never a crash
             error = exception
         finally:
             post(self.Finished(reply, stats, error))
+
+    @staticmethod
+    def _stopped_by_guard(reply: ActiveReply, text: str, engine: Engine) -> bool:
+        """Safe mode: True (and generation stopped) once the reply's text is flagged; the
+        flagged window's text is kept (the reply is folded, not cut)."""
+        guard = reply.guard
+        if guard is None or guard.result is not None:
+            return guard is not None
+        if guard.feed(text) is not None:
+            reply.buffer.append(text)
+            engine.cancel()
+            return True
+        return False
 
     async def tick(self) -> None:
         """Timer tick: when the pacer allows, move what the worker wrote onto the screen, give
@@ -303,8 +322,11 @@ class ReplySession:
             tps = getattr(finished.stats, "prompt_tps", 0.0)
             if tps and getattr(finished.stats, "prompt_tokens", 0) >= 256:
                 self.prompt_tps = tps  # a prompt long enough for its speed to mean something
+        stats: Any = finished.stats
+        if reply.guard is not None and reply.guard.result is not None:
+            stats = stopped_stats(stats_to_dict(stats), reply.guard.result)
         if reply.text:
-            self._save(reply, complete=True, stats=finished.stats)
+            self._save(reply, complete=True, stats=stats)
         engine = self.engine
         kept = None if engine is None else getattr(engine, "last_routing", None)
         if kept is not None and finished.stats is not None:

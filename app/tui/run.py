@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from model.load_options import LoadOptions
@@ -18,6 +18,7 @@ def run_chat(
     data_dir: str | Path | None = None,
     server: str | None = None,
     api_key: str | None = None,
+    moderation: Any = None,
 ) -> int:
     """Open the chat UI on ``model`` (None: the embedded default model); returns an exit code.
 
@@ -26,6 +27,7 @@ def run_chat(
     ``load_options`` (model.load_options.LoadOptions) go to ``Engine.load``; the chats live in
     ``data_dir`` (None: the default data directory). With ``server`` (a URL), a running
     `mixchat serve` there answers, if it can serve the model (``api_key`` sent as its key).
+    ``moderation`` (app.tui.moderation.ChatModeration): safe mode's checks.
     app/settings.py reads them all once. A second app on the same data directory is refused
     with one line (exit code 1).
     """
@@ -51,6 +53,7 @@ def run_chat(
         load_options=load_options,
         server=server,
         api_key=api_key,
+        moderation=moderation,
     )
     try:
         app.run()

@@ -25,8 +25,10 @@ from app.tui.conversation_actions import ConversationActions
 from app.tui.engine import Engine, ReplyStats
 from app.tui.engine_notices import load_notices, load_state, model_label
 from app.tui.errors import describe_error
+from app.tui.moderation import ChatModeration
 from app.tui.prompting import build_messages
 from app.tui.reply_session import LONG_PROMPT_SECONDS, ActiveReply, ReplySession
+from app.tui.safe_mode_actions import SafeModeActions
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.model_info import ModelInfoScreen
 from app.tui.server_recovery import ServerRecovery
@@ -42,12 +44,15 @@ from app.tui.widgets.status_bar import StatusBar
 NARROW_SCREEN_WIDTH = 120  # below this, showing the experts panel hides the chats sidebar
 
 
-class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
+class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[None]):
     BINDINGS = chat_bindings()
     AUTO_FOCUS = "#prompt"
 
-    def __init__(self, store: ConversationStore, strings: Strings) -> None:
+    def __init__(
+        self, store: ConversationStore, strings: Strings, moderation: ChatModeration | None = None
+    ) -> None:
         super().__init__()
+        self.moderation = moderation or ChatModeration()
         translate_bindings(self, strings)
         self.store = store
         self.strings = strings
@@ -168,6 +173,8 @@ class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
             self.prompt_box.set_prompt(text)  # give the text back rather than lose it
             self.notify_busy()
             return
+        if await self.held_back(text):  # safe mode: a flagged message is not sent
+            return
         if self.editing is not None:
             await self.discard_from(self.editing)
             self.stop_editing()
@@ -210,10 +217,12 @@ class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
         view = MessageView("assistant", role_label=self.strings("role.assistant"))
         await self.chat_log.add_message(view)
         view.set_streaming(True)
-        messages = build_messages(
-            self.settings, [message.as_chat_message() for message in self.history]
-        )
-        reply = self.reply_flow.begin(self.conversation.id, view, messages, self.settings)
+        settings, safe = self.moderation.effective(self.settings), self.moderation
+        messages = [message.as_chat_message() for message in self.history]
+        on = safe.active(self.settings)  # long pastes framed as data, the reply checked
+        messages = build_messages(settings, safe.frame(messages) if on else messages)
+        guard = safe.reply_guard() if on else None
+        reply = self.reply_flow.begin(self.conversation.id, view, messages, settings, guard)
         if self.reply_flow.waiting is reply:
             self.status_bar.set_state(self.strings("status.waiting"))
             self.recover_engine()  # after a server went away: it, if back, else in-process
@@ -292,6 +301,7 @@ class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
         saved, stats = await self.reply_flow.finish(message)
         if saved is not None:
             self.history.append(saved)
+            self.fold_if_stopped(reply.view, saved)
         else:
             await reply.view.remove()  # nothing was written: no empty message is kept
             if stats is not None and stats.finish_reason == "cancelled":
@@ -337,6 +347,7 @@ class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
         finish_reason = "" if message.complete else "interrupted"
         info, warning = stats_line(ReplyStats.of(message.stats), self.strings, finish_reason)
         view.show_info(info, warning=warning)
+        self.fold_if_stopped(view, message)
 
     async def show_empty_chat(self) -> None:
         await self.chat_log.clear()
@@ -436,6 +447,8 @@ class ChatScreen(ConversationActions, ServerRecovery, Screen[None]):
     # The screen's own actions (the conversation's: ConversationActions)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "send_anyway":
+            return self.held is not None
         if action == "cancel":
             return True if (self.is_generating or self.editing is not None) else None
         if action in ("regenerate", "edit_last"):

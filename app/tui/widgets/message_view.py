@@ -5,8 +5,10 @@ from __future__ import annotations
 from markdown_it import MarkdownIt
 from markdown_it.rules_core import StateCore
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.message import Message
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
@@ -35,7 +37,15 @@ def _soft_breaks_are_hard(state: StateCore) -> None:
 
 
 class MessageView(Vertical, can_focus=True):
-    """A user prompt (plain text, shown as typed) or an assistant reply (Markdown, streamed)."""
+    """A user prompt (plain text, shown as typed) or an assistant reply (Markdown, streamed).
+    A reply stopped by safe mode is folded behind a notice until revealed (a click, or Enter)."""
+
+    class Revealed(Message):
+        """The user asked to see a folded reply (it is shown already)."""
+
+        def __init__(self, view: MessageView) -> None:
+            super().__init__()
+            self.view = view
 
     def __init__(
         self,
@@ -65,6 +75,7 @@ class MessageView(Vertical, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Label(self._role_label, classes="message-role")
         if self.role == "assistant":
+            yield Label("", classes="message-fold")
             yield Markdown(self._content, classes="message-body", parser_factory=reply_parser)
         else:
             text = self._content
@@ -84,6 +95,28 @@ class MessageView(Vertical, can_focus=True):
 
     def set_streaming(self, streaming: bool) -> None:
         self.set_class(streaming, "-streaming")
+
+    @property
+    def folded(self) -> bool:
+        return self.has_class("-folded")
+
+    def fold(self, notice: str) -> None:
+        """Hide the reply's text behind ``notice`` (the text stays, for ``reveal``)."""
+        self.query_one(".message-fold", Label).update(notice)
+        self.add_class("-folded")
+
+    def reveal(self) -> None:
+        if self.folded:
+            self.remove_class("-folded")
+            self.post_message(self.Revealed(self))
+
+    def on_click(self, event: events.Click) -> None:
+        self.reveal()
+
+    def on_key(self, event: events.Key) -> None:
+        if event.key == "enter" and self.folded:
+            event.stop()
+            self.reveal()
 
     def show_info(self, info: str, *, warning: bool = False) -> None:
         """The line under the message: token count and speed, or why it stopped."""
@@ -110,6 +143,9 @@ def stats_line(
     warning = False
     if finish_reason == "cancelled":
         parts.append(strings("message.stopped"))
+        warning = True
+    elif finish_reason == "content_filter":
+        parts.append(strings("message.content_filter"))
         warning = True
     elif finish_reason == "length":
         parts.append(strings("message.truncated"))

@@ -15,6 +15,8 @@ pacer needs to know in that same tick whether anything was drawn.
 
 from __future__ import annotations
 
+from typing import Any
+
 from textual.message import Message
 from textual.timer import Timer
 from textual.widget import Widget
@@ -100,10 +102,11 @@ class ReplyFlow(Widget):
         view: MessageView,
         messages: list[dict],
         settings: ChatSettings,
+        guard: Any = None,
     ) -> ActiveReply:
         """Start the reply into ``view`` now, or once the model is loaded (then the view says
-        so and ``waiting`` is this reply)."""
-        reply = self.session.begin(conversation_id, view, messages, settings)
+        so and ``waiting`` is this reply); ``guard``: safe mode's ReplyGuard."""
+        reply = self.session.begin(conversation_id, view, messages, settings, guard)
         if self.session.waiting is reply:
             view.show_info(self.strings("message.waiting_for_model"))
         else:
@@ -167,7 +170,8 @@ class ReplyFlow(Widget):
         view.set_streaming(False)
         stats = ReplyStats.of(finished.stats)
         if saved is not None:
-            info, warning = stats_line(stats, self.strings)
+            stopped = finished.reply.guard is not None and finished.reply.guard.result is not None
+            info, warning = stats_line(stats, self.strings, "content_filter" if stopped else "")
             view.show_info(info, warning=warning)
         return saved, stats
 

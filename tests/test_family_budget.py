@@ -1,0 +1,96 @@
+"""MoE families under a memory budget (issue 21, item 2): their experts stream through the
+same offload package as Mixtral's (model/offload/), and greedy tokens are identical with and
+without a budget. The checkpoints are tiny mlx-community-style 4-bit directories
+(`mlx_lm.convert -q` of the published layout), built as tests/test_families.py builds them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model import Engine
+from model.errors import MixchatError
+from model.memory_plan import memory_plan
+from model.offload import runtime_of
+from model.weights import locate
+from tests.test_cli import mixchat
+from tests.test_families import FAMILIES, _reply, family_dirs  # noqa: F401 (a fixture)
+
+CONTEXT = 256
+
+
+@pytest.fixture(scope="session")
+def family_4bit(family_dirs, tmp_path_factory):  # noqa: F811
+    import mlx_lm
+
+    root = tmp_path_factory.mktemp("families-4bit")
+    out = {}
+    for family, path in family_dirs.items():
+        out[family] = root / family
+        mlx_lm.convert(str(path), str(out[family]), quantize=True, q_bits=4, q_group_size=64)
+    return out
+
+
+def tight_budget(path, experts: int = 3) -> tuple[int, object]:
+    """A budget whose expert cache holds `experts` experts beyond one layer's top-k: fewer than
+    a token's (2 layers x top-2 of 8), so experts are evicted while decoding."""
+    plan = memory_plan(locate(path), 4, context=CONTEXT)
+    return plan.minimum_budget + experts * plan.expert_bytes, plan
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budgeted_greedy_tokens_equal_unbudgeted(family_4bit, family):
+    path = family_4bit[family]
+    whole = Engine.load(str(path), memory_budget="none", max_context=CONTEXT)
+    assert runtime_of(whole.model) is None
+    _, expected = _reply(whole)
+    budget, plan = tight_budget(path)
+    engine = Engine.load(str(path), memory_budget=budget, max_context=CONTEXT)
+    runtime = runtime_of(engine.model)
+    assert runtime is not None, "the experts should stream under this budget"
+    assert runtime.num_experts == 8 and runtime.top_k == 2
+    prompt = " ".join(["Once upon a time, in a land far away,"] * 3)  # a layer-by-layer prompt
+    _, tokens = _reply(engine)
+    assert tokens == expected and len(tokens) >= 9
+    counters = runtime.snapshot()
+    assert counters.misses > 0 and counters.reads > 2 * 8  # evicted, and read again
+    assert runtime.cache.capacity < plan.total_expert_bytes
+    _, long_whole = _reply(whole, prompt)
+    _, long_budgeted = _reply(engine, prompt)
+    assert long_budgeted == long_whole
+
+
+def test_shared_experts_and_routers_stay_resident(family_4bit):
+    """Qwen2-MoE's shared expert (and its gate) are resident weights, not streamed experts."""
+    checkpoint = locate(family_4bit["qwen2_moe"])
+    plan = memory_plan(checkpoint, 4, context=CONTEXT)
+    shared = sum(s.nbytes for n, s in checkpoint.tensors.items() if ".shared_expert" in n)
+    assert shared and plan.resident_bytes > shared
+    assert plan.offloadable and plan.num_experts == 8 and plan.top_k == 2 and plan.moe_layers == 2
+    budget, _ = tight_budget(family_4bit["qwen2_moe"])
+    engine = Engine.load(str(family_4bit["qwen2_moe"]), memory_budget=budget, max_context=CONTEXT)
+    layer = engine.model.layers[0]
+    assert "shared_expert" in layer.mlp and "weight" in layer.mlp.shared_expert.gate_proj
+    assert runtime_of(engine.model).describe().startswith("experts stream from disk")
+
+
+def test_a_published_directory_under_a_budget_is_told_to_convert(family_dirs):  # noqa: F811
+    budget, _ = tight_budget(family_dirs["olmoe"])
+    with pytest.raises(MixchatError) as e:
+        Engine.load(str(family_dirs["olmoe"]), memory_budget=budget, max_context=CONTEXT)
+    message = str(e.value)
+    assert "mixchat quantize" in message and "\n" not in message
+
+
+def test_info_predicts_what_loading_decides(family_4bit):
+    path = family_4bit["qwen3_moe"]
+    budget, plan = tight_budget(path)
+    result = mixchat("info", str(path), "--memory-budget", str(budget), "--max-context",
+                     str(CONTEXT), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    info = json.loads(result.stdout)
+    engine = Engine.load(str(path), memory_budget=budget, max_context=CONTEXT)
+    runtime = runtime_of(engine.model)
+    print(json.dumps(info)[:3000])
+    assert False

@@ -17,7 +17,7 @@ from model.weights import locate
 from tests.test_cli import mixchat
 from tests.test_families import FAMILIES, _reply, family_dirs  # noqa: F401 (a fixture)
 
-CONTEXT = 256
+CONTEXT = 64  # a KV cache small beside the experts (4 of them)
 
 
 @pytest.fixture(scope="session")
@@ -83,14 +83,27 @@ def test_a_published_directory_under_a_budget_is_told_to_convert(family_dirs):  
     assert "mixchat quantize" in message and "\n" not in message
 
 
-def test_info_predicts_what_loading_decides(family_4bit):
-    path = family_4bit["qwen3_moe"]
+def test_info_predicts_what_loading_decides(family_4bit, capsys):
+    """`mixchat info` under the budget: the family's expert count, top-k and expert bytes, the
+    cache loading gives the experts, and a hit rate replayed with the family's 8 / top-2."""
+    from app.cli import main
+    from model.routing_trace import expected_hit_rate
+
+    path = family_4bit["qwen2_moe"]
     budget, plan = tight_budget(path)
-    result = mixchat("info", str(path), "--memory-budget", str(budget), "--max-context",
-                     str(CONTEXT), "--json")  # fmt: skip
-    assert result.returncode == 0, result.stderr.decode()
-    info = json.loads(result.stdout)
+    code = main(["info", str(path), "--memory-budget", str(budget), "--max-context",
+                 str(CONTEXT), "--json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    memory = json.loads(out)["memory"]
     engine = Engine.load(str(path), memory_budget=budget, max_context=CONTEXT)
     runtime = runtime_of(engine.model)
-    print(json.dumps(info)[:3000])
-    assert False
+    predicted = memory["plan"]
+    assert (predicted["num_experts"], predicted["top_k"], predicted["moe_layers"]) == (8, 2, 2)
+    assert predicted["expert_bytes"] == runtime.store.expert_bytes(0)
+    assert predicted["resident_bytes"] == plan.resident_bytes  # shared expert included
+    runtime.set_kv_bytes(predicted["kv_bytes"])  # info plans for a full context
+    assert not memory["fits"] and memory["cache_bytes"] == runtime.cache.capacity
+    share = memory["prediction"]["cached_fraction"]
+    assert 0 < share < 1
+    assert memory["prediction"]["expected_hit_rate"] == expected_hit_rate(share, 8, 2, 2)

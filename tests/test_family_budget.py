@@ -14,7 +14,6 @@ from model.errors import MixchatError
 from model.memory_plan import memory_plan
 from model.offload import runtime_of
 from model.weights import locate
-from tests.test_cli import mixchat
 from tests.test_families import FAMILIES, _reply, family_dirs  # noqa: F401 (a fixture)
 
 CONTEXT = 64  # a KV cache small beside the experts (4 of them)

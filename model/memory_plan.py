@@ -219,17 +219,23 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
             active += mem
     E = max(args.num_local_experts, 1) if args.is_moe else 1
     offloadable, why = True, ""
+    # mixchat quantize writes Mixtral's layouts; a family's converts with mlx-lm's own tool
+    convert = (
+        f"mlx_lm.convert --hf-path {checkpoint.path} --mlx-path DIR -q"
+        if args.is_family
+        else f"mixchat quantize {checkpoint.path} DIR"
+    )
     if not args.is_moe or not layer_mem:
         offloadable, why = False, "it is a dense model: it has no experts to stream"
     elif checkpoint.format not in ("hf", "gguf") or per_expert or not stacked:
         offloadable = False
         why = (
             "experts stream only from an MLX-quantized checkpoint (experts stacked per layer): "
-            f"convert it with `mixchat quantize {checkpoint.path} DIR`"
+            f"convert it with `{convert}`"
         )
     elif args.quantization is None and checkpoint.format != "gguf":
         offloadable = False
-        why = f"it is not quantized: convert it with `mixchat quantize {checkpoint.path} DIR`"
+        why = f"it is not quantized: convert it with `{convert}`"
     return MemoryPlan(
         resident_bytes=resident,
         resident_active_bytes=active,

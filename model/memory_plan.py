@@ -201,9 +201,8 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
     bits = None
     for name, spec in checkpoint.tensors.items():
         mem = loaded_nbytes(spec, compute_bytes)
+        # any family's experts (names.EXPERT_MODULES); shared experts and routers are resident
         if (is_stacked := is_expert_tensor(name)) or is_per_expert_tensor(name):
-            # any family's experts (names.EXPERT_MODULES); shared experts and routers stay
-            # resident and are counted there
             layer = _layer_of(name)
             layer_mem[layer] = layer_mem.get(layer, 0) + mem
             layer_disk[layer] = layer_disk.get(layer, 0) + _disk_nbytes(checkpoint, name, spec)
@@ -219,12 +218,9 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
             active += mem
     E = max(args.num_local_experts, 1) if args.is_moe else 1
     offloadable, why = True, ""
-    # mixchat quantize writes Mixtral's layouts; a family's converts with mlx-lm's own tool
-    convert = (
-        f"mlx_lm.convert --hf-path {checkpoint.path} --mlx-path DIR -q"
-        if args.is_family
-        else f"mixchat quantize {checkpoint.path} DIR"
-    )
+    convert = f"mixchat quantize {checkpoint.path} DIR"  # a family's: with mlx-lm's own tool
+    if args.is_family:
+        convert = f"mlx_lm.convert --hf-path {checkpoint.path} --mlx-path DIR -q"
     if not args.is_moe or not layer_mem:
         offloadable, why = False, "it is a dense model: it has no experts to stream"
     elif checkpoint.format not in ("hf", "gguf") or per_expert or not stacked:
@@ -234,8 +230,7 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
             f"convert it with `{convert}`"
         )
     elif args.quantization is None and checkpoint.format != "gguf":
-        offloadable = False
-        why = f"it is not quantized: convert it with `{convert}`"
+        offloadable, why = False, f"it is not quantized: convert it with `{convert}`"
     return MemoryPlan(
         resident_bytes=resident,
         resident_active_bytes=active,

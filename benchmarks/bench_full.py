@@ -14,8 +14,11 @@ page cache dropped first (as root), so every expert read is a real disk read:
   the measured decode speed; greedy tokens compared across budgets.
 
     python -m benchmarks.bench_full [--model DIR] [--tokens 3] [--budgets auto,12GB,7GB]
+    python -m benchmarks.bench_full --qwen3 [--budgets 8GB,12GB]  # Qwen3-30B-A3B-shaped
 
-Works on any MLX-quantized Mixtral directory (e.g. the 790M benchmark model) with --model.
+Works on any MLX-quantized Mixtral directory (e.g. the 790M benchmark model) with --model, and
+on the families' (Qwen3-MoE, Qwen2-MoE, OLMoE: experts streamed the same way): `--qwen3` writes
+(if missing) and runs benchmarks/make_qwen3_checkpoint.py's Qwen3-30B-A3B-shaped ~17 GB one.
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def gb(n: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="an MLX-quantized Mixtral directory")
+    parser.add_argument("--model", type=Path, help="an MLX-quantized MoE directory")
+    parser.add_argument("--qwen3", action="store_true",
+                        help="the Qwen3-30B-A3B-shaped checkpoint (make_qwen3_checkpoint.py)")
     parser.add_argument("--tokens", type=int, default=3, help="greedy decode steps")
     parser.add_argument("--budgets", default="default,12GB,7GB")
     parser.add_argument("--no-long", action="store_true",
@@ -149,7 +154,11 @@ def main() -> None:
         path, budget, tokens, long_prompt = args.worker
         print(json.dumps(worker(path, budget, int(tokens), long_prompt == "1")))
         return
-    if args.model is None:
+    if args.model is None and args.qwen3:
+        from benchmarks.make_qwen3_checkpoint import make_qwen3_checkpoint
+
+        args.model = make_qwen3_checkpoint()
+    elif args.model is None:
         from benchmarks.make_full_checkpoint import make_full_checkpoint
 
         args.model = make_full_checkpoint()

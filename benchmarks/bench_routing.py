@@ -1,6 +1,8 @@
 """Expert-cache hit rate vs cached share on Mixtral-like routing, per policy, with bounds.
 
-For Mixtral 8x7B (8 experts top-2, 32 layers) and 8x22B (8 experts top-2, 56 layers): a trace
+For Mixtral 8x7B (8 experts top-2, 32 layers) and 8x22B (8 experts top-2, 56 layers), and the
+families' shapes (Qwen3-30B-A3B: 128 experts top-8, 48 layers; Qwen1.5-MoE: 60 top-4, 24;
+OLMoE: 64 top-8, 16; `--models` picks some): a trace
 from model/routing_trace.py (per-layer locality interpolating the published ranges) of one
 prompt chunk then decoded tokens, replayed for caches holding 10%..90% of the experts under
 each of mixchat's policies (lru, lfu, lru-layer, lfu-layer: per-layer ones get capacity //
@@ -14,6 +16,7 @@ It also prints the locality the traces measure against their targets, per-layer 
 and how long `expected_hit_rate` takes on its first call (what `mixchat info` pays).
 
     python -m benchmarks.bench_routing [--decode-tokens 2048] [--prompt-tokens 512] [--seed 0]
+        [--models "Mixtral 8x7B,Qwen3-30B-A3B"]
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ import numpy as np
 
 from model import routing_trace as rt
 
-MODELS = (("Mixtral 8x7B", 8, 2, 32), ("Mixtral 8x22B", 8, 2, 56))
+# (name, experts per layer, top-k, MoE layers): each family's own, as their config.json have them
+MODELS = (
+    ("Mixtral 8x7B", 8, 2, 32),
+    ("Mixtral 8x22B", 8, 2, 56),
+    ("Qwen3-30B-A3B", 128, 8, 48),
+    ("Qwen1.5-MoE-A2.7B", 60, 4, 24),
+    ("OLMoE-1B-7B", 64, 8, 16),
+)
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPREAD = "lru-layer, spread"  # per-layer LRU whose quotas use the whole capacity
 COLUMNS = (*rt.POLICIES, rt.AUTO_POLICY, SPREAD, "static", "belady")
@@ -113,19 +123,26 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=2048)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default=",".join(m[0] for m in MODELS),
+                        help="comma-separated names of MODELS (default: all)")  # fmt: skip
     args = parser.parse_args()
+    wanted = [n.strip() for n in args.models.split(",")]
+    unknown = [n for n in wanted if n not in {m[0] for m in MODELS}]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r} (known: {', '.join(m[0] for m in MODELS)})")
+    models = [m for m in MODELS if m[0] in wanted]
 
-    for name, E, k, L in MODELS:
+    for name, E, k, L in models:
         runs = sorted(first_call_ms(E, k, L) for _ in range(5))
         wall, cpu = np.median([r[0] for r in runs]), np.median([r[1] for r in runs])
         print(f"`expected_hit_rate` first call (trace + replay), {name} shapes: median of 5 "
               f"{wall:.0f} ms wall, {cpu:.0f} ms CPU")  # fmt: skip
     totals: dict[str, list[float]] = {c: [] for c in COLUMNS}
-    for name, E, k, L in MODELS:
+    for name, E, k, L in models:
         table = bench_model(name, E, k, L, args)
         for c in COLUMNS:  # shares where every policy runs (per-layer ones need >= k/layer)
             totals[c] += [v for v, lru_layer in zip(table[c], table["lru-layer"]) if lru_layer]
-    print("\nMean hit rate over the shares where every policy runs, both models:\n")
+    print("\nMean hit rate over the shares where every policy runs, all models above:\n")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     print("| " + " | ".join(f"{np.mean(totals[c]):.1%}" for c in COLUMNS) + " |")

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, UnsupportedModelError
 from .kv_cache import kv_caches
-from .mlx_lm_parts import model_module
+from .mlx_lm_parts import create_attention_mask, model_module
 from .router import top_experts
 
 
@@ -136,6 +136,39 @@ class FamilyModel(nn.Module):
             for i in range(first, len(steps)):
                 steps[i] = steps[i].reshape(*inputs.shape, -1)
         return h
+
+    def prefill_layerwise(self, inputs: mx.array, cache: list, chunk: int) -> mx.array:
+        """As mixtral.Model.prefill_layerwise, under a budget: layer by layer over all of
+        `inputs` [1, T], attention in chunks of `chunk`, then the layer's experts over all T
+        tokens at once (each streamed expert read at most once per layer per window). Layers of
+        the pre-norm shape (Qwen-MoE, OLMoE: self_attn, mlp, two norms) are split so; another
+        family's run whole over the window through mlx-lm's own call, which computes each layer
+        over all T tokens before the next too (its attention not chunked). Returns the
+        final-normed hidden state of the last token [1, 1, hidden]."""
+        parts_ = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+        if not all(all(p in layer for p in parts_) for layer in self.layers):
+            return self.hidden_states(inputs, cache)[:, -1:]
+        if not self._watching:
+            self._watch_routers()
+        steps = self._log.steps
+        first = len(steps) if steps is not None else 0
+        h = self.model.embed_tokens(inputs)  # [1, T, hidden]
+        T = h.shape[1]
+        for layer, layer_cache in zip(self.layers, cache):
+            done = []
+            for a in range(0, T, chunk):
+                x = h[:, a : a + chunk]
+                mask = create_attention_mask(x, layer_cache)
+                part = x + layer.self_attn(layer.input_layernorm(x), mask, layer_cache)
+                mx.eval(part, layer_cache.state)
+                done.append(part)
+            h = mx.concatenate(done, axis=1) if len(done) > 1 else done[0]
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            mx.eval(h)
+        if steps is not None:  # OLMoE routes flattened tokens: back to [B, T, k]
+            for i in range(first, len(steps)):
+                steps[i] = steps[i].reshape(*inputs.shape, -1)
+        return self.model.norm(h[:, -1:])
 
     def logits(self, h: mx.array) -> mx.array:
         """Hidden states [..., hidden] -> logits [..., vocab]."""

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import MixchatError
 from .machine import available_memory, physical_memory
-from .names import EXPERT_MARK, PER_EXPERT_MARK
+from .names import is_expert_tensor, is_per_expert_tensor
 from .safetensors_header import FLOAT_DTYPES
 from .sizes import format_bytes, parse_budget, size_arg  # noqa: F401 (parse_budget: re-exported)
 
@@ -201,12 +201,13 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
     bits = None
     for name, spec in checkpoint.tensors.items():
         mem = loaded_nbytes(spec, compute_bytes)
-        if EXPERT_MARK in name or PER_EXPERT_MARK in name:
+        # any family's experts (names.EXPERT_MODULES); shared experts and routers are resident
+        if (is_stacked := is_expert_tensor(name)) or is_per_expert_tensor(name):
             layer = _layer_of(name)
             layer_mem[layer] = layer_mem.get(layer, 0) + mem
             layer_disk[layer] = layer_disk.get(layer, 0) + _disk_nbytes(checkpoint, name, spec)
-            stacked |= EXPERT_MARK in name
-            per_expert |= PER_EXPERT_MARK in name
+            stacked |= is_stacked
+            per_expert |= not is_stacked
             if name.endswith("gate_proj.weight") and spec.dtype == "U32" and bits is None:
                 bits = spec.shape[-1] * 32 // args.hidden_size if args.hidden_size else None
             continue
@@ -217,20 +218,19 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
             active += mem
     E = max(args.num_local_experts, 1) if args.is_moe else 1
     offloadable, why = True, ""
+    convert = f"mixchat quantize {checkpoint.path} DIR"  # a family's: with mlx-lm's own tool
     if args.is_family:
-        offloadable = False
-        why = f"experts of {args.model_type} models do not stream yet (--memory-budget none)"
-    elif not args.is_moe or not layer_mem:
+        convert = f"mlx_lm.convert --hf-path {checkpoint.path} --mlx-path DIR -q"
+    if not args.is_moe or not layer_mem:
         offloadable, why = False, "it is a dense model: it has no experts to stream"
     elif checkpoint.format not in ("hf", "gguf") or per_expert or not stacked:
         offloadable = False
         why = (
             "experts stream only from an MLX-quantized checkpoint (experts stacked per layer): "
-            f"convert it with `mixchat quantize {checkpoint.path} DIR`"
+            f"convert it with `{convert}`"
         )
     elif args.quantization is None and checkpoint.format != "gguf":
-        offloadable = False
-        why = f"it is not quantized: convert it with `mixchat quantize {checkpoint.path} DIR`"
+        offloadable, why = False, f"it is not quantized: convert it with `{convert}`"
     return MemoryPlan(
         resident_bytes=resident,
         resident_active_bytes=active,
@@ -424,7 +424,7 @@ def estimate_plan(
     resident = embed_row = expert_mem = expert_disk = 0
     for name, shape in parameter_shapes(args).items():
         params = math.prod(shape)
-        if EXPERT_MARK in name:
+        if is_expert_tensor(name):
             expert_mem += quantized(params, expert_bits, compute_bytes)
             expert_disk += quantized(params, expert_bits, scale_bytes)
         elif len(shape) == 1 or name.endswith(".block_sparse_moe.gate.weight"):

@@ -16,6 +16,16 @@ from functools import cache
 EXPERT_MARK = ".block_sparse_moe.switch_mlp."  # mlx-lm: a layer's experts stacked [E, out, in]
 PER_EXPERT_MARK = ".block_sparse_moe.experts."  # Hugging Face: one tensor per expert
 PARTS = ("weight", "scales", "biases")  # a (quantized) matrix's tensors in mlx-lm's layout
+EXPERT_PARTS = (*PARTS, "bias")  # and an expert projection's own bias (gpt-oss), when it has one
+# Where each family keeps a layer's stacked experts (mlx-lm's module paths inside a layer):
+# Mixtral, granitemoe and phimoe under block_sparse_moe; Qwen-MoE, OLMoE and DeepSeek under mlp;
+# gpt-oss's are mlp.experts. Shared experts (mlp.shared_expert(s)) and routers are not experts here:
+# they stay resident under a budget.
+EXPERT_MODULES = ("block_sparse_moe.switch_mlp", "mlp.switch_mlp", "mlp.experts")
+_STACKED = re.compile(
+    r"\.(?:block_sparse_moe\.switch_mlp|mlp\.switch_mlp|mlp\.experts)\.(?:gate|up|down)_proj\."
+)
+_PER_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.\d+\.")
 # mlx-lm's expert projections and the Hugging Face / Mistral name of each.
 EXPERT_PROJECTIONS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 PROJECTION_OF = {hf: mlx for mlx, hf in EXPERT_PROJECTIONS.items()}  # "w1" -> "gate_proj"
@@ -120,6 +130,22 @@ def gguf_to_mlx(name: str) -> str:
             found = {k: v for k, v in m.groupdict().items() if v is not None}
             return target.format(**found) + "." + part
     return name
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether `name` is a layer's stacked expert tensor, in any family's module (EXPERT_MODULES)."""
+    return _STACKED.search(name) is not None
+
+
+def is_per_expert_tensor(name: str) -> bool:
+    """Whether `name` is one expert's own tensor, as Hugging Face checkpoints keep them
+    ("...block_sparse_moe.experts.3.w1.weight", "...mlp.experts.3.gate_proj.weight")."""
+    return _PER_EXPERT.search(name) is not None
+
+
+def stacked_expert_tensor(layer: int, module: str, proj: str, part: str = "weight") -> str:
+    """Layer `layer`'s stacked expert tensor under `module` (one of EXPERT_MODULES)."""
+    return f"model.layers.{layer}.{module}.{proj}.{part}"
 
 
 def per_expert_name(name: str) -> tuple[str, int] | None:

@@ -23,8 +23,6 @@ from .machine import (
     memory_bandwidth,
 )
 from .memory_plan import (
-    EXPERT_MARK,
-    PER_EXPERT_MARK,
     MemoryPlan,
     auto_budget,
     estimate_plan,
@@ -32,6 +30,7 @@ from .memory_plan import (
     none_warning,
     with_context,
 )
+from .names import is_expert_tensor, is_per_expert_tensor
 from .sizes import format_bytes, format_significant, size_arg
 
 
@@ -106,7 +105,7 @@ def expert_regions(checkpoint) -> list[tuple]:
     if checkpoint.format == "hf":
         for file in checkpoint.files:
             for name, spec in read_safetensors_header(file).items():
-                if EXPERT_MARK in name or PER_EXPERT_MARK in name:
+                if is_expert_tensor(name) or is_per_expert_tensor(name):  # any family's
                     regions.append((file, spec.offset, spec.offset + spec.nbytes))
     if not regions:
         regions = [(f, 0, f.stat().st_size) for f in checkpoint.files]

@@ -278,9 +278,10 @@ def build_model(
         for name, w in weights.items()
     }
     if offload:  # experts stay unread: the offload runtime reads them on demand
+        from .names import is_expert_tensor
         from .offload import attach
 
-        weights = {name: w for name, w in weights.items() if ".switch_mlp." not in name}
+        weights = {name: w for name, w in weights.items() if not is_expert_tensor(name)}
         runtime = attach(model, checkpoint, memory.cache_bytes, target, offload_options)
         if split is not None and (held := split.held_experts(model)) is not None:
             runtime.held = held  # a rank streams its share only

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from model import Engine, GenerationSettings
-from model.errors import MixchatError
 from tests.checkpoints import mistral_tokenizer_file
 from tests.test_cli import mixchat
 
@@ -195,10 +194,3 @@ def test_mlx_community_4bit_directory_runs_as_mlx_lm(family_dirs, tmp_path_facto
                                                          max_tokens=TOKENS,
                                                          sampler=make_sampler(0.0))]  # fmt: skip
     assert tokens == expected[: len(tokens)] and len(tokens) >= TOKENS - 1
-
-
-def test_a_budget_is_refused_in_one_line(family_dirs):
-    with pytest.raises(MixchatError) as e:
-        Engine.load(str(family_dirs["olmoe"]), memory_budget="1MB")
-    message = str(e.value)
-    assert "do not stream yet" in message and "olmoe" in message and "\n" not in message

@@ -1,8 +1,10 @@
 """Experts read on demand from the checkpoint, into a cache that stays within a memory budget.
 
 After `weights.build_model` has built a model with its expert tensors left unread, `attach`
-(wiring.py) swaps each MoE layer's `switch_mlp` for an `OffloadedExperts` (module.py). Per
-layer, per forward pass:
+(wiring.py) swaps each MoE layer's experts for an `OffloadedExperts` (module.py): Mixtral's
+`block_sparse_moe.switch_mlp` or, for the families mlx-lm defines (model/families.py), their
+SwitchGLU wherever the family keeps it (names.EXPERT_MODULES), with the family's top-k; routers
+and shared experts stay resident. Per layer, per forward pass:
 
 1. the router's choices are evaluated (one sync per layer, inherent to choosing what to read);
    a long prompt queues the next layer's experts to be read while this layer computes; during
@@ -13,7 +15,8 @@ layer, per forward pass:
    same kernels and shapes as `mixtral.Experts`, so greedy tokens are identical).
 
 Under a budget the engine runs a prompt layer by layer over whole windows of tokens
-(`Model.prefill_layerwise`), so each expert is read at most once per layer per window.
+(`Model.prefill_layerwise`, `FamilyModel.prefill_layerwise`), so each expert is read at most
+once per layer per window.
 
 The cache (`ExpertCache`, cache.py) counts bytes exactly (the arrays' `nbytes`), reserves them
 before a read starts, and never holds more than its capacity, which shrinks as the KV cache

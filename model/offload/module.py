@@ -8,6 +8,11 @@ guessing the next layer's experts from this layer's hidden state is off by defau
 Each chosen expert is applied to its tokens by `experts.swiglu` on the cached arrays (the same
 kernels and shapes as `mixtral.Experts`, so greedy tokens are identical); when a layer needs
 more experts than the cache can hold, they are computed in groups.
+
+It is also the drop-in for mlx-lm's `SwitchGLU` (the families of model/families.py): x
+[..., hidden] and indices [..., k] -> [..., k, hidden], each expert through the SwitchGLU's own
+`activation` (given as `activation`) and its projections' biases where it has them (gpt-oss),
+with the same gather kernels SwitchGLU runs, so greedy tokens are identical there too.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..experts import PROJECTIONS, ExpertWeights, Projection, RowGroups, swiglu
+from ..experts import PROJECTIONS, ExpertWeights, Projection, RowGroups, matmul, swiglu
 from ..mixtral import compute_streams
 from ..router import top_experts
 from .runtime import OffloadRuntime, Prefetch
@@ -36,7 +41,7 @@ def _projections(cached: CachedExpert, specs: dict[str, tuple | None]) -> Expert
     """A cached expert's arrays as the `experts.Projection`s `experts.swiglu` applies."""
     out = {}
     for proj in PROJECTIONS:
-        weight, scales, biases = (_as_float(a) for a in cached[proj])
+        weight, scales, biases = (_as_float(a) for a in cached[proj][:3])
         spec = specs[proj]
         if spec is None:
             out[proj] = Projection(weight)
@@ -46,16 +51,33 @@ def _projections(cached: CachedExpert, specs: dict[str, tuple | None]) -> Expert
     return out
 
 
-class OffloadedExperts(nn.Module):
-    """Drop-in for `mixtral.Experts` whose weights live in an OffloadRuntime's cache."""
+def _glu(r: mx.array, cached: CachedExpert, w: ExpertWeights, activation) -> mx.array:
+    """One expert over rows r [n, 1, hidden] as mlx-lm's SwitchGLU computes it: its
+    `activation(up, gate)`, each projection's bias added where it has one."""
+    zeros = mx.zeros((r.shape[0],), dtype=mx.uint32)
 
-    def __init__(self, runtime: OffloadRuntime, layer: int):
+    def project(proj: str, h: mx.array) -> mx.array:
+        y = matmul(h, w[proj], zeros, sorted_inds=True)
+        bias = cached[proj][3] if len(cached[proj]) > 3 else None
+        return y if bias is None else y + _as_float(bias).astype(y.dtype)
+
+    return project("down_proj", activation(project("up_proj", r), project("gate_proj", r)))
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for `mixtral.Experts` (activation None: experts.swiglu) or mlx-lm's SwitchGLU
+    (its `activation`) whose weights live in an OffloadRuntime's cache."""
+
+    def __init__(self, runtime: OffloadRuntime, layer: int, activation=None):
         super().__init__()
         self.runtime = runtime
         self.layer = layer
+        object.__setattr__(self, "_activation", activation)  # not a child: holds no weights
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
-        """x: [N, hidden], inds: [N, k] -> [N, k, hidden]."""
+        """x: [..., hidden], inds: [..., k] -> [..., k, hidden]."""
+        lead = inds.shape[:-1]
+        x, inds = x.reshape(-1, x.shape[-1]), inds.reshape(-1, inds.shape[-1])
         rt = self.runtime
         N, k = inds.shape
         next_layer = rt.next_layer.get(self.layer)
@@ -91,6 +113,9 @@ class OffloadedExperts(nn.Module):
                 w = _projections(cached[e], specs)
                 for a in range(bounds[j], bounds[j + 1], ROW_SLICE):  # bounded activations
                     r = rows[a : min(a + ROW_SLICE, bounds[j + 1])]
+                    if self._activation is not None:  # a family's SwitchGLU
+                        group_parts.append(_glu(r, cached[e], w, self._activation))
+                        continue
                     zeros = mx.zeros((r.shape[0],), dtype=mx.uint32)
                     with mx.stream(streams[j % len(streams)]):
                         group_parts.append(swiglu(r, w, zeros, sorted_inds=True))
@@ -99,4 +124,4 @@ class OffloadedExperts(nn.Module):
                 mx.eval(group_parts)
                 rt.release()
         y = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]  # [N*k, 1, hidden]
-        return groups.unsort(y, N, k)
+        return groups.unsort(y, N, k).reshape(*lead, k, -1)

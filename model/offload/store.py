@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..experts import PROJECTIONS
 from ..memory_plan import loaded_nbytes
+from ..names import EXPERT_MODULES, EXPERT_PARTS, stacked_expert_tensor
 from ..safetensors_header import FLOAT_DTYPES, TensorSpec, read_safetensors_header
 
 _NP_DTYPES = {"U32": np.uint32, "I32": np.int32, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
@@ -40,7 +41,8 @@ class _Slice:
     shape: tuple[int, ...]  # one expert's shape, with a leading 1: [1, out, in...]
 
 
-CachedExpert = dict  # projection -> (weight, scales | None, biases | None), each [1, ...]
+# projection -> (weight, scales | None, biases | None, bias | None), each [1, ...]
+CachedExpert = dict
 
 
 def _open(path: Path, bypass_page_cache: bool) -> tuple[int, bool]:
@@ -61,12 +63,17 @@ def _open(path: Path, bypass_page_cache: bool) -> tuple[int, bool]:
 
 
 class ExpertStore:
-    """Reads single experts of stacked `switch_mlp` tensors with positioned reads: one read per
+    """Reads single experts of stacked expert tensors with positioned reads: one read per
     tensor part (contiguous: expert e of [E, ...] is bytes [e * stride, (e + 1) * stride)),
-    several experts in flight from the runtime's thread pool."""
+    several experts in flight from the runtime's thread pool.
 
-    def __init__(self, checkpoint, layers: Iterable[int], dtype: mx.Dtype,
+    `layers`: the MoE layers, each with the module path its family keeps its experts under
+    (names.EXPERT_MODULES); plain layer numbers mean Mixtral's ("block_sparse_moe.switch_mlp")."""
+
+    def __init__(self, checkpoint, layers: Iterable[int] | dict[int, str], dtype: mx.Dtype,
                  bypass_page_cache: bool = True):  # fmt: skip
+        if not isinstance(layers, dict):
+            layers = dict.fromkeys(layers, EXPERT_MODULES[0])
         self.dtype = dtype
         self.bypass_page_cache = bypass_page_cache
         self._fds: list[int] = []
@@ -90,12 +97,12 @@ class ExpertStore:
         self.disk_bytes: dict[int, int] = {}
         self.memory_bytes: dict[int, int] = {}
         self.max_stride = 0
-        for layer in layers:
+        for layer, module in layers.items():
             parts: dict[str, dict[str, _Slice]] = {}
             for proj in PROJECTIONS:
                 parts[proj] = {}
-                for part in ("weight", "scales", "biases"):
-                    name = f"model.layers.{layer}.block_sparse_moe.switch_mlp.{proj}.{part}"
+                for part in EXPERT_PARTS:
+                    name = stacked_expert_tensor(layer, module, proj, part)
                     if name not in locations:
                         if part == "weight":
                             raise CheckpointError(f"checkpoint lacks tensor {name}")
@@ -146,7 +153,7 @@ class ExpertStore:
                 total += s.stride
                 continue
             arrays = []
-            for part in ("weight", "scales", "biases"):
+            for part in EXPERT_PARTS:
                 s = parts.get(part)
                 if s is None:
                     arrays.append(None)

@@ -100,6 +100,9 @@ def prepare(model: nn.Module) -> bool:
     if runtime is None:
         return False
     args = model.args
+    if args.is_family:  # its experts are mlx-lm SwitchGLUs: not wired for streamed training yet
+        raise MixchatError(f"training {args.model_type} models with experts streamed is not "
+                           "available yet: use a --memory-budget the model fits in")  # fmt: skip
     for i in moe_layers(model):
         moe = model.layers[i].block_sparse_moe
         if not isinstance(moe.switch_mlp, StreamedLoRAExperts):

@@ -180,3 +180,38 @@ def test_chat_prompt_is_the_harmony_template(gptoss_dirs):
     ids = engine.prompt_ids(messages)
     assert engine.has_chat_template and ids == expected
     assert engine.tokenizer.decode(ids[-2:]) == "assistant"  # the reply's header is the model's
+
+
+@pytest.mark.parametrize("form", ["mxfp4", "4bit"])
+def test_mlx_community_directories_run(gptoss_dirs, tmp_path_factory, form):
+    """mlx_lm.convert's output (mlx-community's releases): the published MXFP4 experts stacked
+    in MLX's own `mxfp4` mode (the same weights: transformers' greedy tokens), or everything in
+    4-bit affine groups (mlx-lm's own greedy tokens, once its YaRN is given the unrounded
+    correction range transformers uses: mlx-lm rounds it whatever `truncate` says)."""
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    from model.families import AFTER_BUILD
+
+    root = tmp_path_factory.mktemp(f"gptoss-{form}")
+    out = root / "m"
+    if form == "mxfp4":
+        mlx_lm.convert(str(gptoss_dirs["mxfp4"]), str(out))
+    else:
+        mlx_lm.convert(str(gptoss_dirs["mxfp4"]), str(root / "f"), dequantize=True)
+        mlx_lm.convert(str(root / "f"), str(out), quantize=True, q_bits=4, q_group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"].get("mode", "affine") == form.replace("4bit", "affine")
+    engine = Engine.load(str(out))
+    assert engine.info.architecture == "gpt_oss"
+    _, tokens = _reply(engine)
+    if form == "mxfp4":
+        ids = engine.prompt_ids(prompt=PROMPT)
+        expected = transformers_greedy(gptoss_dirs["reference"], ids, TOKENS)
+    else:
+        model, tokenizer = mlx_lm.load(str(out))
+        AFTER_BUILD["gpt_oss"](model, config)
+        expected = [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT,
+                                                             max_tokens=TOKENS,
+                                                             sampler=make_sampler(0.0))]  # fmt: skip
+    assert tokens == expected[: len(tokens)] and len(tokens) >= TOKENS - 1

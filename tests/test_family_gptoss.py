@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from model import Engine
+from model import Engine, GenerationSettings
 from tests.checkpoints import mistral_tokenizer_file
 from tests.test_cli import mixchat
 from tests.test_families import PROMPT, TOKENS, _reply, transformers_greedy, transformers_model
@@ -215,3 +215,39 @@ def test_mlx_community_directories_run(gptoss_dirs, tmp_path_factory, form):
                                                              max_tokens=TOKENS,
                                                              sampler=make_sampler(0.0))]  # fmt: skip
     assert tokens == expected[: len(tokens)] and len(tokens) >= TOKENS - 1
+
+
+def test_the_reply_shown_is_the_final_channel(gptoss_dirs):
+    """gpt-oss answers in harmony: its reasoning (`analysis`) and tool calls (`commentary`)
+    are not shown, the `final` channel is, streamed token by token."""
+    engine = Engine.load(str(gptoss_dirs["float"]))
+    generated = (
+        "<|channel|>analysis<|message|>The user asks about Paris. Answer briefly.<|end|>"
+        "<|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json"
+        '<|message|>{"city": "Paris"}<|call|>'
+        "<|start|>assistant<|channel|>final<|message|>Paris is in France.<|return|>"
+    )
+    detokenizer = engine.tokenizer.detokenizer()
+    ids = engine.tokenizer.encode(generated)
+    shown = "".join(detokenizer.add(i) for i in ids) + detokenizer.finish()
+    assert shown == "Paris is in France."
+    # a raw completion (no header yet) is shown as it comes
+    detokenizer = engine.tokenizer.detokenizer()
+    ids = engine.tokenizer.encode(PROMPT)
+    assert "".join(detokenizer.add(i) for i in ids) + detokenizer.finish() == PROMPT
+
+
+def test_a_second_turn_past_the_sliding_window_is_a_fresh_ones(gptoss_dirs):
+    """The sliding layers' caches roll over (window 4): a chat's next turn, which reuses the
+    cache where it can, gives the tokens a fresh engine gives."""
+    settings = GenerationSettings(max_tokens=6, temperature=0.0)
+    first = [{"role": "user", "content": "Where is Paris?"}]
+    engine = Engine.load(str(gptoss_dirs["float"]))
+    reply = "".join(c.text for c in engine.stream(first, settings))
+    second = [*first, {"role": "assistant", "content": reply or "?"},
+              {"role": "user", "content": "And Rome?"}]  # fmt: skip
+    again = "".join(c.text for c in engine.stream(second, settings))
+    tokens = engine.cache_state()[1][len(engine.prompt_ids(second)) :]
+    fresh = Engine.load(str(gptoss_dirs["float"]))
+    assert "".join(c.text for c in fresh.stream(second, settings)) == again
+    assert fresh.cache_state()[1][len(fresh.prompt_ids(second)) :] == tokens and tokens

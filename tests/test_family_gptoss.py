@@ -138,7 +138,13 @@ def test_logits_and_greedy_text_are_transformers(gptoss_dirs, kind):
     path = gptoss_dirs[kind]
     reference = gptoss_dirs["float" if kind == "float" else "reference"]
     engine = Engine.load(str(path))
-    assert engine.info.architecture == "gpt_oss" and engine.info.num_experts == 8
+    info = engine.info
+    assert info.architecture == "gpt_oss" and info.num_experts == 8
+    assert info.quantization == ("4-bit mxfp4, group 32" if kind == "mxfp4" else "none (f32)")
+    # `info`: a token uses 2 of each layer's 8 experts (their weights and biases)
+    H, F, E, L = CONFIG["hidden_size"], CONFIG["intermediate_size"], 8, 2
+    expert = 3 * H * F + 2 * F + H
+    assert info.total_params - info.active_params == L * (E - 2) * expert
     ids = engine.prompt_ids(prompt=PROMPT)
     assert len(ids) > 2 * CONFIG["sliding_window"]
     with torch.no_grad():

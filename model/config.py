@@ -14,7 +14,7 @@ from .errors import CheckpointError, UnsupportedModelError
 SUPPORTED_TYPES = ("mixtral", "mistral", "llama")  # mixchat's own definition (model/mixtral.py)
 # MoE families run on mlx-lm's own definitions (model/families.py): loaded whole, not yet
 # streamed under a budget, quantized, tuned or read from GGUF.
-FAMILY_TYPES = ("qwen3_moe", "qwen2_moe", "olmoe")
+FAMILY_TYPES = ("qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
 
 
 @dataclass
@@ -97,7 +97,9 @@ class ModelArgs:
         model_type = config.get("model_type")
         if model_type is None:
             archs = config.get("architectures") or ["?"]
-            raise UnsupportedModelError(f"config.json has no model_type (architectures: {archs[0]})")
+            raise UnsupportedModelError(
+                f"config.json has no model_type (architectures: {archs[0]})"
+            )
         rope = config.get("rope_parameters") or {}
         rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_scaling = config.get("rope_scaling")
@@ -188,7 +190,9 @@ class ModelArgs:
                 model_type="mixtral" if num_experts else "llama",
                 vocab_size=int(vocab),
                 hidden_size=int(get("embedding_length")),
-                intermediate_size=int(get("expert_feed_forward_length") or get("feed_forward_length")),
+                intermediate_size=int(
+                    get("expert_feed_forward_length") or get("feed_forward_length")
+                ),
                 num_hidden_layers=int(get("block_count")),
                 num_attention_heads=heads,
                 num_key_value_heads=int(get("attention.head_count_kv") or heads),
@@ -249,6 +253,9 @@ def _mlx_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     writes it; a Hugging Face one (GPTQ, AWQ, bitsandbytes, FP8: it names a quant_method) is
     refused rather than misread."""
     q = config.get("quantization") or config.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "mxfp4" and "group_size" not in q:
+        # openai/gpt-oss-* as published: experts in MXFP4 (`*_blocks`, `*_scales`), the rest not
+        return {"group_size": 32, "bits": 4, "mode": "mxfp4"}
     if isinstance(q, dict) and "quant_method" in q and "group_size" not in q:
         raise UnsupportedModelError(
             f"checkpoints quantized with {q['quant_method']!r} are not supported: use the "

@@ -1,4 +1,4 @@
-"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE: config.py's
+"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE, gpt-oss: config.py's
 FAMILY_TYPES), behind the contract the engine (model/generate.py) has with model.mixtral.Model.
 
 mlx-lm's `Model(ModelArgs.from_dict(config))` is built once and never copied: its `sanitize`
@@ -21,6 +21,68 @@ from .errors import CheckpointError, UnsupportedModelError
 from .kv_cache import kv_caches
 from .mlx_lm_parts import create_attention_mask, model_module
 from .router import top_experts
+
+# Where each family's MoE block keeps its router and its stacked experts (default: Qwen's names)
+ROUTER_NAMES = {"gpt_oss": ("router", "experts")}
+DEFAULT_ROUTER_NAMES = ("gate", "switch_mlp")
+
+
+def _gpt_oss_config(config: dict) -> dict:
+    """transformers v5 writes `rope_parameters`; mlx-lm's ModelArgs reads the published
+    `rope_theta` and `rope_scaling` (YaRN)."""
+    rope = config.get("rope_parameters")
+    if not rope or "rope_theta" in config:
+        return config
+    config = dict(config, rope_theta=rope.get("rope_theta", 150000.0))
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = rope
+    return config
+
+
+def _gpt_oss_built(inner: nn.Module, config: dict) -> None:
+    """gpt-oss publishes YaRN with `truncate: false` (transformers then keeps the correction
+    range unrounded); mlx-lm's YarnRoPE always rounds it: its frequencies are recomputed."""
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") != "yarn" or scaling.get("truncate", True):
+        return
+    import math
+
+    dims, base = config.get("head_dim", 64), float(config.get("rope_theta", 150000.0))
+    factor, original = scaling["factor"], scaling.get("original_max_position_embeddings", 4096)
+
+    def correction(rotations: float) -> float:
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(correction(scaling.get("beta_fast") or 32), 0)
+    high = min(correction(scaling.get("beta_slow") or 1), dims - 1)
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low or 0.001), 0, 1)
+    extra = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)  # 1 / inv_freq
+    inter = factor * extra
+    keep = 1.0 - ramp  # the share of extrapolation, as transformers names it
+    freqs = 1.0 / (keep / extra + (1.0 - keep) / inter)
+    for layer in inner.layers:
+        rope = layer.self_attn.rope
+        if hasattr(rope, "_freqs"):
+            rope._freqs = freqs
+
+
+def _gpt_oss_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """transformers keeps float experts as [E, in, out] (`x @ gate_up_proj`) under the bare
+    names; mlx-lm's sanitize takes them as the MXFP4 blocks are laid out, [E, out, in], as
+    `….weight`."""
+    experts = ("experts.gate_up_proj", "experts.down_proj")
+    return {
+        (k + ".weight" if k.endswith(experts) else k): (
+            v.swapaxes(-1, -2) if k.endswith(experts) else v
+        )
+        for k, v in weights.items()
+    }
+
+
+# Per family: the config as mlx-lm reads it, fixes after building, weights before sanitize
+PREPARE_CONFIG = {"gpt_oss": _gpt_oss_config}
+AFTER_BUILD = {"gpt_oss": _gpt_oss_built}
+BEFORE_SANITIZE = {"gpt_oss": _gpt_oss_weights}
 
 
 class _RoutingLog:
@@ -60,12 +122,16 @@ def mlx_lm_model(args) -> nn.Module:
         raise UnsupportedModelError(
             f"this mlx-lm has no definition of {args.model_type}: upgrade mlx-lm"
         ) from None
+    config = PREPARE_CONFIG.get(args.model_type, dict)(config)
     try:
-        return module.Model(module.ModelArgs.from_dict(config))
+        model = module.Model(module.ModelArgs.from_dict(config))
     except (TypeError, ValueError, KeyError, AssertionError) as e:
         raise CheckpointError(
             f"config.json does not describe a {args.model_type} model: {e}"
         ) from None
+    if args.model_type in AFTER_BUILD:
+        AFTER_BUILD[args.model_type](model, config)
+    return model
 
 
 class FamilyModel(nn.Module):
@@ -104,6 +170,8 @@ class FamilyModel(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """mlx-lm's: a published checkpoint's per-expert tensors stacked into `switch_mlp`."""
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.model_type in BEFORE_SANITIZE:
+            weights = BEFORE_SANITIZE[self.args.model_type](weights)
         try:
             return self._inner.sanitize(weights)
         except KeyError as e:
@@ -111,11 +179,12 @@ class FamilyModel(nn.Module):
 
     def _watch_routers(self) -> None:
         """Each MoE layer's router records its top-k while `routing` is a list."""
+        router, experts = ROUTER_NAMES.get(self.args.model_type, DEFAULT_ROUTER_NAMES)
         for layer in self.layers:
             mlp = layer.get("mlp") if isinstance(layer, dict) else None
-            if mlp is None or "gate" not in mlp or "switch_mlp" not in mlp:
+            if mlp is None or router not in mlp or experts not in mlp:
                 continue  # a dense layer (Qwen's mlp_only_layers)
-            gate = mlp["gate"]
+            gate = mlp[router]
             object.__setattr__(gate, "_routing_log", self._log)
             if type(gate) not in _RECORDING.values():
                 gate.__class__ = _recording_class(type(gate))

@@ -42,12 +42,13 @@ def parameter_counts(args: ModelArgs) -> tuple[int, int]:
     for name, shape in parameter_shapes(args).items():
         n = math.prod(shape)
         total += n
-        active += n * args.num_experts_per_tok // shape[0] if ".switch_mlp." in name else n
+        experts = ".switch_mlp." in name or ".mlp.experts." in name  # gpt-oss: `experts`
+        active += n * args.num_experts_per_tok // shape[0] if experts else n
     return total, active
 
 
 def describe_gguf(gguf_file: GGUFFile) -> str:
-    """"GGUF Q4_K_M, 4.87 bits/weight" (the weights' bits over the file's)."""
+    """ "GGUF Q4_K_M, 4.87 bits/weight" (the weights' bits over the file's)."""
     import gguf
 
     file_type = gguf_file.metadata.get("general.file_type")
@@ -74,7 +75,8 @@ def describe_quantization(checkpoint: Checkpoint) -> str:
     q = checkpoint.args.quantization
     if not q:
         return f"none ({checkpoint.source_dtype.lower()})"
-    text = f"{q.get('bits', '?')}-bit affine, group {q.get('group_size', '?')}"
+    mode = q.get("mode", "affine")  # "mxfp4": gpt-oss's experts as published
+    text = f"{q.get('bits', '?')}-bit {mode}, group {q.get('group_size', '?')}"
     overrides = {v.get("bits") for k, v in q.items() if isinstance(v, dict)}
     if overrides:
         text += f" (some modules at {', '.join(f'{b}-bit' for b in sorted(overrides))})"
@@ -90,8 +92,14 @@ def model_info(checkpoint: Checkpoint, name: str, compute_bytes: int = 4) -> Mod
     memory = 0
     for spec in checkpoint.tensors.values():
         floating = spec.dtype in ("F32", "F16", "BF16")
-        memory += spec.nbytes // (4 if spec.dtype == "F32" else 2) * compute_bytes if floating else spec.nbytes
-    kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * compute_bytes
+        memory += (
+            spec.nbytes // (4 if spec.dtype == "F32" else 2) * compute_bytes
+            if floating
+            else spec.nbytes
+        )
+    kv_per_token = (
+        2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * compute_bytes
+    )
     return ModelInfo(
         name=name,
         path=str(checkpoint.path),

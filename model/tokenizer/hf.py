@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import CheckpointError, MixchatError
 from .base import StreamingDetokenizer, Tokenizer, check_messages
 from .detokenizers import ByteDetokenizer, WindowDetokenizer
+from .harmony import HarmonyDetokenizer, harmony_markers
 
 
 @cache
@@ -158,6 +159,13 @@ class HFTokenizer(Tokenizer):
         return self.encode(text)
 
     def detokenizer(self) -> StreamingDetokenizer:
+        """Streams `decode`; for gpt-oss's harmony vocabulary, only the `final` channel."""
+        markers = harmony_markers(self.tok.token_to_id)
+        if markers is not None:
+            return HarmonyDetokenizer(self._plain_detokenizer, self.decode, markers)
+        return self._plain_detokenizer()
+
+    def _plain_detokenizer(self) -> StreamingDetokenizer:
         if self.byte_level:
             return ByteDetokenizer(self.byte_table())
         return WindowDetokenizer(self.decode)

@@ -1,5 +1,5 @@
-"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE: config.py's
-FAMILY_TYPES), behind the contract the engine (model/generate.py) has with model.mixtral.Model.
+"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V2/V3,
+GraniteMoE, PhiMoE: config.py's FAMILY_TYPES), behind the contract the engine (model/generate.py) has with model.mixtral.Model.
 
 mlx-lm's `Model(ModelArgs.from_dict(config))` is built once and never copied: its `sanitize`
 stacks a published checkpoint's per-expert tensors (`mlp.experts.N.gate_proj.weight`) into its
@@ -34,19 +34,44 @@ class _RoutingLog:
 _RECORDING: dict[type, type] = {}
 
 
+# Where each family's MoE block and its router are in a decoder layer (default: mlp.gate)
+_ROUTERS = {"granitemoe": ("block_sparse_moe", "router"), "phimoe": ("block_sparse_moe", "gate")}
+# Multi-head latent attention: the cache holds a compressed latent, not per-head keys and values
+_LATENT_ATTENTION = ("deepseek_v2", "deepseek_v3")
+
+
 def _recording_class(cls: type) -> type:
-    """`cls` (a router: nn.Linear or nn.QuantizedLinear) that also records its top-k."""
+    """`cls` (a router) that also records its top-k: a Linear's (nn.Linear, nn.QuantizedLinear)
+    logits' top-k, or the ids of a router that chooses itself and returns (ids, scores)
+    (DeepSeek's group-limited MoEGate, GraniteMoE's top-k gating)."""
     if cls not in _RECORDING:
 
-        def __call__(self, x: mx.array) -> mx.array:
-            logits = cls.__call__(self, x)
+        def __call__(self, x: mx.array):
+            out = cls.__call__(self, x)
             log = self._routing_log
             if log.steps is not None:
-                log.steps.append(top_experts(logits, log.k))
-            return logits
+                chosen = out[0] if isinstance(out, tuple) else top_experts(out, log.k)
+                log.steps.append(chosen)
+            return out
 
         _RECORDING[cls] = type(f"Routed{cls.__name__}", (cls,), {"__call__": __call__})
     return _RECORDING[cls]
+
+
+def _published_group_masking(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """DeepSeek-V3's group-limited routing as published (DeepSeek's inference code and
+    transformers): experts of the dropped groups are masked to -inf before the top-k. mlx-lm's
+    `group_expert_select` sets them to 0.0 instead, so where the kept experts' sigmoid score
+    plus e_score_correction_bias is negative it picks experts of dropped groups. Shifting each
+    layer's bias by one constant, so that every score plus bias is positive, keeps the group
+    ranking (each group's top-2 sum moves by the same amount), the top-k within the kept groups
+    and the weights (taken from the unbiased scores), and makes mlx-lm's 0.0 rank last."""
+    for name, bias in weights.items():
+        if name.endswith("e_score_correction_bias"):
+            low = float(mx.min(bias).item())
+            if low < 0:
+                weights[name] = bias.astype(mx.float32) - low
+    return weights
 
 
 def mlx_lm_model(args) -> nn.Module:
@@ -62,7 +87,7 @@ def mlx_lm_model(args) -> nn.Module:
         ) from None
     try:
         return module.Model(module.ModelArgs.from_dict(config))
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
+    except (TypeError, ValueError, KeyError, AssertionError, AttributeError) as e:
         raise CheckpointError(
             f"config.json does not describe a {args.model_type} model: {e}"
         ) from None
@@ -105,17 +130,27 @@ class FamilyModel(nn.Module):
         """mlx-lm's: a published checkpoint's per-expert tensors stacked into `switch_mlp`."""
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
         try:
-            return self._inner.sanitize(weights)
+            weights = self._inner.sanitize(weights)
         except KeyError as e:
             raise CheckpointError(f"checkpoint lacks tensor {e.args[0]}") from None
+        if self.args.model_type == "deepseek_v3":
+            weights = _published_group_masking(weights)
+        return weights
+
+    @property
+    def cast_predicate(self):
+        """Which tensors take the compute dtype (mlx-lm's: DeepSeek-V3's
+        e_score_correction_bias stays float32, as published); None: all of them."""
+        return getattr(self._inner, "cast_predicate", None)
 
     def _watch_routers(self) -> None:
         """Each MoE layer's router records its top-k while `routing` is a list."""
+        block, router = _ROUTERS.get(self.args.model_type, ("mlp", "gate"))
         for layer in self.layers:
-            mlp = layer.get("mlp") if isinstance(layer, dict) else None
-            if mlp is None or "gate" not in mlp or "switch_mlp" not in mlp:
-                continue  # a dense layer (Qwen's mlp_only_layers)
-            gate = mlp["gate"]
+            mlp = layer.get(block) if isinstance(layer, dict) else None
+            if mlp is None or router not in mlp or "switch_mlp" not in mlp:
+                continue  # a dense layer (Qwen's mlp_only_layers, DeepSeek's first_k_dense)
+            gate = mlp[router]
             object.__setattr__(gate, "_routing_log", self._log)
             if type(gate) not in _RECORDING.values():
                 gate.__class__ = _recording_class(type(gate))
@@ -138,14 +173,20 @@ class FamilyModel(nn.Module):
         return h
 
     def logits(self, h: mx.array) -> mx.array:
-        """Hidden states [..., hidden] -> logits [..., vocab]."""
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.model.embed_tokens.as_linear(h)
+        """Hidden states [..., hidden] -> logits [..., vocab] (GraniteMoE's divided by its
+        `logits_scaling`, as mlx-lm's Model does)."""
+        out = self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
+        scaling = getattr(self._inner, "logits_scaling", 1.0)
+        return out / scaling if scaling != 1.0 else out
 
     def make_cache(self, kv_bits: int | None = None) -> list:
         """mlx-lm's caches for the model (its own make_cache where it has one); keys and values
         quantized to `kv_bits` (mlx-lm's QuantizedKVCache) when asked."""
+        if kv_bits and self.args.model_type in _LATENT_ATTENTION:
+            raise CheckpointError(
+                f"a quantized KV cache is not available for {self.args.model_type} models "
+                "(their attention caches a compressed latent)"
+            )
         if hasattr(self._inner, "make_cache"):
             if kv_bits:
                 raise CheckpointError(

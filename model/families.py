@@ -74,6 +74,48 @@ def _published_group_masking(weights: dict[str, mx.array]) -> dict[str, mx.array
     return weights
 
 
+_LENGTH_ROPE: dict[type, type] = {}
+
+
+def _length_switched_rope(rope: nn.Module, scaling: dict) -> None:
+    """PhiMoE's LongRoPE as published (Phi-3.5-MoE's code, transformers): the short factors and
+    `short_mscale` while the sequence fits in original_max_position_embeddings, the long ones
+    past it. mlx-lm's SuScaledRoPE always applies the long factors, which moves a short prompt's
+    logits. `rope` (a SuScaledRoPE) keeps its long set and gains the short one."""
+    cls = type(rope)
+    if cls not in _LENGTH_ROPE:
+
+        def __call__(self, x: mx.array, offset=0) -> mx.array:
+            end = (offset if isinstance(offset, int) else int(mx.max(offset).item())) + x.shape[-2]
+            long = end > self.original_max_position_embeddings
+            return mx.fast.rope(
+                x.at[..., : self.dim].multiply(self._scale if long else self._short_scale),
+                self.dim,
+                traditional=False,
+                base=None,
+                scale=1.0,
+                offset=offset,
+                freqs=self._freqs if long else self._short_freqs,
+            )
+
+        _LENGTH_ROPE[cls] = type(f"LengthSwitched{cls.__name__}", (cls,), {"__call__": __call__})
+    long_factor = mx.array(scaling["long_factor"], dtype=mx.float32)
+    short_factor = mx.array(scaling["short_factor"], dtype=mx.float32)
+    object.__setattr__(rope, "_short_freqs", rope._freqs / long_factor * short_factor)
+    object.__setattr__(rope, "_short_scale", scaling.get("short_mscale") or rope._scale)
+    rope.__class__ = _LENGTH_ROPE[cls]
+
+
+def _published_rope(inner: nn.Module, config: dict) -> None:
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("short_factor") is None or scaling.get("long_factor") is None:
+        return
+    for layer in inner.layers:
+        rope = layer.self_attn.rope
+        if hasattr(rope, "_freqs") and hasattr(rope, "original_max_position_embeddings"):
+            _length_switched_rope(rope, scaling)
+
+
 def mlx_lm_model(args) -> nn.Module:
     """mlx-lm's model of `args.model_type` (a config.ModelArgs of a FAMILY_TYPES checkpoint)."""
     config = args.extra.get("config")
@@ -97,6 +139,8 @@ class FamilyModel(nn.Module):
     def __init__(self, args):
         super().__init__()
         inner = mlx_lm_model(args)
+        if args.model_type == "phimoe":
+            _published_rope(inner, args.extra["config"])
         object.__setattr__(self, "_inner", inner)  # for sanitize and layers, not a child
         object.__setattr__(self, "_log", _RoutingLog(args.num_experts_per_tok))
         object.__setattr__(self, "_watching", False)

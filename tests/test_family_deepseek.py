@@ -49,11 +49,12 @@ FAMILIES = {
 MOE_LAYERS = MLA["num_hidden_layers"] - MLA["first_k_dense_replace"]
 
 
-def build_checkpoint(path, prefix: str, config_kwargs: dict, seed: int = 0, fix=None):
+def build_checkpoint(path, prefix: str, config_kwargs: dict, seed: int = 0, fix=None,
+                     positive_bias: bool = False):  # fmt: skip
     """A tiny random transformers `prefix` model saved as published (`published_config`, then
     `fix(config)`), with a tokenizer.json (the real Mistral v1 vocabulary) and a ChatML
     template. Norms and router biases are perturbed from their 1.0 / 0.0 start, so that a
-    missed one shows."""
+    missed one shows (`positive_bias`: DeepSeek-V3's e_score_correction_bias all >= 0)."""
     import torch
     import transformers
 
@@ -65,7 +66,8 @@ def build_checkpoint(path, prefix: str, config_kwargs: dict, seed: int = 0, fix=
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
             elif "e_score_correction_bias" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
+                bias = torch.randn_like(p) * 0.3
+                p.copy_(bias.abs() if positive_bias else bias)
     model.eval().save_pretrained(path)
     config_file = path / "config.json"
     published = published_config(json.loads(config_file.read_text()))
@@ -144,3 +146,30 @@ def test_a_quantized_kv_cache_is_refused_in_one_line(deepseek_dirs):
         Engine.load(str(deepseek_dirs["deepseek_v3"]), kv_bits=8)
     message = str(e.value)
     assert "quantized KV cache" in message and "\n" not in message
+
+
+def test_mlx_community_4bit_directory_runs_as_mlx_lm(tmp_path_factory):
+    """An `mlx_lm.convert -q` of a published-layout DeepSeek-V3 (mlx-community's 4-bit
+    releases: experts stacked, kv_b_proj split into embed_q/unembed_out and requantized): the
+    same greedy tokens as mlx-lm's own generation. Its correction biases are >= 0, where
+    mlx-lm's masking of the dropped groups (0.0) and the published one (-inf) choose alike."""
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    root = tmp_path_factory.mktemp("v3-4bit")
+    prefix, extra = FAMILIES["deepseek_v3"]
+    source = build_checkpoint(root / "hf", prefix, {**MLA, **extra}, seed=1,
+                              fix=deepseek_config, positive_bias=True)  # fmt: skip
+    out = root / "m"
+    mlx_lm.convert(str(source), str(out), quantize=True, q_bits=4, q_group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
+    engine = Engine.load(str(out))
+    assert engine.info.architecture == "deepseek_v3"
+    assert engine.info.quantization.startswith("4-bit")
+    _, tokens = _reply(engine)
+    model, tokenizer = mlx_lm.load(str(out))
+    expected = [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT,
+                                                         max_tokens=TOKENS,
+                                                         sampler=make_sampler(0.0))]  # fmt: skip
+    assert tokens == expected[: len(tokens)] and len(tokens) >= TOKENS - 1

@@ -59,8 +59,10 @@ def _recording_class(cls: type) -> type:
 
 
 def _published_group_masking(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """DeepSeek-V3's group-limited routing as published (DeepSeek's inference code and
-    transformers): experts of the dropped groups are masked to -inf before the top-k. mlx-lm's
+    """DeepSeek-V3's group-limited routing as DeepSeek's own inference code (inference/model.py)
+    and transformers (also vLLM's and SGLang's kernels) run it: experts of the dropped groups
+    are masked to -inf before the top-k (the remote-code modeling_deepseek.py on the Hub masks
+    to 0.0, as mlx-lm does). mlx-lm's
     `group_expert_select` sets them to 0.0 instead, so where the kept experts' sigmoid score
     plus e_score_correction_bias is negative it picks experts of dropped groups. Shifting each
     layer's bias by one constant, so that every score plus bias is positive, keeps the group

@@ -141,6 +141,15 @@ def test_ask_raw_prints_transformers_greedy_text(deepseek_dirs):
     assert json.loads(result.stdout)["text"] == engine.tokenizer.decode(reference)
 
 
+def test_the_correction_bias_stays_float32_in_half_precision(deepseek_dirs):
+    """As published and as mlx-lm keeps it (its cast_predicate): in bfloat16 the router's
+    e_score_correction_bias stays float32, where bfloat16 would move near-tied experts."""
+    engine = Engine.load(str(deepseek_dirs["deepseek_v3"]), dtype="bfloat16")
+    mlp = engine.model.layers[1].mlp
+    assert mlp.gate.e_score_correction_bias.dtype == mx.float32
+    assert mlp.gate.weight.dtype == mx.bfloat16 and mlp.shared_experts.up_proj.weight.dtype == mx.bfloat16
+
+
 def test_a_quantized_kv_cache_is_refused_in_one_line(deepseek_dirs):
     with pytest.raises(MixchatError) as e:
         Engine.load(str(deepseek_dirs["deepseek_v3"]), kv_bits=8)

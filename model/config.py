@@ -12,9 +12,12 @@ from typing import Any
 from .errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_TYPES = ("mixtral", "mistral", "llama")  # mixchat's own definition (model/mixtral.py)
-# MoE families run on mlx-lm's own definitions (model/families.py): loaded whole, not yet
-# streamed under a budget, quantized, tuned or read from GGUF.
-FAMILY_TYPES = ("qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
+# MoE families run on mlx-lm's own definitions (model/families.py); their experts stream under a
+# budget through model/offload/ as Mixtral's do.
+FAMILY_TYPES = (
+    "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "granitemoe",
+    "phimoe",
+)  # fmt: skip
 
 
 @dataclass
@@ -106,8 +109,10 @@ class ModelArgs:
         if rope_scaling is None and rope.get("rope_type", "default") != "default":
             rope_scaling = rope
         family = model_type in FAMILY_TYPES
-        if family:  # experts: `num_experts` as published (transformers v5 writes the other)
-            experts = config.get("num_experts") or config.get("num_local_experts") or 0
+        if family:  # experts as published: `num_experts` (Qwen, OLMoE), `n_routed_experts`
+            # (DeepSeek), `num_local_experts` (GraniteMoE, PhiMoE; transformers v5 for all)
+            experts = (config.get("num_experts") or config.get("n_routed_experts")
+                       or config.get("num_local_experts") or 0)  # fmt: skip
         else:
             experts = config.get("num_local_experts") or 0 if model_type == "mixtral" else 0
         try:

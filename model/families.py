@@ -1,5 +1,6 @@
-"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE, gpt-oss: config.py's
-FAMILY_TYPES), behind the contract the engine (model/generate.py) has with model.mixtral.Model.
+"""MoE families run on mlx-lm's own definitions (Qwen3-MoE, Qwen2-MoE, OLMoE, gpt-oss,
+DeepSeek-V2/V3, GraniteMoE, PhiMoE: config.py's FAMILY_TYPES), behind the contract the engine
+(model/generate.py) has with model.mixtral.Model.
 
 mlx-lm's `Model(ModelArgs.from_dict(config))` is built once and never copied: its `sanitize`
 stacks a published checkpoint's per-expert tensors (`mlp.experts.N.gate_proj.weight`) into its
@@ -22,9 +23,14 @@ from .kv_cache import kv_caches
 from .mlx_lm_parts import create_attention_mask, model_module
 from .router import top_experts
 
-# Where each family's MoE block keeps its router and its stacked experts (default: Qwen's names)
-ROUTER_NAMES = {"gpt_oss": ("router", "experts")}
-DEFAULT_ROUTER_NAMES = ("gate", "switch_mlp")
+# Where each family's decoder layer keeps its MoE block, and the block its router and its stacked
+# experts (default: Qwen's and DeepSeek's names)
+ROUTERS = {
+    "gpt_oss": ("mlp", "router", "experts"),
+    "granitemoe": ("block_sparse_moe", "router", "switch_mlp"),
+    "phimoe": ("block_sparse_moe", "gate", "switch_mlp"),
+}
+DEFAULT_ROUTERS = ("mlp", "gate", "switch_mlp")
 
 
 def _gpt_oss_config(config: dict) -> dict:
@@ -81,7 +87,6 @@ def _gpt_oss_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 # Per family: the config as mlx-lm reads it, fixes after building, weights before sanitize
 PREPARE_CONFIG = {"gpt_oss": _gpt_oss_config}
-AFTER_BUILD = {"gpt_oss": _gpt_oss_built}
 BEFORE_SANITIZE = {"gpt_oss": _gpt_oss_weights}
 
 
@@ -96,19 +101,90 @@ class _RoutingLog:
 _RECORDING: dict[type, type] = {}
 
 
+# Multi-head latent attention: the cache holds a compressed latent, not per-head keys and values
+_LATENT_ATTENTION = ("deepseek_v2", "deepseek_v3")
+
+
 def _recording_class(cls: type) -> type:
-    """`cls` (a router: nn.Linear or nn.QuantizedLinear) that also records its top-k."""
+    """`cls` (a router) that also records its top-k: a Linear's (nn.Linear, nn.QuantizedLinear)
+    logits' top-k, or the ids of a router that chooses itself and returns (ids, scores)
+    (DeepSeek's group-limited MoEGate, GraniteMoE's top-k gating)."""
     if cls not in _RECORDING:
 
-        def __call__(self, x: mx.array) -> mx.array:
-            logits = cls.__call__(self, x)
+        def __call__(self, x: mx.array):
+            out = cls.__call__(self, x)
             log = self._routing_log
             if log.steps is not None:
-                log.steps.append(top_experts(logits, log.k))
-            return logits
+                chosen = out[0] if isinstance(out, tuple) else top_experts(out, log.k)
+                log.steps.append(chosen)
+            return out
 
         _RECORDING[cls] = type(f"Routed{cls.__name__}", (cls,), {"__call__": __call__})
     return _RECORDING[cls]
+
+
+def _published_group_masking(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """DeepSeek-V3's group-limited routing as DeepSeek's own inference code (inference/model.py)
+    and transformers (also vLLM's and SGLang's kernels) run it: experts of the dropped groups
+    are masked to -inf before the top-k (the remote-code modeling_deepseek.py on the Hub masks
+    to 0.0, as mlx-lm does). mlx-lm's
+    `group_expert_select` sets them to 0.0 instead, so where the kept experts' sigmoid score
+    plus e_score_correction_bias is negative it picks experts of dropped groups. Shifting each
+    layer's bias by one constant, so that every score plus bias is positive, keeps the group
+    ranking (each group's top-2 sum moves by the same amount), the top-k within the kept groups
+    and the weights (taken from the unbiased scores), and makes mlx-lm's 0.0 rank last."""
+    for name, bias in weights.items():
+        if name.endswith("e_score_correction_bias"):
+            low = float(mx.min(bias).item())
+            if low < 0:
+                weights[name] = bias.astype(mx.float32) - low
+    return weights
+
+
+_LENGTH_ROPE: dict[type, type] = {}
+
+
+def _length_switched_rope(rope: nn.Module, scaling: dict) -> None:
+    """PhiMoE's LongRoPE as published (Phi-3.5-MoE's code, transformers): the short factors and
+    `short_mscale` while the sequence fits in original_max_position_embeddings, the long ones
+    past it. mlx-lm's SuScaledRoPE always applies the long factors, which moves a short prompt's
+    logits. `rope` (a SuScaledRoPE) keeps its long set and gains the short one."""
+    cls = type(rope)
+    if cls not in _LENGTH_ROPE:
+
+        def __call__(self, x: mx.array, offset=0) -> mx.array:
+            end = (offset if isinstance(offset, int) else int(mx.max(offset).item())) + x.shape[-2]
+            long = end > self.original_max_position_embeddings
+            return mx.fast.rope(
+                x.at[..., : self.dim].multiply(self._scale if long else self._short_scale),
+                self.dim,
+                traditional=False,
+                base=None,
+                scale=1.0,
+                offset=offset,
+                freqs=self._freqs if long else self._short_freqs,
+            )
+
+        _LENGTH_ROPE[cls] = type(f"LengthSwitched{cls.__name__}", (cls,), {"__call__": __call__})
+    long_factor = mx.array(scaling["long_factor"], dtype=mx.float32)
+    short_factor = mx.array(scaling["short_factor"], dtype=mx.float32)
+    object.__setattr__(rope, "_short_freqs", rope._freqs / long_factor * short_factor)
+    object.__setattr__(rope, "_short_scale", scaling.get("short_mscale") or rope._scale)
+    rope.__class__ = _LENGTH_ROPE[cls]
+
+
+def _published_rope(inner: nn.Module, config: dict) -> None:
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("short_factor") is None or scaling.get("long_factor") is None:
+        return
+    for layer in inner.layers:
+        rope = layer.self_attn.rope
+        if hasattr(rope, "_freqs") and hasattr(rope, "original_max_position_embeddings"):
+            _length_switched_rope(rope, scaling)
+
+
+# Fix-ups of the built model, per family (after mlx-lm has built it from the config)
+AFTER_BUILD = {"gpt_oss": _gpt_oss_built, "phimoe": _published_rope}
 
 
 def mlx_lm_model(args) -> nn.Module:
@@ -125,7 +201,7 @@ def mlx_lm_model(args) -> nn.Module:
     config = PREPARE_CONFIG.get(args.model_type, dict)(config)
     try:
         model = module.Model(module.ModelArgs.from_dict(config))
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
+    except (TypeError, ValueError, KeyError, AssertionError, AttributeError) as e:
         raise CheckpointError(
             f"config.json does not describe a {args.model_type} model: {e}"
         ) from None
@@ -173,17 +249,26 @@ class FamilyModel(nn.Module):
         if self.args.model_type in BEFORE_SANITIZE:
             weights = BEFORE_SANITIZE[self.args.model_type](weights)
         try:
-            return self._inner.sanitize(weights)
+            weights = self._inner.sanitize(weights)
         except KeyError as e:
             raise CheckpointError(f"checkpoint lacks tensor {e.args[0]}") from None
+        if self.args.model_type == "deepseek_v3":
+            weights = _published_group_masking(weights)
+        return weights
+
+    @property
+    def cast_predicate(self):
+        """Which tensors take the compute dtype (mlx-lm's: DeepSeek-V3's
+        e_score_correction_bias stays float32, as published); None: all of them."""
+        return getattr(self._inner, "cast_predicate", None)
 
     def _watch_routers(self) -> None:
         """Each MoE layer's router records its top-k while `routing` is a list."""
-        router, experts = ROUTER_NAMES.get(self.args.model_type, DEFAULT_ROUTER_NAMES)
+        block, router, experts = ROUTERS.get(self.args.model_type, DEFAULT_ROUTERS)
         for layer in self.layers:
-            mlp = layer.get("mlp") if isinstance(layer, dict) else None
+            mlp = layer.get(block) if isinstance(layer, dict) else None
             if mlp is None or router not in mlp or experts not in mlp:
-                continue  # a dense layer (Qwen's mlp_only_layers)
+                continue  # a dense layer (Qwen's mlp_only_layers, DeepSeek's first_k_dense)
             gate = mlp[router]
             object.__setattr__(gate, "_routing_log", self._log)
             if type(gate) not in _RECORDING.values():
@@ -240,14 +325,20 @@ class FamilyModel(nn.Module):
         return self.model.norm(h[:, -1:])
 
     def logits(self, h: mx.array) -> mx.array:
-        """Hidden states [..., hidden] -> logits [..., vocab]."""
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.model.embed_tokens.as_linear(h)
+        """Hidden states [..., hidden] -> logits [..., vocab] (GraniteMoE's divided by its
+        `logits_scaling`, as mlx-lm's Model does)."""
+        out = self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
+        scaling = getattr(self._inner, "logits_scaling", 1.0)
+        return out / scaling if scaling != 1.0 else out
 
     def make_cache(self, kv_bits: int | None = None) -> list:
         """mlx-lm's caches for the model (its own make_cache where it has one); keys and values
         quantized to `kv_bits` (mlx-lm's QuantizedKVCache) when asked."""
+        if kv_bits and self.args.model_type in _LATENT_ATTENTION:
+            raise CheckpointError(
+                f"a quantized KV cache is not available for {self.args.model_type} models "
+                "(their attention caches a compressed latent)"
+            )
         if hasattr(self._inner, "make_cache"):
             if kv_bits:
                 raise CheckpointError(

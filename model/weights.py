@@ -273,8 +273,9 @@ def build_model(
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}{more}")
     target = compute_dtype(checkpoint, dtype)
+    keep = getattr(model, "cast_predicate", None) or (lambda name: True)  # mlx-lm's, a family's
     weights = {
-        name: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w
+        name: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) and keep(name) else w
         for name, w in weights.items()
     }
     if offload:  # experts stay unread: the offload runtime reads them on demand

@@ -225,3 +225,35 @@ def test_test_only_without_adapter_is_one_line(tiny_mixtral, tmp_path, capsys):
     assert "no adapter in" in err and "--adapter-path ''" in err and "\n" not in err
     assert main([*args, "--adapter-path", ""]) == 0
     test_loss(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def tool_model(default_tokenizer, tool_tokenizer_dir, tmp_path_factory):
+    """A tiny random Mixtral over the default model's vocabulary, with the tools template."""
+    import shutil
+
+    from tests import checkpoints
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(checkpoints.VOCAB_SIZES, "v1", default_tokenizer.vocab_size)
+        path = checkpoints.build_hf_checkpoint(tmp_path_factory.mktemp("tool-model"))
+    (path / "tokenizer.model").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tool_tokenizer_dir / name, path / name)
+    return path
+
+
+def test_tune_learns_tool_rows_and_tests_them(tool_model, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    completion = {"tools": [WEATHER], "prompt": "Météo à Lyon ?", "completion": "Je regarde."}
+    for split in ("train", "test"):
+        write_rows(data / f"{split}.jsonl", [TOOL_ROW, completion])
+    common = ["tune", "--model", str(tool_model), "--data", str(data), "--batch-size", "1"]
+    assert main([*common, "--adapter-path", "", "--iters", "0", "--test"]) == 0
+    base = test_loss(capsys.readouterr().out)
+    out = tmp_path / "adapter"
+    assert main([*common, "--adapter-path", str(out), "--iters", "4", "--learning-rate", "1e-3",
+                 "--test"]) == 0  # fmt: skip
+    assert test_loss(capsys.readouterr().out) < base - 1  # the tool rows were learned
+    assert (out / "adapters.safetensors").is_file()

@@ -112,8 +112,9 @@ def test_layouts_and_truncation(tmp_path, tokenizer):
          '"weight": 2}]}', "bad.jsonl:2: message 1: weight must be 0 or 1"),
         ('{"prompt": "x"}', 'bad.jsonl:2: "prompt" and "completion"'),
         ('{"text": 3}', 'bad.jsonl:2: "text" must be'),
-        ('{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
-         "bad.jsonl:2: tool definitions are not supported"),
+        ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], '
+         '"tools": [{"type": "function"}]}',
+         "bad.jsonl:2: tool definitions and calls are not supported with Mistral's v1 tokenizer"),
     ],
 )  # fmt: skip
 def test_malformed_row_names_file_and_line(tmp_path, tokenizer, line, message):
@@ -269,7 +270,10 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues(tiny_mixtral, data_dir, 
         (["--num-layers", "0"], 2, "--num-layers must be -1"),
         (["--num-layers", "5"], 1, "--num-layers must be -1 (all) or 1 to 2"),
         (["--batch-size", "50"], 1, "fewer than --batch-size 50"),
-        (["--iters", "0"], 2, "must be a positive integer"),
+        (["--iters", "0"], 2, "--iters 0 trains nothing: add --test"),
+        (["--iters", "-1"], 2, "must be 0 or a positive integer"),
+        (["--test"], 2, "--test needs a folder with test.jsonl"),
+        (["--test", "--test-batches", "0"], 2, "--test-batches must be -1"),
         (["--resume"], 2, "--resume: no run saved"),
         (["--val-batches", "0"], 2, "--val-batches"),
     ],

@@ -19,7 +19,7 @@ from .common import add_model_option, memory_size, positive
 DEFAULTS = {  # mlx_lm.lora's CONFIG_DEFAULTS where it has the flag
     "iters": 1000, "batch_size": 4, "learning_rate": 1e-5, "num_layers": None, "rank": 8,
     "max_seq_length": 2048, "seed": 0, "steps_per_eval": 200, "save_every": 100,
-    "val_batches": 25, "adapter_path": "adapters",
+    "val_batches": 25, "adapter_path": "adapters", "test_batches": 500,
 }  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="where adapters.safetensors and adapter_config.json go "
                       "(default %(default)s)")  # fmt: skip
     for flag, kind, text in (
-        ("--iters", positive, "training steps"),
+        ("--iters", steps, "training steps; 0 with --test: evaluate --adapter-path only"),
         ("--batch-size", positive, "rows per step"),
         ("--learning-rate", float, "Adam's learning rate"),
         (
@@ -55,6 +55,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         ("--steps-per-eval", positive, "validation every N steps"),
         ("--save-every", positive, "save (and resume point) every N steps"),
         ("--val-batches", int, "validation batches; -1: the whole validation set"),
+        ("--test-batches", int, "test batches (with --test); -1: the whole test set"),
     ):
         dest = flag[2:].replace("-", "_")
         tune.add_argument(flag, type=kind, default=DEFAULTS[dest],
@@ -66,7 +67,22 @@ def register(commands: argparse._SubParsersAction) -> None:
                       "layer by layer (default: automatic, as for inference)")  # fmt: skip
     tune.add_argument("--resume", action="store_true",
                       help="continue the run saved in --adapter-path")  # fmt: skip
+    tune.add_argument("--test", action="store_true",
+                      help="evaluate the adapter on the folder's test.jsonl after training (test "
+                      "loss and perplexity); with --iters 0, the adapter already in "
+                      "--adapter-path ('': the base model)")  # fmt: skip
     tune.set_defaults(func=run)
+
+
+def steps(text: str) -> int:
+    """--iters: a number of steps, 0 allowed (with --test: evaluate only)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {text!r}")
+    return value
 
 
 def check(args: argparse.Namespace) -> None:
@@ -79,8 +95,20 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.val_batches == 0 or args.val_batches < -1:
         raise SettingsError(f"--val-batches must be -1 (all) or at least 1, not {args.val_batches}")
+    if args.test_batches == 0 or args.test_batches < -1:
+        raise SettingsError(
+            f"--test-batches must be -1 (all) or at least 1, not {args.test_batches}"
+        )
     if not Path(args.data).exists():
         raise SettingsError(f"no dataset at {args.data}")
+    if args.test and not (Path(args.data) / "test.jsonl").is_file():
+        raise SettingsError(f"--test needs a folder with test.jsonl; {args.data} has none")
+    if args.iters == 0 and not args.test:
+        raise SettingsError("--iters 0 trains nothing: add --test to evaluate the adapter in "
+                            "--adapter-path on test.jsonl")  # fmt: skip
+    if args.iters == 0 and args.adapter_path and not Path(args.adapter_path).is_dir():
+        raise SettingsError(f"--test --iters 0: no adapter in {args.adapter_path} (train one "
+                            "first, or --adapter-path '' to test the base model)")  # fmt: skip
     if args.resume and not Path(args.adapter_path).is_dir():
         raise SettingsError(f"--resume: no run saved in {args.adapter_path}")
 
@@ -100,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         settings.model, settings.load_options.but(max_context=args.max_seq_length)
     )
     streamed = prepare(model)  # experts stream under the budget: train layer by layer
+    if args.iters == 0:
+        return test_only(args, model, tokenizer, StreamedTrainer if streamed else Trainer)
     data = load_dataset(args.data, tokenizer, args.max_seq_length, args.mask_prompt)
     for line in data.warnings(args.max_seq_length):
         print(f"mixchat: warning: {line}", file=sys.stderr)
@@ -133,7 +163,36 @@ def run(args: argparse.Namespace) -> int:
               f"{args.iters}: raise --iters to train on", file=sys.stderr)  # fmt: skip
     print(f"adapter saved in {out} (step {trainer.step}); use it with "
           f"`mixchat ask --adapter-path {out}`", file=sys.stderr)  # fmt: skip
+    if args.test:
+        report_test(args, type(trainer), model, data.test)
     return 0
+
+
+def test_only(args: argparse.Namespace, model, tokenizer, trainer_class) -> int:
+    """--test --iters 0: the adapter in --adapter-path ('' : none) on test.jsonl, no training."""
+    from model.tune.data import Dataset, Split, read_split
+    from model.tune.lora import load_adapter
+
+    path = Path(args.data) / "test.jsonl"
+    test = read_split(path, tokenizer, args.max_seq_length, args.mask_prompt)
+    for line in Dataset(Split(path), test=test).warnings(args.max_seq_length):
+        print(f"mixchat: warning: {line}", file=sys.stderr)
+    if args.adapter_path:
+        load_adapter(model, args.adapter_path)
+    report_test(args, trainer_class, model, test)
+    return 0
+
+
+def report_test(args: argparse.Namespace, trainer_class, model, test) -> None:
+    """mlx_lm.lora's --test line on stdout: test loss and perplexity."""
+    import math
+
+    from model.tune.train import evaluate
+
+    loss = evaluate(trainer_class, model, test.rows, args.batch_size, args.test_batches)
+    if loss is None:
+        raise MixchatError(f"--test: {test.path} has nothing to learn (no assistant turn)")
+    print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
 
 
 def fit_training_budget(model, data, args: argparse.Namespace, num_layers: int) -> None:

@@ -48,6 +48,13 @@ class Tokenizer:
         """Prompt ids for `messages` (ending with a user message), ready for generation."""
         raise NotImplementedError
 
+    def encode_tool_chat(self, messages: list[dict], tools: list | None) -> list[int]:
+        """Ids of a chat with tool definitions, assistant `tool_calls` and `tool` messages, as
+        transformers' `apply_chat_template(messages, tools=tools, add_generation_prompt=True)`
+        renders it (what mlx-lm's ChatDataset trains on); the chat may end with any role.
+        Raises MixchatError (one line) when this chat format cannot encode tools."""
+        raise MixchatError("this model's chat format has no tool calls")
+
     def detokenizer(self) -> StreamingDetokenizer:
         raise NotImplementedError
 

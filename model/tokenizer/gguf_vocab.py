@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import CheckpointError, MixchatError
 from .base import check_messages
-from .hf import HFTokenizer, byte_decoder, render_chat_template
+from .hf import HFTokenizer, byte_decoder, render_chat_template, render_tool_chat
 from .sentencepiece import SentencePieceTokenizer, mistral_format
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ class GGUFSentencePieceTokenizer(SentencePieceTokenizer):
         text = render_chat_template(
             self.chat_template, [{"role": r, "content": c} for r, c in chat], **self.special_tokens
         )
+        return self.encode_with_specials(text)
+
+    def encode_tool_chat(self, messages: list[dict], tools: list | None) -> list[int]:
+        if self.mistral:
+            return super().encode_tool_chat(messages, tools)
+        text = render_tool_chat(self.chat_template, messages, tools, self.special_tokens, self.name)
         return self.encode_with_specials(text)
 
     def encode_with_specials(self, text: str) -> list[int]:

@@ -57,6 +57,22 @@ def render_chat_template(template: str, messages: list[dict], **extra: Any) -> s
         raise MixchatError("chat template: " + " ".join(str(e).split())) from e
 
 
+def render_tool_chat(template: str | None, messages: list[dict], tools: list | None,
+                     specials: dict[str, str], name: str) -> str:  # fmt: skip
+    """A chat with tools rendered as transformers' apply_chat_template(tools=...) does; refused
+    (one line) when the template would silently drop the tool definitions or calls."""
+    if not template:
+        raise MixchatError(f"{name} has no chat template")
+    missing = [what for what, word, used in (
+        ("tool definitions", "tools", bool(tools)),
+        ("tool calls", "tool_calls", any(m.get("tool_calls") for m in messages)),
+    ) if used and word not in template]  # fmt: skip
+    if missing:
+        raise MixchatError(f"the chat template of {name} has no {' or '.join(missing)}: "
+                           "use a model whose template renders tools")  # fmt: skip
+    return render_chat_template(template, messages, tools=tools, **specials)
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` with a Jinja chat template (tokenizer.json directories; the GGUF
     BPE tokenizer is built into one). `decode` skips special tokens."""
@@ -156,6 +172,10 @@ class HFTokenizer(Tokenizer):
         text = render_chat_template(
             self.chat_template, [{"role": r, "content": c} for r, c in chat], **self.special_tokens
         )
+        return self.encode(text)
+
+    def encode_tool_chat(self, messages: list[dict], tools: list | None) -> list[int]:
+        text = render_tool_chat(self.chat_template, messages, tools, self.special_tokens, self.name)
         return self.encode(text)
 
     def detokenizer(self) -> StreamingDetokenizer:

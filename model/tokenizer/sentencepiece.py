@@ -91,6 +91,10 @@ class SentencePieceTokenizer(Tokenizer):
             self._table = surfaces, byte_values, kinds
         return self._table
 
+    def encode_tool_chat(self, messages: list[dict], tools: list | None) -> list[int]:
+        raise MixchatError(f"tool definitions and calls are not supported with Mistral's "
+                           f"{self.format} tokenizer: mixchat encodes its text chats only")  # fmt: skip
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token-for-token what mistral-common's `encode_chat_completion` gives for a text chat.
 

@@ -7,6 +7,10 @@ file (then it is the training set). Each line is one JSON object:
   assistant message with "weight": 0 (Mistral's format) is not learned;
 - {"prompt": ..., "completion": ...}: a user message and the assistant's reply;
 - {"text": ...}: plain text, learned whole (BOS when the tokenizer has one, then EOS).
+A chat or prompt/completion row may carry "tools" (mlx-lm's format, OpenAI's schema), and its
+messages assistant "tool_calls" and "tool" results: they are rendered by the model's chat template
+with `tools=` as mlx-lm's ChatDataset does (a template that has no tools, and Mistral's
+SentencePiece formats, refuse them); the tool calls are learned like any assistant turn.
 
 A chat's tokens are `encode_chat` of the whole chat; each assistant turn starts where
 `encode_chat` of the messages before it (the generation prompt) ends, and runs to the first
@@ -121,16 +125,19 @@ def encode_row(row: object, tokenizer: Tokenizer, mask_prompt: bool = True) -> R
     """One JSON row -> Row; raises MixchatError (one line) when it is malformed."""
     if not isinstance(row, dict):
         raise MixchatError(f"expected a JSON object, not {type(row).__name__}")
+    tools = row.get("tools")
+    if tools is not None and (
+        not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
+    ):
+        raise MixchatError('"tools" must be a list of tool definitions (JSON objects)')
     if "messages" in row:
-        if row.get("tools"):
-            raise MixchatError("tool definitions are not supported: mixchat's chat format has none")
-        return encode_chat(row["messages"], tokenizer, mask_prompt)
+        return encode_chat(row["messages"], tokenizer, mask_prompt, tools)
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise MixchatError('"prompt" and "completion" must both be strings')
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        return encode_chat(chat, tokenizer, mask_prompt)
+        return encode_chat(chat, tokenizer, mask_prompt, tools)
     if "text" in row:
         if not isinstance(row["text"], str) or not row["text"]:
             raise MixchatError('"text" must be a non-empty string')
@@ -146,27 +153,35 @@ def encode_text(text: str, tokenizer: Tokenizer) -> Row:
     return Row(ids, [0] + [1] * (len(ids) - 1))
 
 
-def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True) -> Row:
-    """A chat -> its ids as encode_chat gives them, with its assistant turns marked."""
+def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True,
+                tools: list | None = None) -> Row:  # fmt: skip
+    """A chat -> its ids as encode_chat gives them, with its assistant turns marked. A chat with
+    tools (definitions, calls or results) is rendered with them (`encode_tool_chat`)."""
     chat = check_chat(messages)
     if not tokenizer.has_chat_template:
         raise MixchatError('this model has no chat template: use {"text": ...} rows')
     turns = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
     if not turns:
         raise MixchatError("the chat has no assistant message")
-    plain = [{"role": m["role"], "content": m["content"]} for m in chat]
-    ends_with_user = plain[-1]["role"] == "user"
+    with_tools = tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in chat)
+    if with_tools:  # the messages as the template takes them (mlx-lm passes them as they are)
+        plain = [{k: v for k, v in m.items() if k != "weight"} for m in chat]
+
+        def encode(part: list[dict]) -> list[int]:
+            return tokenizer.encode_tool_chat(part, tools)
+    else:
+        plain = [{"role": m["role"], "content": m["content"]} for m in chat]
+        encode = tokenizer.encode_chat
+    ends_open = plain[-1]["role"] != "assistant"
     # encode_chat takes chats that end with a user message: a last, empty user turn (whose
     # tokens are dropped) gives the tokens of everything before it.
-    full = tokenizer.encode_chat(
-        plain if ends_with_user else plain + [{"role": "user", "content": ""}]
-    )
+    full = encode(plain if ends_open else plain + [{"role": "user", "content": ""}])
     weights = [0] * len(full)
     end = 0
     for i in turns:
         if i == 0:
             raise MixchatError("the chat starts with an assistant message")
-        prompt = tokenizer.encode_chat(plain[:i])
+        prompt = encode(plain[:i])
         if full[: len(prompt)] != prompt:
             raise MixchatError("this model's chat template does not encode chats by prefix")
         start = len(prompt)
@@ -176,7 +191,7 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
         end = stop + 1
         if chat[i].get("weight", 1) or not mask_prompt:
             weights[start:end] = [1] * (end - start)
-    if ends_with_user:
+    if ends_open:
         end = len(full)
     ids, weights = full[:end], weights[:end]
     if not mask_prompt:
@@ -185,18 +200,25 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
 
 
 def check_chat(messages: object) -> list[dict]:
-    """The messages of a row, checked: roles, string contents, 0/1 weights on assistants."""
+    """The messages of a row, checked: roles, string contents (an assistant message with
+    `tool_calls` may have none), 0/1 weights on assistants."""
     if not isinstance(messages, list) or not messages:
         raise MixchatError('"messages" must be a non-empty list')
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise MixchatError(f"message {i} is not an object")
         role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls"):
-            raise MixchatError(f"message {i}: tool calls are not supported")
-        if role not in ("system", "user", "assistant"):
-            raise MixchatError(f"message {i} has role {role!r}; expected system, user or assistant")
-        if not isinstance(m.get("content"), str):
+        if role not in ("system", "user", "assistant", "tool"):
+            raise MixchatError(
+                f"message {i} has role {role!r}; expected system, user, assistant or tool"
+            )
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise MixchatError(f"message {i}: tool_calls belong on assistant messages")
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise MixchatError(f"message {i}: tool_calls must be a list of JSON objects")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise MixchatError(f"message {i} ({role}) has no text content")
         if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1)):
             raise MixchatError(f"message {i}: weight must be 0 or 1, on assistant messages only")

@@ -247,3 +247,19 @@ class Trainer:
         self.optimizer.state = tree_unflatten(state)
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.step = self.saved_step = step
+
+
+def evaluate(trainer_class: type[Trainer], model: nn.Module, rows: list[Row], batch_size: int,
+             num_batches: int) -> float | None:  # fmt: skip
+    """mlx_lm.lora's --test: the mean loss over the learned tokens of the first `num_batches`
+    batches (-1: all) of `batch_size` rows sorted by length, in order, measured as
+    `trainer_class` validates (layer by layer for a StreamedTrainer); no training set needed.
+    None when no row has anything to learn."""
+    rows = [r for r in rows if r.learned]
+    if not rows:
+        return None
+    batches = [[rows[i] for i in b] for b in batch_order(rows, min(batch_size, len(rows)))]
+    evaluator = trainer_class.__new__(trainer_class)  # validate reads the model and batches only
+    evaluator.model = model
+    evaluator.val_batches = batches if num_batches < 0 else batches[:num_batches]
+    return evaluator.validate()

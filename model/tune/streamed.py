@@ -55,9 +55,8 @@ class StreamedLoRAExperts(OffloadedExperts):
         self.up_proj = _placeholder(num_experts, ffn, hidden)
         self.down_proj = _placeholder(num_experts, hidden, ffn)
 
-    def _project(self, x: mx.array, p: Projection, name: str, e: int,
-                 lora: tuple[mx.array, mx.array] | None) -> mx.array:  # fmt: skip
-        """x [n, 1, in] through expert e's projection `name` (+ its LoRA A/B) -> [n, 1, out]."""
+    def _project(self, x: mx.array, p: Projection, name: str, e: int) -> mx.array:
+        """x [n, 1, in] through expert e's projection `name` (+ its LoRA) -> [n, 1, out]."""
         out_features = p.weight.shape[-2]
         in_features = x.shape[-1]
         if blas.applies(x.shape[0], out_features, in_features, p.weight.dtype):
@@ -66,26 +65,11 @@ class StreamedLoRAExperts(OffloadedExperts):
                             p.mode)  # fmt: skip
         else:
             y = matmul(x, p, mx.zeros((x.shape[0],), dtype=mx.uint32), sorted_inds=True)
-        if lora is not None:
-            module = self[name]
-            z = (module.dropout(x) @ lora[0].T) @ lora[1].T
-            y = y + (module.scale * z).astype(y.dtype)
+        lora = self[name]
+        if "lora_a" in lora:
+            z = (lora.dropout(x) @ lora.lora_a[e].T) @ lora.lora_b[e].T
+            y = y + (lora.scale * z).astype(y.dtype)
         return y
-
-    def _expert(self, w: dict[str, Projection], e: int, r: mx.array) -> mx.array:
-        """Expert e's SwiGLU (+ LoRA) of rows r, checkpointed (mx.checkpoint): a layer's
-        backward keeps only each expert's input and recomputes the rest in its VJP, so it
-        holds one expert's temporaries at a time, not every expert's until the layer ends."""
-        names = [n for n in ("gate_proj", "up_proj", "down_proj") if "lora_a" in self[n]]
-        loras = [a for n in names for a in (self[n].lora_a[e], self[n].lora_b[e])]
-
-        def swiglu(r: mx.array, *loras: mx.array) -> mx.array:
-            ab = {n: (loras[2 * i], loras[2 * i + 1]) for i, n in enumerate(names)}
-            project = lambda x, n: self._project(x, w[n], n, e, ab.get(n))  # noqa: E731
-            h = nn.silu(project(r, "gate_proj")) * project(r, "up_proj")
-            return project(h, "down_proj")
-
-        return mx.checkpoint(swiglu)(r, *loras)
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
         """x: [N, hidden], inds: [N, k] -> [N, k, hidden]."""
@@ -104,7 +88,9 @@ class StreamedLoRAExperts(OffloadedExperts):
         for j, e in enumerate(groups.experts):
             w = _projections(cached[e], specs)
             r = rows[groups.bounds[j] : groups.bounds[j + 1]]
-            parts.append(self._expert(w, e, r))
+            h = nn.silu(self._project(r, w["gate_proj"], "gate_proj", e))
+            h = h * self._project(r, w["up_proj"], "up_proj", e)
+            parts.append(self._project(h, w["down_proj"], "down_proj", e))
         y = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         return groups.unsort(y, N, k)
 

@@ -1,8 +1,8 @@
 """Memory of one full-size Mixtral 8x7B layer trained under a budget, forward and backward.
 
-One layer at Mixtral 8x7B's real size (hidden 4096, 8 experts of FFN 14336, 4-bit, 32/8 heads;
-benchmarks/make_full_checkpoint.py with --layers 1, ~0.9 GB, random weights in the packed
-layout) goes through `mixchat tune` itself, in this process: its budget check, the expert
+Layers at Mixtral 8x7B's real size (hidden 4096, 8 experts of FFN 14336, 4-bit, 32/8 heads;
+benchmarks/make_full_checkpoint.py --layers 4 by default, 3.2 GB, random weights in the packed
+layout; enough layers that the model is larger than the budget, so its experts stream) goes through `mixchat tune` itself, in this process: its budget check, the expert
 cache it sizes, StreamedTrainer's forward (layer inputs kept) and backward (the layer
 recomputed, its routed experts read again from disk), LoRA rank 8 on attention, router and
 every expert, one row of 512 tokens, one step. Each phase is measured on its own: the peak of
@@ -10,7 +10,7 @@ MLX's allocations (`mx.get_peak_memory`, reset before the phase) and the peak RS
 reset through /proc/self/clear_refs), against the size of one expert (3 packed projections)
 and of one expert dequantized to float32.
 
-    python -m benchmarks.bench_tune_layer [--budget 4GB] [--tokens 512] [--dir /tmp/tm_layer]
+    python -m benchmarks.bench_tune_layer [--budget 3GB] [--layers 4] [--tokens 512] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def reset_peaks() -> None:
         pass
 
 
-def measure(budget: str, tokens: int, checkpoint: Path, layers: int = 4) -> dict:
+def measure(budget: str, tokens: int, checkpoint: Path, layers: int) -> dict:
     import mlx.core as mx
 
     import app.cli.tune as tune
@@ -98,11 +98,12 @@ def measure(budget: str, tokens: int, checkpoint: Path, layers: int = 4) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="4GB")
+    parser.add_argument("--budget", default="3GB")
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4, help="enough that the experts stream")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/mixchat-bench/mixtral-8x7b-1layer"))
     args = parser.parse_args()
-    print(json.dumps(measure(args.budget, args.tokens, args.dir), indent=1))
+    print(json.dumps(measure(args.budget, args.tokens, args.dir, args.layers), indent=1))
 
 
 if __name__ == "__main__":

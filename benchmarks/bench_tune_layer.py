@@ -3,8 +3,9 @@
 Layers at Mixtral 8x7B's real size (hidden 4096, 8 experts of FFN 14336, 4-bit, 32/8 heads;
 benchmarks/make_full_checkpoint.py --layers 4 by default, 3.2 GB, random weights in the packed
 layout; enough layers that the model is larger than the budget, so its experts stream) go
-through `mixchat tune` itself, in this process: its budget check, the expert cache it sizes, StreamedTrainer's forward (layer inputs kept) and backward (the layer
-recomputed, its routed experts read again from disk), LoRA rank 8 on attention, router and
+through `mixchat tune` itself, in this process: its budget check, the expert cache it sizes,
+StreamedTrainer's forward (layer inputs kept) and backward (each layer recomputed, its routed
+experts read again from disk), LoRA rank 8 on attention, router and
 every expert, one row of 512 tokens, one step. Each phase is measured on its own: the peak of
 MLX's allocations (`mx.get_peak_memory`, reset before the phase) and the peak RSS (VmHWM,
 reset through /proc/self/clear_refs), against the size of one expert (3 packed projections)

@@ -1,7 +1,7 @@
 """Memory of one full-size Mixtral 8x7B layer trained under a budget, forward and backward.
 
 Layers at Mixtral 8x7B's real size (hidden 4096, 8 experts of FFN 14336, 4-bit, 32/8 heads;
-benchmarks/make_full_checkpoint.py --layers 4 by default, 3.2 GB, random weights in the packed
+benchmarks/make_full_checkpoint.py --layers 8 by default, 7.1 GB, random weights in the packed
 layout; enough layers that the model is larger than the budget, so its experts stream) go
 through `mixchat tune` itself, in this process: its budget check, the expert cache it sizes,
 StreamedTrainer's forward (layer inputs kept) and backward (each layer recomputed, its routed
@@ -11,7 +11,7 @@ MLX's allocations (`mx.get_peak_memory`, reset before the phase) and the peak RS
 reset through /proc/self/clear_refs), against the size of one expert (3 packed projections)
 and of one expert dequantized to float32.
 
-    python -m benchmarks.bench_tune_layer [--budget 3GB] [--layers 4] [--tokens 512] [--dir DIR]
+    python -m benchmarks.bench_tune_layer [--budget 6.5GB] [--layers 8] [--tokens 512] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def measure(budget: str, tokens: int, checkpoint: Path, layers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="3GB")
+    parser.add_argument("--budget", default="6.5GB")
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4, help="enough that the experts stream")
+    parser.add_argument("--layers", type=int, default=8, help="enough that the experts stream")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/mixchat-bench/mixtral-8x7b-1layer"))
     args = parser.parse_args()
     print(json.dumps(measure(args.budget, args.tokens, args.dir, args.layers), indent=1))

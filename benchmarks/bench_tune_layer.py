@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--budget", default="6.5GB")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8, help="enough that the experts stream")
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/mixchat-bench/mixtral-8x7b-1layer"))
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/mixchat-bench/mixtral-8x7b-layers"))
     args = parser.parse_args()
     print(json.dumps(measure(args.budget, args.tokens, args.dir, args.layers), indent=1))
 

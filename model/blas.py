@@ -109,11 +109,30 @@ def _blocks(
     scales, biases = _widened(scales), _widened(biases)
     for a in range(0, out_features, step):
         e = min(a + step, out_features)
+        if mode == "affine" and 32 % bits == 0 and biases is not None:
+            yield a, e, _dequantize(weight[a:e], scales[a:e], biases[a:e], group_size, bits)
+            continue
         block = mx.dequantize(
             weight[a:e], scales[a:e], None if biases is None else biases[a:e],
             group_size=group_size, bits=bits, mode=mode,
         )  # fmt: skip
         yield a, e, np.asarray(block.astype(mx.float32))
+
+
+def _dequantize(weight: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                bits: int) -> np.ndarray:
+    """mx.dequantize's affine result (scale * q + bias, float32, bit for bit) computed in numpy.
+    Inside a training step's VJP (an MLX transform) the blocks MLX dequantizes stay alive until
+    the transform ends: a layer's backward held every float32 expert projection it read, ~4 GB
+    for a full-size Mixtral layer (benchmarks/bench_tune_layer.py). numpy's are freed at once,
+    at the same speed."""
+    w = np.asarray(weight)
+    shifts = np.arange(0, 32, bits, dtype=np.uint32)
+    q = ((w[..., None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.float32)
+    q = q.reshape(w.shape[0], -1, group_size)
+    q *= np.asarray(scales.astype(mx.float32))[..., None]
+    q += np.asarray(biases.astype(mx.float32))[..., None]
+    return q.reshape(w.shape[0], -1)
 
 
 def matmul_t(

@@ -98,3 +98,30 @@ def test_budget_below_the_training_minimum_is_refused_naming_it(tiny_q4, data_di
     assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert "below the minimum of" in err and "for training" in err
     assert "LoRA + optimizer" in err and "experts" in err
+
+
+def test_a_training_backward_holds_one_block_of_float32_weights_not_the_weight(monkeypatch):
+    """Training's backward through a quantized many-row product (model/blas.py, the streamed
+    experts' route) dequantizes the weight block by block; inside the VJP (an MLX transform)
+    those blocks must be freed as they go, not kept until the layer's backward ends: that kept
+    ~4 GB for one full-size Mixtral layer (BENCHMARKS.md)."""
+    from model import blas
+
+    out_features, in_features = 2048, 1024
+    float32_bytes = out_features * in_features * 4  # 8 MB dequantized
+    monkeypatch.setattr(blas, "BLOCK_ELEMENTS", out_features * in_features // 16)
+    w = mx.random.normal((out_features, in_features)) * 0.02
+    weight, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((64, in_features))
+    mx.eval(weight, scales, biases, x)
+
+    def loss(x):
+        return blas.linear(x, weight, scales, biases, 64, 4).sum()
+
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    dx = mx.grad(loss)(x)
+    mx.eval(dx)
+    assert mx.get_peak_memory() - base < float32_bytes / 4
+    expected = mx.ones((64, out_features)) @ mx.dequantize(weight, scales, biases, 64, 4)
+    assert np.allclose(np.array(dx), np.array(expected), atol=1e-4)

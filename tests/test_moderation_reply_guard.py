@@ -157,3 +157,22 @@ def test_a_guard_model_that_is_not_a_guard_is_one_line(capsys, tiny_mixtral, com
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "is not a Llama Guard model" in err
+
+
+def test_the_guard_models_weights_are_counted_in_a_memory_budget(guards):  # noqa: F811
+    from app.moderation.policy import chat_load_options
+    from model.errors import MixchatError
+    from model.load_options import LoadOptions
+
+    policy = Policy([LexicalGuard(), guards["safe"]])
+    from mlx.utils import tree_flatten
+
+    weights = sum(v.nbytes for _, v in tree_flatten(guards["safe"].engine.model.parameters()))
+    options, line = chat_load_options(LoadOptions(memory_budget=10**9), policy)
+    assert options.memory_budget == 10**9 - weights and weights > 0
+    assert line.startswith("the guard model takes") and "the chat model gets" in line
+    assert chat_load_options(LoadOptions(), policy) == (LoadOptions(), "")  # measured at load
+    assert chat_load_options(LoadOptions(memory_budget=10**9), Policy()) == (
+        LoadOptions(memory_budget=10**9), "")  # fmt: skip
+    with pytest.raises(MixchatError, match="nothing is left for the chat model"):
+        chat_load_options(LoadOptions(memory_budget=1000), policy)

@@ -215,7 +215,12 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
         print(Strings(settings.lang)(key, model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now
 
-    engine = Engine.load(settings.model, settings.load_options, split=rank_split(settings))
+    from app.moderation.policy import chat_load_options
+
+    options, budget_line = chat_load_options(settings.load_options, getattr(args, "policy", None))
+    if budget_line:
+        print(f"mixchat: {budget_line}", file=sys.stderr)
+    engine = Engine.load(settings.model, options, split=rank_split(settings))
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line

@@ -122,8 +122,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         notice = policy.guards[-1].engine.memory_notice
         if notice:
             print(f"mixchat: guard model: {notice}", file=sys.stderr)
+    from app.moderation.policy import chat_load_options
+
+    options, budget_line = chat_load_options(args.settings.load_options, policy)
+    if budget_line:
+        print(f"mixchat: {budget_line}", file=sys.stderr)
     models = ModelManager(
-        args.settings.model, load_options=args.settings.load_options,
+        args.settings.model, load_options=options,
         keep_alive=args.keep_alive, prompt_cache_bytes=args.prompt_cache,
     )  # fmt: skip
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather

@@ -35,8 +35,8 @@ def figures(rows: list[dict], flagged: list[bool]) -> dict:
     fp = sum(f and r["label"] == "safe" for r, f in zip(rows, flagged))
     harmful = sum(r["label"] != "safe" for r in rows)
     harmless = len(rows) - harmful
-    return {"precision": tp / (tp + fp) if tp + fp else 1.0, "recall": tp / harmful,
-            "false_positive_rate": fp / harmless, "harmful": harmful, "harmless": harmless}  # fmt: skip
+    return {"precision": tp / (tp + fp) if tp + fp else 1.0, "recall": tp / max(harmful, 1),
+            "false_positive_rate": fp / max(harmless, 1), "harmful": harmful, "harmless": harmless}  # fmt: skip
 
 
 def run_guard(policy: Policy, rows: list[dict]) -> tuple[list[bool], list[float]]:
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--split", default="heldout", choices=("heldout", "tune", "all"))
     parser.add_argument("--model", default=None, help="chat model for the self-check")
     parser.add_argument("--guard-model", default=None, help="a Llama Guard 3 checkpoint")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="model guards: the first N texts only (seconds a text on a CPU)")
     parser.add_argument("--unchecked-guard", action="store_true",
                         help="load --guard-model without checking that it answers safe/unsafe "
                         "(a random-weight checkpoint: timings and memory only)")  # fmt: skip
@@ -137,10 +139,12 @@ def main() -> None:
     print("\n| guard | precision | recall | false positives | median ms/message | p95 ms |")
     print("|---|---|---|---|---|---|")
     for name, policy in policies.items():
-        flagged, seconds = run_guard(policy, rows)
-        f = figures(rows, flagged)
+        # --limit: every k-th text, so both labels stay in the sample
+        some = rows if name == "lexical" or not args.limit else rows[:: max(1, len(rows) // args.limit)][: args.limit]
+        flagged, seconds = run_guard(policy, some)
+        f = figures(some, flagged)
         ms = sorted(s * 1000 for s in seconds)
-        print(f"| {name} | {f['precision']:.2f} | {f['recall']:.2f} "
+        print(f"| {name}{f' ({len(some)} texts)' if len(some) < len(rows) else ''} | {f['precision']:.2f} | {f['recall']:.2f} "
               f"| {f['false_positive_rate']:.1%} of {f['harmless']} | {statistics.median(ms):.3f} "
               f"| {ms[int(0.95 * (len(ms) - 1))]:.3f} |")  # fmt: skip
         if name == "lexical":

@@ -209,17 +209,17 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
 
     registry.resolve(settings.model)  # a missing model fails now, not after MLX loads
     join_hosts(args)
+    from app.moderation.policy import chat_load_options
+
+    options, budget_line = chat_load_options(settings.load_options, getattr(args, "policy", None))
+    if budget_line:  # --guard-model under a --memory-budget
+        print(f"mixchat: {budget_line}", file=sys.stderr)
     show_progress = sys.stderr.isatty() and not args.quiet
     if show_progress:
         key = "ask.loading" if settings.model else "ask.loading_default"
         print(Strings(settings.lang)(key, model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now
 
-    from app.moderation.policy import chat_load_options
-
-    options, budget_line = chat_load_options(settings.load_options, getattr(args, "policy", None))
-    if budget_line:
-        print(f"mixchat: {budget_line}", file=sys.stderr)
     engine = Engine.load(settings.model, options, split=rank_split(settings))
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line

@@ -57,7 +57,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     ask.add_argument(
         "--guard-model", metavar="M",
-        help="with --safe: also check the prompt with this Llama Guard 3 checkpoint",
+        help="with --safe: also check the prompt, and the reply as it streams (every few "
+        "sentences and at its end), with this Llama Guard 3 checkpoint",
     )  # fmt: skip
     ask.add_argument(
         "--max-tokens", type=int, default=512, metavar="N",
@@ -186,7 +187,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
             return flagged
         from app.moderation.stream import ReplyGuard, frame_document
 
-        args.reply_guard = ReplyGuard()  # the reply: the lexical guard, sentence by sentence
+        # The reply: the lexical guard sentence by sentence; a guard model every few windows,
+        # judging the reply so far as the agent turn after the user's message.
+        args.reply_guard = ReplyGuard(args.policy, context=[{"role": "user", "content": instruction}])
         prompt = f"{instruction}\n\n{frame_document(piped)}" if piped else instruction
     else:
         prompt = f"{instruction}\n\n{piped}" if piped else instruction
@@ -206,13 +209,18 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
 
     registry.resolve(settings.model)  # a missing model fails now, not after MLX loads
     join_hosts(args)
+    from app.moderation.policy import chat_load_options
+
+    options, budget_line = chat_load_options(settings.load_options, getattr(args, "policy", None))
+    if budget_line:  # --guard-model under a --memory-budget
+        print(f"mixchat: {budget_line}", file=sys.stderr)
     show_progress = sys.stderr.isatty() and not args.quiet
     if show_progress:
         key = "ask.loading" if settings.model else "ask.loading_default"
         print(Strings(settings.lang)(key, model=settings.model), file=sys.stderr, end="\r")
     from model import Engine  # MLX and the model code: only now
 
-    engine = Engine.load(settings.model, settings.load_options, split=rank_split(settings))
+    engine = Engine.load(settings.model, options, split=rank_split(settings))
     if show_progress:
         print("\r\033[K", file=sys.stderr, end="")  # erase the loading line
     if engine.memory_notice:  # chosen for the user (or a warning): always said, in one line
@@ -251,6 +259,11 @@ def check_input(args: argparse.Namespace, instruction: str, piped: str) -> int |
     from app.moderation.stream import blocked_line, check_document, check_message
 
     policy = Policy.build(args.guard_model, args.settings.load_options) if args.guard_model else None
+    args.policy = policy  # the reply is checked with it too
+    for guard in policy.guards if policy else []:
+        notice = getattr(getattr(guard, "engine", None), "memory_notice", "")
+        if notice:  # the guard's own memory decision, said as the chat model's is
+            print(f"mixchat: guard model: {notice}", file=sys.stderr)
     if (result := check_message(instruction, policy)) is not None:
         print(f"mixchat: {blocked_line(result, 'prompt')}", file=sys.stderr)
         return FLAGGED

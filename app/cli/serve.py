@@ -71,6 +71,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="moderate every chat completion (a request's \"moderation\": false "
                        "turns it off): a flagged prompt or reply ends with finish_reason "
                        "content_filter")  # fmt: skip
+    serve.add_argument("--guard-model", metavar="M",
+                       help="moderated completions (--safe, or a request's \"moderation\": true) "
+                       "also checked with this Llama Guard 3 checkpoint: the prompt, and the "
+                       "reply every few sentences and at its end")  # fmt: skip
     serve.add_argument("--detach", action="store_true",
                        help="run in the background (pid and URL in the data directory's "
                        "serve.json, output in serve.log)")  # fmt: skip
@@ -110,8 +114,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"mixchat: warning: serving on {args.host} without --api-key: anyone who can reach "
               "this machine can use the model", file=sys.stderr)  # fmt: skip
     sock = bind(args.host, args.port)  # a port in use fails now, before the load
+    policy = None
+    if args.guard_model:  # loaded (and checked to be a guard) before the chat model
+        from app.moderation import Policy
+
+        policy = Policy.build(args.guard_model, args.settings.load_options)
+        notice = policy.guards[-1].engine.memory_notice
+        if notice:
+            print(f"mixchat: guard model: {notice}", file=sys.stderr)
+    from app.moderation.policy import chat_load_options
+
+    options, budget_line = chat_load_options(args.settings.load_options, policy)
+    if budget_line:
+        print(f"mixchat: {budget_line}", file=sys.stderr)
     models = ModelManager(
-        args.settings.model, load_options=args.settings.load_options,
+        args.settings.model, load_options=options,
         keep_alive=args.keep_alive, prompt_cache_bytes=args.prompt_cache,
     )  # fmt: skip
     # Loaded before serving: clients that connect meanwhile wait (in the listen backlog) rather
@@ -121,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"mixchat serve: {models.name(models.start_key)} at http://{host}:{port}/v1 "
           "(Ctrl+C to stop)", file=sys.stderr)  # fmt: skip
-    server = make_server(build_app(scheduler, api_key=api_key, safe=args.safe), scheduler)
+    server = make_server(build_app(scheduler, api_key=api_key, safe=args.safe, policy=policy), scheduler)
     from app.serve.detach import remove_state, write_state
 
     state = Path(args.state_file) if args.state_file else None  # --detach's child

@@ -10,6 +10,7 @@ category line that follows ("S1,S10") is read greedily.
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 from model.errors import MixchatError
@@ -71,6 +72,7 @@ class LlamaGuard:
         from model.label_scores import label_first_ids
 
         self.engine = engine
+        self._lock = threading.Lock()  # one check at a time (a server's requests share it)
         tok = engine.tokenizer
         self.labels = label_first_ids(tok, {"safe": ["safe"], "unsafe": ["unsafe"]})
         if not (self.labels["safe"] and self.labels["unsafe"]):
@@ -119,11 +121,13 @@ class LlamaGuard:
         """`text` as the last `role` turn ("user" or "assistant"), after `context`."""
         start = time.perf_counter()
         conversation = list(context or []) + [{"role": role, "content": text}]
-        safe, unsafe, ids = self._decide(conversation)
-        p_unsafe = unsafe / (safe + unsafe) if safe + unsafe > 0 else 0.0
+        with self._lock:
+            safe, unsafe, ids = self._decide(conversation)
+            p_unsafe = unsafe / (safe + unsafe) if safe + unsafe > 0 else 0.0
+            line = self._category_line(ids) if p_unsafe >= 0.5 else ""
         values: dict[str, float] = {}
         if p_unsafe >= 0.5:
-            codes = {int(n) for n in re.findall(r"S(\d{1,2})", self._category_line(ids))}
+            codes = {int(n) for n in re.findall(r"S(\d{1,2})", line)}
             named = [c for n in sorted(codes) for c in TO_CATEGORIES.get(n, ())] or list(UNNAMED)
             values = dict.fromkeys(named, p_unsafe)
         return ModerationResult(scores(**values), self.name, time.perf_counter() - start)

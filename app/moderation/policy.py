@@ -67,6 +67,8 @@ class Policy:
         if guard_model:
             from .llama_guard import LlamaGuard
 
+            # the chat model's adapter is not the guard's
+            options = options.but(adapter_path=None) if options is not None else None
             guards.append(LlamaGuard.load(guard_model, options))
         elif self_check and engine is not None:
             from .self_check import SelfCheck
@@ -100,6 +102,38 @@ class Policy:
         total.guard = "+".join(deciders) or self.names
         total.seconds = time.perf_counter() - start
         return total
+
+
+def guard_model_bytes(policy: Policy | None) -> int:
+    """Bytes of the weights a policy's guard models hold (not the self-check's: that is the
+    chat model itself)."""
+    total = 0
+    for guard in policy.guards if policy is not None else []:
+        engine = getattr(guard, "engine", None)
+        if engine is not None and guard.name == "llama-guard":
+            from mlx.utils import tree_flatten
+
+            total += sum(v.nbytes for _, v in tree_flatten(engine.model.parameters()))
+    return total
+
+
+def chat_load_options(options, policy: Policy | None):
+    """(the chat model's load options, a line or ""): with a guard model loaded, a memory
+    budget in bytes is what its weights leave (an automatic budget or none measures the memory
+    available after the guard's load, so counts it already)."""
+    guard = guard_model_bytes(policy)
+    budget = getattr(options, "memory_budget", None)
+    if not guard or not isinstance(budget, int):
+        return options, ""
+    from model.sizes import format_bytes
+
+    left = budget - guard
+    if left <= 0:
+        raise MixchatError(f"the guard model's {format_bytes(guard)} fill the "
+                           f"{format_bytes(budget)} memory budget: nothing is left for the chat model")  # fmt: skip
+    line = (f"the guard model takes {format_bytes(guard)} of the {format_bytes(budget)} memory "
+            f"budget: the chat model gets {format_bytes(left)}")  # fmt: skip
+    return options.but(memory_budget=left), line
 
 
 @functools.cache

@@ -49,5 +49,11 @@ def refused(base: dict, result, stream: bool) -> dict | list[dict]:
                    "moderation": moderation}  # fmt: skip
 
 
-def reply_guard(policy=None) -> ReplyGuard:
-    return ReplyGuard(policy)
+def reply_guard(policy=None, gen: GenerationRequest | None = None) -> ReplyGuard:
+    """The reply's guard: the lexical guard every sentence window; a guard model in `policy`
+    every few windows and at the end, judging the reply after the request's last user
+    message (Llama Guard's agent turn)."""
+    last = next((m["content"] for m in reversed(gen.messages or []) if m["role"] == "user"),
+                "") if gen is not None else ""  # fmt: skip
+    context = [{"role": "user", "content": last}] if last.strip() else None
+    return ReplyGuard(policy, context=context)

@@ -85,7 +85,7 @@ def build_app(
                     return JSONResponse(answer)
                 events = "".join(event(b) for b in answer) + "data: [DONE]\n\n"
                 return Response(events, media_type="text/event-stream")
-            job.guard = moderated.reply_guard(policy)
+            job.guard = moderated.reply_guard(policy, gen)
         scheduler.submit(job)
         gone = asyncio.ensure_future(disconnected(request))
         streaming = False

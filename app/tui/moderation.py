@@ -64,8 +64,12 @@ class ChatModeration:
             for m in messages
         ]
 
-    def reply_guard(self) -> ReplyGuard:
-        return ReplyGuard()  # the reply: the lexical guard, sentence window by window (as ask)
+    def reply_guard(self, messages: list[dict] | None = None) -> ReplyGuard:
+        """The reply's check, as `ask --safe` does it: the lexical guard every sentence window;
+        a guard model (--guard-model), if any, judges the reply so far as Llama Guard's agent
+        turn after the user's last message, every few windows and at the end."""
+        users = [m for m in messages or [] if m.get("role") == "user"]
+        return ReplyGuard(self.policy, context=users[-1:])
 
 
 def stopped_stats(stats: dict[str, Any] | None, result: ModerationResult) -> dict[str, Any]:

@@ -221,7 +221,7 @@ class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[No
         messages = [message.as_chat_message() for message in self.history]
         on = safe.active(self.settings)  # long pastes framed as data, the reply checked
         messages = build_messages(settings, safe.frame(messages) if on else messages)
-        guard = safe.reply_guard() if on else None
+        guard = safe.reply_guard(messages) if on else None
         reply = self.reply_flow.begin(self.conversation.id, view, messages, settings, guard)
         if self.reply_flow.waiting is reply:
             self.status_bar.set_state(self.strings("status.waiting"))

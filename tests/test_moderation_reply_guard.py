@@ -176,3 +176,24 @@ def test_the_guard_models_weights_are_counted_in_a_memory_budget(guards):  # noq
         LoadOptions(memory_budget=10**9), "")  # fmt: skip
     with pytest.raises(MixchatError, match="nothing is left for the chat model"):
         chat_load_options(LoadOptions(memory_budget=1000), policy)
+
+
+def test_the_servers_moderations_endpoint_uses_its_guard_model(tiny_mixtral):
+    recorder = Recorder(flag_on="cook")
+    with start(tiny_mixtral, policy=Policy([LexicalGuard(), recorder])) as server:
+        result = client(server).moderations.create(input=["A story about a cook.", "The sea."])
+    assert [r.flagged for r in result.results] == [True, False]
+    assert [text for text, _, _ in recorder.calls] == ["A story about a cook.", "The sea."]
+
+
+def test_the_chat_apps_reply_guard_asks_the_guard_model_after_the_users_message():
+    from app.tui.moderation import ChatModeration
+
+    recorder = Recorder(flag_on="fish")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Tell me a story."}]  # fmt: skip
+    guard = ChatModeration(Policy([LexicalGuard(), recorder])).reply_guard(messages)
+    result = feed_all(guard, [s + " " for s in STORY.split(". ")])
+    assert result is not None and result.guard == "llama-guard"
+    assert recorder.calls and all(ctx == messages[1:] for _, _, ctx in recorder.calls)
+    assert ChatModeration().reply_guard(messages).slow is None  # no guard model: lexical only

@@ -239,7 +239,8 @@ def build_app(
 
     async def moderations(request: Request, openai: bool = True) -> Response:
         """OpenAI's /v1/moderations and Mistral's /v1/chat/moderations (app/moderation/api.py),
-        by the lexical guard, off the event loop."""
+        by the server's policy (the lexical guard, and the --guard-model if one was given), off
+        the event loop."""
         from app.moderation import api
         from app.moderation.policy import default_policy
 
@@ -247,7 +248,7 @@ def build_app(
         body = await read_body(request)
         answer = api.moderations if openai else api.chat_moderations
         try:
-            return JSONResponse(await run_in_threadpool(answer, default_policy(), body))
+            return JSONResponse(await run_in_threadpool(answer, policy or default_policy(), body))
         except MixchatError as e:
             raise ApiError(400, str(e), code="invalid_value", param="input") from None
 

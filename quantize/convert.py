@@ -64,6 +64,27 @@ class Settings:
 
     def bits_for(self, target: Target) -> int | None:
         """Bits for a module, or None to keep it unquantized (norms, 16-bit, indivisible rows)."""
+        precision = self.precision_for(target)
+        return precision[0] if precision else None
+
+    def precision_for(self, target: Target) -> tuple[int, int] | None:
+        """(bits, group size) for a module, or None to keep it unquantized. A family's module
+        takes mlx-lm's choice (Target.choice) where it makes one: its router's own precision."""
+        if target.choice is False:
+            return None
+        if isinstance(target.choice, dict):
+            bits = target.choice.get("bits", self.bits)
+            group = target.choice.get("group_size", self.group_size)
+            return None if target.shape[-1] % group else (bits, group)
+        if target.choice is True and target.kind == "router":
+            bits = self.bits  # mlx-lm quantizes a family's gates as everything else
+        else:
+            bits = self._recipe_bits(target)
+        if bits is None or bits == 16 or target.shape[-1] % self.group_size:
+            return None
+        return bits, self.group_size
+
+    def _recipe_bits(self, target: Target) -> int | None:
         bits = {
             "attn": self.bits,
             "mlp": self.bits,
@@ -72,8 +93,6 @@ class Settings:
             "embed": self.embed_bits or self.bits,
             "head": self.embed_bits or self.bits,
         }.get(target.kind)
-        if bits is None or bits == 16 or target.shape[-1] % self.group_size:
-            return None
         return bits
 
 
@@ -96,6 +115,7 @@ class Item:
     target: Target
     bits: int | None
     tensors: list[OutTensor]
+    group_size: int = 64
 
     @property
     def nbytes(self) -> int:
@@ -135,23 +155,24 @@ def make_plan(source: Source, settings: Settings) -> Plan:
     quantization: dict[str, Any] = {"group_size": gs, "bits": settings.bits, "mode": "affine"}
     items = []
     for target in source.targets:
-        bits = settings.bits_for(target)
+        precision = settings.precision_for(target)
+        bits, group = precision or (None, gs)
         m, shape = target.module, target.shape
         if bits is None:
-            tensors = [OutTensor(f"{m}.weight", out_dtype, shape)]
-            if target.kind != "norm":
+            tensors = [OutTensor(target.tensor, out_dtype, shape)]
+            if target.kind not in ("norm", "param"):
                 quantization[m] = False
         else:
             packed = (*shape[:-1], shape[-1] * bits // 32)
-            groups = (*shape[:-1], shape[-1] // gs)
+            groups = (*shape[:-1], shape[-1] // group)
             tensors = [
                 OutTensor(f"{m}.weight", "uint32", packed),
                 OutTensor(f"{m}.scales", out_dtype, groups),
                 OutTensor(f"{m}.biases", out_dtype, groups),
             ]
-            if bits != settings.bits:
-                quantization[m] = {"group_size": gs, "bits": bits, "mode": "affine"}
-        items.append(Item(target, bits, tensors))
+            if (bits, group) != (settings.bits, gs):
+                quantization[m] = {"group_size": group, "bits": bits, "mode": "affine"}
+        items.append(Item(target, bits, tensors, group))
     # Read the sources roughly in file order; keep each module's tensors in one shard.
     order = {path: i for i, path in enumerate(source.shards)}
     items.sort(key=lambda it: max(order[r.file] for r in it.target.refs))
@@ -248,7 +269,7 @@ def quantize_item(item: Item, group_size: int, out_dtype: str) -> list[Any]:
         arrays = [w.astype(dtype)]
     else:
         # Quantize in the output dtype, as mlx_lm.convert does (scales/biases come out in it).
-        arrays = list(mx.quantize(w.astype(dtype), group_size, item.bits))
+        arrays = list(mx.quantize(w.astype(dtype), item.group_size or group_size, item.bits))
     mx.async_eval(arrays)
     return arrays
 
@@ -482,7 +503,11 @@ def describe(source: Source, settings: Settings, plan: Plan) -> list[str]:
     parts = [f"{settings.bits}-bit (group {settings.group_size})"]
     if settings.expert_bits and settings.expert_bits != settings.bits:
         parts.append(f"experts {bits(settings.expert_bits)}")
-    if any(t.kind == "router" for t in source.targets):
+    routers = [t for t in source.targets if t.kind == "router"]
+    if routers and routers[0].choice is not None:  # a family: as mlx-lm quantizes its gates
+        precision = settings.precision_for(routers[0])
+        parts.append(f"router {bits(precision[0] if precision else 16)} (as mlx-lm)")
+    elif routers:
         parts.append(f"router {bits(settings.router_bits)}")
     if settings.embed_bits and settings.embed_bits != settings.bits:
         parts.append(f"embeddings {bits(settings.embed_bits)}")

@@ -62,38 +62,21 @@ class Settings:
         if self.dtype not in (None, "float16", "bfloat16", "float32"):
             raise MixchatError("--dtype must be float16, bfloat16 or float32")
 
-    def bits_for(self, target: Target) -> int | None:
-        """Bits for a module, or None to keep it unquantized (norms, 16-bit, indivisible rows)."""
-        precision = self.precision_for(target)
-        return precision[0] if precision else None
-
     def precision_for(self, target: Target) -> tuple[int, int] | None:
-        """(bits, group size) for a module, or None to keep it unquantized. A family's module
-        takes mlx-lm's choice (Target.choice) where it makes one: its router's own precision."""
-        if target.choice is False:
-            return None
+        """(bits, group size) for a module, or None to keep it unquantized (norms, 16-bit,
+        indivisible rows). A family's module takes mlx-lm's choice (Target.choice): its gates
+        at their own precision (a dict) or, like everything else, at --bits."""
         if isinstance(target.choice, dict):
-            bits = target.choice.get("bits", self.bits)
             group = target.choice.get("group_size", self.group_size)
-            return None if target.shape[-1] % group else (bits, group)
-        if target.choice is True and target.kind == "router":
-            bits = self.bits  # mlx-lm quantizes a family's gates as everything else
-        else:
-            bits = self._recipe_bits(target)
-        if bits is None or bits == 16 or target.shape[-1] % self.group_size:
+            bits = None if target.shape[-1] % group else target.choice.get("bits", self.bits)
+            return (bits, group) if bits else None
+        bits = {"attn": self.bits, "mlp": self.bits, "experts": self.expert_bits or self.bits,
+                "router": self.bits if target.choice else self.router_bits,
+                "embed": self.embed_bits or self.bits, "head": self.embed_bits or self.bits,
+                }.get(target.kind)  # fmt: skip
+        if target.choice is False or bits in (None, 16) or target.shape[-1] % self.group_size:
             return None
         return bits, self.group_size
-
-    def _recipe_bits(self, target: Target) -> int | None:
-        bits = {
-            "attn": self.bits,
-            "mlp": self.bits,
-            "experts": self.expert_bits or self.bits,
-            "router": self.router_bits,
-            "embed": self.embed_bits or self.bits,
-            "head": self.embed_bits or self.bits,
-        }.get(target.kind)
-        return bits
 
 
 @dataclass
@@ -155,8 +138,7 @@ def make_plan(source: Source, settings: Settings) -> Plan:
     quantization: dict[str, Any] = {"group_size": gs, "bits": settings.bits, "mode": "affine"}
     items = []
     for target in source.targets:
-        precision = settings.precision_for(target)
-        bits, group = precision or (None, gs)
+        bits, group = settings.precision_for(target) or (None, gs)
         m, shape = target.module, target.shape
         if bits is None:
             tensors = [OutTensor(target.tensor, out_dtype, shape)]
@@ -503,12 +485,8 @@ def describe(source: Source, settings: Settings, plan: Plan) -> list[str]:
     parts = [f"{settings.bits}-bit (group {settings.group_size})"]
     if settings.expert_bits and settings.expert_bits != settings.bits:
         parts.append(f"experts {bits(settings.expert_bits)}")
-    routers = [t for t in source.targets if t.kind == "router"]
-    if routers and routers[0].choice is not None:  # a family: as mlx-lm quantizes its gates
-        precision = settings.precision_for(routers[0])
-        parts.append(f"router {bits(precision[0] if precision else 16)} (as mlx-lm)")
-    elif routers:
-        parts.append(f"router {bits(settings.router_bits)}")
+    if routers := [t for t in source.targets if t.kind == "router"]:  # a family's: mlx-lm's
+        parts.append(f"router {bits((settings.precision_for(routers[0]) or (16,))[0])}")
     if settings.embed_bits and settings.embed_bits != settings.bits:
         parts.append(f"embeddings {bits(settings.embed_bits)}")
     n = len(plan.shards)

@@ -323,7 +323,7 @@ class _Lookup:
 
 
 def _kind(module: str) -> str:
-    """What a module is, for the quantization recipe (quantize.convert.Settings.bits_for)."""
+    """What a module is, for the quantization recipe (quantize.convert.Settings.precision_for)."""
     if module == "model.embed_tokens":
         return "embed"
     if module == "lm_head":

@@ -97,6 +97,8 @@ def write_family_gguf(path, src, family: str, quantized: bool):
         matrix = value.ndim >= 2 and "norm" not in name and value.shape[-1] % 32 == 0
         kind = ("Q8_0" if quantized else "F16") if matrix and "embed" not in name else "F32"
         data, stored[name] = _stored(kind, value)
+        if kind == "F16" and name.endswith("shared_expert_gate.weight"):
+            data = data[0]  # [hidden], as llama.cpp declares ffn_gate_inp_shexp
         if kind in ("F32", "F16"):
             writer.add_tensor(gguf_name, data)
         else:
@@ -141,6 +143,13 @@ def test_gguf_with_llama_cpp_names_gives_transformers_logits(sources, tmp_path, 
     assert error < (0.05 if quantized else 0.005)
     text, tokens = _reply(engine)
     assert len(tokens) >= TOKENS - 1 and text
+    # `mixchat quantize FILE.gguf DIR`: an MLX directory that runs as the file does
+    from quantize.gguf_dir import convert_gguf
+
+    directory = convert_gguf(path, tmp_path / "dir", max_shard_bytes=1 << 30).dst
+    again = Engine.load(str(directory))
+    assert again.info.architecture == family
+    np.testing.assert_array_equal(np.array(again.model(mx.array([ids]))), logits)
 
 
 def _mlx_lm_greedy(path) -> list[int]:

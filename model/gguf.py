@@ -424,6 +424,11 @@ def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str,
         value = metadata.get(f"{arch}.{key}")
         if value is not None:
             config[field] = value.item() if hasattr(value, "item") else value
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+                "num_experts_per_tok")  # fmt: skip
+    for field in required:
+        if field not in config:
+            raise CheckpointError(f"GGUF metadata lacks {arch}.{GGUF_FAMILY_CONFIG[field]}")
     config.setdefault("vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])))
     heads = config.get("num_attention_heads") or 1
     config.setdefault("head_dim", (config.get("hidden_size") or 0) // heads)

@@ -40,7 +40,7 @@ def _stored(kind: str, data: np.ndarray) -> tuple[object, np.ndarray]:
     return raw, gguf.quants.dequantize(raw, qtype).reshape(data.shape)
 
 
-def write_family_gguf(path, src, family: str, quantized: bool):
+def write_family_gguf(path, src, family: str, quantized: bool, without: str = ""):
     """`src` (a tiny checkpoint) as llama.cpp's converter writes it: names from gguf-py's
     TensorNameMap, experts stacked [E, out, in], metadata under gguf.Keys; attention and expert
     matrices F16 or Q8_0, norms F32. Returns the transformers model holding the stored values."""
@@ -61,7 +61,8 @@ def write_family_gguf(path, src, family: str, quantized: bool):
     writer.add_value_length(getattr(config, "head_dim", None) or 16)
     writer.add_rope_freq_base(1e6)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_expert_count(config.num_experts)
+    if without != "expert_count":
+        writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     if getattr(config, "moe_intermediate_size", None):
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
@@ -150,6 +151,16 @@ def test_gguf_with_llama_cpp_names_gives_transformers_logits(sources, tmp_path, 
     again = Engine.load(str(directory))
     assert again.info.architecture == family
     np.testing.assert_array_equal(np.array(again.model(mx.array([ids]))), logits)
+
+
+def test_gguf_without_expert_count_is_one_line(sources, tmp_path):
+    from model.errors import MixchatError
+
+    path = tmp_path / "bad.gguf"
+    write_family_gguf(path, sources["qwen3_moe"], "qwen3_moe", False, without="expert_count")
+    with pytest.raises(MixchatError) as e:
+        Engine.load(str(path))
+    assert str(e.value) == "GGUF metadata lacks qwen3moe.expert_count"
 
 
 def _mlx_lm_greedy(path) -> list[int]:

@@ -408,3 +408,39 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(stream).view(np.uint32).reshape(rows, -1)
 
 
+
+
+def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any] | None:
+    """A family GGUF's metadata (model/names.py GGUF_FAMILIES: llama.cpp's qwen3moe, qwen2moe,
+    olmoe) as the config.json mlx-lm's definition reads; None for any other architecture."""
+    from .names import GGUF_FAMILIES, GGUF_FAMILY_CONFIG
+
+    arch = metadata.get("general.architecture")
+    if arch not in GGUF_FAMILIES:
+        return None
+    model_type, implicit = GGUF_FAMILIES[arch]
+    config: dict[str, Any] = {"model_type": model_type, **implicit}
+    for field, key in GGUF_FAMILY_CONFIG.items():
+        value = metadata.get(f"{arch}.{key}")
+        if value is not None:
+            config[field] = value.item() if hasattr(value, "item") else value
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+                "num_experts_per_tok")  # fmt: skip
+    for field in required:
+        if field not in config:
+            raise CheckpointError(f"GGUF metadata lacks {arch}.{GGUF_FAMILY_CONFIG[field]}")
+    config.setdefault("vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])))
+    heads = config.get("num_attention_heads") or 1
+    config.setdefault("head_dim", (config.get("hidden_size") or 0) // heads)
+    config.setdefault("intermediate_size", config.get("moe_intermediate_size"))
+    config.setdefault("moe_intermediate_size", config.get("intermediate_size"))
+    config.update(
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings="output.weight" not in tensor_names,
+        rope_scaling=None,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+    )
+    return config

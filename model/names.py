@@ -171,3 +171,98 @@ def expert_tensor(layer: int, proj: str, part: str = "weight", expert: int | Non
     if expert is None:
         return f"{experts_module(layer)}.{proj}.{part}"
     return f"{experts_module(layer, expert)}.{EXPERT_PROJECTIONS[proj]}.{part}"
+
+
+# ----------------------------------------------------------------------------- MoE families
+# Families run on mlx-lm's definitions (model/families.py). Their mlx-lm names are the published
+# Hugging Face names except the experts, stacked under `switch_mlp`; GGUF files name them as
+# llama.cpp does (gguf-py's TensorNameMap: tests/test_family_tools.py checks this table against
+# it). A new family is a row here.
+
+# fmt: off
+# model_type -> (mlx-lm's stacked experts, the published per-expert module), under layer {i};
+# {p} a projection, {e} an expert.
+FAMILY_EXPERTS = {
+    "qwen3_moe": ("mlp.switch_mlp.{p}", "mlp.experts.{e}.{p}"),
+    "qwen2_moe": ("mlp.switch_mlp.{p}", "mlp.experts.{e}.{p}"),
+    "olmoe":     ("mlp.switch_mlp.{p}", "mlp.experts.{e}.{p}"),
+}
+# GGUF general.architecture -> (model_type, config.json values llama.cpp leaves implicit)
+GGUF_FAMILIES = {
+    "qwen3moe": ("qwen3_moe", {"norm_topk_prob": True}),
+    "qwen2moe": ("qwen2_moe", {"norm_topk_prob": False}),
+    "olmoe":    ("olmoe",     {"norm_topk_prob": False}),
+}
+# config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
+GGUF_FAMILY_CONFIG = {
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length",
+    "intermediate_size": "feed_forward_length",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "vocab_size": "vocab_size",
+}
+# mlx-lm module inside layer {i} <- llama.cpp's name inside blk.{i} (whichever a family has)
+GGUF_FAMILY_LAYER = [
+    ("input_layernorm",               "attn_norm"),
+    ("post_attention_layernorm",      "ffn_norm"),
+    ("self_attn.q_proj",              "attn_q"),
+    ("self_attn.k_proj",              "attn_k"),
+    ("self_attn.v_proj",              "attn_v"),
+    ("self_attn.o_proj",              "attn_output"),
+    ("self_attn.q_norm",              "attn_q_norm"),
+    ("self_attn.k_norm",              "attn_k_norm"),
+    ("mlp.gate",                      "ffn_gate_inp"),
+    ("mlp.switch_mlp.gate_proj",      "ffn_gate_exps"),
+    ("mlp.switch_mlp.up_proj",        "ffn_up_exps"),
+    ("mlp.switch_mlp.down_proj",      "ffn_down_exps"),
+    ("mlp.shared_expert.gate_proj",   "ffn_gate_shexp"),
+    ("mlp.shared_expert.up_proj",     "ffn_up_shexp"),
+    ("mlp.shared_expert.down_proj",   "ffn_down_shexp"),
+    ("mlp.shared_expert_gate",        "ffn_gate_inp_shexp"),
+    ("mlp.gate_proj",                 "ffn_gate"),  # a dense layer (Qwen's mlp_only_layers)
+    ("mlp.up_proj",                   "ffn_up"),
+    ("mlp.down_proj",                 "ffn_down"),
+]
+# fmt: on
+# llama.cpp stores these [1, hidden] matrices as vectors [hidden]
+GGUF_ROW_VECTORS = ("mlp.shared_expert_gate",)
+
+
+@cache
+def _family_gguf_patterns() -> list[tuple[re.Pattern, str]]:
+    top = [(_pattern(row[3]), row[0]) for row in TABLE]
+    layer = [(_pattern("blk.{i}." + gguf), "model.layers.{i}." + mlx)
+             for mlx, gguf in GGUF_FAMILY_LAYER]  # fmt: skip
+    return top + layer
+
+
+def family_gguf_to_mlx(name: str) -> str:
+    """A family GGUF tensor's name under mlx-lm's ("blk.0.ffn_gate_exps.weight" ->
+    "model.layers.0.mlp.switch_mlp.gate_proj.weight"); unknown names come back unchanged."""
+    module, dot, part = name.rpartition(".")
+    for pattern, target in _family_gguf_patterns():
+        if dot and (m := pattern.fullmatch(module)):
+            return target.format(**m.groupdict()) + "." + part
+    return name
+
+
+def family_source_name(model_type: str, name: str) -> tuple[str, bool]:
+    """A family parameter's published name (mlx-lm's "model.layers.0.mlp.switch_mlp.up_proj.
+    weight" -> ("model.layers.0.mlp.experts.{e}.up_proj.weight", True): one tensor per expert
+    {e}); any other parameter keeps its name (False)."""
+    stacked, per_expert = FAMILY_EXPERTS[model_type]
+    head = stacked.split("{p}")[0]
+    m = re.fullmatch(r"(model\.layers\.\d+\.)" + re.escape(head) + r"(\w+)\.(\w+)", name)
+    if m is None:
+        return name, False
+    prefix, p, part = m.groups()
+    return prefix + per_expert.replace("{p}", p) + "." + part, True

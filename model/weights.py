@@ -16,9 +16,17 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
 from .errors import CheckpointError, UnsupportedModelError
-from .gguf import GGUFFile, GGUFTensor, check_supported, converted_specs, load_tensor, read_gguf
+from .gguf import (
+    GGUFFile,
+    GGUFTensor,
+    check_supported,
+    converted_specs,
+    family_config,
+    load_tensor,
+    read_gguf,
+)
 from .mixtral import Model, use_parallel_streams
-from .names import gguf_to_mlx
+from .names import GGUF_ROW_VECTORS, family_gguf_to_mlx, gguf_to_mlx
 from .safetensors_header import (
     PICKLE_SUFFIXES,
     TensorSpec,
@@ -104,14 +112,20 @@ def _locate_gguf(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path.name} is truncated or not a GGUF model file")
     for tensor in gguf_file.tensors.values():
         check_supported(tensor)
-    args = ModelArgs.from_gguf_metadata(metadata, set(gguf_file.tensors))
+    config = family_config(metadata, set(gguf_file.tensors))  # llama.cpp's MoE families
+    if config is not None:
+        args, to_mlx = ModelArgs.from_hf_config(config), family_gguf_to_mlx
+    else:
+        args, to_mlx = ModelArgs.from_gguf_metadata(metadata, set(gguf_file.tensors)), gguf_to_mlx
     tensors: dict[str, TensorSpec] = {}
     names: dict[str, tuple[GGUFTensor, str]] = {}
     for tensor in gguf_file.tensors.values():
-        hf_name = gguf_to_mlx(tensor.name)
+        hf_name = to_mlx(tensor.name)
         base = hf_name.removesuffix(".weight")
         for part, (shape, dtype, nbytes) in converted_specs(tensor).items():
             name = hf_name if part == "weight" else f"{base}.{part}"
+            if base.endswith(GGUF_ROW_VECTORS) and len(shape) == 1:  # llama.cpp's [hidden]
+                shape = (1, *shape)
             tensors[name] = TensorSpec(shape, dtype, nbytes, tensor.offset)
             names[name] = (tensor, part)
     return Checkpoint(path, "gguf", args, [path], tensors, metadata, gguf_file, names)
@@ -162,6 +176,7 @@ def _read_gguf_weights(checkpoint: Checkpoint, skip_experts: bool = False) -> di
         base = name.removesuffix(".weight")
         for part, array in load_tensor(checkpoint.gguf_file, tensor).items():
             key = name if part == "weight" else f"{base}.{part}"
+            array = array.reshape(checkpoint.tensors[key].shape)  # a row vector as [1, n]
             if array.dtype == np.uint16:  # BF16 bit patterns
                 weights[key] = mx.array(array).view(mx.bfloat16)
             else:

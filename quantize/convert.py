@@ -62,19 +62,21 @@ class Settings:
         if self.dtype not in (None, "float16", "bfloat16", "float32"):
             raise MixchatError("--dtype must be float16, bfloat16 or float32")
 
-    def bits_for(self, target: Target) -> int | None:
-        """Bits for a module, or None to keep it unquantized (norms, 16-bit, indivisible rows)."""
-        bits = {
-            "attn": self.bits,
-            "mlp": self.bits,
-            "experts": self.expert_bits or self.bits,
-            "router": self.router_bits,
-            "embed": self.embed_bits or self.bits,
-            "head": self.embed_bits or self.bits,
-        }.get(target.kind)
-        if bits is None or bits == 16 or target.shape[-1] % self.group_size:
+    def precision_for(self, target: Target) -> tuple[int, int] | None:
+        """(bits, group size) for a module, or None to keep it unquantized (norms, 16-bit,
+        indivisible rows). A family's module takes mlx-lm's choice (Target.choice): its gates
+        at their own precision (a dict) or, like everything else, at --bits."""
+        if isinstance(target.choice, dict):
+            group = target.choice.get("group_size", self.group_size)
+            bits = None if target.shape[-1] % group else target.choice.get("bits", self.bits)
+            return (bits, group) if bits else None
+        bits = {"attn": self.bits, "mlp": self.bits, "experts": self.expert_bits or self.bits,
+                "router": self.bits if target.choice else self.router_bits,
+                "embed": self.embed_bits or self.bits, "head": self.embed_bits or self.bits,
+                }.get(target.kind)  # fmt: skip
+        if target.choice is False or bits in (None, 16) or target.shape[-1] % self.group_size:
             return None
-        return bits
+        return bits, self.group_size
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Item:
     target: Target
     bits: int | None
     tensors: list[OutTensor]
+    group_size: int = 64
 
     @property
     def nbytes(self) -> int:
@@ -135,23 +138,23 @@ def make_plan(source: Source, settings: Settings) -> Plan:
     quantization: dict[str, Any] = {"group_size": gs, "bits": settings.bits, "mode": "affine"}
     items = []
     for target in source.targets:
-        bits = settings.bits_for(target)
+        bits, group = settings.precision_for(target) or (None, gs)
         m, shape = target.module, target.shape
         if bits is None:
-            tensors = [OutTensor(f"{m}.weight", out_dtype, shape)]
-            if target.kind != "norm":
+            tensors = [OutTensor(target.tensor, out_dtype, shape)]
+            if target.kind not in ("norm", "param"):
                 quantization[m] = False
         else:
             packed = (*shape[:-1], shape[-1] * bits // 32)
-            groups = (*shape[:-1], shape[-1] // gs)
+            groups = (*shape[:-1], shape[-1] // group)
             tensors = [
                 OutTensor(f"{m}.weight", "uint32", packed),
                 OutTensor(f"{m}.scales", out_dtype, groups),
                 OutTensor(f"{m}.biases", out_dtype, groups),
             ]
-            if bits != settings.bits:
-                quantization[m] = {"group_size": gs, "bits": bits, "mode": "affine"}
-        items.append(Item(target, bits, tensors))
+            if (bits, group) != (settings.bits, gs):
+                quantization[m] = {"group_size": group, "bits": bits, "mode": "affine"}
+        items.append(Item(target, bits, tensors, group))
     # Read the sources roughly in file order; keep each module's tensors in one shard.
     order = {path: i for i, path in enumerate(source.shards)}
     items.sort(key=lambda it: max(order[r.file] for r in it.target.refs))
@@ -248,7 +251,7 @@ def quantize_item(item: Item, group_size: int, out_dtype: str) -> list[Any]:
         arrays = [w.astype(dtype)]
     else:
         # Quantize in the output dtype, as mlx_lm.convert does (scales/biases come out in it).
-        arrays = list(mx.quantize(w.astype(dtype), group_size, item.bits))
+        arrays = list(mx.quantize(w.astype(dtype), item.group_size or group_size, item.bits))
     mx.async_eval(arrays)
     return arrays
 
@@ -482,8 +485,8 @@ def describe(source: Source, settings: Settings, plan: Plan) -> list[str]:
     parts = [f"{settings.bits}-bit (group {settings.group_size})"]
     if settings.expert_bits and settings.expert_bits != settings.bits:
         parts.append(f"experts {bits(settings.expert_bits)}")
-    if any(t.kind == "router" for t in source.targets):
-        parts.append(f"router {bits(settings.router_bits)}")
+    if routers := [t for t in source.targets if t.kind == "router"]:  # a family's: mlx-lm's
+        parts.append(f"router {bits((settings.precision_for(routers[0]) or (16,))[0])}")
     if settings.embed_bits and settings.embed_bits != settings.bits:
         parts.append(f"embeddings {bits(settings.embed_bits)}")
     n = len(plan.shards)

@@ -156,6 +156,8 @@ def run_layer(
     """h [1, T, hidden] through layer i of `w` -> (new h, expert choices [T, k] or None): the
     model's own Block (model.mixtral), its experts read and applied one at a time."""
     args = w.args
+    if args.is_family:
+        return _run_family_layer(w, i, h, mask, step)
     prefix = f"model.layers.{i}"
     block = Block(args)
     if args.is_moe:
@@ -175,6 +177,67 @@ def run_layer(
     y = _experts_one_at_a_time(w, i, x, choices, step)  # [T, k, hidden]
     # The router-weighted sum of each token's experts, as model.mixtral.SparseMoE adds them.
     return h + (y * gates[..., None]).sum(axis=-2)[None], choices
+
+
+def _run_family_layer(
+    w: Weights, i: int, h: mx.array, mask: Any, step: Callable[[], None] | None = None
+) -> tuple[mx.array, np.ndarray | None]:
+    """A family's layer i is mlx-lm's own decoder layer (model.families), its experts applied
+    stacked (not one at a time), its router's top-k recorded as the engine records them."""
+    from model.families import mlx_lm_model
+    from model.names import family_source_name
+    from model.router import top_experts
+
+    args = w.args
+    prefix = f"model.layers.{i}"
+    layer = mlx_lm_model(args).model.layers[i]
+    weights = _family_weights(w, prefix, layer, family_source_name)
+    _load(layer, prefix, weights, args, w.dtype)
+    mlp = layer.get("mlp") if isinstance(layer, dict) else getattr(layer, "mlp", None)
+    choices: list[mx.array] = []
+    if mlp is not None and "gate" in mlp and "switch_mlp" in mlp:
+        gate = mlp.gate
+
+        class _Recorded(type(gate)):  # the router, recording its top-k
+            def __call__(self, x: mx.array) -> mx.array:
+                logits = super().__call__(x)
+                choices.append(top_experts(logits, args.num_experts_per_tok))
+                return logits
+
+        gate.__class__ = _Recorded
+    out = layer(h, mask, None)
+    mx.eval(out, *choices)
+    for _ in range(args.num_local_experts):
+        if step:
+            step()
+    if not choices:
+        return out, None
+    return out, np.array(choices[0]).reshape(-1, args.num_experts_per_tok)
+
+
+def _family_weights(w: Weights, prefix: str, layer: nn.Module, source_name) -> dict:
+    """Layer `prefix`'s tensors with its experts stacked [E, out, in] under mlx-lm's names
+    (from a quantized directory as stored; from a published checkpoint, expert by expert)."""
+    weights = {n: a for n, a in w.take(prefix).items() if ".mlp.experts." not in n}
+    targets = getattr(w, "targets", None)  # a float source, as `mixchat quantize` reads it
+    for rel, _ in tree_flatten(layer.parameters()):
+        name = f"{prefix}.{rel}"
+        template, stacked = source_name(w.args.model_type, name)
+        if not stacked or name in weights:
+            continue
+        if targets is not None:
+            weights[name] = targets[name.removesuffix(".weight")].load()
+            continue
+        for part in ("weight", "scales", "biases"):
+            base, one = name.removesuffix(".weight"), template.removesuffix(".weight")
+            if f"{base}.{part}" in w.names:
+                weights[f"{base}.{part}"] = w._read(f"{base}.{part}")
+            elif f"{one}.{part}".replace("{e}", "0") in w.names:
+                experts = range(w.args.num_local_experts)
+                weights[f"{base}.{part}"] = mx.stack(
+                    [w._read(f"{one}.{part}".replace("{e}", str(e))) for e in experts]
+                )
+    return weights
 
 
 def _experts_one_at_a_time(

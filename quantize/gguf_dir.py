@@ -64,8 +64,11 @@ def convert_gguf(src: Path, dst: Path, *, max_shard_bytes: int, force: bool = Fa
     weight_map, quantization, weights_count = _write_shards(checkpoint, partial, max_shard_bytes,
                                                             say)  # fmt: skip
     args = checkpoint.args
-    config = {name: getattr(args, name) for name in CONFIG_FIELDS}
-    config["architectures"] = ["MixtralForCausalLM" if args.is_moe else "LlamaForCausalLM"]
+    if args.is_family:  # llama.cpp's MoE families: the config.json mlx-lm's definition reads
+        config = dict(args.extra["config"])
+    else:
+        config = {name: getattr(args, name) for name in CONFIG_FIELDS}
+        config["architectures"] = ["MixtralForCausalLM" if args.is_moe else "LlamaForCausalLM"]
     config["quantization"] = quantization
     config["mixchat_source"] = src.name
     (partial / "config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -126,6 +129,8 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
             count += int(arrays["weight"].size)
         for part, array in arrays.items():
             key = name if part == "weight" else f"{base}.{part}"
+            if (spec := checkpoint.tensors.get(key)) is not None:  # a row vector as [1, n]
+                array = array.reshape(spec.shape)
             value = mx.array(array)
             if array.dtype == np.uint16:  # BF16 bit patterns
                 value = value.view(mx.bfloat16)

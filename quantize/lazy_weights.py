@@ -52,7 +52,7 @@ class SourceWeights(Weights):
 
     def take(self, prefix: str) -> dict[str, mx.array]:
         return {
-            f"{m}.weight": t.load()
+            t.tensor: t.load()
             for m, t in self.targets.items()
             if (m == prefix or _under(m, prefix)) and t.kind != "experts"
         }

@@ -17,9 +17,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from model.config import SUPPORTED_TYPES, ModelArgs, parameter_shapes
+from model.config import FAMILY_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
 from model.errors import CheckpointError, MixchatError, UnsupportedModelError
-from model.names import EXPERT_MARK, HF_TOKENIZER_FILES, VOCABULARY_FILES, source_name
+from model.names import (
+    EXPERT_MARK,
+    HF_TOKENIZER_FILES,
+    VOCABULARY_FILES,
+    family_source_name,
+    source_name,
+)
 from model.safetensors_header import (
     PICKLE_SUFFIXES,
     SAFETENSORS_FLOATS,
@@ -79,10 +85,18 @@ class Target:
     """One output module (mlx-lm naming) and the source tensors it is assembled from."""
 
     module: str  # e.g. "model.layers.0.block_sparse_moe.switch_mlp.gate_proj"
-    kind: str  # "embed" | "attn" | "router" | "experts" | "mlp" | "norm" | "head"
+    kind: str  # "embed" | "attn" | "router" | "experts" | "mlp" | "norm" | "head" | "param"
     shape: tuple[int, ...]  # shape of the assembled full-precision weight
     refs: list[TensorRef]
     assemble: Callable[[list], Any] = _single
+    # A family's module as mlx-lm quantizes it (its model's quant_predicate): False never,
+    # True at the requested bits, a dict its own {"bits", "group_size"}; None: mixchat's recipe.
+    choice: bool | dict | None = None
+
+    @property
+    def tensor(self) -> str:
+        """The output tensor's name: a module's weight, or a "param" target's own name (a bias)."""
+        return self.module if self.kind == "param" else f"{self.module}.weight"
 
     @property
     def source_bytes(self) -> int:
@@ -239,11 +253,11 @@ def _args(make: Callable[[], ModelArgs], file: str) -> ModelArgs:
 def _open_hf(path: Path) -> Source:
     config = _load_json(path / "config.json")
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_TYPES:
+    if model_type not in SUPPORTED_TYPES + FAMILY_TYPES:
         arch = (config.get("architectures") or [model_type or "unknown"])[0]
         raise UnsupportedModelError(
             f"unsupported architecture '{model_type or arch}' (mixchat quantizes "
-            f"{', '.join(SUPPORTED_TYPES)} checkpoints)"
+            f"{', '.join(SUPPORTED_TYPES + FAMILY_TYPES)} checkpoints)"
         )
     if config.get("quantization") or config.get("quantization_config"):
         raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights")
@@ -256,7 +270,7 @@ def _open_hf(path: Path) -> Source:
         raise CheckpointError(f"no model*.safetensors weights in {path}")
     tensors = _index_tensors(shards)
     get = _Lookup(tensors, "config.json")
-    targets = _targets(args, "hf", get)
+    targets = _family_targets(args, get) if args.is_family else _targets(args, "hf", get)
     get.check_unused(lambda n: args.tie_word_embeddings and n == "lm_head.weight")
     out = dict(config)
     rope = out.get("rope_parameters") or {}
@@ -309,7 +323,7 @@ class _Lookup:
 
 
 def _kind(module: str) -> str:
-    """What a module is, for the quantization recipe (quantize.convert.Settings.bits_for)."""
+    """What a module is, for the quantization recipe (quantize.convert.Settings.precision_for)."""
     if module == "model.embed_tokens":
         return "embed"
     if module == "lm_head":
@@ -318,9 +332,38 @@ def _kind(module: str) -> str:
         return "norm"
     if ".self_attn." in module:
         return "attn"
-    if module.endswith(".block_sparse_moe.gate"):
+    if module.endswith((".block_sparse_moe.gate", ".mlp.gate", ".shared_expert_gate")):
         return "router"
-    return "experts" if EXPERT_MARK in module else "mlp"
+    return "experts" if EXPERT_MARK in module or ".switch_mlp." in module else "mlp"
+
+
+def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
+    """One Target per parameter of mlx-lm's definition of a family (model.families), found
+    under its published name (model.names.FAMILY_EXPERTS: experts one tensor each, stacked),
+    with the precision mlx-lm's own quantization gives each module (its `quant_predicate`,
+    e.g. Qwen3-MoE's 8-bit router; modules without `to_quantized` never)."""
+    from model.families import mlx_lm_model
+
+    model = mlx_lm_model(args)
+    predicate = getattr(model, "quant_predicate", None)
+    choices = {
+        path: (predicate(path, module) if predicate else True)
+        for path, module in model.named_modules()
+        if hasattr(module, "to_quantized")
+    }
+    targets = []
+    for name, shape in parameter_shapes(args).items():
+        module, dot, part = name.rpartition(".")
+        source, stacked = family_source_name(args.model_type, name)
+        if part != "weight":  # a bias: kept as it is
+            targets.append(Target(name, "param", shape, [get(source, shape)]))
+        elif stacked:
+            refs = [get(source.replace("{e}", str(e)), shape[1:]) for e in range(shape[0])]
+            targets.append(Target(module, "experts", shape, refs, _stack, choices.get(module)))
+        else:
+            choice = choices.get(module, False)
+            targets.append(Target(module, _kind(module), shape, [get(source, shape)], choice=choice))
+    return targets
 
 
 def _source_name(layout: str, module: str) -> str:

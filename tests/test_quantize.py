@@ -453,7 +453,7 @@ def _break(kind: str, src: Path, broken: Path) -> None:
     if kind == "missing config":
         config.unlink()
     elif kind == "unknown architecture":
-        config.write_text(config.read_text().replace('"mixtral"', '"qwen2_moe"'))
+        config.write_text(config.read_text().replace('"mixtral"', '"jamba"'))
     elif kind == "truncated shard":
         with open(shards[-1], "r+b") as f:
             f.truncate(shards[-1].stat().st_size - 100)
@@ -479,7 +479,7 @@ def _break(kind: str, src: Path, broken: Path) -> None:
     "kind,message",
     [
         ("missing config", "missing config.json"),
-        ("unknown architecture", "unsupported architecture 'qwen2_moe'"),
+        ("unknown architecture", "unsupported architecture 'jamba'"),
         ("truncated shard", "is truncated"),
         ("missing shard", "missing shard model-00002-of-"),
         ("shape mismatch", "has shape [128, 64] but config.json implies [96, 64]"),

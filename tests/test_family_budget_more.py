@@ -21,9 +21,8 @@ from tests.test_family_budget import CONTEXT, tight_budget
 from tests.test_family_deepseek import FAMILIES as DEEPSEEK
 from tests.test_family_deepseek import MLA, build_checkpoint, deepseek_config
 from tests.test_family_gptoss import build_gptoss
-from tests.test_family_more import COMMON
+from tests.test_family_more import COMMON, published
 from tests.test_family_more import FAMILIES as MORE
-from tests.test_family_more import published
 
 FORMS = ["gpt_oss-mxfp4", "gpt_oss-4bit", "deepseek_v3", "deepseek_v2", "granitemoe", "phimoe"]
 LONG = " ".join(["Once upon a time, in a land far away,"] * 3)  # a layer-by-layer prompt

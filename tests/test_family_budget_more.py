@@ -15,7 +15,9 @@ import pytest
 
 from model import Engine
 from model.families import FamilyModel
+from model.memory_plan import memory_plan
 from model.offload import runtime_of
+from model.weights import locate
 from tests.test_families import _reply
 from tests.test_family_budget import CONTEXT, tight_budget
 from tests.test_family_deepseek import FAMILIES as DEEPSEEK
@@ -109,3 +111,66 @@ def test_the_layer_by_layer_prompt_is_the_whole_models(budget_dirs, form, monkey
     assert len(routing) == plan.moe_layers and routing[0].shape == (*ids.shape, plan.top_k)
     assert ids.shape[1] > 3 * 7 and used == delta.demanded and delta.reads <= plan.moe_layers * 8
     np.testing.assert_allclose(np.array(last), np.array(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["deepseek_v3", "deepseek_v2", "gpt_oss-4bit"])
+def test_the_planned_kv_cache_is_what_mlx_lm_allocates(budget_dirs, form):
+    """`info`'s KV cache per family, measured on mlx-lm's own caches: DeepSeek-V3 caches its
+    latent (kv_lora_rank + qk_rope_head_dim per token per layer), DeepSeek-V2 (in mlx-lm)
+    per-head keys and values of its MLA dimensions, gpt-oss's sliding layers at most their
+    window; every cache 256 token slots at a time."""
+    from model.info import model_info
+
+    path = budget_dirs[form]
+    checkpoint = locate(path)
+    plan = memory_plan(checkpoint, 4, context=CONTEXT)
+    per_layer = {"deepseek_v3": MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"],
+                 "deepseek_v2": MLA["num_attention_heads"] * (MLA["qk_nope_head_dim"]
+                                + MLA["qk_rope_head_dim"] + MLA["v_head_dim"])}  # fmt: skip
+    layers = checkpoint.args.num_hidden_layers
+    expected = layers * per_layer.get(form, 2 * 2 * 16) * 4  # gpt-oss: 2 KV heads of 16
+    assert plan.kv_bytes_per_token == model_info(checkpoint, form).kv_bytes_per_token == expected
+    engine = Engine.load(str(path), memory_budget="none", max_context=CONTEXT)
+    model = engine.model
+    cache = model.make_cache()
+    model(mx.array([[1]]), cache)
+    mx.eval([c.state for c in cache])
+    assert sum(c.nbytes for c in cache) == plan.kv_bytes_at(1) == plan.kv_bytes
+    for token in range(2, 260):  # past one step of 256 slots, past gpt-oss's window of 4
+        model(mx.array([[token]]), cache)
+    mx.eval([c.state for c in cache])
+    assert sum(c.nbytes for c in cache) == plan.kv_bytes_at(259) > plan.kv_bytes_at(1)
+    if form.startswith("gpt_oss"):  # the sliding layer holds its window, the full one 512
+        assert plan.kv_bytes_at(259) == expected // 2 * (512 + 4)
+
+
+def test_a_short_context_plans_the_kv_cache_mlx_lm_allocates(budget_dirs):
+    """A 64-token context still allocates 256 token slots: the plan reserves them, so the
+    expert cache loading gives is not squeezed when the first token enters the KV cache."""
+    path = budget_dirs["granitemoe"]
+    budget, plan = tight_budget(path)
+    assert plan.kv_bytes == 256 * plan.kv_bytes_per_token
+    engine = Engine.load(str(path), memory_budget=budget, max_context=CONTEXT)
+    runtime = runtime_of(engine.model)
+    _reply(engine)
+    assert 0 < runtime.kv_bytes <= plan.kv_bytes
+    assert runtime.cache.capacity == plan.cache_bytes(budget) > runtime.top_k * plan.expert_bytes
+
+
+def test_a_budget_close_to_the_whole_model_keeps_every_expert_as_the_kv_cache_grows(budget_dirs):
+    """A budget just short of the whole model, with a long context: the KV cache of a short
+    chat takes from the room the budget leaves, not from the expert cache's capacity (capped
+    at every expert), so the cache keeps every expert and decoding hits it every time."""
+    path = budget_dirs["granitemoe"]
+    plan = memory_plan(locate(path), 4, context=512)
+    budget = plan.full_bytes - 1
+    engine = Engine.load(str(path), memory_budget=budget, max_context=512)
+    runtime = runtime_of(engine.model)
+    assert runtime is not None and runtime.capacity == plan.total_expert_bytes
+    _reply(engine)
+    assert runtime.kv_bytes > plan.total_expert_bytes // 2  # a KV cache as big as the experts
+    assert runtime.cache.capacity == plan.total_expert_bytes
+    before = runtime.snapshot()
+    _reply(engine)  # every expert was read by the first reply
+    delta = runtime.snapshot().minus(before)
+    assert delta.misses == 0 and delta.hits > 0

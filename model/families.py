@@ -103,6 +103,8 @@ _RECORDING: dict[type, type] = {}
 
 # Multi-head latent attention: the cache holds a compressed latent, not per-head keys and values
 _LATENT_ATTENTION = ("deepseek_v2", "deepseek_v3")
+# families whose prompt is not split layer by layer under a budget (see prefill_layerwise)
+_WHOLE_WINDOW = ("phimoe",)
 
 
 def _recording_class(cls: type) -> type:
@@ -293,31 +295,49 @@ class FamilyModel(nn.Module):
 
     def prefill_layerwise(self, inputs: mx.array, cache: list, chunk: int) -> mx.array:
         """As mixtral.Model.prefill_layerwise, under a budget: layer by layer over all of
-        `inputs` [1, T], attention in chunks of `chunk`, then the layer's experts over all T
-        tokens at once (each streamed expert read at most once per layer per window). Layers of
-        the pre-norm shape (Qwen-MoE, OLMoE: self_attn, mlp, two norms) are split so; another
-        family's run whole over the window through mlx-lm's own call, which computes each layer
-        over all T tokens before the next too (its attention not chunked). Returns the
+        `inputs` [1, T], attention in chunks of `chunk`, then the layer's MoE block over all T
+        tokens at once (each streamed expert read at most once per layer per window).
+
+        Split so: the pre-norm layers (self_attn, input/post_attention norms, the MoE block)
+        of qwen3_moe, qwen2_moe, olmoe, gpt_oss (its sliding layers masked to their window),
+        deepseek_v2/v3 (MLA with an array mask; the dense first layers' MLP over the window
+        too) and granitemoe (both residuals times its residual_multiplier). phimoe runs
+        whole over the window through mlx-lm's own call (which also computes each layer over
+        all T tokens before the next, its attention not chunked): its LongRoPE chooses short or
+        long factors by where the pass ends, which chunking would change. Returns the
         final-normed hidden state of the last token [1, 1, hidden]."""
-        parts_ = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-        if not all(all(p in layer for p in parts_) for layer in self.layers):
+        block = ROUTERS.get(self.args.model_type, DEFAULT_ROUTERS)[0]
+        parts_ = ("self_attn", block, "input_layernorm", "post_attention_layernorm")
+        if self.args.model_type in _WHOLE_WINDOW or not all(
+            all(p in layer for p in parts_) for layer in self.layers
+        ):
             return self.hidden_states(inputs, cache)[:, -1:]
         if not self._watching:
             self._watch_routers()
         steps = self._log.steps
         first = len(steps) if steps is not None else 0
-        h = self.model.embed_tokens(inputs)  # [1, T, hidden]
+        inner = self.model
+        h = inner.embed_tokens(inputs)  # [1, T, hidden]
+        if hasattr(inner, "embedding_multiplier"):  # GraniteMoE
+            h = h * inner.embedding_multiplier
         T = h.shape[1]
-        for layer, layer_cache in zip(self.layers, cache):
+        kinds = getattr(inner, "layer_types", None) or [None] * len(self.layers)  # gpt-oss
+        array_mask = self.args.model_type in _LATENT_ATTENTION  # mlx-lm's MLA takes arrays
+        for layer, layer_cache, kind in zip(self.layers, cache, kinds):
+            window = inner.window_size if kind == "sliding_attention" else None
+            scale = getattr(layer, "residual_multiplier", 1.0)  # GraniteMoE's
             done = []
             for a in range(0, T, chunk):
                 x = h[:, a : a + chunk]
-                mask = create_attention_mask(x, layer_cache)
-                part = x + layer.self_attn(layer.input_layernorm(x), mask, layer_cache)
+                mask = create_attention_mask(x, layer_cache, window_size=window,
+                                             return_array=array_mask)  # fmt: skip
+                r = layer.self_attn(layer.input_layernorm(x), mask, layer_cache)
+                part = x + (r * scale if scale != 1.0 else r)
                 mx.eval(part, layer_cache.state)
                 done.append(part)
             h = mx.concatenate(done, axis=1) if len(done) > 1 else done[0]
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            r = layer[block](layer.post_attention_layernorm(h))
+            h = h + (r * scale if scale != 1.0 else r)
             mx.eval(h)
         if steps is not None:  # OLMoE routes flattened tokens: back to [B, T, k]
             for i in range(first, len(steps)):

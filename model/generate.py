@@ -25,7 +25,6 @@ from .mixtral import Model
 from .mlx_lm_parts import can_trim_prompt_cache, trim_prompt_cache
 from .stats import GenerationStats  # MLX-free, with its JSON form; re-exported here
 
-KV_STEP = 256  # mlx-lm's KV caches grow by this many tokens at a time
 FIRST_PROMPT_CHUNK = 16  # prompt tokens in the first pass, which measures the prompt speed
 CANCEL_WITHIN = 1.0  # seconds a later prompt pass aims to take: how soon Esc acts while reading
 
@@ -353,14 +352,13 @@ class Engine:
 
     def _track_kv(self, upcoming: int) -> None:
         """Before `upcoming` tokens enter the KV cache, give the expert cache what the KV cache
-        will not use (budgets only). The KV cache grows in steps of KV_STEP tokens."""
+        will not use (budgets only). The KV cache grows in steps of kv_cache.KV_STEP tokens."""
         if self.offload is None or self._cache is None:
             return
         offset = self._cache[0].offset
-        tokens = -(-(offset + upcoming) // KV_STEP) * KV_STEP
-        per_token = self.model.memory.plan.kv_bytes_per_token
+        planned = self.model.memory.plan.kv_bytes_at(offset + upcoming)
         self.offload.release()  # everything queued so far has been evaluated
-        self.offload.set_kv_bytes(max(sum(c.nbytes for c in self._cache), tokens * per_token))
+        self.offload.set_kv_bytes(max(sum(c.nbytes for c in self._cache), planned))
 
     def _offload_stats(self, stats: GenerationStats, start, elapsed: float, steps: int) -> None:
         """Expert cache statistics over the decode steps (after the prompt's pass)."""

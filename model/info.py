@@ -97,9 +97,9 @@ def model_info(checkpoint: Checkpoint, name: str, compute_bytes: int = 4) -> Mod
             if floating
             else spec.nbytes
         )
-    kv_per_token = (
-        2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * compute_bytes
-    )
+    from .kv_cache import kv_bytes_per_token  # MLA's latent, as mlx-lm caches it
+
+    kv_per_token = kv_bytes_per_token(args, compute_bytes)
     return ModelInfo(
         name=name,
         path=str(checkpoint.path),

@@ -17,9 +17,10 @@ into what loading does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import MixchatError
+from .kv_cache import kv_bytes_at, kv_fields
 from .machine import available_memory, physical_memory
 from .names import is_expert_tensor, is_per_expert_tensor
 from .safetensors_header import FLOAT_DTYPES
@@ -52,15 +53,6 @@ def auto_budget() -> tuple[int, str]:
 
 
 # --- the arithmetic ----------------------------------------------------------------------------
-
-
-def kv_bytes_per_token(args, compute_bytes: int, kv_bits: int | None = None) -> int:
-    """Keys + values of one token over all layers; quantized ones carry a float scale and bias
-    per group (mlx-lm's QuantizedKVCache)."""
-    values = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
-    if kv_bits:
-        return int(values * (kv_bits / 8 + 2 * compute_bytes / (args.kv_group_size or 64)))
-    return values * compute_bytes
 
 
 def prefill_chunk(args, context: int, compute_bytes: int = 4) -> int:
@@ -111,10 +103,17 @@ class MemoryPlan:
     offloadable: bool  # experts stacked per layer (MLX quantized layout): can be streamed
     why_not: str = ""  # when not offloadable
     expert_bits: int | None = None
+    kv_window: int | None = None  # gpt-oss's sliding layers cache at most this many tokens
+    kv_window_bytes_per_token: int = 0  # those layers' share of kv_bytes_per_token
+
+    def kv_bytes_at(self, tokens: int) -> int:
+        """The KV cache holding `tokens` tokens as mlx-lm allocates it (kv_cache.kv_bytes_at)."""
+        return kv_bytes_at(self.kv_bytes_per_token, self.kv_window_bytes_per_token,
+                           self.kv_window, tokens)  # fmt: skip
 
     @property
     def kv_bytes(self) -> int:
-        return self.kv_bytes_per_token * self.context
+        return self.kv_bytes_at(self.context)
 
     @property
     def reserve_bytes(self) -> int:
@@ -136,12 +135,15 @@ class MemoryPlan:
         """Resident weights + reserve + the top-k experts of the one layer being computed."""
         return self.resident_bytes + self.reserve_bytes + self.top_k * self.expert_bytes
 
+    def room_bytes(self, budget: int) -> int:
+        """What `budget` leaves the expert cache and the KV cache together (uncapped)."""
+        return budget - self.resident_bytes - (self.reserve_bytes - self.kv_bytes)
+
     def cache_bytes(self, budget: int, kv_bytes: int | None = None) -> int:
         """Bytes the expert cache may hold under `budget` while the KV cache takes `kv_bytes`
-        (default: its largest, for the whole context)."""
+        (default: its largest, for the whole context): the room left, at most every expert."""
         kv = self.kv_bytes if kv_bytes is None else kv_bytes
-        room = budget - self.resident_bytes - (self.reserve_bytes - self.kv_bytes) - kv
-        return max(0, min(room, self.total_expert_bytes))
+        return max(0, min(self.room_bytes(budget) - kv, self.total_expert_bytes))
 
     def cached_fraction(self, budget: int) -> float:
         if not self.total_expert_bytes:
@@ -234,7 +236,7 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
     return MemoryPlan(
         resident_bytes=resident,
         resident_active_bytes=active,
-        kv_bytes_per_token=kv_bytes_per_token(args, compute_bytes, kv_bits),
+        **kv_fields(args, compute_bytes, kv_bits),
         context=context,
         kv_bits=kv_bits,
         activation_bytes=activation_bytes(args, context, compute_bytes, layerwise=True),
@@ -254,8 +256,6 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
 
 def with_context(plan: MemoryPlan, context: int, args, compute_bytes: int) -> MemoryPlan:
     """`plan` with its KV cache and activations planned for `context` tokens instead."""
-    from dataclasses import replace
-
     return replace(
         plan,
         context=context,
@@ -438,7 +438,7 @@ def estimate_plan(
     return MemoryPlan(
         resident_bytes=resident,
         resident_active_bytes=resident - embed_row + embed_row // max(args.vocab_size, 1),
-        kv_bytes_per_token=kv_bytes_per_token(args, compute_bytes),
+        **kv_fields(args, compute_bytes),
         context=context,
         kv_bits=None,
         activation_bytes=activation_bytes(args, context, compute_bytes, layerwise=True),

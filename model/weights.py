@@ -299,6 +299,7 @@ def build_model(
 
         weights = {name: w for name, w in weights.items() if not is_expert_tensor(name)}
         runtime = attach(model, checkpoint, memory.cache_bytes, target, offload_options)
+        runtime.room = memory.plan.room_bytes(memory.budget)  # the KV cache takes from this
         if split is not None and (held := split.held_experts(model)) is not None:
             runtime.held = held  # a rank streams its share only
     model.update(tree_unflatten(list(weights.items())))

@@ -90,7 +90,8 @@ def test_ranks_over_budget_stream_their_share_and_give_the_tokens_of_one_process
         # experts); with the planned activations and read buffers, exactly the budget.
         assert got["params"] == plan.resident_bytes
         assert got["cache_capacity"] == plan.cache_bytes(budget, kv_bytes=0)
-        assert got["cache_capacity"] < 0.6 * plan.total_expert_bytes
+        # with the KV cache at its planned size, the cache holds a few of the share's experts
+        assert plan.cache_bytes(budget) < 0.6 * plan.total_expert_bytes
         assert 0 < got["kv"] and got["cache_peak"] + got["kv"] <= got["cache_capacity"]
         assert got["params"] + got["cache_capacity"] + plan.reserve_bytes - plan.kv_bytes == budget
         # Only this rank's experts (4 of 8 per layer) were read, some more than once.

@@ -88,8 +88,8 @@ class OffloadedExperts(nn.Module):
             mx.eval(inds)
             prefetch = Prefetch(next_layer, list(rt.held), cold=False)
         elif rt.prefetch_enabled and next_layer is not None and N <= PREFETCH_MAX_TOKENS:
-            logits = rt.gates[next_layer](x)
-            guess = top_experts(logits, rt.top_k)
+            out = rt.gates[next_layer](x)  # logits, or (DeepSeek, GraniteMoE) (inds, scores)
+            guess = out[0] if isinstance(out, tuple) else top_experts(out, rt.top_k)
             mx.eval(inds, guess)
             prefetch = Prefetch(next_layer, sorted(set(np.array(guess).reshape(-1).tolist())))
         else:

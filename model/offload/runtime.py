@@ -54,7 +54,8 @@ class OffloadRuntime:
                  io_threads: int = 4):  # fmt: skip
         self.store = store
         self.cache = cache
-        self.capacity = cache.capacity  # with an empty KV cache
+        self.capacity = cache.capacity  # with an empty KV cache (at most every expert)
+        self.room = cache.capacity  # the expert and KV caches' share of the budget, uncapped
         self.kv_bytes = 0
         self.top_k = top_k
         self.num_experts = 0
@@ -80,10 +81,11 @@ class OffloadRuntime:
         )
 
     def set_kv_bytes(self, nbytes: int) -> None:
-        """The KV cache now takes `nbytes`: the expert cache gets the rest of its share (never
-        less than one layer's k experts: the budget's minimum reserved the whole context)."""
+        """The KV cache now takes `nbytes`: the expert cache gets what it leaves of their share
+        of the budget (`room`), at most `capacity` (never less than one layer's k experts: the
+        budget's minimum reserved the whole context)."""
         floor = self.top_k * max(self.store.memory_bytes.values(), default=0)
-        self.cache.resize(max(floor, self.capacity - nbytes))
+        self.cache.resize(max(floor, min(self.capacity, self.room - nbytes)))
         self.kv_bytes = nbytes
 
     def snapshot(self) -> OffloadCounters:

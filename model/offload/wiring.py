@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from ..errors import MixchatError
 from ..experts import PROJECTIONS
+from ..families import DEFAULT_ROUTERS, ROUTERS
 from ..mixtral import Experts
 from ..mlx_lm_parts import model_module
 from ..names import EXPERT_MODULES
@@ -69,6 +70,7 @@ def attach(model, checkpoint, capacity: int, dtype: mx.Dtype, options: OffloadOp
                              io_threads=options.io_threads)  # fmt: skip
     runtime.num_experts = model.args.num_local_experts
     runtime.held = range(runtime.num_experts)
+    router = ROUTERS.get(getattr(model.args, "model_type", ""), DEFAULT_ROUTERS)[1]
     for i, layer in enumerate(layers):
         owner, attr, _ = found[layer]
         old = owner[attr]
@@ -79,7 +81,7 @@ def attach(model, checkpoint, capacity: int, dtype: mx.Dtype, options: OffloadOp
                 (module.group_size, module.bits, module.mode) if hasattr(module, "bits") else None
             )
         runtime.specs[layer] = specs
-        runtime.gates[layer] = owner["gate"]
+        runtime.gates[layer] = owner[router]  # a Linear (logits) or a (inds, scores) router
         if i + 1 < len(layers):
             runtime.next_layer[layer] = layers[i + 1]
         activation = None if isinstance(old, Experts) else old.activation

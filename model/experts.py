@@ -188,18 +188,45 @@ def lora_swiglu_by_expert(rows: mx.array, modules: dict[str, nn.Module], groups:
             parts.append(_lora_gathered(rows, modules, inds, few))
             few = []
 
-        def project(name: str, x: mx.array, e: int = e) -> mx.array:
-            module = modules[name]
-            y = blas.linear(x, *_expert(base[name], e))
-            z = (module.dropout(x) @ module.lora_a[e].T) @ module.lora_b[e].T
-            return y + (module.scale * z).astype(x.dtype)
-
-        xe = rows[a:b]
-        h = nn.silu(project("gate_proj", xe)) * project("up_proj", xe)
-        parts.append(project("down_proj", h))
+        parts.append(_one_expert(rows[a:b], modules, {n: _expert(base[n], e) for n in base}, e))
     if few:
         parts.append(_lora_gathered(rows, modules, inds, few))
     return mx.concatenate(parts, axis=0)
+
+
+def _one_expert(xe: mx.array, modules: dict[str, nn.Module], parts: dict[str, tuple],
+                e: int) -> mx.array:  # fmt: skip
+    """Expert e's LoRA swiglu of its rows xe, as one op whose VJP recomputes the forward and
+    evaluates d(xe) and the LoRA gradients at once: MLX's autograd would otherwise keep every
+    expert's intermediates ([rows, FFN] float32, ~22 of them) until the layer's backward ends
+    (benchmarks/bench_tune_backward.py)."""
+    loras = [a for n in PROJECTIONS for a in (modules[n].lora_a, modules[n].lora_b)]
+
+    def forward(x: mx.array, *ab: mx.array) -> mx.array:
+        def project(i: int, name: str, x: mx.array) -> mx.array:
+            module = modules[name]
+            z = (module.dropout(x) @ ab[2 * i][e].T) @ ab[2 * i + 1][e].T
+            return blas.linear(x, *parts[name]) + (module.scale * z).astype(x.dtype)
+
+        h = nn.silu(project(0, "gate_proj", x)) * project(1, "up_proj", x)
+        return project(2, "down_proj", h)
+
+    @mx.custom_function
+    def op(x: mx.array, *ab: mx.array) -> mx.array:
+        return _detached(forward(x, *ab))
+
+    @op.vjp
+    def op_vjp(primals, cotangent: mx.array, output: mx.array) -> tuple:
+        _, grads = mx.vjp(forward, list(primals), [cotangent])
+        return tuple(_detached(g) for g in grads)
+
+    return op(xe, *loras)
+
+
+def _detached(a: mx.array) -> mx.array:
+    """a evaluated into a fresh array with no graph: inside a transform MLX keeps an array's
+    inputs alive until the transform ends; a copy through numpy lets them go now."""
+    return mx.array(np.array(a.astype(mx.float32))).astype(a.dtype)
 
 
 def _lora_gathered(rows: mx.array, modules: dict[str, nn.Module], inds: mx.array,

@@ -11,23 +11,40 @@ import numpy as np
 from .errors import MixchatError
 
 
+class NextToken:
+    """Log-probabilities [vocab] of the token after `ids` (`logprobs`), and after tokens then
+    appended (`append`): one pass over `ids`, then one token a step, through a KV cache of its
+    own (the engine's cache for its chat is left as it was)."""
+
+    def __init__(self, engine, ids: Sequence[int]):
+        if not ids:
+            raise MixchatError("nothing to score: the prompt is empty")
+        if len(ids) > engine.context_length:
+            raise MixchatError(
+                f"the text is too long for {engine.name}: {len(ids)} tokens, "
+                f"{engine.context_length} fit"
+            )
+        self.model = engine.model
+        if getattr(self.model, "stage", None) is not None:
+            raise MixchatError("a guard runs on one machine, not on a model split over several")
+        self.cache = self.model.make_cache()
+        self.logprobs = self._step(ids)
+
+    def _step(self, ids: Sequence[int]) -> np.ndarray:
+        hidden = self.model.hidden_states(mx.array([list(ids)], dtype=mx.int32), self.cache)
+        logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)
+        return np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
+
+    def append(self, token: int) -> np.ndarray:
+        """The log-probabilities after `token` is appended (one decode step)."""
+        self.logprobs = self._step([token])
+        return self.logprobs
+
+
 def next_token_logprobs(engine, ids: Sequence[int]) -> np.ndarray:
     """Log-probabilities [vocab] of the token after `ids`: one pass, no KV cache kept (the
     engine's cache for its chat is left as it was)."""
-    if not ids:
-        raise MixchatError("nothing to score: the prompt is empty")
-    if len(ids) > engine.context_length:
-        raise MixchatError(
-            f"the text is too long for {engine.name}: {len(ids)} tokens, "
-            f"{engine.context_length} fit"
-        )
-    model = engine.model
-    if getattr(model, "stage", None) is not None:
-        raise MixchatError("a guard runs on one machine, not on a model split over several")
-    hidden = model.hidden_states(mx.array([list(ids)], dtype=mx.int32))
-    logits = model.logits(hidden[:, -1, :]).astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return np.array(logprobs[0])
+    return NextToken(engine, ids).logprobs
 
 
 def label_first_ids(tokenizer, labels: dict[str, Sequence[str]]) -> dict[str, list[int]]:

@@ -95,26 +95,32 @@ class LlamaGuard:
     def _ids(self, conversation: list[dict]) -> list[int]:
         return self.engine.tokenizer.encode(build_prompt(conversation))
 
-    def _decide(self, conversation: list[dict]) -> tuple[float, float, list[int]]:
-        from model.label_scores import label_probabilities, next_token_logprobs
+    def _decide(self, conversation: list[dict]):
+        """P(safe), P(unsafe) of the first answer token, and the NextToken state after the
+        prompt (one prompt pass: the category line continues from its KV cache)."""
+        from model.label_scores import NextToken, label_probabilities
 
-        ids = self._ids(conversation)
-        logprobs = next_token_logprobs(self.engine, ids)
+        state = NextToken(self.engine, self._ids(conversation))
         # Llama Guard 3 may open its answer with a blank line: step over one whitespace token.
-        top = int(logprobs.argmax())
+        top = int(state.logprobs.argmax())
         if self.engine.tokenizer.decode([top]).strip() == "" and top not in self.labels["safe"]:
-            ids = ids + [top]
-            logprobs = next_token_logprobs(self.engine, ids)
-        p = label_probabilities(logprobs, self.labels)
-        return p["safe"], p["unsafe"], ids
+            state.append(top)
+        p = label_probabilities(state.logprobs, self.labels)
+        return p["safe"], p["unsafe"], state
 
-    def _category_line(self, ids: list[int]) -> str:
-        from model import GenerationSettings
-
-        settings = GenerationSettings(max_tokens=16, temperature=0.0)
-        self.engine.reset()
-        text = "".join(c.text for c in self.engine.stream_ids(ids + self.labels["unsafe"][:1], settings))
-        return text
+    def _category_line(self, state, max_tokens: int = 16) -> str:
+        """The line after "unsafe" (the violated categories, "S1,S10"), greedy, continuing
+        from the prompt's KV cache: a decode step a token, no second prompt pass."""
+        tok = self.engine.tokenizer
+        logprobs = state.append(self.labels["unsafe"][0])
+        out: list[int] = []
+        for _ in range(max_tokens):
+            token = int(logprobs.argmax())
+            if token in tok.eos_ids:
+                break
+            out.append(token)
+            logprobs = state.append(token)
+        return tok.decode(out)
 
     def check(self, text: str, role: str = "user", context: list[dict] | None = None
               ) -> ModerationResult:  # fmt: skip
@@ -122,9 +128,9 @@ class LlamaGuard:
         start = time.perf_counter()
         conversation = list(context or []) + [{"role": role, "content": text}]
         with self._lock:
-            safe, unsafe, ids = self._decide(conversation)
+            safe, unsafe, state = self._decide(conversation)
             p_unsafe = unsafe / (safe + unsafe) if safe + unsafe > 0 else 0.0
-            line = self._category_line(ids) if p_unsafe >= 0.5 else ""
+            line = self._category_line(state) if p_unsafe >= 0.5 else ""
         values: dict[str, float] = {}
         if p_unsafe >= 0.5:
             codes = {int(n) for n in re.findall(r"S(\d{1,2})", line)}

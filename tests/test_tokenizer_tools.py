@@ -50,14 +50,33 @@ CASES = {
     "two tools": ([user("hi"), assistant("Hello!"), user("Time?")], [WEATHER, TIME]),
     "call, result, answer": (ZURICH + [user("Thanks")], [WEATHER]),
     "two calls in one turn": (
-        [user("Weather and time in Rome?"),
-         assistant("", call("aaaaaaaaa", "get_weather", {"city": "Roma"}), call("bbbbbbbbb", "get_time", "")),
-         result("aaaaaaaaa", "cloudy"), result("bbbbbbbbb", "12:00")], [WEATHER, TIME]),  # fmt: skip
+        [
+            user("Weather and time in Rome?"),
+            assistant(
+                "",
+                call("aaaaaaaaa", "get_weather", {"city": "Roma"}),
+                call("bbbbbbbbb", "get_time", ""),
+            ),
+            result("aaaaaaaaa", "cloudy"),
+            result("bbbbbbbbb", "12:00"),
+        ],
+        [WEATHER, TIME],
+    ),  # fmt: skip
     "system prompt": (
-        [{"role": "system", "content": "You are terse."}, user("Weather in Oslo?"),
-         assistant(None, call("ccccccccc", "get_weather", '{"city":"Oslo"}')), result("ccccccccc", "-3"),
-         assistant("Cold: -3."), user("And Bergen?")], [WEATHER]),  # fmt: skip
-    "a last call without id, no tools": ([user("a"), assistant(None, call(None, "get_time", None))], None),
+        [
+            {"role": "system", "content": "You are terse."},
+            user("Weather in Oslo?"),
+            assistant(None, call("ccccccccc", "get_weather", '{"city":"Oslo"}')),
+            result("ccccccccc", "-3"),
+            assistant("Cold: -3."),
+            user("And Bergen?"),
+        ],
+        [WEATHER],
+    ),  # fmt: skip
+    "a last call without id, no tools": (
+        [user("a"), assistant(None, call(None, "get_time", None))],
+        None,
+    ),
 }
 
 
@@ -68,8 +87,10 @@ def mistral() -> dict:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     return {
-        v: (SentencePieceTokenizer(DATA / f),
-            MistralTokenizer.from_file(str(DATA / f), mode=ValidationMode.agnostic))  # fmt: skip
+        v: (
+            SentencePieceTokenizer(DATA / f),
+            MistralTokenizer.from_file(str(DATA / f), mode=ValidationMode.agnostic),
+        )  # fmt: skip
         for v, f in FILES.items()
     }
 
@@ -148,7 +169,9 @@ def test_tune_row_with_tools_is_mistral_commons_ids_learning_the_assistant_turns
                 tok.eos_id]  # fmt: skip
     assert learned == expected  # the calls and the answer, each with its EOS; no prompt, no result
     # weight 0 on the call turn (Mistral's format) leaves only the answer; no mask: all but the first
-    weighted = encode_row({**ROW, "messages": [ZURICH[0], {**ZURICH[1], "weight": 0}, *ZURICH[2:]]}, tok)
+    weighted = encode_row(
+        {**ROW, "messages": [ZURICH[0], {**ZURICH[1], "weight": 0}, *ZURICH[2:]]}, tok
+    )
     answer = [*tok.encode("It is 21 °C and sunny."), tok.eos_id]
     assert [i for i, w in zip(weighted.ids, weighted.weights) if w] == answer
     assert encode_row(ROW, tok, mask_prompt=False).weights == [0] + [1] * (len(row.ids) - 1)
@@ -164,7 +187,9 @@ def test_mixchat_tune_runs_on_a_tools_row(tiny_v3, tmp_path, capsys):
                  "--iters", "1", "--batch-size", "1"]) == 0  # fmt: skip
     assert (out / "adapters.safetensors").is_file()
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({**ROW, "messages": ZURICH[:2] + [{"role": "tool", "content": "1"}]}) + "\n")
+    bad.write_text(
+        json.dumps({**ROW, "messages": ZURICH[:2] + [{"role": "tool", "content": "1"}]}) + "\n"
+    )
     assert main(["tune", "--model", str(tiny_v3), "--data", str(bad), "--iters", "1",
                  "--adapter-path", str(tmp_path / "b")]) != 0  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -205,7 +205,9 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
 def mistral_chat(tokenizer: Tokenizer) -> bool:
     """Whether the tokenizer encodes chats in Mistral's own format (a tokenizer.model, or a GGUF
     with one of Mistral's vocabularies), not with a chat template."""
-    return isinstance(tokenizer, SentencePieceTokenizer) and bool(getattr(tokenizer, "mistral", True))
+    return isinstance(tokenizer, SentencePieceTokenizer) and bool(
+        getattr(tokenizer, "mistral", True)
+    )
 
 
 def encode_mistral_tool_chat(chat: list[dict], tokenizer: SentencePieceTokenizer, mask_prompt: bool,

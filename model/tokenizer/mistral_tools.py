@@ -18,19 +18,17 @@ differently: both are refused.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from ..errors import MixchatError
-
-if TYPE_CHECKING:
-    from .sentencepiece import SentencePieceTokenizer
+from .base import Tokenizer
 
 TOOL_PIECES = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
                "[/TOOL_RESULTS]")  # fmt: skip
 
 
-def tool_ids(tok: SentencePieceTokenizer) -> dict[str, int]:
-    """The control ids of Mistral's tool pieces; MixchatError (one line) when the format has none."""
+def tool_ids(tok: Tokenizer) -> dict[str, int]:
+    """`tok` is a SentencePieceTokenizer (not imported here: it imports this module).
+    The control ids of Mistral's tool pieces; MixchatError (one line) when the format has none."""
     sp = tok.sp
     ids = {}
     for piece in TOOL_PIECES + (("[TOOL_CONTENT]",) if tok.format == "v7" else ()):
@@ -93,7 +91,7 @@ def _call(i: int, call: dict) -> dict:
     return out
 
 
-def encode_tool_turns(tok: SentencePieceTokenizer, messages: list[dict],
+def encode_tool_turns(tok: Tokenizer, messages: list[dict],
                       tools: list | None) -> tuple[list[int], list[tuple[int, int, int]]]:  # fmt: skip
     """(ids, turns): the chat's ids (it may end with any role) and, per assistant turn, (index of
     its first message, start, end): ids[start:end] is the turn, its EOS included."""

@@ -60,8 +60,8 @@ def _parsed(text: str | None) -> object:
         return text
 
 
-def _tool(i: int, tool: dict) -> dict:
-    function = tool.get("function")
+def _tool(i: int, tool: object) -> dict:
+    function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise MixchatError(f"tool {i} has no function name")
     parameters = function.get("parameters")
@@ -73,16 +73,15 @@ def _tool(i: int, tool: dict) -> dict:
             "parameters": parameters}}  # fmt: skip
 
 
-def _call(i: int, call: dict) -> dict:
-    function = call.get("function")
+def _call(i: int, call: object) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise MixchatError(f"message {i}: a tool call has no function name")
     arguments = function.get("arguments")
-    if isinstance(arguments, dict):  # FunctionCall keeps dicts as JSON text (ASCII escapes)
-        arguments = json.dumps(arguments)
-    elif arguments is not None and not isinstance(arguments, str):
+    if arguments is not None and not isinstance(arguments, (dict, str)):
         raise MixchatError(f"message {i}: tool call arguments must be a JSON object or string")
-    out = {"name": function["name"], "arguments": _parsed(arguments)}
+    parsed = arguments if isinstance(arguments, dict) else _parsed(arguments)
+    out = {"name": function["name"], "arguments": parsed}
     call_id = call.get("id")
     if call_id is not None and not isinstance(call_id, str):
         raise MixchatError(f"message {i}: a tool call id must be a string")
@@ -102,7 +101,7 @@ def encode_tool_turns(tok: Tokenizer, messages: list[dict],
         raise MixchatError("the conversation has no messages")
 
     # The normalizer: runs of one role merge (system messages pulled out for v3, kept for v7).
-    turns: list[dict] = []  # {"role", "text", "calls", "first", "call_id"}
+    turns: list[dict] = []  # {"role", "texts"/"text", "calls", "first", ...}
     system: list[str] = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None

@@ -138,16 +138,17 @@ def test_default_model_refuses_tools_naming_file_and_line(default_tokenizer, tmp
     assert "\n" not in str(e.value)
 
 
-def test_mistral_v3_refuses_tools_naming_file_and_line(tmp_path):
+def test_mistral_v1_refuses_tools_naming_file_and_line(tmp_path):
+    """v1 has no tool tokens (v3 and v7 encode tools: tests/test_tokenizer_tools.py)."""
     from model.tokenizer import SentencePieceTokenizer
     from tests.checkpoints import mistral_tokenizer_file
 
-    tok = SentencePieceTokenizer(mistral_tokenizer_file("v3"))
+    tok = SentencePieceTokenizer(mistral_tokenizer_file("v1"))
     path = write_rows(tmp_path / "train.jsonl", [TOOL_ROW])
     with pytest.raises(DataError) as e:
         load_dataset(path, tok, 2048)
-    assert str(e.value) == (f"{path}:1: tool definitions and calls are not supported with "
-                            "Mistral's v3 tokenizer: mixchat encodes its text chats only")  # fmt: skip
+    assert str(e.value) == (f"{path}:1: Mistral's v1 tokenizer has no tool tokens ([AVAILABLE_TOOLS], "
+                            "[TOOL_CALLS]): tools need a v3 or v7 tokenizer")  # fmt: skip
 
 
 # --- --test -----------------------------------------------------------------------------------

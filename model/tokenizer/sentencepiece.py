@@ -92,8 +92,22 @@ class SentencePieceTokenizer(Tokenizer):
         return self._table
 
     def encode_tool_chat(self, messages: list[dict], tools: list | None) -> list[int]:
-        raise MixchatError(f"tool definitions and calls are not supported with Mistral's "
-                           f"{self.format} tokenizer: mixchat encodes its text chats only")  # fmt: skip
+        """mistral-common's ids for a chat with tools (v3, v7; see mistral_tools); it may end
+        with any role."""
+        return self.encode_tool_turns(messages, tools)[0]
+
+    def encode_tool_turns(self, messages: list[dict],
+                          tools: list | None) -> tuple[list[int], list[tuple[int, int, int]]]:  # fmt: skip
+        """encode_tool_chat's ids, and (first message index, start, end) per assistant turn."""
+        from .mistral_tools import encode_tool_turns
+
+        return encode_tool_turns(self, messages, tools)
+
+    def mistral_version(self) -> str | None:
+        """mistral_format(self), computed once."""
+        if not hasattr(self, "_mistral_version"):
+            self._mistral_version = mistral_format(self)
+        return self._mistral_version
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token-for-token what mistral-common's `encode_chat_completion` gives for a text chat.

@@ -9,8 +9,9 @@ file (then it is the training set). Each line is one JSON object:
 - {"text": ...}: plain text, learned whole (BOS when the tokenizer has one, then EOS).
 A chat or prompt/completion row may carry "tools" (mlx-lm's format, OpenAI's schema), and its
 messages assistant "tool_calls" and "tool" results: they are rendered by the model's chat template
-with `tools=` as mlx-lm's ChatDataset does (a template that has no tools, and Mistral's
-SentencePiece formats, refuse them); the tool calls are learned like any assistant turn.
+with `tools=` as mlx-lm's ChatDataset does (a template that has no tools refuses them), or in
+Mistral's v3/v7 tool tokens as mistral-common encodes them (v1 has none and refuses them); the
+tool calls are learned like any assistant turn, the tool results are not.
 
 A chat's tokens are `encode_chat` of the whole chat; each assistant turn starts where
 `encode_chat` of the messages before it (the generation prompt) ends, and runs to the first
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MixchatError
-from ..tokenizer import Tokenizer
+from ..tokenizer import SentencePieceTokenizer, Tokenizer
 
 SPLITS = ("train", "valid", "test")
 
@@ -164,6 +165,8 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
     if not turns:
         raise MixchatError("the chat has no assistant message")
     with_tools = tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in chat)
+    if with_tools and mistral_chat(tokenizer):
+        return encode_mistral_tool_chat(chat, tokenizer, mask_prompt, tools)
     if with_tools:  # the messages as the template takes them (mlx-lm passes them as they are)
         plain = [{k: v for k, v in m.items() if k != "weight"} for m in chat]
 
@@ -194,6 +197,31 @@ def encode_chat(messages: object, tokenizer: Tokenizer, mask_prompt: bool = True
     if ends_open:
         end = len(full)
     ids, weights = full[:end], weights[:end]
+    if not mask_prompt:
+        weights = [0] + [1] * (len(ids) - 1)
+    return Row(ids, weights)
+
+
+def mistral_chat(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer encodes chats in Mistral's own format (a tokenizer.model, or a GGUF
+    with one of Mistral's vocabularies), not with a chat template."""
+    return isinstance(tokenizer, SentencePieceTokenizer) and bool(
+        getattr(tokenizer, "mistral", True)
+    )
+
+
+def encode_mistral_tool_chat(chat: list[dict], tokenizer: SentencePieceTokenizer, mask_prompt: bool,
+                             tools: list | None) -> Row:  # fmt: skip
+    """A chat with tools in Mistral's format, as mistral-common encodes a whole fine-tuning
+    conversation (tools before the last user message): its assistant turns ([TOOL_CALLS] JSON
+    or text, EOS included) are learned, tool results and prompts are not."""
+    if chat[0]["role"] == "assistant":
+        raise MixchatError("the chat starts with an assistant message")
+    ids, turns = tokenizer.encode_tool_turns(chat, tools)
+    weights = [0] * len(ids)
+    for first, start, end in turns:
+        if chat[first].get("weight", 1) or not mask_prompt:
+            weights[start:end] = [1] * (end - start)
     if not mask_prompt:
         weights = [0] + [1] * (len(ids) - 1)
     return Row(ids, weights)

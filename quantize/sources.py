@@ -17,9 +17,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from model.config import FAMILY_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
+from model.config import FAMILY_TYPES, QUANTIZE_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
 from model.errors import CheckpointError, MixchatError, UnsupportedModelError
 from model.names import (
+    FAMILY_EXPERTS,
     EXPERT_MARK,
     HF_TOKENIZER_FILES,
     VOCABULARY_FILES,
@@ -92,6 +93,7 @@ class Target:
     # A family's module as mlx-lm quantizes it (its model's quant_predicate): False never,
     # True at the requested bits, a dict its own {"bits", "group_size"}; None: mixchat's recipe.
     choice: bool | dict | None = None
+    lazy: Callable[[], Any] | None = None  # the weight built otherwise (a family's sanitize)
 
     @property
     def tensor(self) -> str:
@@ -106,6 +108,8 @@ class Target:
         """The assembled weight as a lazy mx.array (nothing is read until it is evaluated)."""
         import mlx.core as mx
 
+        if self.lazy is not None:
+            return self.lazy()
         # A fresh mx.load per tensor: no dictionary keeps evaluated tensors alive afterwards.
         return self.assemble([mx.load(str(r.file))[r.name] for r in self.refs])
 
@@ -259,6 +263,11 @@ def _open_hf(path: Path) -> Source:
             f"unsupported architecture '{model_type or arch}' (mixchat quantizes "
             f"{', '.join(SUPPORTED_TYPES + FAMILY_TYPES)} checkpoints)"
         )
+    if model_type not in QUANTIZE_TYPES:
+        raise UnsupportedModelError(
+            f"mixchat quantize does not convert {model_type} checkpoints: convert it with "
+            f"`mlx_lm.convert --hf-path {path} --mlx-path DIR -q`"
+        )
     if config.get("quantization") or config.get("quantization_config"):
         raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights")
     args = _args(lambda: ModelArgs.from_hf_config(config), "config.json")
@@ -351,6 +360,8 @@ def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
         for path, module in model.named_modules()
         if hasattr(module, "to_quantized")
     }
+    if args.model_type not in FAMILY_EXPERTS:
+        return _sanitized_targets(args, model, choices, get)
     targets = []
     for name, shape in parameter_shapes(args).items():
         module, dot, part = name.rpartition(".")
@@ -363,6 +374,55 @@ def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
         else:
             choice = choices.get(module, False)
             targets.append(Target(module, _kind(module), shape, [get(source, shape)], choice=choice))
+    return targets
+
+
+def _sanitized_targets(args: ModelArgs, model: Any, choices: dict, get: _Lookup) -> list[Target]:
+    """A family whose published layout mlx-lm rewrites in its model's `sanitize` (gpt_oss's
+    fused gate_up, DeepSeek's and PhiMoE's per-expert tensors, GraniteMoE's input_linear):
+    each parameter is mlx-lm's own sanitized tensor, built lazily from the source (one graph,
+    each tensor read when its module is written), so the output is what mlx_lm.convert writes."""
+    import mlx.core as mx
+
+    sanitized: dict[str, Any] = {}
+
+    def build() -> dict[str, Any]:
+        if not sanitized:
+            weights = {}
+            for file in sorted({r.file for r in get.tensors.values()}):
+                weights.update(mx.load(str(file)))
+            sanitized.update(model.sanitize(weights))
+        return sanitized
+
+    shapes = parameter_shapes(args)
+    for name in get.tensors:  # every source tensor is read (check_unused)
+        get.used.add(name)
+    by_layer: dict[str, list[TensorRef]] = {}
+    for name, ref in get.tensors.items():
+        m = re.match(r"model\.layers\.\d+\.", name)
+        if name not in shapes:
+            by_layer.setdefault(m.group(0) if m else "", []).append(ref)
+    targets = []
+    for name, shape in shapes.items():
+        module, _, part = name.rpartition(".")
+        if name in get.tensors:
+            refs = [get(name, shape)]
+        else:
+            m = re.match(r"model\.layers\.\d+\.", name)
+            refs = by_layer.get(m.group(0) if m else "") or list(get.tensors.values())[:1]
+
+        def lazy(name: str = name) -> Any:
+            return build().pop(name)  # not kept once written
+
+        if part != "weight":
+            targets.append(Target(name, "param", shape, refs, lazy=lazy))
+            continue
+        kind = _kind(module)
+        if kind == "mlp" and len(shape) == 3:
+            kind = "experts"
+        default = True if kind == "experts" else False
+        targets.append(Target(module, kind, shape, refs, choice=choices.get(module, default),
+                              lazy=lazy))
     return targets
 
 

@@ -1,0 +1,98 @@
+"""`mixchat quantize` for the families added last (gpt_oss float and MXFP4 as published,
+deepseek_v3, deepseek_v2, granitemoe, phimoe), on the tiny checkpoints of their own tests
+(tests/test_family_gptoss.py, test_family_deepseek.py, test_family_more.py). The reference is
+mlx-lm's own conversion (`mlx_lm.convert -q`) and generation (`stream_generate`)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from model import Engine
+from tests.test_families import TOKENS, _reply
+from tests.test_families import PROMPT
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from tests.test_family_deepseek import FAMILIES as DEEPSEEK, MLA, build_checkpoint, deepseek_config
+    from tests.test_family_gptoss import build_gptoss
+    from tests.test_family_more import COMMON, FAMILIES as MORE, published
+
+    root = tmp_path_factory.mktemp("family-tools-more")
+    gptoss = build_gptoss(root / "gpt_oss")
+    dirs = {"gpt_oss": gptoss["float"], "gpt_oss_mxfp4": gptoss["mxfp4"]}
+    for family, (prefix, extra) in DEEPSEEK.items():
+        dirs[family] = build_checkpoint(root / family, prefix, {**MLA, **extra}, fix=deepseek_config)
+    for family, (prefix, extra) in MORE.items():
+        dirs[family] = build_checkpoint(root / family, prefix, {**COMMON, **extra}, fix=published)
+    return dirs
+
+
+def _assert_same_conversion(out, ref) -> None:
+    """The same tensors (names, dtypes, values) and per-module quantization config."""
+    ours = json.loads((out / "config.json").read_text())["quantization"]
+    theirs = json.loads((ref / "config.json").read_text())["quantization"]
+    assert {k: ours.get(k) for k in ("bits", "group_size")} == {
+        k: theirs.get(k) for k in ("bits", "group_size")}
+    for name, choice in theirs.items():
+        if isinstance(choice, dict):
+            assert {k: (ours.get(name) or {}).get(k) for k in choice} == choice, name
+    for name, choice in ours.items():
+        if isinstance(choice, dict):
+            assert theirs.get(name) == choice or {
+                k: theirs.get(name, {}).get(k) for k in ("bits", "group_size")
+            } == {k: choice.get(k) for k in ("bits", "group_size")}, name
+    written, expected = {}, {}
+    for file in out.glob("*.safetensors"):
+        written.update(mx.load(str(file)))
+    for file in ref.glob("*.safetensors"):
+        expected.update(mx.load(str(file)))
+    assert sorted(written) == sorted(expected)
+    for name, value in expected.items():
+        assert written[name].dtype == value.dtype, name
+        assert mx.array_equal(written[name], value).item(), name
+
+
+def _mlx_lm_greedy(path, family: str) -> list[int]:
+    """mlx-lm's greedy tokens; PhiMoE's LongRoPE switched at original_max_position_embeddings
+    as transformers does (mixchat's fix-up of mlx-lm's definition, model/families.py)."""
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    from model.families import AFTER_BUILD
+
+    model, tokenizer = mlx_lm.load(str(path))
+    if family == "phimoe":
+        AFTER_BUILD[family](model.model, json.loads((path / "config.json").read_text()))
+    return [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS,
+                                                     sampler=make_sampler(0.0))]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "granitemoe", "phimoe"])
+def test_quantized_family_is_mlx_lms_conversion(sources, tmp_path, family):
+    import mlx_lm
+
+    from quantize.cli import main
+
+    out, ref = tmp_path / "q", tmp_path / "ref"
+    assert main(["quantize", str(sources[family]), str(out), "--no-eval", "--quiet"]) == 0
+    mlx_lm.convert(str(sources[family]), str(ref), quantize=True, q_bits=4, q_group_size=64)
+    _assert_same_conversion(out, ref)
+    _, tokens = _reply(Engine.load(str(out)))
+    assert tokens == _mlx_lm_greedy(out, family)[: len(tokens)] and len(tokens) >= TOKENS - 1
+
+
+@pytest.mark.parametrize("form", ["gpt_oss", "gpt_oss_mxfp4"])
+def test_gpt_oss_quantize_is_refused_naming_mlx_lm_convert(sources, tmp_path, form, capsys):
+    """gpt-oss (float as transformers saves it, or MXFP4 as published) is not converted by
+    mixchat: one line naming mlx_lm.convert, a non-zero exit, nothing written."""
+    from quantize.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(sources[form]), str(out), "--no-eval", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mlx_lm.convert" in err and "gpt_oss" in err
+    assert not out.exists()

@@ -193,6 +193,10 @@ GGUF_FAMILIES = {
     "qwen2moe": ("qwen2_moe", {"norm_topk_prob": False}),
     "olmoe":    ("olmoe",     {"norm_topk_prob": False}),
 }
+# llama.cpp's architectures of families mixchat runs from Hugging Face directories but does not
+# read as GGUF yet (their tensor names and metadata are not mapped): refused in one line
+GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss",
+                        "granitemoe": "granitemoe", "phimoe": "phimoe"}  # fmt: skip
 # config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
 GGUF_FAMILY_CONFIG = {
     "hidden_size": "embedding_length",

@@ -96,3 +96,31 @@ def test_gpt_oss_quantize_is_refused_naming_mlx_lm_convert(sources, tmp_path, fo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mlx_lm.convert" in err and "gpt_oss" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["DEEPSEEK2", "GPT_OSS", "GRANITE_MOE", "PHIMOE"])
+def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
+    """llama.cpp's architectures for the families mixchat runs only from Hugging Face
+    directories: loading or quantizing such a GGUF is refused in one line naming it."""
+    import gguf
+    import numpy as np
+
+    from model.errors import MixchatError
+    from quantize.cli import main
+
+    name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)]
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), name)
+    writer.add_block_count(1)
+    writer.add_expert_count(8)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(MixchatError) as e:
+        Engine.load(str(path))
+    assert str(e.value).startswith(f"mixchat does not read {name} GGUF files")
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--no-eval", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err

@@ -124,3 +124,16 @@ def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
     assert main(["quantize", str(path), str(tmp_path / "q"), "--no-eval", "--quiet"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and name in err
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "phimoe"])
+def test_memory_plan_advice_names_the_tool_that_converts_it(sources, family):
+    """An unquantized family checkpoint cannot stream its experts: the advice names
+    `mixchat quantize`, which converts these families exactly (gpt_oss's names mlx_lm.convert:
+    model.config.QUANTIZE_TYPES)."""
+    from model.memory_plan import memory_plan
+    from model.weights import locate
+
+    plan = memory_plan(locate(sources[family]), 4, 256)
+    assert not plan.offloadable
+    assert f"convert it with `mixchat quantize {sources[family]} DIR`" in plan.why_not

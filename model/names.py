@@ -263,6 +263,8 @@ def family_source_name(model_type: str, name: str) -> tuple[str, bool]:
     """A family parameter's published name (mlx-lm's "model.layers.0.mlp.switch_mlp.up_proj.
     weight" -> ("model.layers.0.mlp.experts.{e}.up_proj.weight", True): one tensor per expert
     {e}); any other parameter keeps its name (False)."""
+    if model_type not in FAMILY_EXPERTS:  # mlx-lm's sanitize reads its published layout
+        return name, False
     stacked, per_expert = FAMILY_EXPERTS[model_type]
     head = stacked.split("{p}")[0]
     m = re.fullmatch(r"(model\.layers\.\d+\.)" + re.escape(head) + r"(\w+)\.(\w+)", name)

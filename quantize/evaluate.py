@@ -223,10 +223,12 @@ def _family_weights(w: Weights, prefix: str, layer: nn.Module, source_name) -> d
     for rel, _ in tree_flatten(layer.parameters()):
         name = f"{prefix}.{rel}"
         template, stacked = source_name(w.args.model_type, name)
-        if not stacked or name in weights:
+        if name in weights:
             continue
-        if targets is not None:
+        if targets is not None and name.removesuffix(".weight") in targets:
             weights[name] = targets[name.removesuffix(".weight")].load()
+            continue
+        if not stacked:
             continue
         for part in ("weight", "scales", "biases"):
             base, one = name.removesuffix(".weight"), template.removesuffix(".weight")

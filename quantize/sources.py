@@ -20,8 +20,8 @@ from typing import Any
 from model.config import FAMILY_TYPES, QUANTIZE_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
 from model.errors import CheckpointError, MixchatError, UnsupportedModelError
 from model.names import (
-    FAMILY_EXPERTS,
     EXPERT_MARK,
+    FAMILY_EXPERTS,
     HF_TOKENIZER_FILES,
     VOCABULARY_FILES,
     family_source_name,
@@ -378,51 +378,15 @@ def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
 
 
 def _sanitized_targets(args: ModelArgs, model: Any, choices: dict, get: _Lookup) -> list[Target]:
-    """A family whose published layout mlx-lm rewrites in its model's `sanitize` (gpt_oss's
-    fused gate_up, DeepSeek's and PhiMoE's per-expert tensors, GraniteMoE's input_linear):
-    each parameter is mlx-lm's own sanitized tensor, built lazily from the source (one graph,
-    each tensor read when its module is written), so the output is what mlx_lm.convert writes."""
-    import mlx.core as mx
+    """Each parameter as mlx-lm's `sanitize` makes it, as mlx_lm.convert does (quantize.sanitized)."""
+    from quantize.sanitized import sanitized_parameters
 
-    sanitized: dict[str, Any] = {}
-
-    def build() -> dict[str, Any]:
-        if not sanitized:
-            weights = {}
-            for file in sorted({r.file for r in get.tensors.values()}):
-                weights.update(mx.load(str(file)))
-            sanitized.update(model.sanitize(weights))
-        return sanitized
-
-    shapes = parameter_shapes(args)
-    for name in get.tensors:  # every source tensor is read (check_unused)
-        get.used.add(name)
-    by_layer: dict[str, list[TensorRef]] = {}
-    for name, ref in get.tensors.items():
-        m = re.match(r"model\.layers\.\d+\.", name)
-        if name not in shapes:
-            by_layer.setdefault(m.group(0) if m else "", []).append(ref)
     targets = []
-    for name, shape in shapes.items():
+    for name, shape, refs, lazy in sanitized_parameters(model, get, parameter_shapes(args)):
         module, _, part = name.rpartition(".")
-        if name in get.tensors:
-            refs = [get(name, shape)]
-        else:
-            m = re.match(r"model\.layers\.\d+\.", name)
-            refs = by_layer.get(m.group(0) if m else "") or list(get.tensors.values())[:1]
-
-        def lazy(name: str = name) -> Any:
-            return build().pop(name)  # not kept once written
-
-        if part != "weight":
-            targets.append(Target(name, "param", shape, refs, lazy=lazy))
-            continue
-        kind = _kind(module)
-        if kind == "mlp" and len(shape) == 3:
-            kind = "experts"
-        default = True if kind == "experts" else False
-        targets.append(Target(module, kind, shape, refs, choice=choices.get(module, default),
-                              lazy=lazy))
+        kind = "param" if part != "weight" else _kind(module).replace("mlp", "mlp" if len(shape) < 3 else "experts")  # fmt: skip
+        choice = choices.get(module, kind == "experts") if kind != "param" else None
+        targets.append(Target(name if kind == "param" else module, kind, shape, refs, choice=choice, lazy=lazy))  # fmt: skip
     return targets
 
 

@@ -11,21 +11,24 @@ import mlx.core as mx
 import pytest
 
 from model import Engine
-from tests.test_families import TOKENS, _reply
-from tests.test_families import PROMPT
+from tests.test_families import PROMPT, TOKENS, _reply
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    from tests.test_family_deepseek import FAMILIES as DEEPSEEK, MLA, build_checkpoint, deepseek_config
+    from tests.test_family_deepseek import FAMILIES as DEEPSEEK
+    from tests.test_family_deepseek import MLA, build_checkpoint, deepseek_config
     from tests.test_family_gptoss import build_gptoss
-    from tests.test_family_more import COMMON, FAMILIES as MORE, published
+    from tests.test_family_more import COMMON, published
+    from tests.test_family_more import FAMILIES as MORE
 
     root = tmp_path_factory.mktemp("family-tools-more")
     gptoss = build_gptoss(root / "gpt_oss")
     dirs = {"gpt_oss": gptoss["float"], "gpt_oss_mxfp4": gptoss["mxfp4"]}
     for family, (prefix, extra) in DEEPSEEK.items():
-        dirs[family] = build_checkpoint(root / family, prefix, {**MLA, **extra}, fix=deepseek_config)
+        dirs[family] = build_checkpoint(
+            root / family, prefix, {**MLA, **extra}, fix=deepseek_config
+        )
     for family, (prefix, extra) in MORE.items():
         dirs[family] = build_checkpoint(root / family, prefix, {**COMMON, **extra}, fix=published)
     return dirs
@@ -36,7 +39,8 @@ def _assert_same_conversion(out, ref) -> None:
     ours = json.loads((out / "config.json").read_text())["quantization"]
     theirs = json.loads((ref / "config.json").read_text())["quantization"]
     assert {k: ours.get(k) for k in ("bits", "group_size")} == {
-        k: theirs.get(k) for k in ("bits", "group_size")}
+        k: theirs.get(k) for k in ("bits", "group_size")
+    }
     for name, choice in theirs.items():
         if isinstance(choice, dict):
             assert {k: (ours.get(name) or {}).get(k) for k in choice} == choice, name

@@ -192,6 +192,10 @@ def _run_family_layer(
     prefix = f"model.layers.{i}"
     layer = mlx_lm_model(args).model.layers[i]
     weights = _family_weights(w, prefix, layer, family_source_name)
+    if args.model_type == "deepseek_v3":  # routing as the engine runs it (transformers')
+        from model.families import _published_group_masking
+
+        weights = _published_group_masking(weights)
     _load(layer, prefix, weights, args, w.dtype)
     mlp = layer.get("mlp") if isinstance(layer, dict) else getattr(layer, "mlp", None)
     choices: list[mx.array] = []
@@ -359,9 +363,8 @@ def evaluate(
         raise MixchatError("the evaluation text needs at least 2 tokens")
     if max(ids) >= args.vocab_size or min(ids) < 0:
         raise MixchatError(f"token id {max(ids)} is outside the vocabulary of {args.vocab_size}")
-    # GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias are not on this path; DeepSeek-V3's
-    # perplexity here is 0.7% off transformers' (the engine's is not): not yet found why
-    if args.model_type in ("granitemoe", "phimoe", "deepseek_v3"):
+    # GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias are not on this path
+    if args.model_type in ("granitemoe", "phimoe"):
         raise MixchatError(f"mixchat compare does not evaluate {args.model_type} models yet")
     per_layer = 1 + (args.num_local_experts if args.is_moe else 0)
     total = 2 * (2 + args.num_hidden_layers * per_layer)

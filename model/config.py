@@ -18,6 +18,9 @@ FAMILY_TYPES = (
     "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "granitemoe",
     "phimoe",
 )  # fmt: skip
+# The families `mixchat quantize` converts as `mlx_lm.convert -q` does, tensor for tensor
+# (tests/test_family_tools.py, test_family_tools_more.py); the others are mlx_lm.convert's.
+QUANTIZE_TYPES = SUPPORTED_TYPES + tuple(t for t in FAMILY_TYPES if t != "gpt_oss")
 
 
 @dataclass

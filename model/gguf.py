@@ -413,9 +413,15 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
 def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any] | None:
     """A family GGUF's metadata (model/names.py GGUF_FAMILIES: llama.cpp's qwen3moe, qwen2moe,
     olmoe) as the config.json mlx-lm's definition reads; None for any other architecture."""
-    from .names import GGUF_FAMILIES, GGUF_FAMILY_CONFIG
+    from .names import GGUF_FAMILIES, GGUF_FAMILIES_UNREAD, GGUF_FAMILY_CONFIG
 
     arch = metadata.get("general.architecture")
+    if arch in GGUF_FAMILIES_UNREAD:
+        raise UnsupportedModelError(
+            f"mixchat does not read {arch} GGUF files (it reads llama, "
+            f"{', '.join(GGUF_FAMILIES)}); run the Hugging Face checkpoint "
+            f"({GGUF_FAMILIES_UNREAD[arch]}) instead"
+        )
     if arch not in GGUF_FAMILIES:
         return None
     model_type, implicit = GGUF_FAMILIES[arch]

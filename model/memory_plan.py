@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from .config import QUANTIZE_TYPES
 from .errors import MixchatError
 from .kv_cache import kv_bytes_at, kv_fields
 from .machine import available_memory, physical_memory
@@ -220,9 +221,8 @@ def memory_plan(checkpoint, compute_bytes: int = 4, context: int | None = None,
             active += mem
     E = max(args.num_local_experts, 1) if args.is_moe else 1
     offloadable, why = True, ""
-    convert = f"mixchat quantize {checkpoint.path} DIR"  # a family's: with mlx-lm's own tool
-    if args.is_family:
-        convert = f"mlx_lm.convert --hf-path {checkpoint.path} --mlx-path DIR -q"
+    convert = (f"mixchat quantize {checkpoint.path} DIR" if args.model_type in QUANTIZE_TYPES
+               else f"mlx_lm.convert --hf-path {checkpoint.path} --mlx-path DIR -q")  # fmt: skip
     if not args.is_moe or not layer_mem:
         offloadable, why = False, "it is a dense model: it has no experts to stream"
     elif checkpoint.format not in ("hf", "gguf") or per_expert or not stacked:

@@ -193,6 +193,10 @@ GGUF_FAMILIES = {
     "qwen2moe": ("qwen2_moe", {"norm_topk_prob": False}),
     "olmoe":    ("olmoe",     {"norm_topk_prob": False}),
 }
+# llama.cpp's architectures of families mixchat runs from Hugging Face directories but does not
+# read as GGUF yet (their tensor names and metadata are not mapped): refused in one line
+GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss",
+                        "granitemoe": "granitemoe", "phimoe": "phimoe"}  # fmt: skip
 # config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
 GGUF_FAMILY_CONFIG = {
     "hidden_size": "embedding_length",
@@ -259,6 +263,8 @@ def family_source_name(model_type: str, name: str) -> tuple[str, bool]:
     """A family parameter's published name (mlx-lm's "model.layers.0.mlp.switch_mlp.up_proj.
     weight" -> ("model.layers.0.mlp.experts.{e}.up_proj.weight", True): one tensor per expert
     {e}); any other parameter keeps its name (False)."""
+    if model_type not in FAMILY_EXPERTS:  # mlx-lm's sanitize reads its published layout
+        return name, False
     stacked, per_expert = FAMILY_EXPERTS[model_type]
     head = stacked.split("{p}")[0]
     m = re.fullmatch(r"(model\.layers\.\d+\.)" + re.escape(head) + r"(\w+)\.(\w+)", name)

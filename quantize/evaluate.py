@@ -192,6 +192,10 @@ def _run_family_layer(
     prefix = f"model.layers.{i}"
     layer = mlx_lm_model(args).model.layers[i]
     weights = _family_weights(w, prefix, layer, family_source_name)
+    if args.model_type == "deepseek_v3":  # routing as the engine runs it (transformers')
+        from model.families import _published_group_masking
+
+        weights = _published_group_masking(weights)
     _load(layer, prefix, weights, args, w.dtype)
     mlp = layer.get("mlp") if isinstance(layer, dict) else getattr(layer, "mlp", None)
     choices: list[mx.array] = []
@@ -200,11 +204,16 @@ def _run_family_layer(
 
         class _Recorded(type(gate)):  # the router, recording its top-k
             def __call__(self, x: mx.array) -> mx.array:
-                logits = super().__call__(x)
-                choices.append(top_experts(logits, args.num_experts_per_tok))
+                logits = super().__call__(x)  # or DeepSeek's (chosen experts, weights)
+                top = logits[0] if isinstance(logits, tuple) else None
+                choices.append(top_experts(logits, args.num_experts_per_tok) if top is None else top)
                 return logits
 
         gate.__class__ = _Recorded
+    if isinstance(mask, str):  # an array, as mlx-lm's MLA attention (DeepSeek) needs
+        from mlx_lm.models.base import create_causal_mask
+
+        mask = create_causal_mask(h.shape[1])
     out = layer(h, mask, None)
     mx.eval(out, *choices)
     for _ in range(args.num_local_experts):
@@ -223,10 +232,12 @@ def _family_weights(w: Weights, prefix: str, layer: nn.Module, source_name) -> d
     for rel, _ in tree_flatten(layer.parameters()):
         name = f"{prefix}.{rel}"
         template, stacked = source_name(w.args.model_type, name)
-        if not stacked or name in weights:
+        if name in weights:
             continue
-        if targets is not None:
+        if targets is not None and name.removesuffix(".weight") in targets:
             weights[name] = targets[name.removesuffix(".weight")].load()
+            continue
+        if not stacked:
             continue
         for part in ("weight", "scales", "biases"):
             base, one = name.removesuffix(".weight"), template.removesuffix(".weight")
@@ -352,6 +363,9 @@ def evaluate(
         raise MixchatError("the evaluation text needs at least 2 tokens")
     if max(ids) >= args.vocab_size or min(ids) < 0:
         raise MixchatError(f"token id {max(ids)} is outside the vocabulary of {args.vocab_size}")
+    # GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias are not on this path
+    if args.model_type in ("granitemoe", "phimoe"):
+        raise MixchatError(f"mixchat compare does not evaluate {args.model_type} models yet")
     per_layer = 1 + (args.num_local_experts if args.is_moe else 0)
     total = 2 * (2 + args.num_hidden_layers * per_layer)
 
@@ -370,7 +384,7 @@ def evaluate(
         create_attention_mask(h, None, window_size=w.args.sliding_window)
         for h, w in zip(hidden, models)
     ]
-    same = 0
+    same = routed = 0
     for i in range(args.num_hidden_layers):
         routes = []
         for k, w in enumerate(models):
@@ -380,6 +394,7 @@ def evaluate(
             on_expert()
             mx.clear_cache()
         if routes[0] is not None:
+            routed += 1
             same += int(np.all(np.sort(routes[0], -1) == np.sort(routes[1], -1), axis=-1).sum())
     # Next-token predictions: positions 0..T-2 predict ids[1:].
     n = len(ids) - 1
@@ -408,7 +423,7 @@ def evaluate(
     ppl_p, ppl_q, kl, top1 = token_statistics(blocks(), targets)
     for _ in models:
         step("LM head")()
-    positions = len(ids) * args.num_hidden_layers
+    positions = len(ids) * max(routed, 1)  # token x routed layer (DeepSeek's first are dense)
     return Comparison(
         tokens=len(ids),
         perplexity_reference=ppl_p,

@@ -17,10 +17,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from model.config import FAMILY_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
+from model.config import FAMILY_TYPES, QUANTIZE_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
 from model.errors import CheckpointError, MixchatError, UnsupportedModelError
 from model.names import (
     EXPERT_MARK,
+    FAMILY_EXPERTS,
     HF_TOKENIZER_FILES,
     VOCABULARY_FILES,
     family_source_name,
@@ -92,6 +93,7 @@ class Target:
     # A family's module as mlx-lm quantizes it (its model's quant_predicate): False never,
     # True at the requested bits, a dict its own {"bits", "group_size"}; None: mixchat's recipe.
     choice: bool | dict | None = None
+    lazy: Callable[[], Any] | None = None  # the weight built otherwise (a family's sanitize)
 
     @property
     def tensor(self) -> str:
@@ -106,6 +108,8 @@ class Target:
         """The assembled weight as a lazy mx.array (nothing is read until it is evaluated)."""
         import mlx.core as mx
 
+        if self.lazy is not None:
+            return self.lazy()
         # A fresh mx.load per tensor: no dictionary keeps evaluated tensors alive afterwards.
         return self.assemble([mx.load(str(r.file))[r.name] for r in self.refs])
 
@@ -259,6 +263,11 @@ def _open_hf(path: Path) -> Source:
             f"unsupported architecture '{model_type or arch}' (mixchat quantizes "
             f"{', '.join(SUPPORTED_TYPES + FAMILY_TYPES)} checkpoints)"
         )
+    if model_type not in QUANTIZE_TYPES:
+        raise UnsupportedModelError(
+            f"mixchat quantize does not convert {model_type} checkpoints: convert it with "
+            f"`mlx_lm.convert --hf-path {path} --mlx-path DIR -q`"
+        )
     if config.get("quantization") or config.get("quantization_config"):
         raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights")
     args = _args(lambda: ModelArgs.from_hf_config(config), "config.json")
@@ -351,6 +360,8 @@ def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
         for path, module in model.named_modules()
         if hasattr(module, "to_quantized")
     }
+    if args.model_type not in FAMILY_EXPERTS:
+        return _sanitized_targets(args, model, choices, get)
     targets = []
     for name, shape in parameter_shapes(args).items():
         module, dot, part = name.rpartition(".")
@@ -363,6 +374,19 @@ def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
         else:
             choice = choices.get(module, False)
             targets.append(Target(module, _kind(module), shape, [get(source, shape)], choice=choice))
+    return targets
+
+
+def _sanitized_targets(args: ModelArgs, model: Any, choices: dict, get: _Lookup) -> list[Target]:
+    """Each parameter as mlx-lm's `sanitize` makes it, as mlx_lm.convert does (quantize.sanitized)."""
+    from quantize.sanitized import sanitized_parameters
+
+    targets = []
+    for name, shape, refs, lazy in sanitized_parameters(model, get, parameter_shapes(args)):
+        module, _, part = name.rpartition(".")
+        kind = "param" if part != "weight" else _kind(module).replace("mlp", "mlp" if len(shape) < 3 else "experts")  # fmt: skip
+        choice = choices.get(module, kind == "experts") if kind != "param" else None
+        targets.append(Target(name if kind == "param" else module, kind, shape, refs, choice=choice, lazy=lazy))  # fmt: skip
     return targets
 
 

@@ -1,0 +1,190 @@
+"""`mixchat quantize` for the families added last (gpt_oss float and MXFP4 as published,
+deepseek_v3, deepseek_v2, granitemoe, phimoe), on the tiny checkpoints of their own tests
+(tests/test_family_gptoss.py, test_family_deepseek.py, test_family_more.py). The reference is
+mlx-lm's own conversion (`mlx_lm.convert -q`) and generation (`stream_generate`)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from model import Engine
+from tests.test_families import PROMPT, TOKENS, _reply
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from tests.test_family_deepseek import FAMILIES as DEEPSEEK
+    from tests.test_family_deepseek import MLA, build_checkpoint, deepseek_config
+    from tests.test_family_gptoss import build_gptoss
+    from tests.test_family_more import COMMON, published
+    from tests.test_family_more import FAMILIES as MORE
+
+    root = tmp_path_factory.mktemp("family-tools-more")
+    gptoss = build_gptoss(root / "gpt_oss")
+    dirs = {"gpt_oss": gptoss["float"], "gpt_oss_mxfp4": gptoss["mxfp4"]}
+    for family, (prefix, extra) in DEEPSEEK.items():
+        dirs[family] = build_checkpoint(
+            root / family, prefix, {**MLA, **extra}, fix=deepseek_config
+        )
+    for family, (prefix, extra) in MORE.items():
+        dirs[family] = build_checkpoint(root / family, prefix, {**COMMON, **extra}, fix=published)
+    return dirs
+
+
+def _assert_same_conversion(out, ref) -> None:
+    """The same tensors (names, dtypes, values) and per-module quantization config."""
+    ours = json.loads((out / "config.json").read_text())["quantization"]
+    theirs = json.loads((ref / "config.json").read_text())["quantization"]
+    assert {k: ours.get(k) for k in ("bits", "group_size")} == {
+        k: theirs.get(k) for k in ("bits", "group_size")
+    }
+    for name, choice in theirs.items():
+        if isinstance(choice, dict):
+            assert {k: (ours.get(name) or {}).get(k) for k in choice} == choice, name
+    for name, choice in ours.items():
+        if isinstance(choice, dict):
+            assert theirs.get(name) == choice or {
+                k: theirs.get(name, {}).get(k) for k in ("bits", "group_size")
+            } == {k: choice.get(k) for k in ("bits", "group_size")}, name
+    written, expected = {}, {}
+    for file in out.glob("*.safetensors"):
+        written.update(mx.load(str(file)))
+    for file in ref.glob("*.safetensors"):
+        expected.update(mx.load(str(file)))
+    assert sorted(written) == sorted(expected)
+    for name, value in expected.items():
+        assert written[name].dtype == value.dtype, name
+        assert mx.array_equal(written[name], value).item(), name
+
+
+def _mlx_lm_greedy(path, family: str) -> list[int]:
+    """mlx-lm's greedy tokens; PhiMoE's LongRoPE switched at original_max_position_embeddings
+    as transformers does (mixchat's fix-up of mlx-lm's definition, model/families.py)."""
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    from model.families import AFTER_BUILD
+
+    model, tokenizer = mlx_lm.load(str(path))
+    if family == "phimoe":
+        AFTER_BUILD[family](model.model, json.loads((path / "config.json").read_text()))
+    return [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS,
+                                                     sampler=make_sampler(0.0))]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "granitemoe", "phimoe"])
+def test_quantized_family_is_mlx_lms_conversion(sources, tmp_path, family):
+    import mlx_lm
+
+    from quantize.cli import main
+
+    out, ref = tmp_path / "q", tmp_path / "ref"
+    assert main(["quantize", str(sources[family]), str(out), "--no-eval", "--quiet"]) == 0
+    mlx_lm.convert(str(sources[family]), str(ref), quantize=True, q_bits=4, q_group_size=64)
+    _assert_same_conversion(out, ref)
+    _, tokens = _reply(Engine.load(str(out)))
+    assert tokens == _mlx_lm_greedy(out, family)[: len(tokens)] and len(tokens) >= TOKENS - 1
+
+
+@pytest.mark.parametrize("form", ["gpt_oss", "gpt_oss_mxfp4"])
+def test_gpt_oss_quantize_is_refused_naming_mlx_lm_convert(sources, tmp_path, form, capsys):
+    """gpt-oss (float as transformers saves it, or MXFP4 as published) is not converted by
+    mixchat: one line naming mlx_lm.convert, a non-zero exit, nothing written."""
+    from quantize.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(sources[form]), str(out), "--no-eval", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mlx_lm.convert" in err and "gpt_oss" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["DEEPSEEK2", "GPT_OSS", "GRANITE_MOE", "PHIMOE"])
+def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
+    """llama.cpp's architectures for the families mixchat runs only from Hugging Face
+    directories: loading or quantizing such a GGUF is refused in one line naming it."""
+    import gguf
+    import numpy as np
+
+    from model.errors import MixchatError
+    from quantize.cli import main
+
+    name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)]
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), name)
+    writer.add_block_count(1)
+    writer.add_expert_count(8)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(MixchatError) as e:
+        Engine.load(str(path))
+    assert str(e.value).startswith(f"mixchat does not read {name} GGUF files")
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--no-eval", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "phimoe"])
+def test_memory_plan_advice_names_the_tool_that_converts_it(sources, family):
+    """An unquantized family checkpoint cannot stream its experts: the advice names
+    `mixchat quantize`, which converts these families exactly (gpt_oss's names mlx_lm.convert:
+    model.config.QUANTIZE_TYPES)."""
+    from model.memory_plan import memory_plan
+    from model.weights import locate
+
+    plan = memory_plan(locate(sources[family]), 4, 256)
+    assert not plan.offloadable
+    assert f"convert it with `mixchat quantize {sources[family]} DIR`" in plan.why_not
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+def test_compare_and_the_evaluation_after_quantize_run_the_family(sources, tmp_path, family):
+    """`mixchat quantize` (with its evaluation) and `mixchat compare` on these families: the
+    reference's perplexity is transformers' on the same tokens; a model against itself agrees
+    (its routers too: DeepSeek's first, dense, layer is not counted; DeepSeek-V3's dropped
+    groups masked as the engine masks them)."""
+    import torch
+
+    from quantize.cli import main
+    from quantize.compare import compare_models
+    from quantize.report import text_ids
+    from tests.test_families import transformers_model
+
+    src = str(sources[family])
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    itself = compare_models(src, src, text, max_tokens=32)
+    assert itself.kl_divergence == pytest.approx(0, abs=1e-6)
+    assert itself.top1_agreement == 1 and itself.router_agreement == 1
+    ids = text_ids(Engine.load(src).tokenizer, text, 32)
+    with torch.no_grad():
+        logits = transformers_model(src)(torch.tensor([ids])).logits[0, :-1].double()
+    nll = -torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+    out = tmp_path / "q"
+    assert main(["quantize", src, str(out), "--quiet"]) == 0  # evaluated against the source
+    quantized = compare_models(src, str(out), text, max_tokens=32)
+    assert quantized.kl_divergence > 1e-4 and quantized.router_agreement < 1
+
+
+@pytest.mark.parametrize("family", ["granitemoe", "phimoe"])
+def test_compare_of_a_family_it_cannot_evaluate_is_one_line(sources, tmp_path, family, capsys):
+    """GraniteMoE's multipliers and PhiMoE's LayerNorm and head bias are outside compare's
+    layer-by-layer path: refused in one line rather than a wrong perplexity; quantize still
+    writes the directory and says the report failed."""
+    from model.errors import MixchatError
+    from quantize.cli import main
+    from quantize.compare import compare_models
+
+    src = str(sources[family])
+    with pytest.raises(MixchatError, match=f"does not evaluate {family}"):
+        compare_models(src, src, "The quick brown fox jumps over the lazy dog.", max_tokens=16)
+    out = tmp_path / "q"
+    assert main(["quantize", src, str(out), "--quiet"]) == 0 and (out / "config.json").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"does not evaluate {family}" in err

@@ -91,6 +91,8 @@ ENGLISH: dict[str, str] = {
     "experts.dense": "Dense model — no experts.",
     "experts.waiting": "Send a message to see which experts each layer uses.",
     "experts.legend": "tokens routed to each expert, per layer",
+    "experts.top": "top {shown} of {experts} experts per layer",
+    "experts.top_legend": "expert×tokens, busiest first",
     "experts.layer_short": "L",
     "experts.total": "{tokens} tokens",
     "experts.total_one": "{tokens} token",

@@ -90,6 +90,8 @@ FRENCH: dict[str, str] = {
     "experts.dense": "Modèle dense — pas d’experts.",
     "experts.waiting": "Envoyez un message pour voir quels experts chaque couche utilise.",
     "experts.legend": "jetons envoyés à chaque expert, par couche",
+    "experts.top": "les {shown} premiers des {experts} experts par couche",
+    "experts.top_legend": "expert×jetons, du plus utilisé au moins utilisé",
     "experts.layer_short": "C",
     "experts.total": "{tokens} jetons",
     "experts.total_one": "{tokens} jeton",

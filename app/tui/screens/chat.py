@@ -444,6 +444,11 @@ class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[No
     def _redraw_experts(self) -> None:
         self.reply_flow.draw_experts(force=True)
 
+    def on_resize(self) -> None:
+        """The experts panel fits its rows to the width it gets: redraw it at the new size."""
+        if self.experts_panel.shown:
+            self.call_after_refresh(self._redraw_experts)
+
     # The screen's own actions (the conversation's: ConversationActions)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:

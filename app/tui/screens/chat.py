@@ -214,7 +214,9 @@ class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[No
     async def start_reply(self) -> None:
         """A reply to the history so far, in a new message view."""
         assert self.conversation is not None
-        view = MessageView("assistant", role_label=self.strings("role.assistant"))
+        view = MessageView(
+            "assistant", role_label=self.strings("role.assistant"), strings=self.strings
+        )
         await self.chat_log.add_message(view)
         view.set_streaming(True)
         settings, safe = self.moderation.effective(self.settings), self.moderation

@@ -133,10 +133,8 @@ class MessageView(Vertical, can_focus=True):
             yield Label("", classes="message-fold")
             head, answer, thinking = split_thinking(self._content)
             self.thinking_head, self.thinking = head, thinking
-            title = self._thinking_title(thinking or "", done=True)
-            shown = " -shown" if thinking is not None else ""
-            with Collapsible(title=title, collapsed=True, classes="message-thinking" + shown):
-                yield Static(Text(thinking or ""), classes="thinking-text")
+            if thinking is not None:
+                yield self._thinking_part(thinking, done=True)
             yield Markdown(answer, classes="message-body", parser_factory=reply_parser)
         else:
             text = self._content
@@ -162,13 +160,27 @@ class MessageView(Vertical, can_focus=True):
         key = "message.thought" if done else "message.thinking"
         return self._strings(key, words=self._strings.number(words))
 
+    def _thinking_part(self, thinking: str, done: bool) -> Collapsible:
+        """Only a reply with a thinking part has one (no widgets for the others)."""
+        self._thinking_text = Static(Text(thinking), classes="thinking-text")
+        return Collapsible(
+            self._thinking_text,
+            title=self._thinking_title(thinking, done),
+            collapsed=True,
+            classes="message-thinking",
+        )
+
     def show_thinking(self, thinking: str, done: bool) -> None:
         """The reply's thinking part so far (folded: one dim line; expanded: the text)."""
+        first = self.thinking is None
         self.thinking = thinking
-        part = self.query_one(".message-thinking", Collapsible)
-        part.title = self._thinking_title(thinking, done)
-        part.add_class("-shown")
-        self.query_one(".thinking-text", Static).update(Text(thinking))
+        if first:
+            self.mount(self._thinking_part(thinking, done), before=self.query_one(Markdown))
+            return
+        self.query_one(".message-thinking", Collapsible).title = self._thinking_title(
+            thinking, done
+        )
+        self._thinking_text.update(Text(thinking))
 
     def set_streaming(self, streaming: bool) -> None:
         self.set_class(streaming, "-streaming")

@@ -95,7 +95,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     with Vertical(classes="field"):
                         yield Label(t("settings.safe_mode"), classes="field-label")
                         yield Switch(settings.safe_mode, id="safe-mode")
-                    if self.thinking_switch:
+                if self.thinking_switch:  # its own row: room for the labels at 80 columns
+                    with Horizontal(classes="field-row"):
                         with Vertical(classes="field"):
                             yield Label(t("settings.thinking"), classes="field-label")
                             yield Switch(settings.thinking, id="thinking")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from model.tokenizer.hf import _TEMPLATE_OPTIONS, HFTokenizer, template_options
+from model.tokenizer.hf import HFTokenizer, current_template_options, template_options
 from tests.fake_engine import FakeEngine
 from tests.test_families import build_family
 from tests.test_tui_helpers import make_app, screen_text, send, wait_for
@@ -120,7 +120,7 @@ class ThinkingEngine(FakeEngine):
         self.options: list[dict] = []
 
     def stream(self, messages, settings=None):
-        self.options.append(dict(_TEMPLATE_OPTIONS.get()))
+        self.options.append(current_template_options())
         return super().stream(messages, settings)
 
 
@@ -158,8 +158,9 @@ async def test_thinking_setting_is_shown_only_for_a_switch_and_reaches_the_templ
         await wait_for(pilot, lambda: app.screen.query("#thinking"), what="the settings")
         switch = app.screen.query_one("#thinking")
         assert "Thinking" in screen_text(app) and switch.value is True
-        switch.value = False
-        await pilot.click("#save")
+        switch.focus()
+        await pilot.press("space")  # off
+        await pilot.press("ctrl+s")  # save
         await wait_for(pilot, lambda: not app.screen.query("#thinking"), what="saved")
         assert app.chat_screen.settings.thinking is False
         await send(pilot, app, "two")

@@ -23,8 +23,9 @@ class TopKEngine(FakeEngine):
     (a few experts much busier than the rest, different ones in each layer)."""
 
     def __init__(self, layers: int, experts: int, top_k: int, **kw) -> None:
-        super().__init__(" ".join(["word"] * 24), num_layers=layers, num_experts=experts,
-                         token_delay=0, **kw)
+        super().__init__(
+            " ".join(["word"] * 24), num_layers=layers, num_experts=experts, token_delay=0, **kw
+        )
         self.info.experts_per_token = top_k
         self.top_k = top_k
         self.fed = np.zeros((layers, experts), dtype=np.int64)  # what the panel was sent

@@ -36,7 +36,7 @@ def byte_decoder() -> dict[str, int]:
 
 # Extra variables for the chat templates rendered in this thread or task (a request's
 # `chat_template_kwargs`, `ask --no-think`), as transformers' apply_chat_template(**kwargs).
-_TEMPLATE_OPTIONS: ContextVar[dict[str, Any]] = ContextVar("template_options", default={})
+_TEMPLATE_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar("template_options", default=None)
 THINKING_SWITCH = "enable_thinking"  # Qwen3's (and its followers') thinking on/off variable
 
 
@@ -45,12 +45,17 @@ def template_options(**options: Any) -> Iterator[None]:
     """Within the block, chat templates (encode_chat, so Engine.stream/prompt_ids/count_tokens
     called here) are rendered with ``options`` as extra variables; None values are left out."""
     token = _TEMPLATE_OPTIONS.set(
-        {**_TEMPLATE_OPTIONS.get(), **{k: v for k, v in options.items() if v is not None}}
+        {**current_template_options(), **{k: v for k, v in options.items() if v is not None}}
     )
     try:
         yield
     finally:
         _TEMPLATE_OPTIONS.reset(token)
+
+
+def current_template_options() -> dict[str, Any]:
+    """The variables ``template_options`` set here (a copy; {} outside any)."""
+    return dict(_TEMPLATE_OPTIONS.get() or {})
 
 
 def render_chat_template(template: str, messages: list[dict], **extra: Any) -> str:
@@ -177,7 +182,7 @@ class HFTokenizer(Tokenizer):
         text = render_chat_template(
             self.chat_template,
             [{"role": r, "content": c} for r, c in chat],
-            **{**self.special_tokens, **_TEMPLATE_OPTIONS.get()},
+            **{**self.special_tokens, **current_template_options()},
         )
         return self.encode(text)
 

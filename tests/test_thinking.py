@@ -172,3 +172,15 @@ async def test_thinking_setting_is_shown_only_for_a_switch_and_reaches_the_templ
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.screen.query("#safe-mode"), what="the settings")
         assert not app.screen.query("#thinking") and "Thinking" not in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_a_reply_cut_while_thinking_keeps_its_text(tmp_path):
+    cut = "<think>\nStill thinking about"
+    app = make_app(tmp_path, ThinkingEngine(cut))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, app, "Hard question")
+        view = app.chat_screen.chat_log.message_views[-1]
+        assert view.content == cut
+        assert "Thinking… (3 words)" in screen_text(app)
+

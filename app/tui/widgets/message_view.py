@@ -70,6 +70,11 @@ class ThinkingStream:
                 await self.markdown.write(answer)
 
     async def stop(self) -> None:
+        if not self.answering and self.text:  # it ended before </think> (or before any answer)
+            if self.view.thinking is None:  # "<thi": what looked like a tag was the answer
+                await self.markdown.write(self.text)
+            else:  # cut while thinking: the whole reply is its thinking part, kept as written
+                self.view.thinking_head = self.text
         await self.markdown.stop()
 
 

@@ -76,6 +76,7 @@ class ChatSettings:
     max_tokens: int = 512
     reply_language: str = ""  # a language code from i18n.REPLY_LANGUAGES; "" = no instruction
     safe_mode: bool = False
+    thinking: bool = True  # a model whose template has a thinking switch (Qwen3) thinks first
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)

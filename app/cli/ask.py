@@ -88,6 +88,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--json", action="store_true", help="print one JSON object instead")
     ask.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     ask.add_argument("--local", action="store_true", help="answer in-process, not via `mixchat serve`")
+    think = ask.add_mutually_exclusive_group()
+    think.add_argument(
+        "--think", dest="think", action="store_const", const=True, default=None,
+        help="let a model whose chat template has a thinking switch (Qwen3) think first "
+        "(default: as its template does)",
+    )  # fmt: skip
+    think.add_argument(
+        "--no-think", dest="think", action="store_const", const=False,
+        help="answer without thinking (Qwen3's enable_thinking=False)",
+    )  # fmt: skip
     add_adapter_option(ask)
     add_budget_option(ask)
     add_hosts_option(ask)
@@ -231,7 +241,16 @@ def ask_in_process(args: argparse.Namespace, prompt: str, messages: list[dict],
               file=sys.stderr)  # fmt: skip
     if raw and (args.system or args.safe):
         raise MixchatError(f"{engine.name} has no chat template: --system and --safe need one")
-    stream = engine.stream_text(prompt, generation) if raw else engine.stream(messages, generation)
+    if raw:
+        stream = engine.stream_text(prompt, generation)
+    else:
+        from model.tokenizer.hf import template_options
+
+        if args.think is not None and getattr(engine.tokenizer, "thinking_default", None) is None:
+            flag = "--think" if args.think else "--no-think"
+            raise MixchatError(f"{flag}: {engine.name}'s chat template has no thinking switch")
+        with template_options(enable_thinking=args.think):  # the prompt is encoded now
+            stream = engine.stream(messages, generation)
     stats = None
 
     def pieces():

@@ -44,6 +44,8 @@ def ask_server(args: argparse.Namespace, messages: list[dict],
         # Without --model: the model the server has loaded (it is not swapped for the default).
         model = model_field(args.settings.model) if args.settings.model else SERVER_MODEL
         body = chat_body(model, messages, generation)
+        if getattr(args, "think", None) is not None:  # as mlx-lm's server takes it
+            body["chat_template_kwargs"] = {"enable_thinking": args.think}
         if args.settings.adapter_path:  # the server applies it, as mlx-lm's server does
             body["adapters"] = args.settings.adapter_path
         try:

@@ -47,6 +47,8 @@ class GenerationRequest:
     # mlx-lm's `adapters`: a LoRA adapter directory for this request ("": none); None: the
     # server's --adapter-path (for the model it started with)
     adapter: str | None = None
+    # mlx-lm's `chat_template_kwargs`: extra chat template variables ({"enable_thinking": false})
+    template_kwargs: dict = field(default_factory=dict)
 
 
 def parse_json(data: bytes) -> dict:
@@ -70,7 +72,10 @@ def parse_chat(body: dict) -> GenerationRequest:
         clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
     if clean[-1]["role"] != "user":
         raise bad("messages", "the last message must be the user's")
-    return GenerationRequest("chat", messages=clean, **common(body))
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")
+    return GenerationRequest("chat", messages=clean, template_kwargs=kwargs, **common(body))
 
 
 def parse_tokenize(body: dict) -> GenerationRequest:

@@ -252,7 +252,10 @@ class Scheduler:
 
     def _prompt_ids(self, engine: Engine, request: GenerationRequest) -> list[int]:
         if request.kind == "chat":
-            return engine.prompt_ids(messages=request.messages)
+            from model.tokenizer.hf import template_options
+
+            with template_options(**request.template_kwargs):  # chat_template_kwargs
+                return engine.prompt_ids(messages=request.messages)
         if isinstance(request.prompt, str):
             return engine.prompt_ids(prompt=request.prompt)  # BOS, then the text: as stream_text
         ids = list(request.prompt)

@@ -19,6 +19,7 @@ from textual.widgets import TextArea
 from app.i18n import Strings
 from app.store import ChatSettings, Conversation, ConversationStore, StoredMessage
 from app.tui.clipboard import copy_text
+from app.tui.engine import thinking_switch
 from app.tui.reply_session import ActiveReply
 from app.tui.screens.confirm import ConfirmScreen
 from app.tui.screens.settings import SettingsScreen
@@ -147,7 +148,8 @@ class ConversationActions:
     def action_settings(self) -> None:
         engine = self.reply_flow.engine
         screen = SettingsScreen(self.settings, self.strings,
-                                getattr(engine, "adapter_path", None) or "")  # fmt: skip
+                                getattr(engine, "adapter_path", None) or "",
+                                thinking_switch(engine) is not None)  # fmt: skip
 
         def apply(result: ChatSettings | None) -> None:
             if result is None:

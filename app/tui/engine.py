@@ -33,3 +33,15 @@ def num_experts(engine: Engine | None) -> int | None:
     if engine is None or engine.info is None:
         return None
     return getattr(engine.info, "num_experts", None)
+
+
+def thinking_switch(engine: Engine | None) -> bool | None:
+    """Whether the model's chat template thinks by default, when it has a thinking switch
+    (Qwen3's ``enable_thinking``); None when it has none (or the engine does not say)."""
+    return getattr(getattr(engine, "tokenizer", None), "thinking_default", None)
+
+
+def template_options(engine: Engine | None, thinking: bool) -> dict:
+    """The chat template variables for a chat's settings: ``enable_thinking`` where the
+    template has that switch."""
+    return {} if thinking_switch(engine) is None else {"enable_thinking": thinking}

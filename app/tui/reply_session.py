@@ -26,7 +26,7 @@ from textual.message import Message
 from textual.widgets.markdown import MarkdownStream
 
 from app.store import ChatSettings, ConversationStore, StoredMessage, stats_to_dict
-from app.tui.engine import Engine
+from app.tui.engine import Engine, template_options
 from app.tui.moderation import stopped_stats
 from app.tui.prompting import fit_to_context
 from app.tui.streaming import RoutingAccumulator, TextBuffer, UpdatePacer
@@ -223,9 +223,13 @@ class ReplySession:
         post = self.host.post_message
         try:
             settings = reply.settings
-            fitted = fit_to_context(
-                reply.messages, engine.count_tokens, engine.context_length, settings.max_tokens
-            )
+            from model.tokenizer.hf import template_options as rendered_with
+
+            options = template_options(engine, getattr(settings, "thinking", True))
+            with rendered_with(**options):
+                fitted = fit_to_context(
+                    reply.messages, engine.count_tokens, engine.context_length, settings.max_tokens
+                )
             if not fitted.fits:
                 post(self.PromptTooLong(reply, fitted.prompt_tokens, engine.context_length))
                 return
@@ -240,9 +244,11 @@ class ReplySession:
             cancel_sent, warned = False, False
             if not reply.cancel_requested:
                 reply.started_at = time.monotonic()
-                for chunk in engine.stream(
-                    fitted.messages, generation_settings(settings, fitted.max_tokens)
-                ):
+                with rendered_with(**options):  # the prompt is encoded by stream() itself
+                    chunks = engine.stream(
+                        fitted.messages, generation_settings(settings, fitted.max_tokens)
+                    )
+                for chunk in chunks:
                     now = time.monotonic()
                     progress = getattr(chunk, "progress", None)
                     if progress is not None:

@@ -5,9 +5,11 @@ rebuilt from GGUF metadata), with the model's Jinja chat template rendered the w
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,30 @@ def byte_decoder() -> dict[str, int]:
             chars[chr(256 + n)] = b
             n += 1
     return chars
+
+
+# Extra variables for the chat templates rendered in this thread or task (a request's
+# `chat_template_kwargs`, `ask --no-think`), as transformers' apply_chat_template(**kwargs).
+_TEMPLATE_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar("template_options", default=None)
+THINKING_SWITCH = "enable_thinking"  # Qwen3's (and its followers') thinking on/off variable
+
+
+@contextmanager
+def template_options(**options: Any) -> Iterator[None]:
+    """Within the block, chat templates (encode_chat, so Engine.stream/prompt_ids/count_tokens
+    called here) are rendered with ``options`` as extra variables; None values are left out."""
+    token = _TEMPLATE_OPTIONS.set(
+        {**current_template_options(), **{k: v for k, v in options.items() if v is not None}}
+    )
+    try:
+        yield
+    finally:
+        _TEMPLATE_OPTIONS.reset(token)
+
+
+def current_template_options() -> dict[str, Any]:
+    """The variables ``template_options`` set here (a copy; {} outside any)."""
+    return dict(_TEMPLATE_OPTIONS.get() or {})
 
 
 def render_chat_template(template: str, messages: list[dict], **extra: Any) -> str:
@@ -170,13 +196,30 @@ class HFTokenizer(Tokenizer):
         if not self.chat_template:
             raise MixchatError(f"{self.name} has no chat template")
         text = render_chat_template(
-            self.chat_template, [{"role": r, "content": c} for r, c in chat], **self.special_tokens
+            self.chat_template,
+            [{"role": r, "content": c} for r, c in chat],
+            **{**self.special_tokens, **current_template_options()},
         )
         return self.encode(text)
 
     def encode_tool_chat(self, messages: list[dict], tools: list | None) -> list[int]:
         text = render_tool_chat(self.chat_template, messages, tools, self.special_tokens, self.name)
         return self.encode(text)
+
+    @cached_property
+    def thinking_default(self) -> bool | None:
+        """None unless the template switches thinking with ``enable_thinking``; then whether
+        it thinks when the variable is not given (Qwen3's: yes)."""
+        template = self.chat_template
+        if not template or THINKING_SWITCH not in template:
+            return None
+        chat = [{"role": "user", "content": "Hi"}]
+        try:
+            plain = render_chat_template(template, chat, **self.special_tokens)
+            on = render_chat_template(template, chat, **self.special_tokens, enable_thinking=True)
+        except MixchatError:
+            return None
+        return plain == on
 
     def detokenizer(self) -> StreamingDetokenizer:
         """Streams `decode`; for gpt-oss's harmony vocabulary, only the `final` channel."""

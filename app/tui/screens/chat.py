@@ -214,7 +214,9 @@ class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[No
     async def start_reply(self) -> None:
         """A reply to the history so far, in a new message view."""
         assert self.conversation is not None
-        view = MessageView("assistant", role_label=self.strings("role.assistant"))
+        view = MessageView(
+            "assistant", role_label=self.strings("role.assistant"), strings=self.strings
+        )
         await self.chat_log.add_message(view)
         view.set_streaming(True)
         settings, safe = self.moderation.effective(self.settings), self.moderation
@@ -443,6 +445,11 @@ class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[No
 
     def _redraw_experts(self) -> None:
         self.reply_flow.draw_experts(force=True)
+
+    def on_resize(self) -> None:
+        """The experts panel fits its rows to the width it gets: redraw it at the new size."""
+        if self.experts_panel.shown:
+            self.call_after_refresh(self._redraw_experts)
 
     # The screen's own actions (the conversation's: ConversationActions)
 

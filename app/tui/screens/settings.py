@@ -39,10 +39,18 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         Binding("ctrl+s", "save", "Save", priority=True),
     ]
 
-    def __init__(self, settings: ChatSettings, strings: Strings, adapter_path: str = "") -> None:
+    def __init__(
+        self,
+        settings: ChatSettings,
+        strings: Strings,
+        adapter_path: str = "",
+        thinking_switch: bool = False,
+    ) -> None:
         super().__init__(classes="dialog-screen")
         self.settings = settings
         self.strings = strings
+        # The model's chat template turns thinking on and off (Qwen3's enable_thinking).
+        self.thinking_switch = thinking_switch
         # The model's LoRA adapter ("": none); once saved, what the user asked for.
         self.adapter_path = adapter_path
 
@@ -87,6 +95,11 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     with Vertical(classes="field"):
                         yield Label(t("settings.safe_mode"), classes="field-label")
                         yield Switch(settings.safe_mode, id="safe-mode")
+                if self.thinking_switch:  # its own row: room for the labels at 80 columns
+                    with Horizontal(classes="field-row"):
+                        with Vertical(classes="field"):
+                            yield Label(t("settings.thinking"), classes="field-label")
+                            yield Switch(settings.thinking, id="thinking")
                 yield Label(t("settings.adapter_path"), classes="field-label")
                 yield Input(self.adapter_path, id="adapter-path")
             yield Label("", id="settings-error")
@@ -130,6 +143,9 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
             max_tokens=max_tokens,
             reply_language=language if isinstance(language, str) else "",
             safe_mode=self.query_one("#safe-mode", Switch).value,
+            thinking=self.query_one("#thinking", Switch).value
+            if self.thinking_switch
+            else self.settings.thinking,
         )
 
     def action_save(self) -> None:

@@ -1,6 +1,14 @@
-"""A layers × experts grid: how many tokens of the last reply each layer routed to each expert."""
+"""How many tokens of the last reply each layer routed to each expert.
+
+Up to ``GRID_UP_TO`` experts (Mixtral's 8, a 16- or 32-expert model) it is a layers × experts
+grid, numbered cells when they fit the panel, small blocks otherwise. With more experts
+(DeepSeek-V2-Lite's 64, Qwen3-MoE's 128) a grid cannot fit an 80-column terminal, so each
+layer's row lists its most-used experts, busiest first, as "expert×tokens" cells colored by
+count: as many as the panel's width holds (at least the busiest one)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from rich.color import Color
@@ -17,6 +25,8 @@ _SCALE = [
     (253, 231, 37),
 ]
 NUMBERED_CELLS_UP_TO = 16  # with more experts than this, cells are small blocks without numbers
+GRID_UP_TO = 32  # with more experts than this, each layer lists its most-used experts
+DEFAULT_WIDTH = 1000  # no width given: as wide as the content
 
 
 def heat_color(fraction: float) -> Color:
@@ -47,13 +57,67 @@ def _short_count(count: int) -> str:
     return f"{count // 1000}k"
 
 
-def render_heatmap(counts: np.ndarray, layer_label: str = "L") -> Text:
-    """The grid as Rich text: one row per layer, one cell per expert, colored by count."""
+def _label_width(layers: int, layer_label: str) -> int:
+    return max(len(f"{layer_label}{layers - 1}"), 3) + 1
+
+
+def uses_grid(counts: np.ndarray, width: int = DEFAULT_WIDTH, layer_label: str = "L") -> bool:
+    """Whether ``counts`` are drawn as a grid in ``width`` columns (else: top experts per layer)."""
+    layers, experts = counts.shape
+    return experts <= GRID_UP_TO and _label_width(layers, layer_label) + 2 * experts <= width
+
+
+def top_per_layer(counts: np.ndarray, width: int = DEFAULT_WIDTH, layer_label: str = "L") -> int:
+    """How many experts a layer's row of the top-experts view shows in ``width`` columns."""
+    layers, experts = counts.shape
+    room = width - _label_width(layers, layer_label)
+    return max(1, room // _top_cell_width(counts))
+
+
+def _top_cell_width(counts: np.ndarray) -> int:
+    maximum = int(counts.max()) if counts.size else 0
+    return len(str(counts.shape[1] - 1)) + 1 + len(_short_count(maximum)) + 1
+
+
+def render_routing(counts: np.ndarray, width: int = DEFAULT_WIDTH, layer_label: str = "L") -> Text:
+    """The grid, or the top experts per layer, whichever fits ``width`` columns."""
+    if uses_grid(counts, width, layer_label):
+        return render_heatmap(counts, layer_label, width)
+    return render_top_experts(counts, top_per_layer(counts, width, layer_label), layer_label)
+
+
+def render_top_experts(counts: np.ndarray, shown: int, layer_label: str = "L") -> Text:
+    """One row per layer: its ``shown`` most-used experts, busiest first (ties: the lower
+    number), each as "expert×tokens", the expert's number colored by its count."""
     layers, experts = counts.shape
     maximum = int(counts.max()) if counts.size else 0
-    numbered = experts <= NUMBERED_CELLS_UP_TO
+    label_width = _label_width(layers, layer_label)
+    number_width = len(str(experts - 1))
+    count_width = len(_short_count(maximum))
+    text = Text(no_wrap=True)
+    for layer in range(layers):
+        text.append(f"{layer_label}{layer}".ljust(label_width), style="bold")
+        row = counts[layer]
+        order = np.lexsort((np.arange(experts), -row))[:shown]
+        for expert in order:
+            count = int(row[expert])
+            if count == 0:
+                break
+            text.append(str(int(expert)).rjust(number_width), style=_cell_style(count, maximum))
+            text.append(f"×{_short_count(count)}".ljust(count_width + 1) + " ", style="dim")
+        text.rstrip()
+        text.append("\n")
+    return text
+
+
+def render_heatmap(counts: np.ndarray, layer_label: str = "L", width: int = DEFAULT_WIDTH) -> Text:
+    """The grid as Rich text: one row per layer, one cell per expert, colored by count
+    (numbered cells when they fit ``width``, else 2-column blocks)."""
+    layers, experts = counts.shape
+    maximum = int(counts.max()) if counts.size else 0
+    label_width = _label_width(layers, layer_label)
+    numbered = experts <= NUMBERED_CELLS_UP_TO and label_width + 4 * experts <= width
     cell_width = 4 if numbered else 2
-    label_width = max(len(f"{layer_label}{layers - 1}"), 3) + 1
     text = Text(no_wrap=True)
     text.append(" " * label_width)
     for expert in range(experts):
@@ -91,16 +155,30 @@ class ExpertsHeatmap(Static):
         self.counts: np.ndarray | None = None
         self.tokens = 0
         self.note: str | None = None
+        self.grid = True  # the last counts were drawn as a grid (else: top experts per layer)
 
-    def show_counts(self, counts: np.ndarray, tokens: int, summary: str, layer_label: str) -> None:
-        """Draw the grid for ``counts`` ([layers, experts]) over ``tokens`` generated tokens."""
+    def show_counts(
+        self,
+        counts: np.ndarray,
+        tokens: int,
+        summary: str,
+        layer_label: str,
+        width: int = DEFAULT_WIDTH,
+        top_summary: Callable[[int], str] | None = None,
+    ) -> None:
+        """Draw ``counts`` ([layers, experts]) over ``tokens`` generated tokens in ``width``
+        columns; ``top_summary(shown)`` heads the top-experts view."""
         self.counts = counts
         self.tokens = tokens
         self.note = None
         self.remove_class("-note")
+        self.grid = uses_grid(counts, width, layer_label)
         text = Text(no_wrap=True)
         text.append(summary + "\n", style="italic")
-        text.append_text(render_heatmap(counts, layer_label))
+        if not self.grid and top_summary is not None:
+            shown = min(top_per_layer(counts, width, layer_label), counts.shape[1])
+            text.append(top_summary(shown) + "\n", style="italic")
+        text.append_text(render_routing(counts, width, layer_label))
         maximum = int(counts.max()) if counts.size else 0
         text.append_text(render_legend("0", str(maximum)))
         self.update(text)

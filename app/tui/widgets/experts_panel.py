@@ -22,7 +22,7 @@ class ExpertsPanel(VerticalScroll):
     def compose(self) -> ComposeResult:
         yield Label(self._strings("experts.title"), classes="panel-title")
         yield ExpertsHeatmap(id="experts")
-        yield Label(self._strings("experts.legend"), classes="panel-hint")
+        yield Label(self._strings("experts.legend"), classes="panel-hint", id="experts-legend")
 
     @property
     def shown(self) -> bool:
@@ -63,10 +63,25 @@ class ExpertsPanel(VerticalScroll):
         counts, tokens = routing.snapshot()
         if counts is None:
             return heatmap.show_note(t("experts.waiting"))
+        experts = counts.shape[1]
         heatmap.show_counts(
             counts,
             tokens,
             t("experts.total_one" if tokens == 1 else "experts.total", tokens=t.number(tokens)),
             t("experts.layer_short"),
+            self.content_width(),
+            lambda shown: t("experts.top", shown=shown, experts=t.number(experts)),
         )
+        legend = "experts.legend" if heatmap.grid else "experts.top_legend"
+        self.query_one("#experts-legend", Label).update(t(legend))
         return True
+
+    def content_width(self) -> int:
+        """The columns the panel can give its content: its widest (the stylesheet's max-width
+        of the screen) less its border, padding and a vertical scrollbar."""
+        screen = self.screen.size
+        try:
+            widest = int(self.styles.max_width.resolve(screen, screen))
+        except (AttributeError, TypeError, ValueError):  # no max-width: the screen's
+            widest = screen.width
+        return max(widest - 4 - self.styles.scrollbar_size_vertical, 12)

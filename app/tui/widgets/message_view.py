@@ -9,7 +9,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Label, Markdown, Static
+from textual.widgets import Collapsible, Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from app.i18n import Strings
@@ -18,6 +18,64 @@ from app.tui.engine import ReplyStats
 # A user message longer than this shows its beginning only: laying out hundreds of kilobytes of
 # wrapped text would stall the UI, and the model gets the whole text anyway.
 USER_DISPLAY_LIMIT = 20_000
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_thinking(text: str) -> tuple[str, str, str | None]:
+    """A reply -> (head, answer, thinking): ``head`` is its raw text up to and including
+    ``</think>`` ("" when it has no thinking part), ``thinking`` the text between the tags
+    (None when there is none; the part so far while ``</think>`` has not come)."""
+    start = text.lstrip()
+    if not start.startswith(THINK_OPEN):
+        if THINK_CLOSE in text and THINK_OPEN not in text:  # the template opened it (<think>\n)
+            head, _, answer = text.partition(THINK_CLOSE)
+            return head + THINK_CLOSE, answer, head.strip()
+        return "", text, None
+    inside = start[len(THINK_OPEN) :]
+    thinking, closed, answer = inside.partition(THINK_CLOSE)
+    if not closed:
+        return text, "", thinking.strip()
+    return text[: len(text) - len(answer)], answer, thinking.strip()
+
+
+class ThinkingStream:
+    """Streams a reply into its view: a leading ``<think>…</think>`` part to the view's folded
+    thinking part, the rest to the Markdown stream (``stop`` as MarkdownStream's)."""
+
+    def __init__(self, view: MessageView, markdown: MarkdownStream) -> None:
+        self.view = view
+        self.markdown = markdown
+        self.text = ""  # everything before the answer, while it may still be thinking
+        self.answering = False
+
+    async def write(self, text: str) -> None:
+        if self.answering:
+            await self.markdown.write(text)
+            return
+        self.text += text
+        start = self.text.lstrip()
+        if start and not start.startswith(THINK_OPEN) and not THINK_OPEN.startswith(start):
+            self.answering = True  # no thinking part: all of it is the answer
+            await self.markdown.write(self.text)
+            return
+        head, answer, thinking = split_thinking(self.text)
+        if thinking is not None:
+            self.view.show_thinking(thinking, done=head != self.text)
+        if head != self.text:  # </think> came
+            self.answering = True
+            self.view.thinking_head = head
+            if answer:
+                await self.markdown.write(answer)
+
+    async def stop(self) -> None:
+        if not self.answering and self.text:  # it ended before </think> (or before any answer)
+            if self.view.thinking is None:  # "<thi": what looked like a tag was the answer
+                await self.markdown.write(self.text)
+            else:  # cut while thinking: the whole reply is its thinking part, kept as written
+                self.view.thinking_head = self.text
+        await self.markdown.stop()
 
 
 def reply_parser() -> MarkdownIt:
@@ -64,19 +122,25 @@ class MessageView(Vertical, can_focus=True):
         self._role_label = role_label
         self._display_cut_note = display_cut_note
         self._strings = strings
+        self.thinking_head = ""  # a reply's raw text up to its </think> (its thinking part)
+        self.thinking: str | None = None  # the text of that part (None: the reply has none)
 
     @property
     def content(self) -> str:
         """The message's full text (what the user typed or what the model wrote so far)."""
         if self.role == "assistant" and self.is_mounted:
-            return self.query_one(Markdown).source
+            return self.thinking_head + self.query_one(Markdown).source
         return self._content
 
     def compose(self) -> ComposeResult:
         yield Label(self._role_label, classes="message-role")
         if self.role == "assistant":
             yield Label("", classes="message-fold")
-            yield Markdown(self._content, classes="message-body", parser_factory=reply_parser)
+            head, answer, thinking = split_thinking(self._content)
+            self.thinking_head, self.thinking = head, thinking
+            if thinking is not None:
+                yield self._thinking_part(thinking, done=True)
+            yield Markdown(answer, classes="message-body", parser_factory=reply_parser)
         else:
             text = self._content
             if len(text) > USER_DISPLAY_LIMIT:
@@ -89,9 +153,39 @@ class MessageView(Vertical, can_focus=True):
                 yield Static(Text(text), classes="message-body")
         yield Label("", classes="message-info -empty")
 
-    def get_stream(self) -> MarkdownStream:
-        """A stream that appends Markdown to this reply (assistant messages only)."""
-        return Markdown.get_stream(self.query_one(Markdown))
+    def get_stream(self) -> ThinkingStream:
+        """A stream that appends to this reply (assistant messages only): its thinking part
+        folded, the answer as Markdown."""
+        return ThinkingStream(self, Markdown.get_stream(self.query_one(Markdown)))
+
+    def _thinking_title(self, thinking: str, done: bool) -> str:
+        words = len(thinking.split())
+        if self._strings is None:
+            return f"Thinking ({words} words)"
+        key = "message.thought" if done else "message.thinking"
+        return self._strings(key, words=self._strings.number(words))
+
+    def _thinking_part(self, thinking: str, done: bool) -> Collapsible:
+        """Only a reply with a thinking part has one (no widgets for the others)."""
+        self._thinking_text = Static(Text(thinking), classes="thinking-text")
+        return Collapsible(
+            self._thinking_text,
+            title=self._thinking_title(thinking, done),
+            collapsed=True,
+            classes="message-thinking",
+        )
+
+    def show_thinking(self, thinking: str, done: bool) -> None:
+        """The reply's thinking part so far (folded: one dim line; expanded: the text)."""
+        first = self.thinking is None
+        self.thinking = thinking
+        if first:
+            self.mount(self._thinking_part(thinking, done), before=self.query_one(Markdown))
+            return
+        self.query_one(".message-thinking", Collapsible).title = self._thinking_title(
+            thinking, done
+        )
+        self._thinking_text.update(Text(thinking))
 
     def set_streaming(self, streaming: bool) -> None:
         self.set_class(streaming, "-streaming")

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..names import is_expert_tensor, is_per_expert_tensor
 from ..sizes import format_bytes
 from .control import PING_SECONDS
 from .errors import DistributedError, RankMismatch
 from .join import World
 from .pipeline import layer_range
-from .shard import EXPERT_MARK, PER_EXPERT_MARK, expert_range
+from .shard import expert_range
 
 
 def read_hostfile(path: Path) -> list[str]:
@@ -217,7 +218,7 @@ def rank_share(checkpoint, whole, compute_bytes: int, world_: World):
                 continue
         elif name.startswith("lm_head.") and not last:
             continue
-        if EXPERT_MARK in name or PER_EXPERT_MARK in name:
+        if is_expert_tensor(name) or is_per_expert_tensor(name):  # any family's
             experts += loaded_nbytes(spec, compute_bytes)
             disk += _disk_nbytes(checkpoint, name, spec)
         else:

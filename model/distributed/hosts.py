@@ -102,8 +102,10 @@ def rank_plan(plan, checkpoint, ranks: int, compute_bytes: int, mode: str = "exp
         )
     E = max(plan.num_experts, 1)
     per_rank = max(hi - lo for lo, hi in (expert_range(E, r, ranks) for r in range(ranks)))
-    # Each MoE layer sums one [hidden] vector per token; a ring all-reduce sends 2(n-1)/n of
-    # it from each rank.
+    # Each MoE layer sums one [hidden] vector per token (a family: one per chosen expert,
+    # [k, hidden], weighted after the sum); a ring all-reduce sends 2(n-1)/n of it from each rank.
+    if args.is_family:
+        vector *= max(args.num_experts_per_tok, 1)
     per_layer = 2 * (ranks - 1) * vector // ranks if ranks > 1 else 0
     return RankPlan(
         mode=mode,
@@ -149,7 +151,10 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path, data_dir:
         MeasurementCache(data_dir / CACHE_FILE)
     ).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
-    modes = ("expert", "pipeline") if checkpoint.args.is_moe else ("pipeline",)
+    args = checkpoint.args
+    modes = ("expert", "pipeline") if args.is_moe else ("pipeline",)
+    if args.is_family:  # mlx-lm's definitions split by experts only
+        modes = ("expert",)
     rows = [("hosts", f"{n} ranks ({', '.join(hosts)})")]
     data: dict = {"hosts": hosts, "memory_bandwidth": memory_bw, "default": modes[0], "modes": {}}
     for mode in modes:

@@ -57,6 +57,29 @@ class _Pipeline:
         mode = "pipeline"
 
 
+@pytest.fixture(scope="module")
+def other_layouts(tmp_path_factory):
+    """PhiMoE (per-expert tensors under Mixtral's w1/w2/w3 names) and GraniteMoE (experts
+    stacked as input_linear/output_linear), as tests/test_family_more.py builds them."""
+    from tests.test_family_more import COMMON, FAMILIES, build_checkpoint, published
+
+    root = tmp_path_factory.mktemp("family_hosts_more")
+    return {f: build_checkpoint(root / f, FAMILIES[f][0], {**COMMON, **FAMILIES[f][1]},
+                                fix=published) for f in ("phimoe", "granitemoe")}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["phimoe", "granitemoe"])
+def test_other_checkpoint_layouts_split_by_experts(other_layouts, family, tmp_path):
+    path = other_layouts[family]
+    settings = GenerationSettings(max_tokens=6, temperature=0.0)
+    messages = [{"role": "user", "content": PROMPT}]
+    expected = "".join(c.text for c in Engine.load(str(path)).stream(messages, settings))
+    args = [MIXCHAT, "ask", "-m", str(path), "--json", "--temp", "0", "--max-tokens", "6", PROMPT]
+    (code, out, err), (code1, _, err1) = finish(start_ranks(args, tmp_path))
+    assert code == 0 and code1 == 0, err + err1
+    assert json.loads(out)["text"] == expected
+
+
 def test_the_layer_split_is_refused_in_one_line(qwen3_moe):
     with pytest.raises(MixchatError, match="by experts only"):
         weights.plan_memory(weights.locate(qwen3_moe), split=_Pipeline())

@@ -26,6 +26,7 @@ from ..names import (
     EXPERT_MODULES,
     EXPERT_PROJECTIONS,
     PER_EXPERT_MARK,
+    PROJECTION_OF,
     is_expert_tensor,
     per_expert_name,
 )
@@ -121,9 +122,14 @@ def family_experts(layer) -> tuple[object, str] | None:
     return None
 
 
+# Hugging Face's per-expert tensors (PhiMoE keeps Mixtral's w1/w2/w3 names)
 _FAMILY_PER_EXPERT = re.compile(
-    r"^(?P<prefix>.*)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<part>\w+)$"
+    r"^(?P<prefix>.*)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)"
+    r"\.(?P<part>\w+)$"
 )
+# Experts stacked under another name that mlx-lm's sanitize splits (GraniteMoE's [E, 2F, D]
+# input_linear, gate and up together, and [E, D, F] output_linear)
+_FAMILY_STACKED = re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.")
 
 
 def _family_share(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, mx.array]:
@@ -135,11 +141,12 @@ def _family_share(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, m
     for key, value in weights.items():
         m = _FAMILY_PER_EXPERT.match(key)
         if m is None:
-            out[key] = value
+            out[key] = value[lo:hi] if _FAMILY_STACKED.search(key) else value
             continue
         e = int(m["e"])
         if lo <= e < hi:
-            name = f"{m['prefix']}.switch_mlp.{m['proj']}.{m['part']}"
+            proj = PROJECTION_OF.get(m["proj"], m["proj"])
+            name = f"{m['prefix']}.switch_mlp.{proj}.{m['part']}"
             groups.setdefault(name, {})[e] = value
     for name, experts in groups.items():
         if sorted(experts) != list(range(lo, hi)):

@@ -112,14 +112,12 @@ def test_lora_keys_are_what_mlx_lm_lora_writes(families, data_dir, tmp_path):
     assert "model.layers.1.mlp.shared_expert_gate.lora_a" in written
 
 
-@pytest.fixture(scope="module")
-def qwen3_4bit(families, tmp_path_factory):
-    """qwen3_moe as mlx-community publishes it (mlx_lm.convert -q: experts stacked, 4-bit)."""
+def four_bit(families, family: str, tmp_path_factory) -> Path:
+    """`family` as mlx-community publishes it (mlx_lm.convert -q: experts stacked, 4-bit)."""
     import mlx_lm
 
-    out = tmp_path_factory.mktemp("family_tune_q4") / "m"
-    mlx_lm.convert(str(families["qwen3_moe"]), str(out), quantize=True, q_bits=4,
-                   q_group_size=64)  # fmt: skip
+    out = tmp_path_factory.mktemp("family_tune_q4") / family
+    mlx_lm.convert(str(families[family]), str(out), quantize=True, q_bits=4, q_group_size=64)
     return out
 
 
@@ -151,18 +149,20 @@ def train(path: Path, data_dir: Path, out: Path, budget) -> tuple[dict, object]:
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}, model
 
 
-def test_a_budget_trains_the_same_adapter_streaming_the_experts(qwen3_4bit, data_dir,
-                                                                tmp_path):  # fmt: skip
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])  # qwen2: a resident shared expert
+def test_a_budget_trains_the_same_adapter_streaming_the_experts(families, family, data_dir,
+                                                                tmp_path, tmp_path_factory):  # fmt: skip
     import numpy as np
 
     from model import weights
     from model.memory_plan import memory_plan
     from model.offload import runtime_of
 
-    plan = memory_plan(weights.locate(qwen3_4bit), 4, 64)
-    resident, _ = train(qwen3_4bit, data_dir, tmp_path / "whole", "none")
+    checkpoint = four_bit(families, family, tmp_path_factory)
+    plan = memory_plan(weights.locate(checkpoint), 4, 64)
+    resident, _ = train(checkpoint, data_dir, tmp_path / "whole", "none")
     budget = plan.minimum_budget + plan.expert_bytes  # below the whole model: experts stream
-    streamed, model = train(qwen3_4bit, data_dir, tmp_path / "streamed", budget)
+    streamed, model = train(checkpoint, data_dir, tmp_path / "streamed", budget)
     runtime = runtime_of(model)
     assert runtime.counters.reads >= 3 * 2 * 2 * 2  # each layer read forward and backward
     assert set(streamed) == set(resident)

@@ -76,7 +76,6 @@ class ExpertShard:
         y = mx.where(held[..., None], y, mx.zeros_like(y)).sum(axis=-2)
         return mx.distributed.all_sum(y, group=self.group)
 
-
     def local(self, inds: mx.array) -> tuple[mx.array, mx.array]:
         """(which of the global expert ids `inds` this rank holds, the ids in its share: a
         choice held elsewhere points at a held expert of the same token, to be masked)."""
@@ -117,7 +116,8 @@ def family_experts(layer) -> tuple[object, str] | None:
         owner = layer
         for name in parents:
             owner = owner.get(name) if isinstance(owner, dict) else None
-        if isinstance(owner, dict) and isinstance(owner.get(attr), dict) and "gate_proj" in owner[attr]:
+        experts = owner.get(attr) if isinstance(owner, dict) else None
+        if isinstance(experts, dict) and "gate_proj" in experts:
             return owner, attr
     return None
 

@@ -228,9 +228,10 @@ def plan_memory(checkpoint: Checkpoint, dtype: str | None = None,
     `split` (model.distributed.RankSplit): the budget applies to this rank's share."""
     from .memory_plan import decide
 
-    if split is not None and checkpoint.args.is_family:
+    if split is not None and checkpoint.args.is_family and split.world.mode == "pipeline":
         raise UnsupportedModelError(
-            f"{checkpoint.args.model_type} models do not run over several hosts yet"
+            f"{checkpoint.args.model_type} models split over several hosts by experts only "
+            "(MIXCHAT_PARALLEL=expert, the default)"
         )
     if split is not None:
         return split.plan_memory(checkpoint, compute_dtype(checkpoint, dtype).size,

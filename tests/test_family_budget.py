@@ -109,17 +109,6 @@ def test_info_predicts_what_loading_decides(family_4bit, capsys):
     assert memory["prediction"]["expected_hit_rate"] == expected_hit_rate(share, 8, 2, 2)
 
 
-def test_training_with_streamed_experts_is_refused_in_one_line(family_4bit):
-    """`mixchat tune` under a budget that streams a family's experts: one line, not a crash."""
-    from model.tune.streamed import prepare
-
-    budget, _ = tight_budget(family_4bit["olmoe"])
-    engine = Engine.load(str(family_4bit["olmoe"]), memory_budget=budget, max_context=CONTEXT)
-    with pytest.raises(MixchatError) as e:
-        prepare(engine.model)
-    assert "olmoe" in str(e.value) and "\n" not in str(e.value)
-
-
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
 def test_a_prompt_reads_each_expert_at_most_once_per_layer(family_4bit, family):
     """The layer-by-layer prompt under a budget (attention in chunks, then the layer's experts

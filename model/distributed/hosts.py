@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..names import is_expert_tensor, is_per_expert_tensor
 from ..sizes import format_bytes
 from .control import PING_SECONDS
 from .errors import DistributedError, RankMismatch
 from .join import World
 from .pipeline import layer_range
-from .shard import EXPERT_MARK, PER_EXPERT_MARK, expert_range
+from .shard import expert_range
 
 
 def read_hostfile(path: Path) -> list[str]:
@@ -101,8 +102,10 @@ def rank_plan(plan, checkpoint, ranks: int, compute_bytes: int, mode: str = "exp
         )
     E = max(plan.num_experts, 1)
     per_rank = max(hi - lo for lo, hi in (expert_range(E, r, ranks) for r in range(ranks)))
-    # Each MoE layer sums one [hidden] vector per token; a ring all-reduce sends 2(n-1)/n of
-    # it from each rank.
+    # Each MoE layer sums one [hidden] vector per token (a family: one per chosen expert,
+    # [k, hidden], weighted after the sum); a ring all-reduce sends 2(n-1)/n of it from each rank.
+    if args.is_family:
+        vector *= max(args.num_experts_per_tok, 1)
     per_layer = 2 * (ranks - 1) * vector // ranks if ranks > 1 else 0
     return RankPlan(
         mode=mode,
@@ -148,7 +151,10 @@ def hosts_report(checkpoint, compute_bytes: int, hostfile: str | Path, data_dir:
         MeasurementCache(data_dir / CACHE_FILE)
     ).bytes_per_second
     plan = memory_plan(checkpoint, compute_bytes)
-    modes = ("expert", "pipeline") if checkpoint.args.is_moe else ("pipeline",)
+    args = checkpoint.args
+    modes = ("expert", "pipeline") if args.is_moe else ("pipeline",)
+    if args.is_family:  # mlx-lm's definitions split by experts only
+        modes = ("expert",)
     rows = [("hosts", f"{n} ranks ({', '.join(hosts)})")]
     data: dict = {"hosts": hosts, "memory_bandwidth": memory_bw, "default": modes[0], "modes": {}}
     for mode in modes:
@@ -217,7 +223,7 @@ def rank_share(checkpoint, whole, compute_bytes: int, world_: World):
                 continue
         elif name.startswith("lm_head.") and not last:
             continue
-        if EXPERT_MARK in name or PER_EXPERT_MARK in name:
+        if is_expert_tensor(name) or is_per_expert_tensor(name):  # any family's
             experts += loaded_nbytes(spec, compute_bytes)
             disk += _disk_nbytes(checkpoint, name, spec)
         else:

@@ -1,10 +1,18 @@
 """Expert parallelism: each rank holds experts [r*E/n, (r+1)*E/n) of every MoE layer, read by
-byte range, and each MoE layer ends with one all_sum over the ranks."""
+byte range, and each MoE layer ends with one all_sum over the ranks.
+
+Mixtral (`mixtral.SparseMoE.shard`) sums the router-weighted outputs, [N, hidden]. A family on
+mlx-lm's definitions (model/families.py: Qwen-MoE, OLMoE, DeepSeek, GraniteMoE, PhiMoE) keeps
+mlx-lm's MoE block: its SwitchGLU becomes a `ShardedSwitchGLU` that computes this rank's
+experts and all_sums the [..., k, hidden] outputs (each slot exact on the rank holding it, zero
+on the others, so the sum is the one-process value), then the block weights and adds them as
+mlx-lm does; routers and shared experts run on every rank."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +21,15 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..experts import SORTED_MIN_ROWS
-from ..names import EXPERT_MARK, EXPERT_PROJECTIONS, PER_EXPERT_MARK, per_expert_name
+from ..names import (
+    EXPERT_MARK,
+    EXPERT_MODULES,
+    EXPERT_PROJECTIONS,
+    PER_EXPERT_MARK,
+    PROJECTION_OF,
+    is_expert_tensor,
+    per_expert_name,
+)
 from ..safetensors_header import read_safetensors_header
 from .errors import DistributedError, RankMismatch
 from .join import World
@@ -46,10 +62,7 @@ class ExpertShard:
         a rank reads none of the experts it was not asked for. Longer prompts go through the
         sorted path with the other ranks' choices pointed at a local expert and masked."""
         N, k = inds.shape
-        held = (inds >= self.lo) & (inds < self.hi)
-        local = inds - self.lo
-        fallback = mx.max(mx.where(held, local, 0), axis=-1, keepdims=True)
-        local = mx.where(held, local, fallback).astype(inds.dtype)
+        held, local = self.local(inds)
         if N * k < SORTED_MIN_ROWS:
             slots = [j for j in range(k) if np.asarray(held[:, j]).any()]
             if not slots:
@@ -62,6 +75,85 @@ class ExpertShard:
         y = experts(x, local) * weights[..., None]  # [N, slots, hidden]
         y = mx.where(held[..., None], y, mx.zeros_like(y)).sum(axis=-2)
         return mx.distributed.all_sum(y, group=self.group)
+
+    def local(self, inds: mx.array) -> tuple[mx.array, mx.array]:
+        """(which of the global expert ids `inds` this rank holds, the ids in its share: a
+        choice held elsewhere points at a held expert of the same token, to be masked)."""
+        held = (inds >= self.lo) & (inds < self.hi)
+        local = inds - self.lo
+        fallback = mx.max(mx.where(held, local, 0), axis=-1, keepdims=True)
+        return held, mx.where(held, local, fallback).astype(inds.dtype)
+
+    def switch(self, experts, x: mx.array, inds: mx.array) -> mx.array:
+        """A family's SwitchGLU over the ranks: x [..., hidden], global ids [..., k] ->
+        [..., k, hidden], each slot computed on the rank holding its expert, zero elsewhere,
+        summed over the ranks (x + 0 is x: the one-process outputs, bit for bit)."""
+        held, local = self.local(inds)
+        y = experts(x, local)
+        y = mx.where(held[..., None], y, mx.zeros_like(y))
+        return mx.distributed.all_sum(y, group=self.group)
+
+
+_SHARDED: dict[type, type] = {}
+
+
+def _sharded_class(cls: type) -> type:
+    """`cls` (mlx-lm's SwitchGLU) computing this rank's experts only (ExpertShard.switch)."""
+    if cls not in _SHARDED:
+
+        def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+            return self._expert_shard.switch(lambda h, i: cls.__call__(self, h, i), x, indices)
+
+        _SHARDED[cls] = type(f"Sharded{cls.__name__}", (cls,), {"__call__": __call__})
+    return _SHARDED[cls]
+
+
+def family_experts(layer) -> tuple[object, str] | None:
+    """(the module holding a family layer's stacked experts, their attribute) or None (a
+    dense layer)."""
+    for path in EXPERT_MODULES:
+        *parents, attr = path.split(".")
+        owner = layer
+        for name in parents:
+            owner = owner.get(name) if isinstance(owner, dict) else None
+        experts = owner.get(attr) if isinstance(owner, dict) else None
+        if isinstance(experts, dict) and "gate_proj" in experts:
+            return owner, attr
+    return None
+
+
+# Hugging Face's per-expert tensors (PhiMoE keeps Mixtral's w1/w2/w3 names)
+_FAMILY_PER_EXPERT = re.compile(
+    r"^(?P<prefix>.*)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)"
+    r"\.(?P<part>\w+)$"
+)
+# Experts stacked under another name that mlx-lm's sanitize splits (GraniteMoE's [E, 2F, D]
+# input_linear, gate and up together, and [E, D, F] output_linear)
+_FAMILY_STACKED = re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.")
+
+
+def _family_share(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, mx.array]:
+    """A family checkpoint's tensors with its per-expert ones (Hugging Face's
+    "mlp.experts.3.gate_proj.weight") of experts [lo, hi) stacked under mlx-lm's
+    "mlp.switch_mlp.gate_proj.weight" (so mlx-lm's sanitize leaves them), the others dropped
+    unread."""
+    out, groups = {}, {}
+    for key, value in weights.items():
+        m = _FAMILY_PER_EXPERT.match(key)
+        if m is None:
+            out[key] = value[lo:hi] if _FAMILY_STACKED.search(key) else value
+            continue
+        e = int(m["e"])
+        if lo <= e < hi:
+            proj = PROJECTION_OF.get(m["proj"], m["proj"])
+            name = f"{m['prefix']}.switch_mlp.{proj}.{m['part']}"
+            groups.setdefault(name, {})[e] = value
+    for name, experts in groups.items():
+        if sorted(experts) != list(range(lo, hi)):
+            missing = min(set(range(lo, hi)) - set(experts))
+            raise CheckpointError(f"checkpoint lacks expert {missing} of {name}")
+        out[name] = mx.stack([experts[e] for e in range(lo, hi)])
+    return out
 
 
 def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
@@ -85,6 +177,8 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
         raise DistributedError(f"{world.size} ranks for {E} experts per layer: use at most {E}")
     check_same_everywhere(f"expert|{args}|{checkpoint.size_bytes}|{settings}", world)
     lo, hi = expert_range(E, world.rank, world.size)
+    if args.is_family:
+        return _take_family_share(checkpoint, weights, model, world, lo, hi, stream)
     share = {k: v for k, v in weights.items() if EXPERT_MARK not in k and PER_EXPERT_MARK not in k}
     share.update(_stack_per_expert(weights, lo, hi))  # Hugging Face layout: lazily, local only
     for file in checkpoint.files:
@@ -102,6 +196,45 @@ def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
             linear = moe.switch_mlp[proj]
             linear.weight = linear.weight[lo:hi]  # the unread init values: shapes only
         moe.shard = ExpertShard(lo, hi, world.group)
+    return share
+
+
+def _take_family_share(checkpoint, weights: dict[str, mx.array], model, world: World, lo: int,
+                       hi: int, stream: bool) -> dict:  # fmt: skip
+    """take_share for a family on mlx-lm's definitions: its SwitchGLUs shrunk to experts
+    [lo, hi) and made ShardedSwitchGLUs."""
+    if stream:
+        raise DistributedError(
+            f"{checkpoint.args.model_type} models over several hosts need each rank's share of "
+            "the experts in memory: use --memory-budget none, or a budget the share fits in"
+        )
+    found = [family_experts(layer) for layer in model.layers]
+    if checkpoint.args.model_type == "gpt_oss" or not any(found):  # gpt-oss: gate_up_proj fused
+        raise DistributedError(
+            f"{checkpoint.args.model_type} models cannot be split by experts yet: run it on one "
+            "machine"
+        )
+    # Per-expert tensors (Hugging Face's layout) stacked for [lo, hi) here; stacked ones (an
+    # mlx-community directory) read by byte range
+    share = _family_share(weights, lo, hi)
+    for file in checkpoint.files:
+        specs = {k: s for k, s in read_safetensors_header(file).items() if is_expert_tensor(k)}
+        if specs:
+            share.update(read_expert_blocks(file, specs, lo, hi))
+    shard = ExpertShard(lo, hi, world.group)
+    for f in found:
+        if f is None:
+            continue
+        owner, attr = f
+        switch = owner[attr]
+        for proj in EXPERT_PROJECTIONS:
+            linear = switch[proj]
+            linear.weight = linear.weight[lo:hi]  # the unread init values: shapes only
+            if "bias" in linear:
+                linear.bias = linear.bias[lo:hi]
+        object.__setattr__(switch, "_expert_shard", shard)
+        switch.__class__ = _sharded_class(type(switch))
+    object.__setattr__(model, "expert_shard", shard)
     return share
 
 

@@ -15,6 +15,8 @@ from .shard import ExpertShard, take_share
 
 def shard_of(model) -> ExpertShard | None:
     """The ExpertShard of a model split by experts, else None."""
+    if (shard := getattr(model, "expert_shard", None)) is not None:  # a family's
+        return shard
     for layer in model.layers:
         shard = getattr(layer, "block_sparse_moe", None) and layer.block_sparse_moe.shard
         if shard is not None:

@@ -75,18 +75,21 @@ def apply_lora(model: nn.Module, config: dict) -> None:
 
 def check_resident(model: nn.Module) -> None:
     """LoRA needs every weight in this process: not streamed experts, not split over ranks."""
+    from ..offload.wiring import _experts_of
+
     memory = getattr(model, "memory", None)
+    found = [_experts_of(layer) for layer in model.layers]
     streamed = all(  # prepared for training under the budget (model/tune/streamed.py)
-        "gate_proj" in layer.block_sparse_moe.switch_mlp
-        for layer in model.layers if "block_sparse_moe" in layer
+        "gate_proj" in f[0][f[1]] for f in found if f is not None
     )  # fmt: skip
     if memory is not None and memory.offload and not streamed:
         raise MixchatError("adapters need the whole model in memory (its experts stream from "
                            "disk under this budget): use --memory-budget none")  # fmt: skip
-    if getattr(model, "stage", None) is not None or any(
-        getattr(layer, "block_sparse_moe", None) is not None
-        and layer.block_sparse_moe.shard is not None
-        for layer in model.layers
+    if (
+        getattr(model, "stage", None) is not None
+        or getattr(model, "expert_shard", None) is not None  # a family split by experts
+        or any(getattr(getattr(layer, "block_sparse_moe", None), "shard", None) is not None
+               for layer in model.layers)  # fmt: skip
     ):
         raise MixchatError("adapters are not supported on a model split over several machines")
 

@@ -49,8 +49,9 @@ class StreamedLoRAExperts(OffloadedExperts):
     """OffloadedExperts whose projections carry LoRA (mlx-lm's LoRASwitchLinear A/B per
     expert, resident) on top of the streamed base weights; differentiable in x and in A/B."""
 
-    def __init__(self, runtime, layer: int, hidden: int, ffn: int, num_experts: int):
-        super().__init__(runtime, layer)
+    def __init__(self, runtime, layer: int, hidden: int, ffn: int, num_experts: int,
+                 activation=None):  # fmt: skip
+        super().__init__(runtime, layer, activation)
         self.gate_proj = _placeholder(num_experts, ffn, hidden)
         self.up_proj = _placeholder(num_experts, ffn, hidden)
         self.down_proj = _placeholder(num_experts, hidden, ffn)
@@ -72,7 +73,10 @@ class StreamedLoRAExperts(OffloadedExperts):
         return y
 
     def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
-        """x: [N, hidden], inds: [N, k] -> [N, k, hidden]."""
+        """x: [..., hidden], inds: [..., k] -> [..., k, hidden] (Mixtral's [N, ..], a family's
+        SwitchGLU [B, T, ..])."""
+        lead = inds.shape[:-1]
+        x, inds = x.reshape(-1, x.shape[-1]), inds.reshape(-1, inds.shape[-1])
         rt = self.runtime
         N, k = inds.shape
         mx.eval(inds)
@@ -88,11 +92,13 @@ class StreamedLoRAExperts(OffloadedExperts):
         for j, e in enumerate(groups.experts):
             w = _projections(cached[e], specs)
             r = rows[groups.bounds[j] : groups.bounds[j + 1]]
-            h = nn.silu(self._project(r, w["gate_proj"], "gate_proj", e))
-            h = h * self._project(r, w["up_proj"], "up_proj", e)
+            gate = self._project(r, w["gate_proj"], "gate_proj", e)
+            up = self._project(r, w["up_proj"], "up_proj", e)
+            # Mixtral's SwiGLU, or the family SwitchGLU's own activation(up, gate)
+            h = nn.silu(gate) * up if self._activation is None else self._activation(up, gate)
             parts.append(self._project(h, w["down_proj"], "down_proj", e))
         y = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-        return groups.unsort(y, N, k)
+        return groups.unsort(y, N, k).reshape(*lead, k, -1)
 
 
 def prepare(model: nn.Module) -> bool:
@@ -102,9 +108,8 @@ def prepare(model: nn.Module) -> bool:
     if runtime is None:
         return False
     args = model.args
-    if args.is_family:  # its experts are mlx-lm SwitchGLUs: not wired for streamed training yet
-        raise MixchatError(f"training {args.model_type} models with experts streamed is not "
-                           "available yet: use a --memory-budget the model fits in")  # fmt: skip
+    if args.is_family:
+        return _prepare_family(model, runtime)
     for i in moe_layers(model):
         moe = model.layers[i].block_sparse_moe
         if not isinstance(moe.switch_mlp, StreamedLoRAExperts):
@@ -133,12 +138,47 @@ def _libc():
 _LIBC = _libc()
 
 
-def _layer_fn(layer: nn.Module, mask, dh: mx.array):
+def _prepare_family(model: nn.Module, runtime) -> bool:
+    """prepare() for a family on mlx-lm's definitions (its SwitchGLUs streamed): each layer's
+    experts, wherever the family keeps them, with the shapes of mlx-lm's own switch_mlp."""
+    from ..families import parameter_shapes
+    from ..offload.wiring import _experts_of
+
+    args = model.args
+    if args.model_type == "gpt_oss":  # biased experts: not in the streamed LoRA's products
+        raise MixchatError("training gpt_oss models with experts streamed is not available: "
+                           "use a --memory-budget the model fits in")  # fmt: skip
+    shapes = parameter_shapes(args)
+    for i in moe_layers(model):
+        owner, attr, path = _experts_of(model.layers[i])
+        old = owner[attr]
+        if isinstance(old, StreamedLoRAExperts):
+            continue
+        E, ffn, hidden = shapes[f"model.layers.{i}.{path}.gate_proj.weight"]
+        owner[attr] = StreamedLoRAExperts(runtime, i, hidden, ffn, E, old._activation)
+    return True
+
+
+def _mask(model: nn.Module, h: mx.array):
+    """The causal mask of a whole sequence h [B, T, hidden] (Mixtral's, or mlx-lm's)."""
+    if model.args.is_family:
+        from ..mlx_lm_parts import create_attention_mask as mlx_lm_mask
+
+        return mlx_lm_mask(h, None)
+    return create_attention_mask(h, None, window_size=model.args.sliding_window)
+
+
+def _call_layer(model: nn.Module, layer: nn.Module, h: mx.array, mask) -> mx.array:
+    """One decoder layer over a whole sequence, without a cache."""
+    return layer(h, mask, None) if model.args.is_family else layer(h, mask, None, None)
+
+
+def _layer_fn(model: nn.Module, layer: nn.Module, mask, dh: mx.array):
     """(params, x) -> <layer(x), dh>: its gradient is the layer's vector-Jacobian product."""
 
     def fn(params, x):
         layer.update(params)
-        out = layer(x, mask, None, None)
+        out = _call_layer(model, layer, x, mask)
         return (out.astype(mx.float32) * dh.astype(mx.float32)).sum()
 
     return fn
@@ -152,11 +192,11 @@ class StreamedTrainer(Trainer):
         """Each layer's input (evaluated, layer by layer), the last layer's output, the mask."""
         model = self.model
         h = model.model.embed_tokens(inputs)
-        mask = create_attention_mask(h, None, window_size=model.args.sliding_window)
+        mask = _mask(model, h)
         saved = []
         for layer in model.layers:
             saved.append(h)
-            h = layer(h, mask, None, None)
+            h = _call_layer(model, layer, h, mask)
             mx.eval(h)
             _give_back()
         return saved, h, mask
@@ -188,7 +228,7 @@ class StreamedTrainer(Trainer):
         for i in range(len(layers) - 1, first - 1, -1):
             layer = layers[i]
             params = layer.trainable_parameters()
-            fn = _layer_fn(layer, mask, dh)
+            fn = _layer_fn(self.model, layer, mask, dh)
             if i == first:  # no layer below learns: the input's gradient is not needed
                 grads = mx.grad(fn, argnums=0)(params, saved[i])
                 dx = None

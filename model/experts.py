@@ -20,6 +20,7 @@ from . import blas
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SORTED_MIN_ROWS = 64  # from this many (token, expert) rows on, rows are grouped by expert
+BOUNDED_BACKWARD_BYTES = 64 << 20  # lora_swiglu_by_expert: past this, one expert's graph at a time
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ def lora_swiglu_by_expert(rows: mx.array, modules: dict[str, nn.Module], groups:
     low-rank A/B products, small, stay in MLX, differentiable in the LoRA weights. Experts with
     one row or a few together go through the gather kernels (rows sorted by expert)."""
     base = {name: Projection.of(modules[name].linear) for name in PROJECTIONS}
+    ffn = modules["gate_proj"].linear.weight.shape[-2]
+    # What autograd would keep of every expert until the layer's backward ends: ~22 [rows, FFN]
+    # float32 arrays a row. Past BOUNDED_BACKWARD_BYTES (a long sequence), each expert is
+    # differentiated on its own (its forward recomputed: ~30% slower); below, the plain graph.
+    bounded = 22 * rows.shape[0] * ffn * 4 > BOUNDED_BACKWARD_BYTES
     parts, few = [], []
     for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:]):
         if b - a < blas.MIN_ROWS_SMALL:
@@ -188,10 +194,27 @@ def lora_swiglu_by_expert(rows: mx.array, modules: dict[str, nn.Module], groups:
             parts.append(_lora_gathered(rows, modules, inds, few))
             few = []
 
-        parts.append(_one_expert(rows[a:b], modules, {n: _expert(base[n], e) for n in base}, e))
+        weights = {n: _expert(base[n], e) for n in base}
+        if bounded:
+            parts.append(_one_expert(rows[a:b], modules, weights, e))
+        else:
+            parts.append(_plain_expert(rows[a:b], modules, weights, e))
     if few:
         parts.append(_lora_gathered(rows, modules, inds, few))
     return mx.concatenate(parts, axis=0)
+
+
+def _plain_expert(xe: mx.array, modules: dict[str, nn.Module], parts: dict[str, tuple],
+                  e: int) -> mx.array:  # fmt: skip
+    """Expert e's LoRA swiglu of its rows xe, differentiated by MLX's autograd as it stands."""
+
+    def project(name: str, x: mx.array) -> mx.array:
+        module = modules[name]
+        z = (module.dropout(x) @ module.lora_a[e].T) @ module.lora_b[e].T
+        return blas.linear(x, *parts[name]) + (module.scale * z).astype(x.dtype)
+
+    h = nn.silu(project("gate_proj", xe)) * project("up_proj", xe)
+    return project("down_proj", h)
 
 
 def _one_expert(xe: mx.array, modules: dict[str, nn.Module], parts: dict[str, tuple],

@@ -161,3 +161,49 @@ def test_a_moe_layers_lora_backward_keeps_one_experts_intermediates_not_all():
     all_rows_ffn = R * F * 4  # one [rows, FFN] float32 array over all the layer's rows
     assert mx.get_peak_memory() - base < 8 * all_rows_ffn  # before: 23x; now: 5.4x
     assert np.isfinite(np.array(grads[1])).all()
+
+
+def test_a_short_batch_keeps_autograds_graph_and_gets_the_same_gradients(monkeypatch):
+    """Below BOUNDED_BACKWARD_BYTES the experts go through MLX's autograd as it stands (no
+    recomputed forward); both routes give the same gradients."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.tuner.lora import LoRASwitchLinear
+
+    import model.experts as experts
+
+    D, F, E, R = 64, 128, 4, 64
+    mx.random.seed(1)
+    shapes = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    mods = {n: LoRASwitchLinear.from_base(SwitchLinear(i, o, E, bias=False).to_quantized(64, 4),
+                                          r=4) for n, (i, o) in shapes.items()}  # fmt: skip
+    for m in mods.values():
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.1  # nonzero: gradients reach lora_a
+    inds = np.arange(R) % E
+    groups = experts.RowGroups.of(inds[:, None])
+    order = mx.array(groups.order)
+    rows, flat = mx.random.normal((R, D))[order], mx.array(inds)[order]
+    monkeypatch.setattr(experts.blas, "MIN_WEIGHTS", 0)  # these small weights through BLAS too
+    calls = []
+    monkeypatch.setattr(experts, "_one_expert",
+                        lambda *a, f=experts._one_expert: calls.append(1) or f(*a))  # fmt: skip
+
+    def grads(limit: int):
+        monkeypatch.setattr(experts, "BOUNDED_BACKWARD_BYTES", limit)
+
+        def loss(params):
+            for n in experts.PROJECTIONS:
+                mods[n].update(params[n])
+            return experts.lora_swiglu_by_expert(rows, mods, groups, flat).sum()
+
+        g = mx.grad(loss)({n: m.trainable_parameters() for n, m in mods.items()})
+        mx.eval(g)
+        return g
+
+    plain = grads(1 << 40)
+    assert not calls
+    bounded = grads(0)
+    assert len(calls) == E
+    for n in experts.PROJECTIONS:
+        for part in ("lora_a", "lora_b"):
+            np.testing.assert_allclose(np.array(plain[n][part]), np.array(bounded[n][part]),
+                                       rtol=1e-4, atol=1e-6)  # fmt: skip

@@ -114,7 +114,9 @@ def _locate_gguf(path: Path) -> Checkpoint:
         check_supported(tensor)
     config = family_config(metadata, set(gguf_file.tensors))  # llama.cpp's MoE families
     if config is not None:
-        args, to_mlx = ModelArgs.from_hf_config(config), family_gguf_to_mlx
+        arch = metadata["general.architecture"]
+        args = ModelArgs.from_hf_config(config)
+        to_mlx = lambda name: family_gguf_to_mlx(name, arch)  # noqa: E731
     else:
         args, to_mlx = ModelArgs.from_gguf_metadata(metadata, set(gguf_file.tensors)), gguf_to_mlx
     tensors: dict[str, TensorSpec] = {}

@@ -247,18 +247,14 @@ def _permuted_heads(metadata: dict[str, Any], name: str) -> int:
     tensor `name` (model/names.py GGUF_PERMUTED), else 0."""
     from .names import GGUF_PERMUTED
 
-    arch = metadata.get("general.architecture")
-    parts = name.split(".")
-    if arch not in GGUF_PERMUTED or len(parts) != 4 or parts[0] != "blk":
-        return 0
-    key = GGUF_PERMUTED[arch].get(parts[2])
-    return int(metadata.get(f"{arch}.{key}", 0)) if key else 0
+    arch, parts = metadata.get("general.architecture"), name.split(".")
+    key = GGUF_PERMUTED.get(arch, {}).get(parts[2]) if len(parts) == 4 else None
+    return int(metadata.get(f"{arch}.{key}", 0)) if key and parts[0] == "blk" else 0
 
 
 def _unpermute(array: np.ndarray, heads: int) -> np.ndarray:
-    """Rows [heads * 2 * half, ...] as Hugging Face orders them (each head's first half of
-    rotary pairs, then its second half): the inverse of convert_hf_to_gguf.py's
-    `reshape(heads, 2, half, ...).swapaxes(1, 2)`. A quantized tensor's rows move whole."""
+    """Rows back in Hugging Face's rotary order: the inverse of convert_hf_to_gguf.py's
+    `reshape(heads, 2, half, ...).swapaxes(1, 2)` (a quantized tensor's rows move whole)."""
     if not heads:
         return array
     rows = array.shape[0]
@@ -433,11 +429,12 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(stream).view(np.uint32).reshape(rows, -1)
 
 
-
-
-def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any] | None:
+def family_config(
+    metadata: dict[str, Any], tensor_names: set[str], gguf: GGUFFile | None = None
+) -> dict[str, Any] | None:
     """A family GGUF's metadata (model/names.py GGUF_FAMILIES: llama.cpp's qwen3moe, qwen2moe,
-    olmoe) as the config.json mlx-lm's definition reads; None for any other architecture."""
+    olmoe, granitemoe, phimoe) as the config.json mlx-lm's definition reads (with `gguf`, the
+    file: PhiMoE's LongRoPE factors are tensors); None for any other architecture."""
     from .names import (
         GGUF_FAMILIES,
         GGUF_FAMILIES_UNREAD,
@@ -475,9 +472,28 @@ def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str,
         decoder_sparse_step=1,
         mlp_only_layers=[],
         tie_word_embeddings="output.weight" not in tensor_names,
-        rope_scaling=None,
+        rope_scaling=_longrope(metadata, gguf) if gguf is not None else None,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
     )
     return config
+
+
+def _longrope(metadata: dict[str, Any], gguf: GGUFFile) -> dict[str, Any] | None:
+    """PhiMoE's `rope_scaling` from its rope_factors_long/short tensors. The file keeps no
+    short/long mscale: both are its rope.scaling.attn_factor, as llama.cpp runs it (the converter
+    computes sqrt(1 + ln(scale) / ln(original)): 1.19 where Phi-3.5-MoE publishes 1.243)."""
+    from .names import GGUF_CONFIG_TENSORS
+
+    factors = {}
+    for name, field in GGUF_CONFIG_TENSORS.items():
+        if name in gguf.tensors:
+            factors[field] = [float(x) for x in load_tensor(gguf, gguf.tensors[name])["weight"]]
+    if len(factors) < len(GGUF_CONFIG_TENSORS):
+        return None
+    arch = metadata.get("general.architecture")
+    mscale = float(metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    return {"type": "longrope", **factors, "short_mscale": mscale, "long_mscale": mscale,
+            "original_max_position_embeddings": int(original or 4096)}  # fmt: skip

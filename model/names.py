@@ -193,11 +193,11 @@ GGUF_FAMILIES = {
     "qwen2moe": ("qwen2_moe", {"norm_topk_prob": False}),
     "olmoe":    ("olmoe",     {"norm_topk_prob": False}),
     "granitemoe": ("granitemoe", {}),
+    "phimoe":   ("phimoe",    {}),
 }
 # llama.cpp's architectures of families mixchat runs from Hugging Face directories but does not
 # read as GGUF yet (their tensor names and metadata are not mapped): refused in one line
-GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss",
-                        "phimoe": "phimoe"}  # fmt: skip
+GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss"}
 # config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
 GGUF_FAMILY_CONFIG = {
     "hidden_size": "embedding_length",
@@ -215,8 +215,10 @@ GGUF_FAMILY_CONFIG = {
     "num_experts_per_tok": "expert_used_count",
     "vocab_size": "vocab_size",
 }
-# and an architecture's own: GraniteMoE's multipliers (llama.cpp's converter names them scales)
+# and an architecture's own: GraniteMoE's multipliers (llama.cpp's converter names them scales),
+# PhiMoE's LongRoPE switch
 GGUF_FAMILY_CONFIG_OF = {
+    "phimoe": {"original_max_position_embeddings": "rope.scaling.original_context_length"},
     "granitemoe": {"attention_multiplier": "attention.scale",
                    "embedding_multiplier": "embedding_scale",
                    "residual_multiplier": "residual_scale",
@@ -254,7 +256,17 @@ GGUF_FAMILY_LAYER_OF = {
         ("block_sparse_moe.switch_mlp.up_proj",   "ffn_up_exps"),
         ("block_sparse_moe.switch_mlp.down_proj", "ffn_down_exps"),
     ],
+    "phimoe": [  # the converter stacks the published experts' w1, w3, w2
+        ("block_sparse_moe.gate",                 "ffn_gate_inp"),
+        ("block_sparse_moe.switch_mlp.gate_proj", "ffn_gate_exps"),
+        ("block_sparse_moe.switch_mlp.up_proj",   "ffn_up_exps"),
+        ("block_sparse_moe.switch_mlp.down_proj", "ffn_down_exps"),
+    ],
 }
+# tensors that are config.json values, not weights: PhiMoE's LongRoPE factors (convert_hf_to_gguf.
+# py's Phi3MiniModel writes rope_scaling's long_factor and short_factor as these F32 vectors)
+GGUF_CONFIG_TENSORS = {"rope_factors_long.weight": "long_factor",
+                       "rope_factors_short.weight": "short_factor"}
 # llama.cpp's converter permutes these rows for adjacent-pair RoPE (convert_hf_to_gguf.py's
 # LlamaModel.permute, which GraniteModel inherits): architecture -> {name inside blk.{i}: the
 # metadata key of its head count}; model/gguf.py's load_tensor undoes it

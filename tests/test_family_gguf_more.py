@@ -1,12 +1,14 @@
-"""GGUF files of GraniteMoE as llama.cpp's converter (convert_hf_to_gguf.py) writes them, read by
+"""GGUF files of GraniteMoE and PhiMoE as llama.cpp's converter (convert_hf_to_gguf.py) writes them, read by
 mixchat: names from gguf-py's TensorNameMap, metadata under the writer's gguf.Keys methods,
 the converter's transformations redone here (GraniteMoE's fused `input_linear` split into
-ffn_gate_exps and ffn_up_exps, Q and K rows permuted for adjacent-pair RoPE), on the tiny
+ffn_gate_exps and ffn_up_exps, Q and K rows permuted for adjacent-pair RoPE; PhiMoE's experts
+stacked, its LongRoPE factors as rope_factors_long/short tensors), on the tiny
 checkpoints of tests/test_family_more.py. Reference: transformers on the values the file holds."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +21,7 @@ from tests.test_families import PROMPT, TOKENS, _reply, transformers_model
 from tests.test_family_deepseek import build_checkpoint
 from tests.test_family_more import COMMON, FAMILIES, published
 
-GGUF_ARCH = {"granitemoe": "GRANITE_MOE"}
+GGUF_ARCH = {"granitemoe": "GRANITE_MOE", "phimoe": "PHIMOE"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,11 @@ def rounded(tmp_path_factory):
         state = {k: _f16(k, v).astype(np.float32) if _f16(k, v) is not None else v
                  for k, v in state.items()}  # fmt: skip
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        for scaling in (config.get("rope_scaling"), config.get("rope_parameters")):
+            if isinstance(scaling, dict) and "short_mscale" in scaling:  # what the file keeps
+                scaling["short_mscale"] = scaling["long_mscale"] = _attn_factor(config)
+        (path / "config.json").write_text(json.dumps(config, indent=2))
         out[family] = path
     return out
 
@@ -48,6 +55,12 @@ def _f16(name: str, value: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def _attn_factor(config: dict) -> float:
+    """Phi3MiniModel.generate_extra_tensors' rope.scaling.attn_factor (LongRoPE)."""
+    scale = config["max_position_embeddings"] / config["original_max_position_embeddings"]
+    return math.sqrt(1 + math.log(scale) / math.log(config["original_max_position_embeddings"]))
+
+
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute: each head's rows from Hugging Face's
     half-split rotary order to adjacent pairs."""
@@ -56,10 +69,22 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _granite_tensors(config: dict, name: str, value: np.ndarray):
+def _stack_experts(state: dict, experts: int) -> dict:
+    out = {k: v for k, v in state.items() if ".block_sparse_moe.experts." not in k}
+    for name in state:
+        head, dot, rest = name.partition(".block_sparse_moe.experts.0.")
+        if dot:
+            out[f"{head}.block_sparse_moe.experts.{rest}"] = np.stack(
+                [state[f"{head}.block_sparse_moe.experts.{e}.{rest}"] for e in range(experts)])
+    return out
+
+
+def _granite_tensors(config: dict, name: str, value: np.ndarray, family: str):
     """GraniteMoeModel.modify_tensors and LlamaModel's: (HF name or GGUF name, data) pairs."""
     import gguf
 
+    if family != "granitemoe":
+        return [(name, value)]
     if name.endswith("block_sparse_moe.input_linear.weight"):
         bid = int(name.split(".")[2])
         gate, up = np.split(value, 2, axis=-2)  # [E, 2 * ffn, hidden]: gate first
@@ -92,6 +117,13 @@ def write_gguf(path, src, family: str) -> None:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_expert_count(config["num_local_experts"])
     writer.add_expert_used_count(config["num_experts_per_tok"])
+    if family == "phimoe":  # Phi3MiniModel.set_gguf_parameters and its LongRoPE tensors
+        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+        writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+        writer.add_rope_scaling_attn_factors(_attn_factor(config))
+        for which in ("long", "short"):
+            factors = np.array(config["rope_scaling"][f"{which}_factor"], np.float32)
+            writer.add_tensor(f"rope_factors_{which}.weight", factors)
     if family == "granitemoe":  # GraniteModel.set_gguf_parameters: multipliers as scales
         writer.add_attention_scale(config["attention_multiplier"])
         writer.add_embedding_scale(config["embedding_multiplier"])
@@ -107,8 +139,10 @@ def write_gguf(path, src, family: str) -> None:
         else:
             writer.add_array(key, list(np.asarray(value).tolist()))
     state = load_file(str(src / "model.safetensors"))
+    if family == "phimoe":  # PhiMoeModel.modify_tensors: each layer's w1, w2, w3 stacked
+        state = _stack_experts(state, config["num_local_experts"])
     for hf_name, hf_value in state.items():
-        for name, value in _granite_tensors(config, hf_name, hf_value):
+        for name, value in _granite_tensors(config, hf_name, hf_value, family):
             gguf_name = name if name.startswith("blk.") else names.get_name(
                 name, try_suffixes=(".weight", ".bias"))  # fmt: skip
             assert gguf_name is not None, name  # every tensor has llama.cpp's name

@@ -177,3 +177,17 @@ def test_gguf_with_llama_cpp_names_gives_transformers_logits(rounded, tmp_path, 
     again = Engine.load(str(directory))
     assert again.info.architecture == family
     np.testing.assert_array_equal(np.array(again.model(mx.array([ids]))), logits)
+
+
+def test_phimoe_gguf_past_the_original_context_runs_as_its_directory(rounded, tmp_path):
+    """Past original_max_position_embeddings the file's rope_factors_long take over, as the long
+    factors do for the Hugging Face directory holding the same values (tests/test_family_more.py
+    checks that one against transformers there)."""
+    path = tmp_path / "phimoe.gguf"
+    write_gguf(path, rounded["phimoe"], "phimoe")
+    ids = np.random.default_rng(1).integers(3, 32000, size=100).tolist()
+    assert len(ids) > json.loads((rounded["phimoe"] / "config.json").read_text())[
+        "original_max_position_embeddings"]  # fmt: skip
+    logits = [np.array(Engine.load(str(p)).model(mx.array([ids]))[0, -1])
+              for p in (path, rounded["phimoe"])]  # fmt: skip
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-4 * np.abs(logits[1]).max())

@@ -224,10 +224,11 @@ def load_tensor(gguf: GGUFFile, tensor: GGUFTensor) -> dict[str, np.ndarray]:
     """One tensor as numpy arrays: {"weight"} for float types (BF16 as uint16 bit patterns),
     {"weight", "scales", "biases"} (MLX affine, groups of 32) for quantized ones."""
     specs = converted_specs(tensor)
+    heads = _permuted_heads(gguf.metadata, tensor.name)
     if tensor.ggml_type in FLOAT_TYPES:
         raw = read_bytes(gguf.path, tensor.offset, tensor.nbytes)
         dtype = FLOAT_TYPES[tensor.ggml_type] or np.uint16
-        return {"weight": raw.view(dtype).reshape(tensor.shape)}
+        return {"weight": _unpermute(raw.view(dtype).reshape(tensor.shape), heads)}
     rows = int(np.prod(tensor.shape[:-1]))
     row_bytes = tensor.nbytes // rows
     out = {k: np.empty((rows, shape[-1]), np.uint32 if dt == "U32" else np.float32)
@@ -238,7 +239,27 @@ def load_tensor(gguf: GGUFFile, tensor: GGUFTensor) -> dict[str, np.ndarray]:
         raw = read_bytes(gguf.path, tensor.offset + a * row_bytes, (b - a) * row_bytes)
         w, s, z, _, _ = to_affine(tensor.ggml_type, raw, (b - a, tensor.shape[-1]))
         out["weight"][a:b], out["scales"][a:b], out["biases"][a:b] = w, s, z
-    return {k: v.reshape(specs[k][0]) for k, v in out.items()}
+    return {k: _unpermute(v.reshape(specs[k][0]), heads) for k, v in out.items()}
+
+
+def _permuted_heads(metadata: dict[str, Any], name: str) -> int:
+    """The head count whose Q/K rows llama.cpp's converter permuted for adjacent-pair RoPE in
+    tensor `name` (model/names.py GGUF_PERMUTED), else 0."""
+    from .names import GGUF_PERMUTED
+
+    arch, parts = metadata.get("general.architecture"), name.split(".")
+    key = GGUF_PERMUTED.get(arch, {}).get(parts[2]) if len(parts) == 4 else None
+    return int(metadata.get(f"{arch}.{key}", 0)) if key and parts[0] == "blk" else 0
+
+
+def _unpermute(array: np.ndarray, heads: int) -> np.ndarray:
+    """Rows back in Hugging Face's rotary order: the inverse of convert_hf_to_gguf.py's
+    `reshape(heads, 2, half, ...).swapaxes(1, 2)` (a quantized tensor's rows move whole)."""
+    if not heads:
+        return array
+    rows = array.shape[0]
+    split = array.reshape(heads, rows // heads // 2, 2, *array.shape[1:])
+    return np.ascontiguousarray(split.swapaxes(1, 2).reshape(array.shape))
 
 
 def to_affine(
@@ -408,12 +429,18 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(stream).view(np.uint32).reshape(rows, -1)
 
 
-
-
-def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any] | None:
+def family_config(
+    metadata: dict[str, Any], tensor_names: set[str], gguf: GGUFFile | None = None
+) -> dict[str, Any] | None:
     """A family GGUF's metadata (model/names.py GGUF_FAMILIES: llama.cpp's qwen3moe, qwen2moe,
-    olmoe) as the config.json mlx-lm's definition reads; None for any other architecture."""
-    from .names import GGUF_FAMILIES, GGUF_FAMILIES_UNREAD, GGUF_FAMILY_CONFIG
+    olmoe, granitemoe, phimoe) as the config.json mlx-lm's definition reads (with `gguf`, the
+    file: PhiMoE's LongRoPE factors are tensors); None for any other architecture."""
+    from .names import (
+        GGUF_FAMILIES,
+        GGUF_FAMILIES_UNREAD,
+        GGUF_FAMILY_CONFIG,
+        GGUF_FAMILY_CONFIG_OF,
+    )
 
     arch = metadata.get("general.architecture")
     if arch in GGUF_FAMILIES_UNREAD:
@@ -426,7 +453,7 @@ def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str,
         return None
     model_type, implicit = GGUF_FAMILIES[arch]
     config: dict[str, Any] = {"model_type": model_type, **implicit}
-    for field, key in GGUF_FAMILY_CONFIG.items():
+    for field, key in {**GGUF_FAMILY_CONFIG, **GGUF_FAMILY_CONFIG_OF.get(arch, {})}.items():
         value = metadata.get(f"{arch}.{key}")
         if value is not None:
             config[field] = value.item() if hasattr(value, "item") else value
@@ -436,6 +463,7 @@ def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str,
         if field not in config:
             raise CheckpointError(f"GGUF metadata lacks {arch}.{GGUF_FAMILY_CONFIG[field]}")
     config.setdefault("vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])))
+    config.setdefault("num_local_experts", config["num_experts"])  # GraniteMoE's, PhiMoE's name
     heads = config.get("num_attention_heads") or 1
     config.setdefault("head_dim", (config.get("hidden_size") or 0) // heads)
     config.setdefault("intermediate_size", config.get("moe_intermediate_size"))
@@ -444,9 +472,28 @@ def family_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str,
         decoder_sparse_step=1,
         mlp_only_layers=[],
         tie_word_embeddings="output.weight" not in tensor_names,
-        rope_scaling=None,
+        rope_scaling=_longrope(metadata, gguf) if gguf is not None else None,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
     )
     return config
+
+
+def _longrope(metadata: dict[str, Any], gguf: GGUFFile) -> dict[str, Any] | None:
+    """PhiMoE's `rope_scaling` from its rope_factors_long/short tensors. The file keeps no
+    short/long mscale: both are its rope.scaling.attn_factor, as llama.cpp runs it (the converter
+    computes sqrt(1 + ln(scale) / ln(original)): 1.19 where Phi-3.5-MoE publishes 1.243)."""
+    from .names import GGUF_CONFIG_TENSORS
+
+    factors = {}
+    for name, field in GGUF_CONFIG_TENSORS.items():
+        if name in gguf.tensors:
+            factors[field] = [float(x) for x in load_tensor(gguf, gguf.tensors[name])["weight"]]
+    if len(factors) < len(GGUF_CONFIG_TENSORS):
+        return None
+    arch = metadata.get("general.architecture")
+    mscale = float(metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    return {"type": "longrope", **factors, "short_mscale": mscale, "long_mscale": mscale,
+            "original_max_position_embeddings": int(original or 4096)}  # fmt: skip

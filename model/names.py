@@ -192,11 +192,12 @@ GGUF_FAMILIES = {
     "qwen3moe": ("qwen3_moe", {"norm_topk_prob": True}),
     "qwen2moe": ("qwen2_moe", {"norm_topk_prob": False}),
     "olmoe":    ("olmoe",     {"norm_topk_prob": False}),
+    "granitemoe": ("granitemoe", {}),
+    "phimoe":   ("phimoe",    {}),
 }
 # llama.cpp's architectures of families mixchat runs from Hugging Face directories but does not
 # read as GGUF yet (their tensor names and metadata are not mapped): refused in one line
-GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss",
-                        "granitemoe": "granitemoe", "phimoe": "phimoe"}  # fmt: skip
+GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss"}
 # config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
 GGUF_FAMILY_CONFIG = {
     "hidden_size": "embedding_length",
@@ -213,6 +214,15 @@ GGUF_FAMILY_CONFIG = {
     "num_experts": "expert_count",
     "num_experts_per_tok": "expert_used_count",
     "vocab_size": "vocab_size",
+}
+# and an architecture's own: GraniteMoE's multipliers (llama.cpp's converter names them scales),
+# PhiMoE's LongRoPE switch
+GGUF_FAMILY_CONFIG_OF = {
+    "phimoe": {"original_max_position_embeddings": "rope.scaling.original_context_length"},
+    "granitemoe": {"attention_multiplier": "attention.scale",
+                   "embedding_multiplier": "embedding_scale",
+                   "residual_multiplier": "residual_scale",
+                   "logits_scaling": "logit_scale"},
 }
 # mlx-lm module inside layer {i} <- llama.cpp's name inside blk.{i} (whichever a family has)
 GGUF_FAMILY_LAYER = [
@@ -236,24 +246,53 @@ GGUF_FAMILY_LAYER = [
     ("mlp.up_proj",                   "ffn_up"),
     ("mlp.down_proj",                 "ffn_down"),
 ]
+# where a family's mlx-lm module differs from GGUF_FAMILY_LAYER's (GraniteMoE's MoE block is
+# `block_sparse_moe`; llama.cpp's converter splits its fused `input_linear` [E, 2 * ffn, hidden]
+# into ffn_gate_exps (first half) and ffn_up_exps, as mlx-lm's sanitize splits it)
+GGUF_FAMILY_LAYER_OF = {
+    "granitemoe": [
+        ("block_sparse_moe.router.layer",         "ffn_gate_inp"),
+        ("block_sparse_moe.switch_mlp.gate_proj", "ffn_gate_exps"),
+        ("block_sparse_moe.switch_mlp.up_proj",   "ffn_up_exps"),
+        ("block_sparse_moe.switch_mlp.down_proj", "ffn_down_exps"),
+    ],
+    "phimoe": [  # the converter stacks the published experts' w1, w3, w2
+        ("block_sparse_moe.gate",                 "ffn_gate_inp"),
+        ("block_sparse_moe.switch_mlp.gate_proj", "ffn_gate_exps"),
+        ("block_sparse_moe.switch_mlp.up_proj",   "ffn_up_exps"),
+        ("block_sparse_moe.switch_mlp.down_proj", "ffn_down_exps"),
+    ],
+}
+# tensors that are config.json values, not weights: PhiMoE's LongRoPE factors (convert_hf_to_gguf.
+# py's Phi3MiniModel writes rope_scaling's long_factor and short_factor as these F32 vectors)
+GGUF_CONFIG_TENSORS = {"rope_factors_long.weight": "long_factor",
+                       "rope_factors_short.weight": "short_factor"}
+# llama.cpp's converter permutes these rows for adjacent-pair RoPE (convert_hf_to_gguf.py's
+# LlamaModel.permute, which GraniteModel inherits): architecture -> {name inside blk.{i}: the
+# metadata key of its head count}; model/gguf.py's load_tensor undoes it
+GGUF_PERMUTED = {
+    "granitemoe": {"attn_q": "attention.head_count", "attn_k": "attention.head_count_kv"},
+}
 # fmt: on
 # llama.cpp stores these [1, hidden] matrices as vectors [hidden]
 GGUF_ROW_VECTORS = ("mlp.shared_expert_gate",)
 
 
 @cache
-def _family_gguf_patterns() -> list[tuple[re.Pattern, str]]:
+def _family_gguf_patterns(arch: str = "") -> list[tuple[re.Pattern, str]]:
     top = [(_pattern(row[3]), row[0]) for row in TABLE]
+    rows = GGUF_FAMILY_LAYER_OF.get(arch, []) + GGUF_FAMILY_LAYER  # the family's own first
     layer = [(_pattern("blk.{i}." + gguf), "model.layers.{i}." + mlx)
-             for mlx, gguf in GGUF_FAMILY_LAYER]  # fmt: skip
+             for mlx, gguf in rows]  # fmt: skip
     return top + layer
 
 
-def family_gguf_to_mlx(name: str) -> str:
+def family_gguf_to_mlx(name: str, arch: str = "") -> str:
     """A family GGUF tensor's name under mlx-lm's ("blk.0.ffn_gate_exps.weight" ->
-    "model.layers.0.mlp.switch_mlp.gate_proj.weight"); unknown names come back unchanged."""
+    "model.layers.0.mlp.switch_mlp.gate_proj.weight"), for GGUF architecture `arch`; unknown
+    names come back unchanged."""
     module, dot, part = name.rpartition(".")
-    for pattern, target in _family_gguf_patterns():
+    for pattern, target in _family_gguf_patterns(arch):
         if dot and (m := pattern.fullmatch(module)):
             return target.format(**m.groupdict()) + "." + part
     return name

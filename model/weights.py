@@ -26,7 +26,7 @@ from .gguf import (
     read_gguf,
 )
 from .mixtral import Model, use_parallel_streams
-from .names import GGUF_ROW_VECTORS, family_gguf_to_mlx, gguf_to_mlx
+from .names import GGUF_CONFIG_TENSORS, GGUF_ROW_VECTORS, family_gguf_to_mlx, gguf_to_mlx
 from .safetensors_header import (
     PICKLE_SUFFIXES,
     TensorSpec,
@@ -112,14 +112,18 @@ def _locate_gguf(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path.name} is truncated or not a GGUF model file")
     for tensor in gguf_file.tensors.values():
         check_supported(tensor)
-    config = family_config(metadata, set(gguf_file.tensors))  # llama.cpp's MoE families
+    config = family_config(metadata, set(gguf_file.tensors), gguf_file)  # llama.cpp's MoE families
     if config is not None:
-        args, to_mlx = ModelArgs.from_hf_config(config), family_gguf_to_mlx
+        arch = metadata["general.architecture"]
+        args = ModelArgs.from_hf_config(config)
+        to_mlx = lambda name: family_gguf_to_mlx(name, arch)  # noqa: E731
     else:
         args, to_mlx = ModelArgs.from_gguf_metadata(metadata, set(gguf_file.tensors)), gguf_to_mlx
     tensors: dict[str, TensorSpec] = {}
     names: dict[str, tuple[GGUFTensor, str]] = {}
     for tensor in gguf_file.tensors.values():
+        if config is not None and tensor.name in GGUF_CONFIG_TENSORS:  # read into the config
+            continue
         hf_name = to_mlx(tensor.name)
         base = hf_name.removesuffix(".weight")
         for part, (shape, dtype, nbytes) in converted_specs(tensor).items():

@@ -25,7 +25,13 @@ EXPERT_MODULES = ("block_sparse_moe.switch_mlp", "mlp.switch_mlp", "mlp.experts"
 _STACKED = re.compile(
     r"\.(?:block_sparse_moe\.switch_mlp|mlp\.switch_mlp|mlp\.experts)\.(?:gate|up|down)_proj\."
 )
-_PER_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.\d+\.")
+# one expert's own tensor, or gpt-oss's published experts (all of a layer's in one unstacked
+# tensor: `mlp.experts.gate_up_proj[_blocks|_scales|_bias]`, float [E, in, 2*out] or MXFP4):
+# experts mlx-lm's sanitize must still convert before they can stream
+_PER_EXPERT = re.compile(
+    r"\.(?:block_sparse_moe|mlp)\.experts\.\d+\."
+    r"|\.mlp\.experts\.(?:gate_up_proj|down_proj)(?:_blocks|_scales|_bias)?$"
+)
 # mlx-lm's expert projections and the Hugging Face / Mistral name of each.
 EXPERT_PROJECTIONS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 PROJECTION_OF = {hf: mlx for mlx, hf in EXPERT_PROJECTIONS.items()}  # "w1" -> "gate_proj"

@@ -143,6 +143,19 @@ def test_memory_plan_advice_names_the_tool_that_converts_it(sources, family):
     assert f"convert it with `mixchat quantize {sources[family]} DIR`" in plan.why_not
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "gpt_oss_mxfp4"])
+def test_published_gpt_oss_is_seen_as_moe_and_told_to_convert(sources, family):
+    """gpt-oss publishes each layer's experts in one unstacked tensor (float or MXFP4): they are
+    its experts (not resident weights of a dense model), and they stream only once converted."""
+    from model.memory_plan import memory_plan
+    from model.weights import locate
+
+    plan = memory_plan(locate(sources[family]), 4, 256)
+    assert not plan.offloadable and plan.moe_layers == 2 and plan.total_expert_bytes > 0
+    assert "dense" not in plan.why_not
+    assert f"convert it with `mlx_lm.convert --hf-path {sources[family]}" in plan.why_not
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
 def test_compare_and_the_evaluation_after_quantize_run_the_family(sources, tmp_path, family):
     """`mixchat quantize` (with its evaluation) and `mixchat compare` on these families: the

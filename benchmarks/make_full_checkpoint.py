@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,20 @@ def layer_tensors(rng: np.random.Generator, i: int, config: dict) -> dict:
 def make_full_checkpoint(path: Path = DEFAULT_DIR, *, layers: int | None = None,
                          seed: int = 0) -> Path:  # fmt: skip
     """Write (or reuse) the checkpoint at `path`, one safetensors shard per layer."""
-    from safetensors.numpy import save_file
-
     sys.path.insert(0, str(ROOT))
 
     config = dict(CONFIG)
     if layers:
         config["num_hidden_layers"] = layers
+    return write_packed_checkpoint(path, config, layer_tensors, seed)
+
+
+def write_packed_checkpoint(path: Path, config: dict, layer: Callable, seed: int = 0) -> Path:
+    """Write (or reuse) a packed checkpoint at `path`: one safetensors shard per layer
+    (`layer(rng, i, config)`'s tensors), then the embedding, LM head and final norm; the
+    config and index last (finish_checkpoint), so a half-written one is never reused."""
+    from safetensors.numpy import save_file
+
     path = Path(path)
     if (path / DONE_MARKER).exists():
         return path
@@ -101,7 +109,7 @@ def make_full_checkpoint(path: Path = DEFAULT_DIR, *, layers: int | None = None,
             total += a.nbytes
 
     for i in range(n):
-        write(i, layer_tensors(rng, i, config))
+        write(i, layer(rng, i, config))
         print(f"layer {i + 1}/{n}", file=sys.stderr, end="\r")
     outer = quantized(rng, (V, H), "model.embed_tokens") | quantized(rng, (V, H), "lm_head")
     outer["model.norm.weight"] = np.ones(H, dtype=np.float16)

@@ -16,14 +16,11 @@ shape; ids past the tokenizer's pieces decode as nothing. One layer at a time in
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.make_checkpoint import finish_checkpoint
-from benchmarks.make_full_checkpoint import BITS, DONE_MARKER, GROUP, quantized
+from benchmarks.make_full_checkpoint import BITS, GROUP, quantized, write_packed_checkpoint
 
 DEFAULT_DIR = Path("/tmp/mixchat-bench/qwen3-30b-a3b-q4")
 CONFIG = {  # mlx-community/Qwen3-30B-A3B-4bit's config.json (token ids: the tokenizer's)
@@ -89,41 +86,10 @@ def layer_tensors(rng: np.random.Generator, i: int, config: dict) -> dict:
 def make_qwen3_checkpoint(path: Path = DEFAULT_DIR, *, layers: int | None = None,
                           seed: int = 0) -> Path:  # fmt: skip
     """Write (or reuse) the checkpoint at `path`, one safetensors shard per layer."""
-    from safetensors.numpy import save_file
-
     config = dict(CONFIG)
     if layers:
         config["num_hidden_layers"] = config["max_window_layers"] = layers
-    path = Path(path)
-    if (path / DONE_MARKER).exists():
-        return path
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    n = config["num_hidden_layers"]
-    H, V = config["hidden_size"], config["vocab_size"]
-    shards = n + 1
-    weight_map: dict[str, str] = {}
-    total = 0
-
-    def write(index: int, tensors: dict) -> None:
-        nonlocal total
-        shard = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        save_file(tensors, str(path / shard), metadata={"format": "mlx"})
-        for name, a in tensors.items():
-            weight_map[name] = shard
-            total += a.nbytes
-
-    for i in range(n):
-        write(i, layer_tensors(rng, i, config))
-        print(f"layer {i + 1}/{n}", file=sys.stderr, end="\r")
-    outer = quantized(rng, (V, H), "model.embed_tokens") | quantized(rng, (V, H), "lm_head")
-    outer["model.norm.weight"] = np.ones(H, dtype=np.float16)
-    write(n, outer)
-    finish_checkpoint(path, weight_map, total, config)
-    print(file=sys.stderr)
-    return path
+    return write_packed_checkpoint(path, config, layer_tensors, seed)
 
 
 def main() -> None:

@@ -148,12 +148,7 @@ def _family_share(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, m
             proj = PROJECTION_OF.get(m["proj"], m["proj"])
             name = f"{m['prefix']}.switch_mlp.{proj}.{m['part']}"
             groups.setdefault(name, {})[e] = value
-    for name, experts in groups.items():
-        if sorted(experts) != list(range(lo, hi)):
-            missing = min(set(range(lo, hi)) - set(experts))
-            raise CheckpointError(f"checkpoint lacks expert {missing} of {name}")
-        out[name] = mx.stack([experts[e] for e in range(lo, hi)])
-    return out
+    return out | _stacked(groups, lo, hi)
 
 
 def take_share(checkpoint, weights: dict[str, mx.array], model, world: World,
@@ -272,6 +267,11 @@ def _stack_per_expert(weights: dict[str, mx.array], lo: int, hi: int) -> dict[st
         name, expert = stacked
         if lo <= expert < hi:
             groups.setdefault(name, {})[expert] = value
+    return _stacked(groups, lo, hi)
+
+
+def _stacked(groups: dict[str, dict[int, mx.array]], lo: int, hi: int) -> dict[str, mx.array]:
+    """Each name's experts [lo, hi) stacked in order; a missing one is a CheckpointError."""
     out = {}
     for name, experts in groups.items():
         if sorted(experts) != list(range(lo, hi)):

@@ -125,11 +125,11 @@ def _reply(engine, prompt: str = PROMPT, n: int = TOKENS) -> tuple[str, list[int
     return text, engine.cache_state()[1][len(ids) :]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_and_greedy_text_are_transformers(family_dirs, family):
+def assert_transformers_logits_and_greedy_text(path, family: str) -> None:
+    """mixchat's logits and greedy text on the checkpoint at `path` are transformers'; the
+    experts panel's counts: each of the 2 MoE layers routed each token to 2 of 8 experts."""
     import torch
 
-    path = family_dirs[family]
     engine = Engine.load(str(path))
     assert engine.info.architecture == family and engine.info.num_experts == 8
     ids = engine.prompt_ids(prompt=PROMPT)
@@ -141,9 +141,13 @@ def test_logits_and_greedy_text_are_transformers(family_dirs, family):
     reference = transformers_greedy(path, ids, TOKENS)
     assert tokens == reference[: len(tokens)] and len(tokens) >= TOKENS - 1
     assert text == engine.tokenizer.decode(reference[: len(tokens) + 1])
-    # the experts panel's counts: each MoE layer routed each generated token to k experts
     assert engine.last_routing.shape == (2, 8)
     assert (engine.last_routing.sum(axis=1) == 2 * len(tokens) + 2).all()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_and_greedy_text_are_transformers(family_dirs, family):
+    assert_transformers_logits_and_greedy_text(family_dirs[family], family)
 
 
 def test_ask_raw_prints_transformers_greedy_text(family_dirs):

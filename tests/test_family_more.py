@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from model import Engine
-from tests.test_families import PROMPT, TOKENS, _reply, transformers_greedy, transformers_model
+from tests.test_families import (
+    assert_transformers_logits_and_greedy_text,
+    transformers_model,
+)
 from tests.test_family_deepseek import build_checkpoint
 
 COMMON = dict(vocab_size=32000, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
@@ -60,24 +63,7 @@ def more_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_and_greedy_text_are_transformers(more_dirs, family):
-    import torch
-
-    path = more_dirs[family]
-    engine = Engine.load(str(path))
-    assert engine.info.architecture == family and engine.info.num_experts == 8
-    ids = engine.prompt_ids(prompt=PROMPT)
-    with torch.no_grad():
-        expected = transformers_model(path)(torch.tensor([ids])).logits.float().numpy()
-    logits = np.array(engine.model(mx.array([ids])))
-    np.testing.assert_allclose(logits, expected, atol=2e-4 * np.abs(expected).max())
-    text, tokens = _reply(engine)
-    reference = transformers_greedy(path, ids, TOKENS)
-    assert tokens == reference[: len(tokens)] and len(tokens) >= TOKENS - 1
-    assert text == engine.tokenizer.decode(reference[: len(tokens) + 1])
-    # the experts panel's counts: each MoE layer routed each generated token to 2 experts
-    assert engine.last_routing.shape == (2, 8)
-    assert (engine.last_routing.sum(axis=1) == 2 * len(tokens) + 2).all()
-
+    assert_transformers_logits_and_greedy_text(more_dirs[family], family)
 
 
 def test_phimoe_past_the_original_context_uses_the_long_rope_factors(more_dirs):

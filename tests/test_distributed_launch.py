@@ -108,6 +108,9 @@ def test_chat_with_hosts_in_a_terminal_runs_its_follower_until_it_quits(tiny_mix
     _tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "32", command)
     try:
         _wait_for_screen(session, "Ctrl+")  # the app is up (its footer)
+        # Loaded before sending: an Esc during the load takes the message back instead of
+        # stopping a reply (on a busy machine the load can outlast the typing).
+        _wait_for_screen(session, "ready │", timeout=120)
         _tmux("send-keys", "-t", session, "-l", "Bonjour")
         _tmux("send-keys", "-t", session, "Enter")
         _wait_for_screen(session, "█ Assistant")  # a reply is being written

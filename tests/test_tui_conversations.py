@@ -3,6 +3,7 @@ dialogs, the command palette and the model's loading."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -280,6 +281,32 @@ async def test_escape_takes_back_a_message_waiting_for_the_model(tmp_path):
         await wait_for(pilot, lambda: screen.engine is not None, what="the model")
         await pilot.pause()
         assert screen.engine.calls == []  # nothing was sent
+
+
+async def test_escape_while_the_loaded_model_is_handed_over_stops_the_reply_it_started(tmp_path):
+    """Esc lands while the screen handles the loaded model (its notices are awaited): the
+    message already went to the model, so Esc stops that reply; it is not taken back under a
+    status bar that would then say "loading" forever (seen on a busy CI machine)."""
+    gate = threading.Event()
+    app = MixchatApp(
+        store=ConversationStore(tmp_path / "m.db"),
+        engine_loader=FakeEngine.loader(gate),
+        lang="en",
+    )
+    async with app.run_test(size=TERMINAL_SIZE) as pilot:
+        await pilot.pause()
+        screen = app.chat_screen
+        await pilot.press(*"hi", "enter")
+        await pilot.pause()
+        assert screen.reply_flow.waiting is not None
+        engine = FakeEngine(reply="x " * 400, token_delay=0.01)
+        await asyncio.gather(screen.engine_ready(engine), screen.action_cancel())
+        await wait_until_idle(pilot, app)
+        assert screen.prompt_box.text == ""  # not taken back: it stays sent
+        assert [m.content for m in screen.history][:1] == ["hi"]
+        assert not screen.is_generating
+        assert screen.status_bar.state == app.strings("status.ready")
+        gate.set()
 
 
 async def test_a_model_that_fails_to_load_ends_the_app_with_code_1(tmp_path):

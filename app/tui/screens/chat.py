@@ -139,16 +139,18 @@ class ChatScreen(ConversationActions, ServerRecovery, SafeModeActions, Screen[No
 
     async def engine_ready(self, engine: Engine, *, announce: bool = False) -> None:
         """The model is loaded: chatting can start (``announce``: say so in a notification);
-        a message sent during the load goes now."""
-        await self.query(".model-loading").remove()
-        if announce:
-            self.notify(self.strings("notice.model_loaded", name=engine.name))
-        for text, kind in load_notices(engine, self.strings):
-            await self.chat_log.add_notice(text, kind=kind)
+        a message sent during the load goes now. The engine is handed over before the first
+        await: an Esc in between would otherwise take back a message the model is about to
+        answer and leave the status bar saying "loading" under a loaded model."""
         self.status_bar.set_model(model_label(engine, self.strings), engine.context_length)
         self.status_bar.set_state(load_state(engine, self.strings))
         self.reply_flow.engine_ready(engine)
         self.refresh_bindings()
+        if announce:
+            self.notify(self.strings("notice.model_loaded", name=engine.name))
+        await self.query(".model-loading").remove()
+        for text, kind in load_notices(engine, self.strings):
+            await self.chat_log.add_notice(text, kind=kind)
 
     async def engine_failed(self, error: str) -> None:
         await self.query(".model-loading").remove()

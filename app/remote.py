@@ -177,7 +177,7 @@ class ReplyStream:
 
 
 def describe(url: str, model: str, api_key: str | None, messages: list[dict] | None = None,
-             adapter: str | None = None) -> dict:  # fmt: skip
+             adapter: str | None = None, template_kwargs: dict | None = None) -> dict:  # fmt: skip
     """The server's description of `model` (loading it if need be), with the prompt length of
     `messages` if given. ServerGone when nothing answers; Refused for an error answer."""
     conn = open_connection(url)
@@ -185,6 +185,8 @@ def describe(url: str, model: str, api_key: str | None, messages: list[dict] | N
         body = {"model": model} | ({"messages": messages} if messages is not None else {})
         if adapter is not None:  # mlx-lm's per-request adapter ("": none)
             body["adapters"] = adapter
+        if template_kwargs:  # the prompt counted as it will be rendered (enable_thinking)
+            body["chat_template_kwargs"] = template_kwargs
         try:
             return json.loads(post(conn, url, TOKENIZE_PATH, body, api_key).read())
         except (OSError, http.client.HTTPException, ValueError) as e:

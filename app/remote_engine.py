@@ -44,6 +44,14 @@ from .remote import (
 )
 
 
+def _template_options() -> dict:
+    """The chat template variables set around this call (model/tokenizer/hf.py's
+    template_options: the chat's Thinking setting), as the server's `chat_template_kwargs`."""
+    from model.tokenizer.hf import current_template_options  # no MLX
+
+    return current_template_options()
+
+
 @dataclass
 class RemoteChunk:
     """What model.generate.Chunk carries, as the chat app reads it."""
@@ -68,6 +76,9 @@ class RemoteEngine:
         self.name: str = description["model"]
         self.context_length: int = description["context_length"]
         self.has_chat_template: bool = description.get("has_chat_template", True)
+        # The template's thinking switch (Qwen3): the chat's Thinking setting goes to the
+        # server as mlx-lm's `chat_template_kwargs`, read from template_options() in stream().
+        self.thinking_default: bool | None = description.get("thinking_default")
         self.memory_notice: str = description.get("memory_notice") or ""
         info = description.get("info")
         self.info = SimpleNamespace(**info) if isinstance(info, dict) else None
@@ -79,6 +90,8 @@ class RemoteEngine:
 
     def stream(self, messages: list[dict], settings: Any = None) -> Iterator[RemoteChunk]:
         body = chat_body(self.model_field, messages, settings)
+        if options := _template_options():
+            body["chat_template_kwargs"] = options
         if self.adapter_path is not None:
             body["adapters"] = self.adapter_path
         with self._lock:
@@ -98,7 +111,7 @@ class RemoteEngine:
 
     def count_tokens(self, messages: list[dict]) -> int:
         return describe(self.server, self.model_field, self.api_key, messages,
-                        self.adapter_path)["prompt_tokens"]  # fmt: skip
+                        self.adapter_path, _template_options())["prompt_tokens"]  # fmt: skip
 
     def set_adapter(self, path: str | None) -> None:
         """Use the adapter in `path` (None: none) from now on; the server loads it now, and

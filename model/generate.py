@@ -176,6 +176,12 @@ class Engine:
         return self._start(self._prompt_ids(messages), settings, messages)
 
     @property
+    def thinking_default(self) -> bool | None:
+        """Whether the chat template thinks by default, when it has a thinking switch (Qwen3's
+        ``enable_thinking``); None when it has none."""
+        return getattr(self.tokenizer, "thinking_default", None)
+
+    @property
     def has_chat_template(self) -> bool:
         """False for a base model whose tokenizer has no chat format: use `stream_text`."""
         return getattr(self.tokenizer, "has_chat_template", True)

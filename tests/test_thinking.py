@@ -107,6 +107,32 @@ def test_server_chat_template_kwargs(qwen3_dirs):
         parse_chat({"messages": CHAT, "chat_template_kwargs": ["enable_thinking"]})
 
 
+def test_a_chat_through_mixchat_serve_carries_the_thinking_setting(qwen3_dirs):
+    """The chat app's engine over a server (app/remote_engine.py): the server says the
+    template has the switch, and the chat's setting (template_options around stream and
+    count_tokens, as the reply session sets it) reaches the server's prompt."""
+    from app.remote_engine import connect
+    from model import GenerationSettings
+    from tests.test_serve import start
+
+    path, plain = qwen3_dirs
+    question = [{"role": "user", "content": "Hi"}]
+    with start(path, batch=None) as running:
+        engine = connect(running.url, str(path), None)
+        assert engine is not None and engine.thinking_default is True
+        for kwargs in ({"enable_thinking": False}, {}):
+            expected = transformers_ids(path, question, **kwargs)
+            with template_options(**kwargs):
+                assert engine.count_tokens(question) == len(expected)
+                chunks = list(engine.stream(question, GenerationSettings(max_tokens=1)))
+            assert chunks[-1].stats is not None
+            job = running.scheduler.history[-1]
+            assert job.request.template_kwargs == kwargs
+            assert job.done.prompt_tokens == len(expected), kwargs
+    with start(plain, batch=None) as running:
+        assert connect(running.url, str(plain), None).thinking_default is None
+
+
 # --- the chat ---------------------------------------------------------------------------------
 
 
@@ -116,7 +142,7 @@ class ThinkingEngine(FakeEngine):
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
-        self.tokenizer = type("Tok", (), {"thinking_default": True})()
+        self.thinking_default = True
         self.options: list[dict] = []
 
     def stream(self, messages, settings=None):

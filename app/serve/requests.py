@@ -72,10 +72,16 @@ def parse_chat(body: dict) -> GenerationRequest:
         clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
     if clean[-1]["role"] != "user":
         raise bad("messages", "the last message must be the user's")
+    return GenerationRequest("chat", messages=clean, template_kwargs=template_kwargs(body),
+                             **common(body))  # fmt: skip
+
+
+def template_kwargs(body: dict) -> dict:
+    """mlx-lm's `chat_template_kwargs` (an object of extra chat template variables)."""
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")
-    return GenerationRequest("chat", messages=clean, template_kwargs=kwargs, **common(body))
+    return kwargs
 
 
 def parse_tokenize(body: dict) -> GenerationRequest:
@@ -97,7 +103,7 @@ def parse_tokenize(body: dict) -> GenerationRequest:
             raise bad("messages", f"messages[{i}] needs a role among {', '.join(ROLES)}")
         clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
     return GenerationRequest("load", model=model, settings=GenerationSettings(), messages=clean,
-                             adapter=adapter)  # fmt: skip
+                             adapter=adapter, template_kwargs=template_kwargs(body))  # fmt: skip
 
 
 def parse_completion(body: dict) -> GenerationRequest:

@@ -226,7 +226,7 @@ def build_app(
         tokens = None
         if gen.messages is not None:
             try:
-                tokens = await run_in_threadpool(engine.count_tokens, gen.messages)
+                tokens = await run_in_threadpool(_count_tokens, engine, gen)
             except MixchatError as e:
                 raise ApiError(400, str(e), code="invalid_request") from None
         info = engine.info.as_dict() if engine.info is not None else None
@@ -234,6 +234,7 @@ def build_app(
             "model": models.name(key, gen.model), "prompt_tokens": tokens,
             "context_length": engine.context_length,
             "has_chat_template": engine.has_chat_template,
+            "thinking_default": getattr(engine, "thinking_default", None),
             "memory_notice": engine.memory_notice, "info": info,
         })  # fmt: skip
 
@@ -407,3 +408,12 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+
+
+def _count_tokens(engine, gen: GenerationRequest) -> int:
+    """The prompt length of a tokenize request's messages, rendered with its
+    `chat_template_kwargs` as a chat completion with them would be."""
+    from model.tokenizer.hf import template_options
+
+    with template_options(**gen.template_kwargs):
+        return engine.count_tokens(gen.messages)

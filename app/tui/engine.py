@@ -38,7 +38,7 @@ def num_experts(engine: Engine | None) -> int | None:
 def thinking_switch(engine: Engine | None) -> bool | None:
     """Whether the model's chat template thinks by default, when it has a thinking switch
     (Qwen3's ``enable_thinking``); None when it has none (or the engine does not say)."""
-    return getattr(getattr(engine, "tokenizer", None), "thinking_default", None)
+    return getattr(engine, "thinking_default", None)
 
 
 def template_options(engine: Engine | None, thinking: bool) -> dict:

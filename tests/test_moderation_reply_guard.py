@@ -5,6 +5,8 @@ reply it flags. A `--guard-model` that is not a guard is one line in ask and ser
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from app.cli import main
@@ -14,7 +16,7 @@ from app.moderation.result import ModerationResult, scores
 from app.moderation.stream import ReplyGuard
 from tests.test_moderation_guard import guards  # noqa: F401 (the tiny guard models, a fixture)
 from tests.test_moderation_safe import MODEL, Loaded, ask
-from tests.test_serve import client, start
+from tests.test_serve import client, health, start
 
 STORY = ("Here is a story about a cook. She opens a restaurant. The sea is calm. Guests arrive. "
          "They eat fish. More words follow here.")  # fmt: skip
@@ -197,3 +199,37 @@ def test_the_chat_apps_reply_guard_asks_the_guard_model_after_the_users_message(
     assert result is not None and result.guard == "llama-guard"
     assert recorder.calls and all(ctx == messages[1:] for _, _, ctx in recorder.calls)
     assert ChatModeration().reply_guard(messages).slow is None  # no guard model: lexical only
+
+
+class Blocking(Recorder):
+    """A guard model that takes as long as the test wants on a reply."""
+
+    def __init__(self):
+        super().__init__()
+        self.checking = threading.Event()
+        self.release = threading.Event()
+
+    def check(self, text, role="user", context=None):
+        if role == "assistant":
+            self.checking.set()
+            self.release.wait(30)
+        return super().check(text, role, context)
+
+
+def test_a_slow_guard_model_on_a_reply_does_not_hold_up_the_server(tiny_mixtral):
+    """The reply guard's checks run off the event loop: while the guard model judges one
+    reply (seconds, on a CPU), the server still answers others."""
+    slow, replies = Blocking(), []
+    hello = [{"role": "user", "content": "Hello"}]
+    with start(tiny_mixtral, safe=True, policy=Policy([LexicalGuard(), slow])) as server:
+        api = client(server)
+        asking = threading.Thread(target=lambda: replies.append(api.chat.completions.create(
+            model=MODEL, messages=hello, max_tokens=8, temperature=0)))  # fmt: skip
+        asking.start()
+        try:
+            assert slow.checking.wait(30)  # the guard model is judging the reply now
+            assert health(server)["status"] == "ok"
+        finally:
+            slow.release.set()
+            asking.join(30)
+    assert replies and replies[0].choices[0].finish_reason in ("stop", "length")

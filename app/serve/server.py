@@ -104,13 +104,14 @@ def build_app(
                 )  # fmt: skip
             text, item = [], first
             while isinstance(item, Delta):
-                if not filtered(job, item):
+                if not await filtered(job, item):
                     text.append(item.text)
                 item = await next_event(job, gone)
             if item is None:
                 return Response(status_code=204)
             if isinstance(item, ApiError):
                 raise item
+            await settle(job)
             return JSONResponse(whole(job, "".join(text), item))
         finally:
             gone.cancel()
@@ -124,9 +125,10 @@ def build_app(
             item = first
             while True:
                 if isinstance(item, Delta):
-                    if not filtered(job, item):
+                    if not await filtered(job, item):
                         yield event(chunk(job, text=item.text))
                 elif isinstance(item, Done):
+                    await settle(job)
                     yield event(chunk(job, finish=item))
                     if job.request.include_usage:
                         yield event(base(job, item.model) | {"choices": [], "usage": usage(item)})
@@ -139,21 +141,29 @@ def build_app(
         finally:
             scheduler.cancel(job)
 
-    def filtered(job: Job, delta: Delta) -> bool:
+    async def filtered(job: Job, delta: Delta) -> bool:
         """A moderated reply: True for text at or after a flagged sentence window (dropped;
-        the job is cancelled at its next token)."""
+        the job is cancelled at its next token). The checks run off the event loop: a guard
+        model takes seconds, and the other requests go on meanwhile."""
         guard = getattr(job, "guard", None)
         if guard is None:
             return False
         if guard.result is not None:
             return True
-        if guard.feed(delta.text) is not None:
+        if await run_in_threadpool(guard.feed, delta.text) is not None:
             scheduler.cancel(job)
         return False
 
+    async def settle(job: Job) -> None:
+        """The reply ended: the guard's last check (the unfinished sentence, the guard model
+        on what came since its last look), off the event loop, before the last chunk."""
+        guard = getattr(job, "guard", None)
+        if guard is not None and guard.result is None:
+            await run_in_threadpool(guard.finish)
+
     def finish_reason(job: Job, done: Done) -> str:
         guard = getattr(job, "guard", None)
-        if guard is not None and (guard.result or guard.finish()):
+        if guard is not None and guard.result is not None:
             return moderated.CONTENT_FILTER
         return openai_reason(done.finish_reason)
 

@@ -61,8 +61,8 @@ def parse_json(data: bytes) -> dict:
     return body
 
 
-def parse_chat(body: dict) -> GenerationRequest:
-    messages = body.get("messages")
+def chat_messages(messages: object) -> list[dict]:
+    """A request's `messages`, checked: [{role, content}] with text content."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
     clean = []
@@ -70,6 +70,11 @@ def parse_chat(body: dict) -> GenerationRequest:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise bad("messages", f"messages[{i}] needs a role among {', '.join(ROLES)}")
         clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
+    return clean
+
+
+def parse_chat(body: dict) -> GenerationRequest:
+    clean = chat_messages(body.get("messages"))
     if clean[-1]["role"] != "user":
         raise bad("messages", "the last message must be the user's")
     return GenerationRequest("chat", messages=clean, template_kwargs=template_kwargs(body),
@@ -95,13 +100,7 @@ def parse_tokenize(body: dict) -> GenerationRequest:
     if messages is None:
         return GenerationRequest("load", model=model, settings=GenerationSettings(),
                                  adapter=adapter)  # fmt: skip
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise bad("messages", f"messages[{i}] needs a role among {', '.join(ROLES)}")
-        clean.append({"role": message["role"], "content": content_text(message.get("content"), i)})
+    clean = chat_messages(messages)
     return GenerationRequest("load", model=model, settings=GenerationSettings(), messages=clean,
                              adapter=adapter, template_kwargs=template_kwargs(body))  # fmt: skip
 

@@ -3,7 +3,6 @@ one rank of several."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from ..sizes import format_bytes
 from .control import PING_SECONDS
 from .errors import DistributedError, RankMismatch
 from .join import World
+from .launch import hostfile_entries
 from .pipeline import layer_range
 from .shard import expert_range
 
@@ -22,13 +22,7 @@ from .shard import expert_range
 def read_hostfile(path: Path) -> list[str]:
     """Hosts of a hostfile: mlx.launch's ({"hosts": [{"ssh", "ips"}]} or a list of those) or
     the ring backend's (a list of ["ip:port", ...] per rank)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise DistributedError(f"cannot read hostfile {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise DistributedError(f"hostfile {path} is not JSON: {e}") from None
-    hosts = data.get("hosts") if isinstance(data, dict) else data
+    hosts = hostfile_entries(path)
     names = []
     if isinstance(hosts, list):
         for h in hosts:

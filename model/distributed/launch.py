@@ -32,16 +32,22 @@ FOLLOWERS_EXIT_WITHIN = 5.0  # seconds rank 0 waits for the followers when it qu
 REPORT_GRACE = 1.0  # seconds a failed follower's own report (over control) has to arrive first
 
 
-def launch_hosts(path: str | Path) -> list[tuple[str, str]]:
-    """(ssh name, ring IP) of each host of an mlx.launch hostfile ({"hosts": [{"ssh", "ips"}]}
-    or the bare list), in rank order."""
+def hostfile_entries(path: str | Path) -> object:
+    """A hostfile's list of hosts (its "hosts", or the file's top-level list), unchecked; a
+    file that cannot be read or is not JSON is a one-line DistributedError."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
         raise DistributedError(f"cannot read hostfile {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise DistributedError(f"hostfile {path} is not JSON: {e}") from None
-    hosts = data.get("hosts") if isinstance(data, dict) else data
+    return data.get("hosts") if isinstance(data, dict) else data
+
+
+def launch_hosts(path: str | Path) -> list[tuple[str, str]]:
+    """(ssh name, ring IP) of each host of an mlx.launch hostfile ({"hosts": [{"ssh", "ips"}]}
+    or the bare list), in rank order."""
+    hosts = hostfile_entries(path)
     out = []
     for h in hosts if isinstance(hosts, list) else []:
         if not (isinstance(h, dict) and isinstance(h.get("ssh"), str)):

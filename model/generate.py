@@ -233,6 +233,9 @@ class Engine:
         finally:
             if self._cache is not None:
                 self._cache_tokens = (ids + generated)[: self._cache[0].offset]
+                # Computed here, in this thread: MLX streams are per thread, and the next reply
+                # (another thread in the chat app) cannot compute what this one left lazy.
+                mx.eval([c.state for c in self._cache if not c.empty()])
 
     def _generate(self, ids, generated, max_tokens, sampler) -> Iterator[Chunk]:
         start = time.perf_counter()

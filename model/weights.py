@@ -312,7 +312,15 @@ def build_model(
     model.memory = memory
     if not lazy:
         try:
-            mx.eval(model.parameters())
+            mx.eval(model.parameters(), held_arrays(model))
         except Exception as e:
             raise CheckpointError(f"cannot read weights of {checkpoint.path}: {e}") from None
     return model
+
+
+def held_arrays(model: nn.Module) -> list[mx.array]:
+    """Arrays a model keeps outside its parameters (mlx-lm's RoPE `_freqs`, YaRN's included),
+    computed lazily when it was built. Evaluated with the weights: MLX streams are per thread,
+    and a lazy array built in the loading thread cannot be computed in a reply's thread."""
+    return [v for _, m in model.named_modules() for v in (*m.values(), *vars(m).values())
+            if isinstance(v, mx.array)]  # private ones (`_freqs`) are items, not parameters

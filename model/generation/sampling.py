@@ -3,6 +3,7 @@ and each row of a batch (model/generation/batch.py) with its own."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -22,11 +23,14 @@ def request_sampler(settings: GenerationSettings) -> Sampler:
     """mlx-lm's make_sampler chain (top-p, then min-p, then a draw at the temperature). A
     seeded request draws from its own key, split per draw as mx.random.seed's global key is,
     so its tokens are those mlx-lm samples after mx.random.seed(seed), whatever else samples
-    meanwhile (other rows of a batch); an unseeded one draws from MLX's global generator."""
+    meanwhile (other rows of a batch); an unseeded one from a key of its own too, seeded from
+    the OS's entropy (MLX's global generator starts each thread at the same state, so the chat
+    app's replies, each in a thread of its own, would all draw the same numbers)."""
     if settings.temperature == 0:
         return greedy
     temperature, top_p, min_p = settings.temperature, settings.top_p, settings.min_p
-    key = None if settings.seed is None else mx.random.key(settings.seed)
+    seed = settings.seed if settings.seed is not None else secrets.randbits(64)
+    key = mx.random.key(seed)
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
@@ -34,9 +38,7 @@ def request_sampler(settings: GenerationSettings) -> Sampler:
             logprobs = apply_top_p(logprobs, top_p)
         if min_p != 0.0:
             logprobs = apply_min_p(logprobs, min_p, 1)
-        draw = None
-        if key is not None:
-            key, draw = mx.random.split(key)
+        key, draw = mx.random.split(key)
         return mx.random.categorical(logprobs * (1.0 / temperature), key=draw)
 
     return sample

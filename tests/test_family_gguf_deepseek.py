@@ -16,6 +16,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from model import Engine
 from tests.checkpoints import mistral_tokenizer_file
@@ -210,6 +211,8 @@ def test_deepseek2_gguf_gives_transformers_logits_and_greedy_text(sources, tmp_p
     reference = reference_dir(tmp_path / "reference", sources[family], state, layout)
     engine = Engine.load(str(path))
     assert engine.info.architecture == family and engine.info.num_experts == 8
+    quantized = [k for k, _ in tree_flatten(engine.model.parameters()) if k.endswith(".scales")]
+    assert bool(quantized) == (qtype is not None)  # Q8_0 runs as MLX's 8-bit affine layers
     ids = engine.prompt_ids(prompt=PROMPT)
     with torch.no_grad():
         expected = transformers_model(reference)(torch.tensor([ids])).logits.float().numpy()
@@ -232,3 +235,18 @@ def test_an_mqa_file_without_its_per_head_key_size_is_one_line(sources, tmp_path
         Engine.load(str(path))
     assert str(e.value).startswith("GGUF metadata lacks deepseek2.attention.key_length_mla")
     assert "\n" not in str(e.value)
+
+
+def test_ask_raw_on_a_deepseek2_gguf_prints_transformers_greedy_text(sources, tmp_path, capsys):
+    from app.cli import main
+
+    path = tmp_path / "model.gguf"
+    state = write_gguf(path, sources["deepseek_v3"], "mla", None)
+    reference = reference_dir(tmp_path / "reference", sources["deepseek_v3"], state, "mla")
+    engine = Engine.load(str(path))
+    greedy = transformers_greedy(reference, engine.prompt_ids(prompt=PROMPT), TOKENS)
+    capsys.readouterr()
+    assert main(["ask", "--raw", "--model", str(path), "--temp", "0", "--max-tokens",
+                 str(TOKENS), "--json", PROMPT]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == engine.tokenizer.decode(greedy)

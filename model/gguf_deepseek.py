@@ -183,3 +183,28 @@ def mla_weights(weights: dict, model_type: str) -> dict:
         joined = mx.concatenate([k_b.swapaxes(-1, -2), v_b], axis=1)  # [heads, nope + v, kv]
         weights[f"{prefix}self_attn.kv_b_proj.weight"] = joined.reshape(-1, joined.shape[-1])
     return weights
+
+
+def mla_tensors(name: str, arrays: dict, model_type: str, held: dict) -> list[tuple[str, dict]]:
+    """For quantize/gguf_dir.py: a deepseek2 GGUF's tensor `name` ({"weight", ...} numpy, as
+    model/gguf.py's load_tensor gives it) as the tensors mlx-lm's definition loads, through
+    `mla_weights`; a V2 file's attn_k_b is `held` until its attn_v_b comes. Other tensors pass."""
+    import mlx.core as mx
+    import numpy as np
+
+    base = name.removesuffix(".weight")
+    mla = base.endswith((KV_B, "self_attn.embed_q", "self_attn.unembed_out"))
+    if not mla or (model_type != "deepseek_v2" and not base.endswith(KV_B)):
+        return [(name, arrays)]
+    held.update({f"{base}.{part}": mx.array(a) for part, a in arrays.items()})
+    layer = base.rsplit("self_attn.", 1)[0]
+    if model_type == "deepseek_v2" and not base.endswith(KV_B) and not all(
+        f"{layer}self_attn.{m}.weight" in held for m in ("embed_q", "unembed_out")
+    ):
+        return []
+    mine = {k: held.pop(k) for k in [k for k in held if k.startswith(layer)]}
+    out: dict[str, dict] = {}
+    for key, value in mla_weights(mine, model_type).items():
+        module, part = key.rsplit(".", 1)
+        out.setdefault(f"{module}.weight", {})[part] = np.array(value)
+    return list(out.items())

@@ -222,6 +222,16 @@ def test_deepseek2_gguf_gives_transformers_logits_and_greedy_text(sources, tmp_p
     greedy = transformers_greedy(reference, ids, TOKENS)
     assert tokens == greedy[: len(tokens)] and len(tokens) >= TOKENS - 1
     assert text == engine.tokenizer.decode(greedy[: len(tokens) + 1])
+    # `mixchat quantize FILE.gguf DIR`: an MLX directory in mlx-lm's names (kv_b_proj or
+    # embed_q/unembed_out) that runs as the file does and that mlx-lm loads
+    from mlx_lm.utils import load_model
+
+    from quantize.gguf_dir import convert_gguf
+
+    directory = convert_gguf(path, tmp_path / "dir", max_shard_bytes=1 << 30).dst
+    again = Engine.load(str(directory))
+    np.testing.assert_array_equal(np.array(again.model(mx.array([ids]))), logits)
+    assert load_model(directory)[1]["model_type"] == family
 
 
 def test_an_mqa_file_without_its_per_head_key_size_is_one_line(sources, tmp_path):
@@ -250,3 +260,16 @@ def test_ask_raw_on_a_deepseek2_gguf_prints_transformers_greedy_text(sources, tm
                  str(TOKENS), "--json", PROMPT]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["text"] == engine.tokenizer.decode(greedy)
+
+
+def test_a_quantized_deepseek2_gguf_streams_its_experts_under_a_budget(sources, tmp_path):
+    """The Q8_0 file's experts read by byte range within a budget: the same greedy tokens."""
+    from tests.test_family_budget import CONTEXT, tight_budget
+
+    path = tmp_path / "model.gguf"
+    write_gguf(path, sources["deepseek_v3"], "legacy", "Q8_0")
+    whole = Engine.load(str(path), memory_budget="none", max_context=CONTEXT)
+    budget, _ = tight_budget(path)
+    engine = Engine.load(str(path), memory_budget=budget, max_context=CONTEXT)
+    assert engine.model.memory.offload, "the experts should stream under this budget"
+    assert _reply(engine)[1] == _reply(whole)[1]

@@ -12,6 +12,7 @@ and loads them as it does Mixtral's, and adds what the engine uses: `hidden_stat
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -19,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, UnsupportedModelError
+from .gguf_deepseek import mla_weights
 from .kv_cache import kv_caches
 from .mlx_lm_parts import create_attention_mask, model_module
 from .router import top_experts
@@ -103,6 +105,8 @@ _RECORDING: dict[type, type] = {}
 
 # Multi-head latent attention: the cache holds a compressed latent, not per-head keys and values
 _LATENT_ATTENTION = ("deepseek_v2", "deepseek_v3")
+# a deepseek2 GGUF's MLA tensors in the form each definition takes (model/gguf_deepseek.py)
+BEFORE_SANITIZE.update({t: partial(mla_weights, model_type=t) for t in _LATENT_ATTENTION})
 # families whose prompt is not split layer by layer under a budget (see prefill_layerwise)
 _WHOLE_WINDOW = ("phimoe",)
 

@@ -435,6 +435,7 @@ def family_config(
     """A family GGUF's metadata (model/names.py GGUF_FAMILIES: llama.cpp's qwen3moe, qwen2moe,
     olmoe, granitemoe, phimoe) as the config.json mlx-lm's definition reads (with `gguf`, the
     file: PhiMoE's LongRoPE factors are tensors); None for any other architecture."""
+    from .gguf_deepseek import deepseek2_config
     from .names import (
         GGUF_FAMILIES,
         GGUF_FAMILIES_UNREAD,
@@ -449,8 +450,8 @@ def family_config(
             f"{', '.join(GGUF_FAMILIES)}); run the Hugging Face checkpoint "
             f"({GGUF_FAMILIES_UNREAD[arch]}) instead"
         )
-    if arch not in GGUF_FAMILIES:
-        return None
+    if arch not in GGUF_FAMILIES:  # deepseek2: V2 or V3 by its gating (model/gguf_deepseek.py)
+        return deepseek2_config(metadata, tensor_names) if arch == "deepseek2" else None
     model_type, implicit = GGUF_FAMILIES[arch]
     config: dict[str, Any] = {"model_type": model_type, **implicit}
     for field, key in {**GGUF_FAMILY_CONFIG, **GGUF_FAMILY_CONFIG_OF.get(arch, {})}.items():

@@ -203,7 +203,7 @@ GGUF_FAMILIES = {
 }
 # llama.cpp's architectures of families mixchat runs from Hugging Face directories but does not
 # read as GGUF yet (their tensor names and metadata are not mapped): refused in one line
-GGUF_FAMILIES_UNREAD = {"deepseek2": "deepseek_v2/deepseek_v3", "gpt-oss": "gpt_oss"}
+GGUF_FAMILIES_UNREAD = {"gpt-oss": "gpt_oss"}
 # config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
 GGUF_FAMILY_CONFIG = {
     "hidden_size": "embedding_length",
@@ -256,6 +256,19 @@ GGUF_FAMILY_LAYER = [
 # `block_sparse_moe`; llama.cpp's converter splits its fused `input_linear` [E, 2 * ffn, hidden]
 # into ffn_gate_exps (first half) and ffn_up_exps, as mlx-lm's sanitize splits it)
 GGUF_FAMILY_LAYER_OF = {
+    "deepseek2": [  # MLA; attn_k_b/attn_v_b (newer files) or attn_kv_b: gguf_deepseek.py
+        ("self_attn.q_a_proj",            "attn_q_a"),
+        ("self_attn.q_a_layernorm",       "attn_q_a_norm"),
+        ("self_attn.q_b_proj",            "attn_q_b"),
+        ("self_attn.kv_a_proj_with_mqa",  "attn_kv_a_mqa"),
+        ("self_attn.kv_a_layernorm",      "attn_kv_a_norm"),
+        ("self_attn.gguf_kv_b",           "attn_kv_b"),
+        ("self_attn.embed_q",             "attn_k_b"),
+        ("self_attn.unembed_out",         "attn_v_b"),
+        ("mlp.shared_experts.gate_proj",  "ffn_gate_shexp"),
+        ("mlp.shared_experts.up_proj",    "ffn_up_shexp"),
+        ("mlp.shared_experts.down_proj",  "ffn_down_shexp"),
+    ],
     "granitemoe": [
         ("block_sparse_moe.router.layer",         "ffn_gate_inp"),
         ("block_sparse_moe.switch_mlp.gate_proj", "ffn_gate_exps"),
@@ -269,6 +282,9 @@ GGUF_FAMILY_LAYER_OF = {
         ("block_sparse_moe.switch_mlp.down_proj", "ffn_down_exps"),
     ],
 }
+# whole names inside blk.{i} (module and part): DeepSeek-V3's e_score_correction_bias, which the
+# converter's DeepseekV2Model.modify_tensors renames to e_score_correction.bias -> exp_probs_b.bias
+GGUF_FAMILY_NAMES_OF = {"deepseek2": {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}}
 # tensors that are config.json values, not weights: PhiMoE's LongRoPE factors (convert_hf_to_gguf.
 # py's Phi3MiniModel writes rope_scaling's long_factor and short_factor as these F32 vectors)
 GGUF_CONFIG_TENSORS = {"rope_factors_long.weight": "long_factor",
@@ -297,6 +313,9 @@ def family_gguf_to_mlx(name: str, arch: str = "") -> str:
     """A family GGUF tensor's name under mlx-lm's ("blk.0.ffn_gate_exps.weight" ->
     "model.layers.0.mlp.switch_mlp.gate_proj.weight"), for GGUF architecture `arch`; unknown
     names come back unchanged."""
+    whole = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if whole and whole[2] in GGUF_FAMILY_NAMES_OF.get(arch, {}):
+        return f"model.layers.{whole[1]}.{GGUF_FAMILY_NAMES_OF[arch][whole[2]]}"
     module, dot, part = name.rpartition(".")
     for pattern, target in _family_gguf_patterns(arch):
         if dot and (m := pattern.fullmatch(module)):

@@ -23,6 +23,7 @@ import numpy as np
 
 from model.errors import MixchatError
 from model.gguf import load_tensor
+from model.gguf_deepseek import mla_tensors
 from model.names import per_expert_name
 from model.tokenizer.load import GGUF_TOKENIZER_FILE
 from model.weights import Checkpoint, locate
@@ -105,19 +106,8 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
             weight_map.update(dict.fromkeys(shard, name))
             shard, size, shards = {}, 0, shards + 1
 
-    experts = checkpoint.args.num_local_experts
-    pending: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # one by one -> stacked
-    tensors = [(n, t) for n, (t, part) in checkpoint.gguf_names.items() if part == "weight"]
-    for i, (name, tensor) in enumerate(tensors):
-        arrays = load_tensor(checkpoint.gguf_file, tensor)
-        say(f"{i + 1}/{len(tensors)} {tensor.name} ({tensor.ggml_type})")
-        if (stacked := per_expert_name(name)) is not None:
-            name, expert = stacked
-            pending.setdefault(name, {})[expert] = arrays
-            if len(pending[name]) < experts:
-                continue
-            parts = pending.pop(name)
-            arrays = {k: np.stack([parts[e][k] for e in range(experts)]) for k in parts[0]}
+    def add(name: str, arrays: dict[str, np.ndarray]) -> None:
+        nonlocal count, size
         base = name.removesuffix(".weight")
         if "scales" in arrays:  # a quantized module: its bits from the packed width
             in_dims = arrays["scales"].shape[-1] * GROUP_SIZE
@@ -138,9 +128,29 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
                 flush()
             shard[key] = value
             size += value.nbytes
+
+    experts = checkpoint.args.num_local_experts
+    mla_held: dict = {}  # a deepseek2 file's first MLA tensor of a pair (model/gguf_deepseek.py)
+    pending: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # one by one -> stacked
+    tensors = [(n, t) for n, (t, part) in checkpoint.gguf_names.items() if part == "weight"]
+    for i, (name, tensor) in enumerate(tensors):
+        arrays = load_tensor(checkpoint.gguf_file, tensor)
+        say(f"{i + 1}/{len(tensors)} {tensor.name} ({tensor.ggml_type})")
+        if (stacked := per_expert_name(name)) is not None:
+            name, expert = stacked
+            pending.setdefault(name, {})[expert] = arrays
+            if len(pending[name]) < experts:
+                continue
+            parts = pending.pop(name)
+            arrays = {k: np.stack([parts[e][k] for e in range(experts)]) for k in parts[0]}
+        for mlx_name, mlx_arrays in mla_tensors(name, arrays, checkpoint.args.model_type,
+                                                mla_held):  # fmt: skip
+            add(mlx_name, mlx_arrays)
     flush()
     if pending:
         raise MixchatError(f"{checkpoint.path.name} lacks experts of {next(iter(pending))}")
+    if mla_held:  # an attn_k_b without its attn_v_b
+        raise MixchatError(f"{checkpoint.path.name} lacks the pair of {next(iter(mla_held))}")
     if bits_seen:
         quantization["bits"] = max(bits_seen, key=bits_seen.get)
     return weight_map, quantization, count

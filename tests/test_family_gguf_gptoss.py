@@ -243,3 +243,28 @@ def test_chat_prompt_is_the_files_harmony_template(sources, tmp_path):
     assert not engine.has_chat_template
     raw = [engine.tokenizer.bos_id, *engine.tokenizer.encode(PROMPT)]  # the file's add_bos
     assert engine.prompt_ids(prompt=PROMPT) == raw
+
+
+@pytest.mark.parametrize("kind", ["f16", "mxfp4"])
+def test_budgeted_gguf_streams_its_experts_with_their_biases(sources, tmp_path, kind):
+    """Under a budget the file's experts stream from it (MXFP4 blocks as MLX's mxfp4, each
+    expert's bias from its own F32 tensor): logits and greedy tokens are the whole model's."""
+    from model.offload import runtime_of
+    from tests.test_family_budget import CONTEXT, tight_budget
+
+    path = tmp_path / f"gpt-oss-{kind}.gguf"
+    write_gptoss_gguf(path, sources["mxfp4" if kind == "mxfp4" else "float"], kind == "mxfp4")
+    whole = Engine.load(str(path), memory_budget="none", max_context=CONTEXT)
+    ids = mx.array([whole.prompt_ids(prompt=PROMPT)])
+    expected_logits = np.array(whole.model(ids))
+    _, expected = _reply(whole)
+    budget, _ = tight_budget(path)
+    engine = Engine.load(str(path), memory_budget=budget, max_context=CONTEXT)
+    runtime = runtime_of(engine.model)
+    assert runtime is not None, "the experts should stream under this budget"
+    modes = {spec and spec[2] for spec in runtime.specs[max(runtime.specs)].values()}
+    assert modes == ({"mxfp4"} if kind == "mxfp4" else {None})
+    logits = np.array(engine.model(ids))
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5 * np.abs(expected_logits).max())
+    _, tokens = _reply(engine)
+    assert tokens == expected and len(tokens) >= TOKENS - 1

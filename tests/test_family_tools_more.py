@@ -102,7 +102,7 @@ def test_gpt_oss_quantize_is_refused_naming_mlx_lm_convert(sources, tmp_path, fo
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["DEEPSEEK2", "GPT_OSS"])
+@pytest.mark.parametrize("arch", ["DEEPSEEK2"])
 def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
     """llama.cpp's architectures for the families mixchat runs only from Hugging Face
     directories: loading or quantizing such a GGUF is refused in one line naming it."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from model.errors import MixchatError
 from model.gguf import load_tensor
+from model.gguf_gpt_oss import MXFP4, load_mxfp4
 from model.names import per_expert_name
 from model.tokenizer.load import GGUF_TOKENIZER_FILE
 from model.weights import Checkpoint, locate
@@ -109,7 +110,8 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
     pending: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # one by one -> stacked
     tensors = [(n, t) for n, (t, part) in checkpoint.gguf_names.items() if part == "weight"]
     for i, (name, tensor) in enumerate(tensors):
-        arrays = load_tensor(checkpoint.gguf_file, tensor)
+        mxfp4 = tensor.ggml_type == MXFP4  # gpt-oss's experts: kept in MLX's mxfp4 mode
+        arrays = (load_mxfp4 if mxfp4 else load_tensor)(checkpoint.gguf_file, tensor)
         say(f"{i + 1}/{len(tensors)} {tensor.name} ({tensor.ggml_type})")
         if (stacked := per_expert_name(name)) is not None:
             name, expert = stacked
@@ -123,6 +125,8 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
             in_dims = arrays["scales"].shape[-1] * GROUP_SIZE
             bits = arrays["weight"].shape[-1] * 32 // in_dims
             quantization[base] = {"group_size": GROUP_SIZE, "bits": bits}
+            if mxfp4:
+                quantization[base]["mode"] = "mxfp4"
             bits_seen[bits] = bits_seen.get(bits, 0) + 1
             count += int(np.prod(arrays["weight"].shape[:-1])) * in_dims
         else:

@@ -215,6 +215,14 @@ def test_gguf_with_llama_cpp_names_gives_transformers_logits(sources, tmp_path, 
     greedy = transformers_greedy(reference, ids, TOKENS)
     assert tokens == greedy[: len(tokens)] and len(tokens) >= TOKENS - 1
     assert text == engine.tokenizer.decode(greedy[: len(tokens) + 1])
+    # `mixchat quantize FILE.gguf DIR`: an MLX directory (MXFP4 experts as mxfp4 modules) that
+    # runs as the file does
+    from quantize.gguf_dir import convert_gguf
+
+    directory = convert_gguf(path, tmp_path / "dir", max_shard_bytes=1 << 30).dst
+    again = Engine.load(str(directory))
+    assert again.info.architecture == "gpt_oss"
+    np.testing.assert_array_equal(np.array(again.model(mx.array([ids]))), logits)
 
 
 def test_chat_prompt_is_the_files_harmony_template(sources, tmp_path):

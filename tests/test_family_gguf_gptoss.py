@@ -272,6 +272,9 @@ def test_budgeted_gguf_streams_its_experts_with_their_biases(sources, tmp_path, 
     assert runtime is not None, "the experts should stream under this budget"
     modes = {spec and spec[2] for spec in runtime.specs[max(runtime.specs)].values()}
     assert modes == ({"mxfp4"} if kind == "mxfp4" else {None})
+    arrays, _ = runtime.store.read(1, 3)  # what the cache is charged is what an expert takes
+    read = sum(a.nbytes for parts in arrays.values() for a in parts if a is not None)
+    assert runtime.store.expert_bytes(1) == read
     logits = np.array(engine.model(ids))
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5 * np.abs(expected_logits).max())
     _, tokens = _reply(engine)

@@ -109,7 +109,9 @@ class ExpertStore:
                             raise CheckpointError(f"checkpoint lacks tensor {name}")
                         continue
                     file, spec = locations[name]
-                    if spec.dtype.startswith(GGUF_PREFIX):
+                    if spec.dtype.startswith(GGUF_PREFIX) and part != "weight":
+                        pass  # gpt-oss's expert bias: counted with its weight below
+                    elif spec.dtype.startswith(GGUF_PREFIX):
                         self._gguf_memory[(layer, proj)] = sum(
                             loaded_nbytes(checkpoint.tensors[f"{name[:-6]}{p}"], dtype.size)
                             for p in ("weight", "scales", "biases", "bias")

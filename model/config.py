@@ -184,7 +184,12 @@ class ModelArgs:
         """From GGUF metadata (as returned by `mx.load(path, return_metadata=True)`)."""
         arch = _scalar(meta.get("general.architecture"))
         if arch != "llama":
-            raise UnsupportedModelError(f"unsupported GGUF architecture '{arch}' (expected llama)")
+            from .names import GGUF_FAMILIES
+
+            raise UnsupportedModelError(
+                f"mixchat does not read {arch} GGUF files (it reads llama, "
+                f"{', '.join([*GGUF_FAMILIES, 'deepseek2'])}): run the Hugging Face checkpoint"
+            )
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)

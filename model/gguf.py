@@ -436,20 +436,9 @@ def family_config(
     olmoe, granitemoe, phimoe) as the config.json mlx-lm's definition reads (with `gguf`, the
     file: PhiMoE's LongRoPE factors are tensors); None for any other architecture."""
     from .gguf_deepseek import deepseek2_config
-    from .names import (
-        GGUF_FAMILIES,
-        GGUF_FAMILIES_UNREAD,
-        GGUF_FAMILY_CONFIG,
-        GGUF_FAMILY_CONFIG_OF,
-    )
+    from .names import GGUF_FAMILIES, GGUF_FAMILY_CONFIG, GGUF_FAMILY_CONFIG_OF
 
     arch = metadata.get("general.architecture")
-    if arch in GGUF_FAMILIES_UNREAD:
-        raise UnsupportedModelError(
-            f"mixchat does not read {arch} GGUF files (it reads llama, "
-            f"{', '.join(GGUF_FAMILIES)}); run the Hugging Face checkpoint "
-            f"({GGUF_FAMILIES_UNREAD[arch]}) instead"
-        )
     if arch not in GGUF_FAMILIES:  # deepseek2: V2 or V3 by its gating (model/gguf_deepseek.py)
         return deepseek2_config(metadata, tensor_names) if arch == "deepseek2" else None
     model_type, implicit = GGUF_FAMILIES[arch]

@@ -200,10 +200,8 @@ GGUF_FAMILIES = {
     "olmoe":    ("olmoe",     {"norm_topk_prob": False}),
     "granitemoe": ("granitemoe", {}),
     "phimoe":   ("phimoe",    {}),
+    "gpt-oss":  ("gpt_oss",   {}),  # completed by model/gguf_gpt_oss.py's gpt_oss_config
 }
-# llama.cpp's architectures of families mixchat runs from Hugging Face directories but does not
-# read as GGUF yet (their tensor names and metadata are not mapped): refused in one line
-GGUF_FAMILIES_UNREAD = {"gpt-oss": "gpt_oss"}
 # config.json field <- GGUF metadata key (after "<arch>."), as llama.cpp's converter writes them
 GGUF_FAMILY_CONFIG = {
     "hidden_size": "embedding_length",
@@ -229,6 +227,7 @@ GGUF_FAMILY_CONFIG_OF = {
                    "embedding_multiplier": "embedding_scale",
                    "residual_multiplier": "residual_scale",
                    "logits_scaling": "logit_scale"},
+    "gpt-oss": {"sliding_window": "attention.sliding_window"},
 }
 # mlx-lm module inside layer {i} <- llama.cpp's name inside blk.{i} (whichever a family has)
 GGUF_FAMILY_LAYER = [
@@ -281,6 +280,14 @@ GGUF_FAMILY_LAYER_OF = {
         ("block_sparse_moe.switch_mlp.up_proj",   "ffn_up_exps"),
         ("block_sparse_moe.switch_mlp.down_proj", "ffn_down_exps"),
     ],
+    "gpt-oss": [  # convert_hf_to_gguf.py's GptOssModel: see model/gguf_gpt_oss.py
+        ("post_attention_layernorm",              "post_attention_norm"),
+        ("self_attn.sinks",                       "attn_sinks"),
+        ("mlp.router",                            "ffn_gate_inp"),
+        ("mlp.experts.gate_proj",                 "ffn_gate_exps"),
+        ("mlp.experts.up_proj",                   "ffn_up_exps"),
+        ("mlp.experts.down_proj",                 "ffn_down_exps"),
+    ],
 }
 # whole names inside blk.{i} (module and part): DeepSeek-V3's e_score_correction_bias, which the
 # converter's DeepseekV2Model.modify_tensors renames to e_score_correction.bias -> exp_probs_b.bias
@@ -298,6 +305,9 @@ GGUF_PERMUTED = {
 # fmt: on
 # llama.cpp stores these [1, hidden] matrices as vectors [hidden]
 GGUF_ROW_VECTORS = ("mlp.shared_expert_gate",)
+# parameters without a ".weight" in mlx-lm that llama.cpp's converter names "….weight"
+# (GptOssModel.filter_tensors: the attention sinks)
+GGUF_BARE = ("self_attn.sinks",)
 
 
 @cache
@@ -319,7 +329,8 @@ def family_gguf_to_mlx(name: str, arch: str = "") -> str:
     module, dot, part = name.rpartition(".")
     for pattern, target in _family_gguf_patterns(arch):
         if dot and (m := pattern.fullmatch(module)):
-            return target.format(**m.groupdict()) + "." + part
+            mlx = target.format(**m.groupdict())
+            return mlx if mlx.endswith(GGUF_BARE) and part == "weight" else f"{mlx}.{part}"
     return name
 
 

@@ -25,8 +25,15 @@ from .gguf import (
     load_tensor,
     read_gguf,
 )
+from .gguf_gpt_oss import MXFP4, gpt_oss_config, load_mxfp4, mxfp4_specs
 from .mixtral import Model, use_parallel_streams
-from .names import GGUF_CONFIG_TENSORS, GGUF_ROW_VECTORS, family_gguf_to_mlx, gguf_to_mlx
+from .names import (
+    GGUF_CONFIG_TENSORS,
+    GGUF_ROW_VECTORS,
+    family_gguf_to_mlx,
+    gguf_to_mlx,
+    is_expert_tensor,
+)
 from .safetensors_header import (
     PICKLE_SUFFIXES,
     TensorSpec,
@@ -111,10 +118,13 @@ def _locate_gguf(path: Path) -> Checkpoint:
     if not gguf_file.tensors or "general.architecture" not in metadata:
         raise CheckpointError(f"{path.name} is truncated or not a GGUF model file")
     for tensor in gguf_file.tensors.values():
-        check_supported(tensor)
+        if tensor.ggml_type != MXFP4:  # gpt-oss's experts: model/gguf_gpt_oss.py
+            check_supported(tensor)
     config = family_config(metadata, set(gguf_file.tensors), gguf_file)  # llama.cpp's MoE families
     if config is not None:
         arch = metadata["general.architecture"]
+        if arch == "gpt-oss":
+            config = gpt_oss_config(config, metadata, gguf_file)
         args = ModelArgs.from_hf_config(config)
         to_mlx = lambda name: family_gguf_to_mlx(name, arch)  # noqa: E731
     else:
@@ -126,7 +136,8 @@ def _locate_gguf(path: Path) -> Checkpoint:
             continue
         hf_name = to_mlx(tensor.name)
         base = hf_name.removesuffix(".weight")
-        for part, (shape, dtype, nbytes) in converted_specs(tensor).items():
+        specs = mxfp4_specs(tensor) if tensor.ggml_type == MXFP4 else converted_specs(tensor)
+        for part, (shape, dtype, nbytes) in specs.items():
             name = hf_name if part == "weight" else f"{base}.{part}"
             if base.endswith(GGUF_ROW_VECTORS) and len(shape) == 1:  # llama.cpp's [hidden]
                 shape = (1, *shape)
@@ -170,15 +181,17 @@ def _read_gguf_weights(checkpoint: Checkpoint, skip_experts: bool = False) -> di
     """Each GGUF tensor converted to MLX (affine groups for quantized types), one at a time."""
     weights: dict[str, mx.array] = {}
     for name, (tensor, part) in checkpoint.gguf_names.items():
-        if skip_experts and ".switch_mlp." in name:  # read by model/offload.py on demand
+        if skip_experts and is_expert_tensor(name):  # read by model/offload.py on demand
             spec = checkpoint.tensors[name]
-            dtype = {"U32": mx.uint32, "F32": mx.float32, "F16": mx.float16}.get(spec.dtype)
+            dtype = {"U32": mx.uint32, "U8": mx.uint8, "F32": mx.float32,
+                     "F16": mx.float16}.get(spec.dtype)  # fmt: skip
             weights[name] = mx.zeros(spec.shape, dtype or mx.bfloat16)  # never evaluated
             continue
         if part != "weight":
             continue
         base = name.removesuffix(".weight")
-        for part, array in load_tensor(checkpoint.gguf_file, tensor).items():
+        read = load_mxfp4 if tensor.ggml_type == MXFP4 else load_tensor
+        for part, array in read(checkpoint.gguf_file, tensor).items():
             key = name if part == "weight" else f"{base}.{part}"
             array = array.reshape(checkpoint.tensors[key].shape)  # a row vector as [1, n]
             if array.dtype == np.uint16:  # BF16 bit patterns

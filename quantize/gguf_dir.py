@@ -24,6 +24,7 @@ import numpy as np
 from model.errors import MixchatError
 from model.gguf import load_tensor
 from model.gguf_deepseek import mla_tensors
+from model.gguf_gpt_oss import MXFP4, load_mxfp4
 from model.names import per_expert_name
 from model.tokenizer.load import GGUF_TOKENIZER_FILE
 from model.weights import Checkpoint, locate
@@ -106,13 +107,15 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
             weight_map.update(dict.fromkeys(shard, name))
             shard, size, shards = {}, 0, shards + 1
 
-    def add(name: str, arrays: dict[str, np.ndarray]) -> None:
+    def add(name: str, arrays: dict[str, np.ndarray], mxfp4: bool) -> None:
         nonlocal count, size
         base = name.removesuffix(".weight")
         if "scales" in arrays:  # a quantized module: its bits from the packed width
             in_dims = arrays["scales"].shape[-1] * GROUP_SIZE
             bits = arrays["weight"].shape[-1] * 32 // in_dims
             quantization[base] = {"group_size": GROUP_SIZE, "bits": bits}
+            if mxfp4:
+                quantization[base]["mode"] = "mxfp4"
             bits_seen[bits] = bits_seen.get(bits, 0) + 1
             count += int(np.prod(arrays["weight"].shape[:-1])) * in_dims
         else:
@@ -134,7 +137,8 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
     pending: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # one by one -> stacked
     tensors = [(n, t) for n, (t, part) in checkpoint.gguf_names.items() if part == "weight"]
     for i, (name, tensor) in enumerate(tensors):
-        arrays = load_tensor(checkpoint.gguf_file, tensor)
+        mxfp4 = tensor.ggml_type == MXFP4  # gpt-oss's experts: kept in MLX's mxfp4 mode
+        arrays = (load_mxfp4 if mxfp4 else load_tensor)(checkpoint.gguf_file, tensor)
         say(f"{i + 1}/{len(tensors)} {tensor.name} ({tensor.ggml_type})")
         if (stacked := per_expert_name(name)) is not None:
             name, expert = stacked
@@ -145,7 +149,7 @@ def _write_shards(checkpoint: Checkpoint, out: Path, max_shard_bytes: int,
             arrays = {k: np.stack([parts[e][k] for e in range(experts)]) for k in parts[0]}
         for mlx_name, mlx_arrays in mla_tensors(name, arrays, checkpoint.args.model_type,
                                                 mla_held):  # fmt: skip
-            add(mlx_name, mlx_arrays)
+            add(mlx_name, mlx_arrays, mxfp4)
     flush()
     if pending:
         raise MixchatError(f"{checkpoint.path.name} lacks experts of {next(iter(pending))}")

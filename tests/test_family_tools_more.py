@@ -102,10 +102,10 @@ def test_gpt_oss_quantize_is_refused_naming_mlx_lm_convert(sources, tmp_path, fo
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["GPT_OSS"])
+@pytest.mark.parametrize("arch", ["DBRX"])
 def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
-    """llama.cpp's architectures for the families mixchat runs only from Hugging Face
-    directories: loading or quantizing such a GGUF is refused in one line naming it."""
+    """A llama.cpp architecture mixchat does not read (DBRX): loading or quantizing its GGUF is
+    refused in one line naming it and what mixchat reads."""
     import gguf
     import numpy as np
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..experts import PROJECTIONS
+from ..gguf_gpt_oss import MXFP4, mxfp4_to_mlx
 from ..memory_plan import loaded_nbytes
 from ..names import EXPERT_MODULES, EXPERT_PARTS, stacked_expert_tensor
 from ..safetensors_header import FLOAT_DTYPES, TensorSpec, read_safetensors_header
@@ -108,10 +109,12 @@ class ExpertStore:
                             raise CheckpointError(f"checkpoint lacks tensor {name}")
                         continue
                     file, spec = locations[name]
-                    if spec.dtype.startswith(GGUF_PREFIX):
+                    if spec.dtype.startswith(GGUF_PREFIX) and part != "weight":
+                        pass  # gpt-oss's expert bias: counted with its weight below
+                    elif spec.dtype.startswith(GGUF_PREFIX):
                         self._gguf_memory[(layer, proj)] = sum(
                             loaded_nbytes(checkpoint.tensors[f"{name[:-6]}{p}"], dtype.size)
-                            for p in ("weight", "scales", "biases")
+                            for p in ("weight", "scales", "biases", "bias")
                             if f"{name[:-6]}{p}" in checkpoint.tensors
                         ) // spec.shape[0]
                     elif spec.dtype not in _NP_DTYPES and spec.dtype != "BF16":
@@ -128,9 +131,8 @@ class ExpertStore:
             self.slices[layer] = parts
             self.disk_bytes[layer] = sum(s.stride for p in parts.values() for s in p.values())
             self.memory_bytes[layer] = sum(
-                self._gguf_memory.get((layer, proj)) or self._memory_nbytes(s)
+                self._gguf_memory.get((layer, proj)) or sum(map(self._memory_nbytes, p.values()))
                 for proj, p in parts.items()
-                for s in p.values()
             )
         self._local = threading.local()
 
@@ -151,6 +153,10 @@ class ExpertStore:
                 raw = self._pread(s.file, s.offset + expert * s.stride, s.stride)
                 out[proj] = self._from_gguf(raw, s)
                 total += s.stride
+                if (b := parts.get("bias")) is not None:  # gpt-oss's expert bias: its own tensor
+                    raw = self._pread(b.file, b.offset + expert * b.stride, b.stride)
+                    out[proj] = (*out[proj], self._from_gguf(raw, b)[0])
+                    total += b.stride
                 continue
             arrays = []
             for part in EXPERT_PARTS:
@@ -196,6 +202,9 @@ class ExpertStore:
         from ..gguf import FLOAT_TYPES, to_affine
 
         ggml_type = s.dtype.removeprefix(GGUF_PREFIX)
+        if ggml_type == MXFP4:  # gpt-oss's experts, kept in MLX's mxfp4 mode
+            weight, scales = mxfp4_to_mlx(raw, s.shape[1:])
+            return (mx.array(weight[None]), mx.array(scales[None]), None)
         if ggml_type in FLOAT_TYPES:
             return (self._to_array(raw, replace(s, dtype=ggml_type)), None, None)
         weight, scales, biases, _, _ = to_affine(ggml_type, raw, s.shape[1:])

@@ -19,10 +19,21 @@ from typing import Any
 
 from model.config import FAMILY_TYPES, QUANTIZE_TYPES, SUPPORTED_TYPES, ModelArgs, parameter_shapes
 from model.errors import CheckpointError, MixchatError, UnsupportedModelError
-from model.names import (EXPERT_MARK, FAMILY_EXPERTS, HF_TOKENIZER_FILES, VOCABULARY_FILES,
-                         family_source_name, source_name)  # fmt: skip
-from model.safetensors_header import (PICKLE_SUFFIXES, SAFETENSORS_FLOATS, dominant_dtype,
-                                      read_safetensors_header, safetensors_shards)  # fmt: skip
+from model.names import (
+    EXPERT_MARK,
+    FAMILY_EXPERTS,
+    HF_TOKENIZER_FILES,
+    VOCABULARY_FILES,
+    family_source_name,
+    source_name,
+)
+from model.safetensors_header import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_FLOATS,
+    dominant_dtype,
+    read_safetensors_header,
+    safetensors_shards,
+)
 
 from .sanitized import ITEM_BYTES, packed_quantization, sanitized_parameters
 
@@ -262,9 +273,9 @@ def _open_hf(path: Path) -> Source:
             f"`mlx_lm.convert --hf-path {path} --mlx-path DIR -q`"
         )
     try:
-        packed = packed_quantization(config)  # gpt-oss's MXFP4 experts: kept as mlx-lm keeps them
+        packed = packed_quantization(config)  # gpt-oss's MXFP4 experts: kept as mlx-lm does
     except ValueError:
-        raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights")
+        raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights") from None  # fmt: skip
     args = _args(lambda: ModelArgs.from_hf_config(config), "config.json")
     if not any(path.glob("*.safetensors")):
         _refuse_pickles(path)
@@ -390,8 +401,7 @@ def _sanitized_targets(args: ModelArgs, model: Any, choices: dict, get: _Lookup)
 
 
 def _source_name(layout: str, module: str) -> str:
-    name = source_name(layout, module)
-    if name is None:
+    if (name := source_name(layout, module)) is None:
         raise CheckpointError(f"internal error: no source name for {module}")
     return name
 
@@ -471,9 +481,7 @@ def _open_mistral(path: Path) -> Source:
         "hidden_act": "silu",
         "rms_norm_eps": args.rms_norm_eps,
         "rope_theta": args.rope_theta,
-        "max_position_embeddings": int(
-            params.get("max_seq_len") or params.get("max_position_embeddings") or 32768
-        ),
+        "max_position_embeddings": int(params.get("max_seq_len") or params.get("max_position_embeddings") or 32768),  # fmt: skip
         "sliding_window": args.sliding_window,
         "tie_word_embeddings": False,
         "bos_token_id": 1,
@@ -481,8 +489,7 @@ def _open_mistral(path: Path) -> Source:
         "torch_dtype": dtype,
     }
     if args.is_moe:
-        config["num_local_experts"] = args.num_local_experts
-        config["num_experts_per_tok"] = args.num_experts_per_tok
+        config.update(num_local_experts=args.num_local_experts, num_experts_per_tok=args.num_experts_per_tok)  # fmt: skip
     extra: dict[str, Path] = {}
     sp = sorted(path.glob("tokenizer.model*"))  # tokenizer.model, tokenizer.model.v3, ...
     if sp:

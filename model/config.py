@@ -19,8 +19,8 @@ FAMILY_TYPES = (
     "phimoe",
 )  # fmt: skip
 # The families `mixchat quantize` converts as `mlx_lm.convert -q` does, tensor for tensor
-# (tests/test_family_tools.py, test_family_tools_more.py); the others are mlx_lm.convert's.
-QUANTIZE_TYPES = SUPPORTED_TYPES + tuple(t for t in FAMILY_TYPES if t != "gpt_oss")
+# (tests/test_family_tools.py, test_family_tools_more.py; gpt-oss's MXFP4 experts kept as they are)
+QUANTIZE_TYPES = SUPPORTED_TYPES + FAMILY_TYPES
 
 
 @dataclass

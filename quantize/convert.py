@@ -31,8 +31,8 @@ MANIFEST = "progress.json"
 INDEX = "model.safetensors.index.json"
 ALLOWED_BITS = (2, 3, 4, 6, 8)
 ALLOWED_GROUP_SIZES = (32, 64, 128)
-ST_DTYPES = {"uint32": "U32", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-ITEM_SIZE = {"uint32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
+ST_DTYPES = {"uint32": "U32", "uint8": "U8", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ITEM_SIZE = {"uint32": 4, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Settings:
 @dataclass
 class OutTensor:
     name: str
-    dtype: str  # "uint32" | "bfloat16" | "float16" | "float32"
+    dtype: str  # "uint32" | "bfloat16" | "float16" | "float32" (| "uint8": MXFP4 scales kept)
     shape: tuple[int, ...]
 
     @property
@@ -135,13 +135,16 @@ def make_plan(source: Source, settings: Settings) -> Plan:
     settings.validate()
     out_dtype = settings.dtype or source.dtype
     gs = settings.group_size
-    quantization: dict[str, Any] = {"group_size": gs, "bits": settings.bits, "mode": "affine"}
+    # An MXFP4 source's own quantization stays the default, every module quantized here named
+    # with its own (mlx_lm.convert's fine-grained config of a partly quantized model)
+    base = source.quantization
+    quantization: dict[str, Any] = dict(base or {"group_size": gs, "bits": settings.bits, "mode": "affine"})  # fmt: skip
     items = []
     for target in source.targets:
         bits, group = settings.precision_for(target) or (None, gs)
         m, shape = target.module, target.shape
         if bits is None:
-            tensors = [OutTensor(target.tensor, out_dtype, shape)]
+            tensors = [OutTensor(target.tensor, target.dtype or out_dtype, shape)]
             if target.kind not in ("norm", "param"):
                 quantization[m] = False
         else:
@@ -152,7 +155,7 @@ def make_plan(source: Source, settings: Settings) -> Plan:
                 OutTensor(f"{m}.scales", out_dtype, groups),
                 OutTensor(f"{m}.biases", out_dtype, groups),
             ]
-            if (bits, group) != (settings.bits, gs):
+            if (bits, group) != (settings.bits, gs) or base:
                 quantization[m] = {"group_size": group, "bits": bits, "mode": "affine"}
         items.append(Item(target, bits, tensors, group))
     # Read the sources roughly in file order; keep each module's tensors in one shard.
@@ -167,11 +170,8 @@ def make_plan(source: Source, settings: Settings) -> Plan:
         groups[-1].append(item)
         size += item.nbytes
     n = len(groups)
-    names = (
-        ["model.safetensors"]
-        if n == 1
-        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    )
+    names = ["model.safetensors"] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]  # fmt: skip
     return Plan(
         [Shard(name, g) for name, g in zip(names, groups, strict=True)], quantization, out_dtype
     )
@@ -248,7 +248,7 @@ def quantize_item(item: Item, group_size: int, out_dtype: str) -> list[Any]:
     w = item.target.load()
     dtype = getattr(mx, out_dtype)
     if item.bits is None:
-        arrays = [w.astype(dtype)]
+        arrays = [w if item.target.dtype else w.astype(dtype)]
     else:
         # Quantize in the output dtype, as mlx_lm.convert does (scales/biases come out in it).
         arrays = list(mx.quantize(w.astype(dtype), item.group_size or group_size, item.bits))
@@ -443,10 +443,8 @@ def convert(
             progress.stop()
 
     weight_map = {t.name: s.name for s in plan.shards for i in s.items for t in i.tensors}
-    index = {
-        "metadata": {"total_size": plan.nbytes, "total_parameters": source.num_params},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
+    index = {"metadata": {"total_size": plan.nbytes, "total_parameters": source.num_params},
+             "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
     _write_json(partial / INDEX, index)
     config = dict(source.config)
     config.pop("quantization_config", None)
@@ -485,6 +483,8 @@ def describe(source: Source, settings: Settings, plan: Plan) -> list[str]:
     parts = [f"{settings.bits}-bit (group {settings.group_size})"]
     if settings.expert_bits and settings.expert_bits != settings.bits:
         parts.append(f"experts {bits(settings.expert_bits)}")
+    if source.quantization:  # gpt-oss's MXFP4 experts, kept
+        parts.append(f"experts {source.quantization['mode'].upper()} as published")
     if routers := [t for t in source.targets if t.kind == "router"]:  # a family's: mlx-lm's
         parts.append(f"router {bits((settings.precision_for(routers[0]) or (16,))[0])}")
     if settings.embed_bits and settings.embed_bits != settings.bits:

@@ -363,8 +363,9 @@ def evaluate(
         raise MixchatError("the evaluation text needs at least 2 tokens")
     if max(ids) >= args.vocab_size or min(ids) < 0:
         raise MixchatError(f"token id {max(ids)} is outside the vocabulary of {args.vocab_size}")
-    # GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias are not on this path
-    if args.model_type in ("granitemoe", "phimoe"):
+    # GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias, gpt-oss's fused (or MXFP4)
+    # biased experts, sinks and sliding window are not on this path
+    if args.model_type in ("granitemoe", "phimoe", "gpt_oss"):
         raise MixchatError(f"mixchat compare does not evaluate {args.model_type} models yet")
     per_layer = 1 + (args.num_local_experts if args.is_moe else 0)
     total = 2 * (2 + args.num_hidden_layers * per_layer)

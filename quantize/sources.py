@@ -35,6 +35,8 @@ from model.safetensors_header import (
     safetensors_shards,
 )
 
+from .sanitized import ITEM_BYTES, packed_quantization, sanitized_parameters
+
 # Tokenizer and generation files copied next to the quantized weights.
 HF_EXTRA_FILES = (*HF_TOKENIZER_FILES, "generation_config.json")
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -46,12 +48,12 @@ class TensorRef:
 
     file: Path
     name: str
-    dtype: str  # safetensors dtype: "BF16", "F16", "F32"
+    dtype: str  # safetensors dtype: "BF16", "F16", "F32" (an MXFP4 source's blocks: "U8")
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        size = SAFETENSORS_FLOATS[self.dtype][1]
+        size = ITEM_BYTES[self.dtype]
         for d in self.shape:
             size *= d
         return size
@@ -94,6 +96,7 @@ class Target:
     # True at the requested bits, a dict its own {"bits", "group_size"}; None: mixchat's recipe.
     choice: bool | dict | None = None
     lazy: Callable[[], Any] | None = None  # the weight built otherwise (a family's sanitize)
+    dtype: str | None = None  # a "param" already quantized (MXFP4 weight, scales): kept as is
 
     @property
     def tensor(self) -> str:
@@ -134,6 +137,7 @@ class Source:
     targets: list[Target]
     args: ModelArgs
     extra_files: dict[str, Path] = field(default_factory=dict)  # name in DST -> source file
+    quantization: dict | None = None  # an MXFP4 source's own (kept), mlx-lm's default mode
 
     @property
     def model_type(self) -> str:
@@ -146,8 +150,8 @@ class Source:
     @property
     def num_params(self) -> int:
         n = 0
-        for t in self.targets:
-            size = 1
+        for t in self.targets:  # an MXFP4 weight kept packed: 32 / bits weights a uint32
+            size = 32 // self.quantization["bits"] if t.dtype == "uint32" else 0 if t.dtype else 1
             for d in t.shape:
                 size *= d
             n += size
@@ -173,12 +177,12 @@ def resolve_source(src: str) -> Path:
 # ----------------------------------------------------------------------------- safetensors
 
 
-def read_header(path: Path) -> dict[str, TensorRef]:
+def read_header(path: Path, packed: bool = False) -> dict[str, TensorRef]:
     """Parse a safetensors header (model.weights checks it is well-formed and not truncated);
-    every tensor must be a float one with consistent byte offsets."""
+    every tensor must be a float one (`packed`: or MXFP4 bytes) with consistent byte offsets."""
     tensors: dict[str, TensorRef] = {}
     for name, spec in read_safetensors_header(path).items():
-        if spec.dtype not in SAFETENSORS_FLOATS:
+        if spec.dtype not in SAFETENSORS_FLOATS and not (packed and spec.dtype == "U8"):
             raise UnsupportedModelError(
                 f"{path.name}: tensor {name} has dtype {spec.dtype}; mixchat quantizes float16, "
                 "bfloat16 or float32 checkpoints (is this one already quantized?)"
@@ -190,10 +194,10 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     return tensors
 
 
-def _index_tensors(shards: list[Path]) -> dict[str, TensorRef]:
+def _index_tensors(shards: list[Path], packed: bool = False) -> dict[str, TensorRef]:
     tensors: dict[str, TensorRef] = {}
     for shard in shards:
-        for name, ref in read_header(shard).items():
+        for name, ref in read_header(shard, packed).items():
             if name in tensors:
                 raise CheckpointError(
                     f"tensor {name} appears in both {tensors[name].file.name} and {shard.name}"
@@ -268,8 +272,10 @@ def _open_hf(path: Path) -> Source:
             f"mixchat quantize does not convert {model_type} checkpoints: convert it with "
             f"`mlx_lm.convert --hf-path {path} --mlx-path DIR -q`"
         )
-    if config.get("quantization") or config.get("quantization_config"):
-        raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights")
+    try:
+        packed = packed_quantization(config)  # gpt-oss's MXFP4 experts: kept as mlx-lm does
+    except ValueError:
+        raise UnsupportedModelError(f"{path} is already quantized; quantize the original weights") from None  # fmt: skip
     args = _args(lambda: ModelArgs.from_hf_config(config), "config.json")
     if not any(path.glob("*.safetensors")):
         _refuse_pickles(path)
@@ -277,7 +283,7 @@ def _open_hf(path: Path) -> Source:
     shards = safetensors_shards(path)
     if not shards:
         raise CheckpointError(f"no model*.safetensors weights in {path}")
-    tensors = _index_tensors(shards)
+    tensors = _index_tensors(shards, packed is not None)
     get = _Lookup(tensors, "config.json")
     targets = _family_targets(args, get) if args.is_family else _targets(args, "hf", get)
     get.check_unused(lambda n: args.tie_word_embeddings and n == "lm_head.weight")
@@ -287,7 +293,7 @@ def _open_hf(path: Path) -> Source:
         out["rope_theta"] = rope["rope_theta"]  # mlx-lm reads the top-level key
     extra = {n: path / n for n in HF_EXTRA_FILES if (path / n).is_file()}
     _require_tokenizer(path, extra)
-    return Source(path, "hf", out, _dominant_dtype(tensors), shards, targets, args, extra)
+    return Source(path, "hf", out, _dominant_dtype(tensors), shards, targets, args, extra, packed)
 
 
 def _require_tokenizer(path: Path, extra: dict[str, Path]) -> None:
@@ -379,11 +385,15 @@ def _family_targets(args: ModelArgs, get: _Lookup) -> list[Target]:
 
 def _sanitized_targets(args: ModelArgs, model: Any, choices: dict, get: _Lookup) -> list[Target]:
     """Each parameter as mlx-lm's `sanitize` makes it, as mlx_lm.convert does (quantize.sanitized)."""
-    from quantize.sanitized import sanitized_parameters
+    from model.families import BEFORE_SANITIZE
 
     targets = []
-    for name, shape, refs, lazy in sanitized_parameters(model, get, parameter_shapes(args)):
+    before = BEFORE_SANITIZE.get(args.model_type)
+    for name, shape, refs, lazy, kept in sanitized_parameters(model, get, parameter_shapes(args), before):  # fmt: skip
         module, _, part = name.rpartition(".")
+        if kept:  # already quantized (MXFP4 experts): written as it is
+            targets.append(Target(name, "param", shape, refs, lazy=lazy, dtype=kept))
+            continue
         kind = "param" if part != "weight" else _kind(module).replace("mlp", "mlp" if len(shape) < 3 else "experts")  # fmt: skip
         choice = choices.get(module, kind == "experts") if kind != "param" else None
         targets.append(Target(name if kind == "param" else module, kind, shape, refs, choice=choice, lazy=lazy))  # fmt: skip
@@ -391,20 +401,13 @@ def _sanitized_targets(args: ModelArgs, model: Any, choices: dict, get: _Lookup)
 
 
 def _source_name(layout: str, module: str) -> str:
-    name = source_name(layout, module)
-    if name is None:
+    if (name := source_name(layout, module)) is None:
         raise CheckpointError(f"internal error: no source name for {module}")
     return name
 
 
-def _targets(
-    args: ModelArgs,
-    layout: str,
-    get: _Lookup,
-    moe: str = "",
-    stacked: bool = False,
-    permute: bool = False,
-) -> list[Target]:
+def _targets(args: ModelArgs, layout: str, get: _Lookup, moe: str = "", stacked: bool = False,
+             permute: bool = False) -> list[Target]:  # fmt: skip
     """One Target per weight of the model definition (model.config.parameter_shapes), its
     source tensors found under `layout`'s names (model.names: "hf" or "mistral"). `permute`:
     Mistral's interleaved RoPE layout of Q/K; `stacked`: the first Mixtral release's experts
@@ -478,9 +481,7 @@ def _open_mistral(path: Path) -> Source:
         "hidden_act": "silu",
         "rms_norm_eps": args.rms_norm_eps,
         "rope_theta": args.rope_theta,
-        "max_position_embeddings": int(
-            params.get("max_seq_len") or params.get("max_position_embeddings") or 32768
-        ),
+        "max_position_embeddings": int(params.get("max_seq_len") or params.get("max_position_embeddings") or 32768),  # fmt: skip
         "sliding_window": args.sliding_window,
         "tie_word_embeddings": False,
         "bos_token_id": 1,
@@ -488,8 +489,7 @@ def _open_mistral(path: Path) -> Source:
         "torch_dtype": dtype,
     }
     if args.is_moe:
-        config["num_local_experts"] = args.num_local_experts
-        config["num_experts_per_tok"] = args.num_experts_per_tok
+        config.update(num_local_experts=args.num_local_experts, num_experts_per_tok=args.num_experts_per_tok)  # fmt: skip
     extra: dict[str, Path] = {}
     sp = sorted(path.glob("tokenizer.model*"))  # tokenizer.model, tokenizer.model.v3, ...
     if sp:

@@ -4,6 +4,7 @@ backend), each holding half of every layer's experts, give the greedy tokens of 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,57 @@ def test_other_checkpoint_layouts_split_by_experts(other_layouts, family, tmp_pa
     (code, out, err), (code1, _, err1) = finish(start_ranks(args, tmp_path))
     assert code == 0 and code1 == 0, err + err1
     assert json.loads(out)["text"] == expected
+
+
+def greedy_tokens(path: str, split=None, count: int = 6) -> dict:
+    """The model at `path` (this rank's share under `split`) greedily continuing PROMPT's
+    tokens, the whole sequence run again for each token, and how many experts of each layer
+    it holds."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from model.tokenizer import load_tokenizer
+
+    model = weights.build_model(weights.locate(Path(path)), split=split)
+    ids = load_tokenizer(Path(path)).encode(PROMPT)
+    for _ in range(count):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
+    held = {v.shape[0] for k, v in tree_flatten(model.parameters()) if ".experts." in k}
+    return {"tokens": ids[-count:], "held": sorted(held)}
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_layouts(tmp_path_factory):
+    """gpt-oss float (as transformers saves it: gate_up_proj fused, [E, in, 2*out], biased),
+    MXFP4 as published (`*_blocks`/`*_scales`) and `mixchat quantize`d (4-bit affine,
+    = mlx_lm.convert's)."""
+    from quantize.cli import main
+    from tests.test_family_gptoss import build_gptoss
+
+    root = tmp_path_factory.mktemp("family_hosts_gptoss")
+    built = build_gptoss(root)
+    quantized = root / "affine"
+    assert main(["quantize", str(built["float"]), str(quantized), "--no-eval", "--quiet"]) == 0
+    return [str(built["float"]), str(built["mxfp4"]), str(quantized)]
+
+
+def test_gpt_oss_splits_by_experts_in_every_layout(gpt_oss_layouts, tmp_path):
+    """Two ranks, each holding 4 of the 8 experts of every layer (fused gate_up weights and
+    their biases, MXFP4 blocks and scales, or 4-bit weights, read by byte range), continue the
+    prompt with one process's greedy tokens, in each layout (one run of the two ranks)."""
+    import sys
+
+    probe = ("import json, sys; from model import distributed;"
+             "from tests.test_family_hosts import greedy_tokens;"
+             "out = [greedy_tokens(p, distributed.rank_split()) for p in sys.argv[1:]];"
+             "print(json.dumps(out))")  # fmt: skip
+    ranks = finish(start_ranks([sys.executable, "-c", probe, *gpt_oss_layouts], tmp_path))
+    for code, _, err in ranks:
+        assert code == 0, err
+    for _, out, _ in ranks:
+        for path, got in zip(gpt_oss_layouts, json.loads(out), strict=True):
+            alone = greedy_tokens(path)
+            assert alone["held"] == [8] and got == {"tokens": alone["tokens"], "held": [4]}, path
 
 
 def test_the_layer_split_is_refused_in_one_line(qwen3_moe):

@@ -62,14 +62,15 @@ def _assert_same_conversion(out, ref) -> None:
 
 def _mlx_lm_greedy(path, family: str) -> list[int]:
     """mlx-lm's greedy tokens; PhiMoE's LongRoPE switched at original_max_position_embeddings
-    as transformers does (mixchat's fix-up of mlx-lm's definition, model/families.py)."""
+    and gpt-oss's YaRN range unrounded (`truncate: false`) as transformers does (mixchat's
+    fix-ups of mlx-lm's definition, model/families.py AFTER_BUILD)."""
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
     from model.families import AFTER_BUILD
 
     model, tokenizer = mlx_lm.load(str(path))
-    if family == "phimoe":
+    if family in AFTER_BUILD:
         AFTER_BUILD[family](model.model, json.loads((path / "config.json").read_text()))
     return [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS,
                                                      sampler=make_sampler(0.0))]  # fmt: skip
@@ -89,17 +90,44 @@ def test_quantized_family_is_mlx_lms_conversion(sources, tmp_path, family):
     assert tokens == _mlx_lm_greedy(out, family)[: len(tokens)] and len(tokens) >= TOKENS - 1
 
 
+def _as_mlx_lm_reads_float_gpt_oss(src, dst) -> None:
+    """A copy of transformers' float gpt-oss directory with its experts as mlx-lm's sanitize
+    reads them (and the MXFP4 blocks are laid out): `experts.gate_up_proj.weight` [E, out, in].
+    mlx_lm.convert refuses transformers' own [E, in, out] `experts.gate_up_proj` (parameters
+    not in the model), so this is its input for the same weights."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    weights = mx.load(str(dst / "model.safetensors"))
+    experts = ("experts.gate_up_proj", "experts.down_proj")
+    mx.save_safetensors(str(dst / "model.safetensors"), {
+        (k + ".weight" if k.endswith(experts) else k): (v.swapaxes(-1, -2) if k.endswith(experts) else v)
+        for k, v in weights.items()}, metadata={"format": "pt"})  # fmt: skip
+
+
 @pytest.mark.parametrize("form", ["gpt_oss", "gpt_oss_mxfp4"])
-def test_gpt_oss_quantize_is_refused_naming_mlx_lm_convert(sources, tmp_path, form, capsys):
-    """gpt-oss (float as transformers saves it, or MXFP4 as published) is not converted by
-    mixchat: one line naming mlx_lm.convert, a non-zero exit, nothing written."""
+def test_quantized_gpt_oss_is_mlx_lms_conversion(sources, tmp_path, form):
+    """gpt-oss float (as transformers saves it) and MXFP4 (as published): `mixchat quantize`
+    writes what `mlx_lm.convert -q` writes (MXFP4: the experts' blocks and scales kept as they
+    are, MXFP4 the config's default and every module quantized here at its own 4-bit affine,
+    the router 8-bit; float: experts and their biases in 4-bit affine), and mixchat's greedy
+    tokens on it equal mlx-lm's."""
+    import mlx_lm
+
     from quantize.cli import main
 
-    out = tmp_path / "q"
-    assert main(["quantize", str(sources[form]), str(out), "--no-eval", "--quiet"]) != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "mlx_lm.convert" in err and "gpt_oss" in err
-    assert not out.exists()
+    out, ref, src = tmp_path / "q", tmp_path / "ref", sources[form]
+    assert main(["quantize", str(src), str(out), "--no-eval", "--quiet"]) == 0
+    if form == "gpt_oss":
+        _as_mlx_lm_reads_float_gpt_oss(src, tmp_path / "mlx_lm_input")
+        src = tmp_path / "mlx_lm_input"
+    mlx_lm.convert(str(src), str(ref), quantize=True, q_bits=4, q_group_size=64)
+    _assert_same_conversion(out, ref)
+    written = mx.load(str(out / "model.safetensors"))
+    experts = written["model.layers.0.mlp.experts.gate_proj.scales"]
+    assert experts.dtype == (mx.uint8 if form == "gpt_oss_mxfp4" else mx.float32)
+    _, tokens = _reply(Engine.load(str(out)))
+    assert tokens == _mlx_lm_greedy(out, "gpt_oss")[: len(tokens)] and len(tokens) >= TOKENS - 1
 
 
 @pytest.mark.parametrize("arch", ["DBRX"])
@@ -133,8 +161,7 @@ def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
 @pytest.mark.parametrize("family", ["deepseek_v3", "phimoe"])
 def test_memory_plan_advice_names_the_tool_that_converts_it(sources, family):
     """An unquantized family checkpoint cannot stream its experts: the advice names
-    `mixchat quantize`, which converts these families exactly (gpt_oss's names mlx_lm.convert:
-    model.config.QUANTIZE_TYPES)."""
+    `mixchat quantize`, which converts these families exactly (model.config.QUANTIZE_TYPES)."""
     from model.memory_plan import memory_plan
     from model.weights import locate
 
@@ -146,14 +173,15 @@ def test_memory_plan_advice_names_the_tool_that_converts_it(sources, family):
 @pytest.mark.parametrize("family", ["gpt_oss", "gpt_oss_mxfp4"])
 def test_published_gpt_oss_is_seen_as_moe_and_told_to_convert(sources, family):
     """gpt-oss publishes each layer's experts in one unstacked tensor (float or MXFP4): they are
-    its experts (not resident weights of a dense model), and they stream only once converted."""
+    its experts (not resident weights of a dense model), and they stream only once converted,
+    by `mixchat quantize` as for the other families."""
     from model.memory_plan import memory_plan
     from model.weights import locate
 
     plan = memory_plan(locate(sources[family]), 4, 256)
     assert not plan.offloadable and plan.moe_layers == 2 and plan.total_expert_bytes > 0
     assert "dense" not in plan.why_not
-    assert f"convert it with `mlx_lm.convert --hf-path {sources[family]}" in plan.why_not
+    assert f"convert it with `mixchat quantize {sources[family]} DIR`" in plan.why_not
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
@@ -185,9 +213,10 @@ def test_compare_and_the_evaluation_after_quantize_run_the_family(sources, tmp_p
     assert quantized.kl_divergence > 1e-4 and quantized.router_agreement < 1
 
 
-@pytest.mark.parametrize("family", ["granitemoe", "phimoe"])
+@pytest.mark.parametrize("family", ["granitemoe", "phimoe", "gpt_oss"])
 def test_compare_of_a_family_it_cannot_evaluate_is_one_line(sources, tmp_path, family, capsys):
-    """GraniteMoE's multipliers and PhiMoE's LayerNorm and head bias are outside compare's
+    """GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias and gpt-oss's biased fused
+    experts, sinks and sliding window are outside compare's
     layer-by-layer path: refused in one line rather than a wrong perplexity; quantize still
     writes the directory and says the report failed."""
     from model.errors import MixchatError

@@ -2,7 +2,7 @@
 byte range, and each MoE layer ends with one all_sum over the ranks.
 
 Mixtral (`mixtral.SparseMoE.shard`) sums the router-weighted outputs, [N, hidden]. A family on
-mlx-lm's definitions (model/families.py: Qwen-MoE, OLMoE, DeepSeek, GraniteMoE, PhiMoE) keeps
+mlx-lm's definitions (model/families.py: Qwen-MoE, OLMoE, DeepSeek, GraniteMoE, PhiMoE, gpt-oss) keeps
 mlx-lm's MoE block: its SwitchGLU becomes a `ShardedSwitchGLU` that computes this rank's
 experts and all_sums the [..., k, hidden] outputs (each slot exact on the rank holding it, zero
 on the others, so the sum is the one-process value), then the block weights and adds them as
@@ -130,6 +130,9 @@ _FAMILY_PER_EXPERT = re.compile(
 # Experts stacked under another name that mlx-lm's sanitize splits (GraniteMoE's [E, 2F, D]
 # input_linear, gate and up together, and [E, D, F] output_linear)
 _FAMILY_STACKED = re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.")
+# gpt-oss's published experts: a layer's in one [E, ...] tensor each, gate and up fused (float
+# [E, in, 2*out] and its bias, or MXFP4 blocks and scales), read by byte range as stacked ones
+_FAMILY_FUSED = re.compile(r"\.mlp\.experts\.(?:gate_up_proj|down_proj)(?:_blocks|_scales|_bias)?$")
 
 
 def _family_share(weights: dict[str, mx.array], lo: int, hi: int) -> dict[str, mx.array]:
@@ -204,7 +207,7 @@ def _take_family_share(checkpoint, weights: dict[str, mx.array], model, world: W
             "the experts in memory: use --memory-budget none, or a budget the share fits in"
         )
     found = [family_experts(layer) for layer in model.layers]
-    if checkpoint.args.model_type == "gpt_oss" or not any(found):  # gpt-oss: gate_up_proj fused
+    if not any(found):
         raise DistributedError(
             f"{checkpoint.args.model_type} models cannot be split by experts yet: run it on one "
             "machine"
@@ -213,7 +216,8 @@ def _take_family_share(checkpoint, weights: dict[str, mx.array], model, world: W
     # mlx-community directory) read by byte range
     share = _family_share(weights, lo, hi)
     for file in checkpoint.files:
-        specs = {k: s for k, s in read_safetensors_header(file).items() if is_expert_tensor(k)}
+        specs = {k: s for k, s in read_safetensors_header(file).items()
+                 if is_expert_tensor(k) or _FAMILY_FUSED.search(k)}  # fmt: skip
         if specs:
             share.update(read_expert_blocks(file, specs, lo, hi))
     shard = ExpertShard(lo, hi, world.group)

@@ -29,7 +29,7 @@ from ..errors import MixchatError
 from ..experts import Projection, RowGroups, matmul
 from ..mixtral import create_attention_mask
 from ..mlx_lm_parts import SwitchLinear
-from ..offload.module import OffloadedExperts, _projections
+from ..offload.module import OffloadedExperts, _as_float, _projections
 from ..offload.wiring import moe_layers, runtime_of
 from .data import Row
 from .train import Trainer, pad
@@ -56,8 +56,9 @@ class StreamedLoRAExperts(OffloadedExperts):
         self.up_proj = _placeholder(num_experts, ffn, hidden)
         self.down_proj = _placeholder(num_experts, hidden, ffn)
 
-    def _project(self, x: mx.array, p: Projection, name: str, e: int) -> mx.array:
-        """x [n, 1, in] through expert e's projection `name` (+ its LoRA) -> [n, 1, out]."""
+    def _project(self, x: mx.array, p: Projection, name: str, e: int, bias=None) -> mx.array:
+        """x [n, 1, in] through expert e's projection `name` (+ its bias, gpt-oss's, and its
+        LoRA, as mlx-lm's LoRASwitchLinear adds them) -> [n, 1, out]."""
         out_features = p.weight.shape[-2]
         in_features = x.shape[-1]
         if blas.applies(x.shape[0], out_features, in_features, p.weight.dtype):
@@ -66,6 +67,8 @@ class StreamedLoRAExperts(OffloadedExperts):
                             p.mode)  # fmt: skip
         else:
             y = matmul(x, p, mx.zeros((x.shape[0],), dtype=mx.uint32), sorted_inds=True)
+        if bias is not None:
+            y = y + _as_float(bias).astype(y.dtype)
         lora = self[name]
         if "lora_a" in lora:
             z = (lora.dropout(x) @ lora.lora_a[e].T) @ lora.lora_b[e].T
@@ -92,11 +95,16 @@ class StreamedLoRAExperts(OffloadedExperts):
         for j, e in enumerate(groups.experts):
             w = _projections(cached[e], specs)
             r = rows[groups.bounds[j] : groups.bounds[j + 1]]
-            gate = self._project(r, w["gate_proj"], "gate_proj", e)
-            up = self._project(r, w["up_proj"], "up_proj", e)
-            # Mixtral's SwiGLU, or the family SwitchGLU's own activation(up, gate)
+
+            def project(h: mx.array, name: str, e=e, w=w) -> mx.array:
+                arrays = cached[e][name]  # (weight, scales, biases[, the projection's bias])
+                return self._project(h, w[name], name, e, arrays[3] if len(arrays) > 3 else None)
+
+            gate, up = project(r, "gate_proj"), project(r, "up_proj")
+            # Mixtral's SwiGLU, or the family SwitchGLU's own activation(up, gate) (gpt-oss's
+            # clamped SwiGLU)
             h = nn.silu(gate) * up if self._activation is None else self._activation(up, gate)
-            parts.append(self._project(h, w["down_proj"], "down_proj", e))
+            parts.append(project(h, "down_proj"))
         y = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         return groups.unsort(y, N, k).reshape(*lead, k, -1)
 
@@ -145,9 +153,6 @@ def _prepare_family(model: nn.Module, runtime) -> bool:
     from ..offload.wiring import _experts_of
 
     args = model.args
-    if args.model_type == "gpt_oss":  # biased experts: not in the streamed LoRA's products
-        raise MixchatError("training gpt_oss models with experts streamed is not available: "
-                           "use a --memory-budget the model fits in")  # fmt: skip
     shapes = parameter_shapes(args)
     for i in moe_layers(model):
         owner, attr, path = _experts_of(model.layers[i])
@@ -159,13 +164,19 @@ def _prepare_family(model: nn.Module, runtime) -> bool:
     return True
 
 
-def _mask(model: nn.Module, h: mx.array):
-    """The causal mask of a whole sequence h [B, T, hidden] (Mixtral's, or mlx-lm's)."""
+def _masks(model: nn.Module, h: mx.array) -> list:
+    """Each layer's causal mask over a whole sequence h [B, T, hidden] (Mixtral's, or
+    mlx-lm's: gpt-oss's sliding layers limited to its window, as its model masks them)."""
     if model.args.is_family:
         from ..mlx_lm_parts import create_attention_mask as mlx_lm_mask
 
-        return mlx_lm_mask(h, None)
-    return create_attention_mask(h, None, window_size=model.args.sliding_window)
+        inner = model.model
+        kinds = getattr(inner, "layer_types", None) or [None] * len(model.layers)
+        window = getattr(inner, "window_size", None)
+        return [mlx_lm_mask(h, None, window_size=window if kind == "sliding_attention" else None)
+                for kind in kinds[: len(model.layers)]]  # fmt: skip
+    mask = create_attention_mask(h, None, window_size=model.args.sliding_window)
+    return [mask] * len(model.layers)
 
 
 def _call_layer(model: nn.Module, layer: nn.Module, h: mx.array, mask) -> mx.array:
@@ -188,18 +199,18 @@ class StreamedTrainer(Trainer):
     """`Trainer` with the loss and gradients computed layer by layer (checkpointing at layer
     boundaries), for a model whose experts stream; the optimizer, data and saves are the same."""
 
-    def _forward(self, inputs: mx.array) -> tuple[list[mx.array], mx.array, object]:
-        """Each layer's input (evaluated, layer by layer), the last layer's output, the mask."""
+    def _forward(self, inputs: mx.array) -> tuple[list[mx.array], mx.array, list]:
+        """Each layer's input (evaluated, layer by layer), the last layer's output, the masks."""
         model = self.model
         h = model.model.embed_tokens(inputs)
-        mask = _mask(model, h)
+        masks = _masks(model, h)
         saved = []
-        for layer in model.layers:
+        for layer, mask in zip(model.layers, masks, strict=True):
             saved.append(h)
             h = _call_layer(model, layer, h, mask)
             mx.eval(h)
             _give_back()
-        return saved, h, mask
+        return saved, h, masks
 
     def _head(self, targets: mx.array, mask: mx.array):
         model = self.model
@@ -216,7 +227,7 @@ class StreamedTrainer(Trainer):
         ntoks = weights.sum()
         if ntoks.item() == 0:  # nothing to learn: train_step leaves the weights as they are
             return mx.array(float("nan")), ntoks, {}
-        saved, h, mask = self._forward(inputs)
+        saved, h, masks = self._forward(inputs)
         loss, dh = mx.value_and_grad(self._head(targets, weights))(h)
         mx.eval(loss, dh)
         flat: dict[str, mx.array] = {}
@@ -228,7 +239,7 @@ class StreamedTrainer(Trainer):
         for i in range(len(layers) - 1, first - 1, -1):
             layer = layers[i]
             params = layer.trainable_parameters()
-            fn = _layer_fn(self.model, layer, mask, dh)
+            fn = _layer_fn(self.model, layer, masks[i], dh)
             if i == first:  # no layer below learns: the input's gradient is not needed
                 grads = mx.grad(fn, argnums=0)(params, saved[i])
                 dx = None

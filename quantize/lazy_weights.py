@@ -140,7 +140,7 @@ def open_weights(spec: str, dtype: str | None = None) -> tuple[Weights, Any]:
     from .sources import open_source
 
     path = resolve(spec)
-    if path.is_dir() and not _is_quantized_dir(path):
+    if path.is_dir() and not _is_quantized_dir(path) and _quantizes(path):
         source = open_source(path)
         return SourceWeights(source, dtype), load_tokenizer(path)
     checkpoint = locate(path)
@@ -148,6 +148,20 @@ def open_weights(spec: str, dtype: str | None = None) -> tuple[Weights, Any]:
         checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
     )
     return CheckpointWeights(checkpoint, dtype), tokenizer
+
+
+def _quantizes(path: Path) -> bool:
+    """False for a float checkpoint `mixchat quantize` does not convert (gpt_oss): read as the
+    loader reads it."""
+    import json
+
+    from model.config import FAMILY_TYPES, QUANTIZE_TYPES
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return True  # open_source gives the one-line error
+    return model_type not in FAMILY_TYPES or model_type in QUANTIZE_TYPES
 
 
 def _is_quantized_dir(path: Path) -> bool:

@@ -26,10 +26,12 @@ def as_compute(
         q = predicate(full, sub)
         if not isinstance(q, dict):
             raise CheckpointError(f"{full} has quantization scales but cannot be quantized")
-        biases = weights.get(f"{full}.biases")
+        biases, scales = weights.get(f"{full}.biases"), weights[f"{full}.scales"]
+        if mx.issubdtype(scales.dtype, mx.floating):  # not mxfp4's E8M0 exponents (uint8)
+            scales = scales.astype(dtype)
         out[f"{full}.weight"] = mx.dequantize(
             weights[f"{full}.weight"],
-            weights[f"{full}.scales"].astype(dtype),
+            scales,
             None if biases is None else biases.astype(dtype),
             group_size=q["group_size"],
             bits=q["bits"],

@@ -77,3 +77,49 @@ def test_compare_runs_the_familys_own_ends(sources, tmp_path, family, capsys):
     for name, value in expected.items():  # a small KL's float32 rounding: its 2%
         rel = 2e-2 if name == "kl_divergence" else 1e-3
         assert getattr(quantized, name) == pytest.approx(value, rel=rel), name
+
+
+@pytest.fixture(scope="module")
+def gptoss(tmp_path_factory):
+    """tests/test_family_gptoss.py's checkpoints (float, MXFP4 as published, transformers'
+    float reading of the MXFP4 one) and mlx_lm.convert's: the MXFP4 experts kept (`mxfp4`
+    mode), and everything in 4-bit affine groups."""
+    import mlx_lm
+
+    from tests.test_family_gptoss import build_gptoss
+
+    root = tmp_path_factory.mktemp("gptoss-compare")
+    dirs = build_gptoss(root)
+    mlx_lm.convert(str(dirs["mxfp4"]), str(root / "mlx_mxfp4"))
+    mlx_lm.convert(str(dirs["mxfp4"]), str(root / "f"), dequantize=True)
+    mlx_lm.convert(str(root / "f"), str(root / "4bit"), quantize=True, q_bits=4, q_group_size=32)
+    return {**dirs, "mlx_mxfp4": root / "mlx_mxfp4", "4bit": root / "4bit"}
+
+
+def test_compare_runs_gpt_oss_as_published_and_converted(gptoss):
+    """gpt-oss (sliding layers masked to their window of 4, attention sinks, biased experts,
+    YaRN): float and MXFP4 as published give transformers' perplexity; mlx_lm.convert's MXFP4
+    directory holds the same weights (KL 0); its 4-bit affine one gives the engine's numbers."""
+    import torch
+
+    from quantize.compare import compare_models
+    from quantize.report import text_ids
+    from tests.test_families import transformers_model
+
+    ids = text_ids(Engine.load(str(gptoss["float"])).tokenizer, TEXT, 32)
+    assert len(ids) > 2 * 4  # past the sliding window
+    for form, reference in (("float", "float"), ("mxfp4", "reference")):
+        itself = compare_models(str(gptoss[form]), str(gptoss[form]), TEXT, max_tokens=32)
+        with torch.no_grad():
+            logits = transformers_model(gptoss[reference])(torch.tensor([ids])).logits[0, :-1]
+        nll = -torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), ids[1:]]
+        assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+    converted = compare_models(str(gptoss["mxfp4"]), str(gptoss["mlx_mxfp4"]), TEXT, 32)
+    assert converted.kl_divergence == pytest.approx(0, abs=1e-6)
+    assert converted.top1_agreement == 1 and converted.router_agreement == 1
+    quantized = compare_models(str(gptoss["float"]), str(gptoss["4bit"]), TEXT, max_tokens=32)
+    assert quantized.kl_divergence > 1e-4 and 0 < quantized.router_agreement < 1
+    expected = _engine_statistics(str(gptoss["float"]), str(gptoss["4bit"]), ids)
+    for name, value in expected.items():
+        rel = 2e-2 if name == "kl_divergence" else 1e-3
+        assert getattr(quantized, name) == pytest.approx(value, rel=rel), name

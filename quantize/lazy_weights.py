@@ -101,7 +101,10 @@ class CheckpointWeights(Weights):
         from model.gguf import load_tensor
 
         base, part = name.rsplit(".", 1)
-        tensor, _ = self.checkpoint.gguf_names[f"{base}.weight"]
+        if part in ("scales", "biases"):  # converted parts of a quantized weight
+            tensor, _ = self.checkpoint.gguf_names[f"{base}.weight"]
+        else:  # a tensor of its own: a weight, or a bias (PhiMoE's)
+            tensor, part = self.checkpoint.gguf_names[name][0], "weight"
         array = load_tensor(self.checkpoint.gguf_file, tensor)[part]
         if array.dtype == np.uint16:  # BF16 bit patterns
             return mx.array(array).view(mx.bfloat16)

@@ -10,7 +10,8 @@ logits of the two models never exist whole. Memory: one layer of one model (one 
 each model's LM head as stored, the hidden states of both, and one [T, slice] block of logits.
 
 Each layer runs through the model's own modules (model.mixtral: Block's attention, norms and
-dense MLP, the router of its SparseMoE, Experts holding one expert at a time). Weights come in
+dense MLP, the router of its SparseMoE, Experts holding one expert at a time; the MoE families:
+mlx-lm's own layers and ends, quantize/family_eval.py). Weights come in
 through quantize/lazy_weights.py (float checkpoints as `mixchat quantize` reads them, quantized
 directories and GGUF files as mixchat's loader reads them). Quantized tensors are dequantized
 into the compute dtype (float32 on the CPU) module by module, which gives the numbers of the
@@ -26,85 +27,23 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 
 from model import blas
-from model.config import ModelArgs
 from model.errors import CheckpointError, MixchatError
 from model.mixtral import Block, Experts, create_attention_mask
 from model.names import experts_module
 from model.router import route
-from model.weights import _quantization_predicate
 
+from . import family_eval
 from .lazy_weights import Weights
+from .module_weights import as_compute as _as_compute
+from .module_weights import load_module as _load
 
 # Logits are computed in [T, rows] blocks of at most this many elements (16 MB in float32).
 SLICE_ELEMENTS = 1 << 22
 
 
 # ----------------------------------------------------------------------------- modules
-
-
-def _as_compute(
-    weights: dict[str, mx.array], module: nn.Module, prefix: str, args: ModelArgs, dtype: mx.Dtype
-) -> dict[str, mx.array]:
-    """`weights` (full names) for `module` rooted at `prefix`, with quantized matrices
-    dequantized and every floating tensor in `dtype` (still lazy)."""
-    predicate = _quantization_predicate(args, weights)
-    out: dict[str, mx.array] = {}
-    for rel, sub in module.named_modules():
-        full = ".".join(p for p in (prefix, rel) if p)
-        if f"{full}.scales" not in weights:
-            continue
-        q = predicate(full, sub)
-        if not isinstance(q, dict):
-            raise CheckpointError(f"{full} has quantization scales but cannot be quantized")
-        biases = weights.get(f"{full}.biases")
-        out[f"{full}.weight"] = mx.dequantize(
-            weights[f"{full}.weight"],
-            weights[f"{full}.scales"].astype(dtype),
-            None if biases is None else biases.astype(dtype),
-            group_size=q["group_size"],
-            bits=q["bits"],
-            mode=q.get("mode", "affine"),
-        )
-    for name, w in weights.items():
-        if name in out or (
-            name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in out
-        ):
-            continue
-        out[name] = w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
-    return out
-
-
-def _load(
-    module: nn.Module, prefix: str, weights: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype
-) -> nn.Module:
-    """Fill `module` (rooted at `prefix`) from `weights`, checking names and shapes; evaluated."""
-    ready = _as_compute(weights, module, prefix, args, dtype)
-    weights.clear()
-    strip = len(prefix) + 1 if prefix else 0
-    expected = dict(tree_flatten(module.parameters()))
-    for rel, param in expected.items():
-        full = ".".join(p for p in (prefix, rel) if p)
-        if full not in ready:
-            raise CheckpointError(
-                f"checkpoint lacks tensor {full} (expected shape {tuple(param.shape)})"
-            )
-        if tuple(ready[full].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"tensor {full} has shape {tuple(ready[full].shape)}, but the config implies "
-                f"{tuple(param.shape)}"
-            )
-    unexpected = sorted(n for n in ready if n[strip:] not in expected)
-    if unexpected:
-        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}")
-    module.update(tree_unflatten([(n[strip:], w) for n, w in ready.items()]))
-    try:
-        mx.eval(module.parameters())
-    except Exception as e:
-        raise CheckpointError(f"cannot read weights of {prefix or 'the model'}: {e}") from None
-    return module
 
 
 def _rows(w: Weights, prefix: str, rows: slice | mx.array, in_dims: int) -> mx.array:
@@ -117,29 +56,33 @@ def _rows(w: Weights, prefix: str, rows: slice | mx.array, in_dims: int) -> mx.a
 
 
 class _Head:
-    """A model's LM head kept as stored (quantized or half), dequantized one slice at a time."""
+    """A model's LM head kept as stored (quantized or half), dequantized one slice at a time;
+    its bias added (PhiMoE) and the logits divided by `scale` (GraniteMoE's logits_scaling)."""
 
-    def __init__(self, w: Weights):
+    def __init__(self, w: Weights, scale: float = 1.0):
         args = w.args
         self.prefix = "model.embed_tokens" if args.tie_word_embeddings else "lm_head"
         self.tensors = w.take(self.prefix)
         if f"{self.prefix}.weight" not in self.tensors:
             raise CheckpointError(f"checkpoint lacks tensor {self.prefix}.weight")
         mx.eval(self.tensors)
-        self.w = w
+        self.w, self.scale = w, scale
 
     def logits(self, h: mx.array, a: int, b: int) -> mx.array:
         """h [N, hidden] -> logits [N, b - a] for vocabulary entries a..b-1 (float32)."""
         table = {n: t[a:b] for n, t in self.tensors.items()}
         like = nn.Linear(self.w.args.hidden_size, b - a, bias=False)
-        weight = _as_compute(table, like, self.prefix, self.w.args, self.w.dtype)[
-            f"{self.prefix}.weight"
-        ]
+        ready = _as_compute(table, like, self.prefix, self.w.args, self.w.dtype)
+        weight, bias = ready[f"{self.prefix}.weight"], ready.get(f"{self.prefix}.bias")
         if weight.shape != (b - a, self.w.args.hidden_size):
             raise CheckpointError(f"tensor {self.prefix}.weight has the wrong shape")
         if blas.applies(h.shape[0], *weight.shape, weight.dtype):  # CPU: numpy's BLAS
-            return blas.linear(h.astype(mx.float32), weight)
-        return (h @ weight.T).astype(mx.float32)
+            out = blas.linear(h.astype(mx.float32), weight)
+        else:
+            out = (h @ weight.T).astype(mx.float32)
+        if bias is not None:
+            out = out + bias.astype(mx.float32)
+        return out / self.scale if self.scale != 1.0 else out
 
 
 # ----------------------------------------------------------------------------- running
@@ -156,8 +99,8 @@ def run_layer(
     """h [1, T, hidden] through layer i of `w` -> (new h, expert choices [T, k] or None): the
     model's own Block (model.mixtral), its experts read and applied one at a time."""
     args = w.args
-    if args.is_family:
-        return _run_family_layer(w, i, h, mask, step)
+    if args.is_family:  # mlx-lm's own layer, masked as mlx-lm's model masks it
+        return family_eval.run_family_layer(w, i, h, step)
     prefix = f"model.layers.{i}"
     block = Block(args)
     if args.is_moe:
@@ -177,78 +120,6 @@ def run_layer(
     y = _experts_one_at_a_time(w, i, x, choices, step)  # [T, k, hidden]
     # The router-weighted sum of each token's experts, as model.mixtral.SparseMoE adds them.
     return h + (y * gates[..., None]).sum(axis=-2)[None], choices
-
-
-def _run_family_layer(
-    w: Weights, i: int, h: mx.array, mask: Any, step: Callable[[], None] | None = None
-) -> tuple[mx.array, np.ndarray | None]:
-    """A family's layer i is mlx-lm's own decoder layer (model.families), its experts applied
-    stacked (not one at a time), its router's top-k recorded as the engine records them."""
-    from model.families import mlx_lm_model
-    from model.names import family_source_name
-    from model.router import top_experts
-
-    args = w.args
-    prefix = f"model.layers.{i}"
-    layer = mlx_lm_model(args).model.layers[i]
-    weights = _family_weights(w, prefix, layer, family_source_name)
-    if args.model_type == "deepseek_v3":  # routing as the engine runs it (transformers')
-        from model.families import _published_group_masking
-
-        weights = _published_group_masking(weights)
-    _load(layer, prefix, weights, args, w.dtype)
-    mlp = layer.get("mlp") if isinstance(layer, dict) else getattr(layer, "mlp", None)
-    choices: list[mx.array] = []
-    if mlp is not None and "gate" in mlp and "switch_mlp" in mlp:
-        gate = mlp.gate
-
-        class _Recorded(type(gate)):  # the router, recording its top-k
-            def __call__(self, x: mx.array) -> mx.array:
-                logits = super().__call__(x)  # or DeepSeek's (chosen experts, weights)
-                top = logits[0] if isinstance(logits, tuple) else None
-                choices.append(top_experts(logits, args.num_experts_per_tok) if top is None else top)
-                return logits
-
-        gate.__class__ = _Recorded
-    if isinstance(mask, str):  # an array, as mlx-lm's MLA attention (DeepSeek) needs
-        from mlx_lm.models.base import create_causal_mask
-
-        mask = create_causal_mask(h.shape[1])
-    out = layer(h, mask, None)
-    mx.eval(out, *choices)
-    for _ in range(args.num_local_experts):
-        if step:
-            step()
-    if not choices:
-        return out, None
-    return out, np.array(choices[0]).reshape(-1, args.num_experts_per_tok)
-
-
-def _family_weights(w: Weights, prefix: str, layer: nn.Module, source_name) -> dict:
-    """Layer `prefix`'s tensors with its experts stacked [E, out, in] under mlx-lm's names
-    (from a quantized directory as stored; from a published checkpoint, expert by expert)."""
-    weights = {n: a for n, a in w.take(prefix).items() if ".mlp.experts." not in n}
-    targets = getattr(w, "targets", None)  # a float source, as `mixchat quantize` reads it
-    for rel, _ in tree_flatten(layer.parameters()):
-        name = f"{prefix}.{rel}"
-        template, stacked = source_name(w.args.model_type, name)
-        if name in weights:
-            continue
-        if targets is not None and name.removesuffix(".weight") in targets:
-            weights[name] = targets[name.removesuffix(".weight")].load()
-            continue
-        if not stacked:
-            continue
-        for part in ("weight", "scales", "biases"):
-            base, one = name.removesuffix(".weight"), template.removesuffix(".weight")
-            if f"{base}.{part}" in w.names:
-                weights[f"{base}.{part}"] = w._read(f"{base}.{part}")
-            elif f"{one}.{part}".replace("{e}", "0") in w.names:
-                experts = range(w.args.num_local_experts)
-                weights[f"{base}.{part}"] = mx.stack(
-                    [w._read(f"{one}.{part}".replace("{e}", str(e))) for e in experts]
-                )
-    return weights
 
 
 def _experts_one_at_a_time(
@@ -363,10 +234,6 @@ def evaluate(
         raise MixchatError("the evaluation text needs at least 2 tokens")
     if max(ids) >= args.vocab_size or min(ids) < 0:
         raise MixchatError(f"token id {max(ids)} is outside the vocabulary of {args.vocab_size}")
-    # GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias, gpt-oss's fused (or MXFP4)
-    # biased experts, sinks and sliding window are not on this path
-    if args.model_type in ("granitemoe", "phimoe", "gpt_oss"):
-        raise MixchatError(f"mixchat compare does not evaluate {args.model_type} models yet")
     per_layer = 1 + (args.num_local_experts if args.is_moe else 0)
     total = 2 * (2 + args.num_hidden_layers * per_layer)
 
@@ -374,10 +241,13 @@ def evaluate(
         return lambda: progress(what, total) if progress else None
 
     models = (reference, candidate)
+    scales = [family_eval.scales(w) for w in models]  # embedding's multiplier, logits' divisor
     tokens = mx.array(ids)
     hidden = []
-    for w in models:
+    for w, (embedding_scale, _) in zip(models, scales):
         h = _rows(w, "model.embed_tokens", tokens, args.hidden_size)[None]  # [1, T, hidden]
+        if embedding_scale != 1.0:
+            h = h * embedding_scale
         mx.eval(h)
         hidden.append(h)
         step("embedding")()
@@ -402,15 +272,8 @@ def evaluate(
     targets = np.asarray(ids[1:])
     normed, heads = [], []
     for k, w in enumerate(models):
-        norm = _load(
-            nn.RMSNorm(args.hidden_size, eps=w.args.rms_norm_eps),
-            "model.norm",
-            w.take("model.norm"),
-            w.args,
-            w.dtype,
-        )
-        normed.append(norm(hidden[k][0, :n]))
-        heads.append(_Head(w))
+        normed.append(family_eval.final_norm(w)(hidden[k][0, :n]))  # the model's own norm
+        heads.append(_Head(w, scales[k][1]))
         mx.eval(normed[-1])
     hidden.clear()
 

@@ -101,7 +101,10 @@ class CheckpointWeights(Weights):
         from model.gguf import load_tensor
 
         base, part = name.rsplit(".", 1)
-        tensor, _ = self.checkpoint.gguf_names[f"{base}.weight"]
+        if part in ("scales", "biases"):  # converted parts of a quantized weight
+            tensor, _ = self.checkpoint.gguf_names[f"{base}.weight"]
+        else:  # a tensor of its own: a weight, or a bias (PhiMoE's)
+            tensor, part = self.checkpoint.gguf_names[name][0], "weight"
         array = load_tensor(self.checkpoint.gguf_file, tensor)[part]
         if array.dtype == np.uint16:  # BF16 bit patterns
             return mx.array(array).view(mx.bfloat16)
@@ -140,7 +143,7 @@ def open_weights(spec: str, dtype: str | None = None) -> tuple[Weights, Any]:
     from .sources import open_source
 
     path = resolve(spec)
-    if path.is_dir() and not _is_quantized_dir(path):
+    if path.is_dir() and not _is_quantized_dir(path) and _quantizes(path):
         source = open_source(path)
         return SourceWeights(source, dtype), load_tokenizer(path)
     checkpoint = locate(path)
@@ -148,6 +151,20 @@ def open_weights(spec: str, dtype: str | None = None) -> tuple[Weights, Any]:
         checkpoint.gguf_metadata if checkpoint.format == "gguf" else checkpoint.path
     )
     return CheckpointWeights(checkpoint, dtype), tokenizer
+
+
+def _quantizes(path: Path) -> bool:
+    """False for a float checkpoint `mixchat quantize` does not convert (gpt_oss): read as the
+    loader reads it."""
+    import json
+
+    from model.config import FAMILY_TYPES, QUANTIZE_TYPES
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return True  # open_source gives the one-line error
+    return model_type not in FAMILY_TYPES or model_type in QUANTIZE_TYPES
 
 
 def _is_quantized_dir(path: Path) -> bool:

@@ -177,6 +177,18 @@ def test_gguf_with_llama_cpp_names_gives_transformers_logits(rounded, tmp_path, 
     again = Engine.load(str(directory))
     assert again.info.architecture == family
     np.testing.assert_array_equal(np.array(again.model(mx.array([ids]))), logits)
+    # `mixchat compare FILE.gguf DIR`: the file read layer by layer (PhiMoE's biases and
+    # LayerNorms too) gives the engine's numbers, and its directory the same model
+    from quantize.compare import compare_models
+    from quantize.report import text_ids
+    from tests.test_family_tools_more import COMPARE_TEXT, _engine_statistics
+
+    same = compare_models(str(path), str(directory), COMPARE_TEXT, max_tokens=32)
+    assert same.kl_divergence == pytest.approx(0, abs=1e-6) and same.top1_agreement == 1
+    ids = text_ids(engine.tokenizer, COMPARE_TEXT, 32)
+    expected = _engine_statistics(str(path), str(directory), ids)
+    for name in ("perplexity_reference", "perplexity_candidate", "router_agreement"):
+        assert getattr(same, name) == pytest.approx(expected[name], rel=1e-3), name
 
 
 def test_phimoe_gguf_past_the_original_context_runs_as_its_directory(rounded, tmp_path):

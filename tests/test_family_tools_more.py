@@ -1,17 +1,21 @@
-"""`mixchat quantize` for the families added last (gpt_oss float and MXFP4 as published,
-deepseek_v3, deepseek_v2, granitemoe, phimoe), on the tiny checkpoints of their own tests
-(tests/test_family_gptoss.py, test_family_deepseek.py, test_family_more.py). The reference is
-mlx-lm's own conversion (`mlx_lm.convert -q`) and generation (`stream_generate`)."""
+"""`mixchat quantize` and `mixchat compare` for the families added last (gpt_oss float and
+MXFP4 as published, deepseek_v3, deepseek_v2, granitemoe, phimoe), on the tiny checkpoints of
+their own tests (tests/test_family_gptoss.py, test_family_deepseek.py, test_family_more.py).
+The reference is mlx-lm's own conversion (`mlx_lm.convert -q`) and generation
+(`stream_generate`); compare's, transformers' perplexity and the engine's whole-model numbers."""
 
 from __future__ import annotations
 
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from model import Engine
 from tests.test_families import PROMPT, TOKENS, _reply
+
+COMPARE_TEXT = "The quick brown fox jumps over the lazy dog. " * 3
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,8 @@ def sources(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("family-tools-more")
     gptoss = build_gptoss(root / "gpt_oss")
-    dirs = {"gpt_oss": gptoss["float"], "gpt_oss_mxfp4": gptoss["mxfp4"]}
+    dirs = {"gpt_oss": gptoss["float"], "gpt_oss_mxfp4": gptoss["mxfp4"],
+            "gpt_oss_reference": gptoss["reference"]}  # fmt: skip
     for family, (prefix, extra) in DEEPSEEK.items():
         dirs[family] = build_checkpoint(
             root / family, prefix, {**MLA, **extra}, fix=deepseek_config
@@ -213,20 +218,94 @@ def test_compare_and_the_evaluation_after_quantize_run_the_family(sources, tmp_p
     assert quantized.kl_divergence > 1e-4 and quantized.router_agreement < 1
 
 
-@pytest.mark.parametrize("family", ["granitemoe", "phimoe", "gpt_oss"])
-def test_compare_of_a_family_it_cannot_evaluate_is_one_line(sources, tmp_path, family, capsys):
-    """GraniteMoE's multipliers, PhiMoE's LayerNorm and head bias and gpt-oss's biased fused
-    experts, sinks and sliding window are outside compare's
-    layer-by-layer path: refused in one line rather than a wrong perplexity; quantize still
-    writes the directory and says the report failed."""
-    from model.errors import MixchatError
+def _engine_statistics(reference: str, candidate: str, ids: list[int]) -> dict:
+    """compare's statistics from the two models loaded whole and run by the engine."""
+    log_probs, routes = [], []
+    for path in (reference, candidate):
+        model = Engine.load(path).model
+        model.routing = []
+        logits = model(mx.array([ids])).astype(mx.float32)[0, :-1]
+        log_probs.append(np.array(logits - mx.logsumexp(logits, -1, keepdims=True), np.float64))
+        routes.append([np.sort(np.array(r).reshape(len(ids), -1), -1) for r in model.routing])
+    targets = np.array(ids[1:])
+    p, q = log_probs
+    same = sum(int(np.all(a == b, -1).sum()) for a, b in zip(*routes))
+    return dict(
+        perplexity_reference=float(np.exp(-p[np.arange(len(targets)), targets].mean())),
+        perplexity_candidate=float(np.exp(-q[np.arange(len(targets)), targets].mean())),
+        kl_divergence=float((np.exp(p) * (p - q)).sum(-1).mean()),
+        top1_agreement=float((p.argmax(-1) == q.argmax(-1)).mean()),
+        router_agreement=same / (len(ids) * len(routes[0])),
+    )
+
+
+@pytest.mark.parametrize("family", ["granitemoe", "phimoe"])
+def test_compare_runs_the_familys_own_ends(sources, tmp_path, family, capsys):
+    """granitemoe and phimoe run the model's own ends around mlx-lm's layers (GraniteMoE's
+    embedding multiplier and logits_scaling, PhiMoE's LayerNorm final norm and lm_head bias):
+    the reference perplexity is transformers'; quantize's quality report runs; a 4-bit copy's
+    numbers (perplexities, KL, top-1, router agreement) are the engine's whole-model ones."""
+    import torch
+
     from quantize.cli import main
     from quantize.compare import compare_models
+    from quantize.report import text_ids
+    from tests.test_families import transformers_model
 
     src = str(sources[family])
-    with pytest.raises(MixchatError, match=f"does not evaluate {family}"):
-        compare_models(src, src, "The quick brown fox jumps over the lazy dog.", max_tokens=16)
+    itself = compare_models(src, src, COMPARE_TEXT, max_tokens=32)
+    assert itself.kl_divergence == pytest.approx(0, abs=1e-6)
+    assert itself.top1_agreement == 1 and itself.router_agreement == 1
+    ids = text_ids(Engine.load(src).tokenizer, COMPARE_TEXT, 32)
+    with torch.no_grad():
+        logits = transformers_model(src)(torch.tensor([ids])).logits[0, :-1].double()
+    nll = -torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+
     out = tmp_path / "q"
-    assert main(["quantize", src, str(out), "--quiet"]) == 0 and (out / "config.json").exists()
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"does not evaluate {family}" in err
+    assert main(["quantize", src, str(out), "--quiet"]) == 0  # evaluated against the source
+    assert "quality report failed" not in capsys.readouterr().err
+    quantized = compare_models(src, str(out), COMPARE_TEXT, max_tokens=32)
+    assert np.isfinite(quantized.perplexity_candidate) and quantized.kl_divergence > 1e-4
+    assert 0 < quantized.router_agreement < 1
+    expected = _engine_statistics(src, str(out), ids)
+    for name, value in expected.items():  # a small KL's float32 rounding: its 2%
+        rel = 2e-2 if name == "kl_divergence" else 1e-3
+        assert getattr(quantized, name) == pytest.approx(value, rel=rel), name
+
+
+def test_compare_runs_gpt_oss_as_published_and_converted(sources, tmp_path):
+    """gpt-oss (sliding layers masked to their window of 4, attention sinks, biased experts,
+    YaRN): float and MXFP4 as published give transformers' perplexity; mlx_lm.convert's MXFP4
+    directory holds the same weights (KL 0); its 4-bit affine one gives the engine's numbers."""
+    import mlx_lm
+    import torch
+
+    from quantize.compare import compare_models
+    from quantize.report import text_ids
+    from tests.test_families import transformers_model
+
+    gptoss = {"float": sources["gpt_oss"], "mxfp4": sources["gpt_oss_mxfp4"],
+              "reference": sources["gpt_oss_reference"]}  # fmt: skip
+    for kind, extra in (("mlx_mxfp4", {}), ("f", dict(dequantize=True))):
+        mlx_lm.convert(str(gptoss["mxfp4"]), str(tmp_path / kind), **extra)
+    mlx_lm.convert(str(tmp_path / "f"), str(tmp_path / "4bit"), quantize=True, q_bits=4,
+                   q_group_size=32)  # fmt: skip
+    gptoss.update(mlx_mxfp4=tmp_path / "mlx_mxfp4", **{"4bit": tmp_path / "4bit"})
+    ids = text_ids(Engine.load(str(gptoss["float"])).tokenizer, COMPARE_TEXT, 32)
+    assert len(ids) > 2 * 4  # past the sliding window
+    for form, reference in (("float", "float"), ("mxfp4", "reference")):
+        itself = compare_models(str(gptoss[form]), str(gptoss[form]), COMPARE_TEXT, 32)
+        with torch.no_grad():
+            logits = transformers_model(gptoss[reference])(torch.tensor([ids])).logits[0, :-1]
+        nll = -torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), ids[1:]]
+        assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+    converted = compare_models(str(gptoss["mxfp4"]), str(gptoss["mlx_mxfp4"]), COMPARE_TEXT, 32)
+    assert converted.kl_divergence == pytest.approx(0, abs=1e-6)
+    assert converted.top1_agreement == 1 and converted.router_agreement == 1
+    quantized = compare_models(str(gptoss["float"]), str(gptoss["4bit"]), COMPARE_TEXT, 32)
+    assert quantized.kl_divergence > 1e-4 and 0 < quantized.router_agreement < 1
+    expected = _engine_statistics(str(gptoss["float"]), str(gptoss["4bit"]), ids)
+    for name, value in expected.items():
+        rel = 2e-2 if name == "kl_divergence" else 1e-3
+        assert getattr(quantized, name) == pytest.approx(value, rel=rel), name

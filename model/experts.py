@@ -133,11 +133,9 @@ def _swiglu_by_expert(x: mx.array, w: ExpertWeights, inds: mx.array,
 
 
 def _expert(p: Projection, e: int) -> tuple:
-    """matmul_t's arguments for expert e of a stacked projection."""
-    def one(a: mx.array | None) -> mx.array | None:
-        return None if a is None else a[e]
-
-    return one(p.weight), one(p.scales), one(p.biases), p.group_size, p.bits, p.mode
+    """matmul_t's arguments for expert e of a stacked projection (numpy views where numpy
+    dequantizes it: no MLX array is made, which a training step would keep: blas.host)."""
+    return blas.stacked_parts(p.weight, p.scales, p.biases, p.group_size, p.bits, p.mode, e)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 `apply_lora` wraps, in the last `num_layers` layers, every linear module (attention, the
 router, the dense MLP) in mlx-lm's LoRALinear and every stacked expert projection in its
 LoRASwitchLinear (one A/B pair per expert: lora_a [E, r, in], lora_b [E, out, r]), exactly as
-`mlx_lm.tuner.utils.linear_to_lora_layers` does (it is what runs). mixtral.Experts computes
+`mlx_lm.tuner.utils.linear_to_lora_layers` does (its loop, mirrored below without its
+imports; mlx-lm's LoRA layers themselves are what runs). mixtral.Experts computes
 through the wrapped modules when they are there. The base weights (float, MLX 4-bit or
 GGUF-converted) stay frozen: only lora_a and lora_b train (QLoRA on quantized weights).
 

@@ -86,15 +86,46 @@ def one_blas_thread() -> bool:
     return False
 
 
-def _widened(a: mx.array | None) -> mx.array | None:
-    """Half-precision scales/biases as float32 (exact): the dequantized block is float32."""
-    return a.astype(mx.float32) if a is not None and a.dtype in (mx.float16, mx.bfloat16) else a
+def host(a: mx.array | np.ndarray | None) -> np.ndarray | None:
+    """`a` as a numpy array without making an MLX array: an evaluated MLX array's own buffer
+    (no copy); bfloat16, which numpy lacks, widened to float32 in numpy (exact).
+
+    Inside a training step's VJP (an MLX transform) every MLX array made and evaluated stays
+    alive until the transform ends, inputs included: a slice `weight[e]` or a widened copy of
+    the scales, made per product, kept ~2.3 MB per expert projection of the 790M benchmark
+    model, forward and backward: 0.9 GB of a 2 x 24-token step (BENCHMARKS.md, "Fine-tuning").
+    So weights are sliced and widened here, in numpy, where temporaries are freed at once."""
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    if a.dtype == mx.bfloat16:
+        bits = np.asarray(a.view(mx.uint16)).astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32)
+    return np.asarray(a)
+
+
+def numpy_route(bits: int | None, mode: str, biases: object) -> bool:
+    """Whether a weight of this kind is dequantized in numpy (`_dequantize`): float weights and
+    affine 2/4/8-bit blocks with biases; other formats go through mx.dequantize."""
+    return bits is None or (mode == "affine" and 32 % bits == 0 and biases is not None)
+
+
+def stacked_parts(weight: mx.array, scales: mx.array | None, biases: mx.array | None,
+                  group_size: int, bits: int | None, mode: str, e: int) -> Parts:  # fmt: skip
+    """matmul_t's arguments for expert e of stacked weights [E, out, ...]: numpy views where
+    numpy dequantizes them (no MLX array made: see `host`), else MLX slices."""
+    if numpy_route(bits, mode, biases):
+        def one(a):
+            return None if a is None else host(a)[e]
+    else:
+        def one(a):
+            return None if a is None else a[e]
+    return one(weight), one(scales), one(biases), group_size, bits, mode
 
 
 def _blocks(
-    weight: mx.array,
-    scales: mx.array | None = None,
-    biases: mx.array | None = None,
+    weight: mx.array | np.ndarray,
+    scales: mx.array | np.ndarray | None = None,
+    biases: mx.array | np.ndarray | None = None,
     group_size: int = 64,
     bits: int | None = None,
     mode: str = "affine",
@@ -102,16 +133,18 @@ def _blocks(
     """(a, e, W[a:e] as float32 [e - a, in]) over the weight's output rows."""
     one_blas_thread()
     if bits is None:
-        yield 0, weight.shape[0], np.asarray(weight)
+        yield 0, weight.shape[0], host(weight)
         return
     out_features, in_features = weight.shape[0], _in_features(weight, bits=bits)
     step = max(1, BLOCK_ELEMENTS // in_features)
-    scales, biases = _widened(scales), _widened(biases)
+    if numpy_route(bits, mode, biases):
+        weight, scales, biases = host(weight), host(scales), host(biases)
+        for a in range(0, out_features, step):
+            e = min(a + step, out_features)
+            yield a, e, _dequantize(weight[a:e], scales[a:e], biases[a:e], group_size, bits)
+        return
     for a in range(0, out_features, step):
         e = min(a + step, out_features)
-        if mode == "affine" and 32 % bits == 0 and biases is not None:
-            yield a, e, _dequantize(weight[a:e], scales[a:e], biases[a:e], group_size, bits)
-            continue
         block = mx.dequantize(
             weight[a:e], scales[a:e], None if biases is None else biases[a:e],
             group_size=group_size, bits=bits, mode=mode,
@@ -119,20 +152,19 @@ def _blocks(
         yield a, e, np.asarray(block.astype(mx.float32))
 
 
-def _dequantize(weight: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+def _dequantize(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
                 bits: int) -> np.ndarray:
     """mx.dequantize's affine result (scale * q + bias, float32, bit for bit) computed in numpy.
     Inside a training step's VJP (an MLX transform) the blocks MLX dequantizes stay alive until
     the transform ends: a layer's backward held every float32 expert projection it read, ~4 GB
     for a full-size Mixtral layer (benchmarks/bench_tune_layer.py). numpy's are freed at once,
     at the same speed."""
-    w = np.asarray(weight)
     shifts = np.arange(0, 32, bits, dtype=np.uint32)
-    q = ((w[..., None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.float32)
-    q = q.reshape(w.shape[0], -1, group_size)
-    q *= np.asarray(scales.astype(mx.float32))[..., None]
-    q += np.asarray(biases.astype(mx.float32))[..., None]
-    return q.reshape(w.shape[0], -1)
+    q = ((weight[..., None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.float32)
+    q = q.reshape(weight.shape[0], -1, group_size)
+    q *= scales.astype(np.float32, copy=False)[..., None]
+    q += biases.astype(np.float32, copy=False)[..., None]
+    return q.reshape(weight.shape[0], -1)
 
 
 def matmul_t(

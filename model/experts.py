@@ -133,11 +133,9 @@ def _swiglu_by_expert(x: mx.array, w: ExpertWeights, inds: mx.array,
 
 
 def _expert(p: Projection, e: int) -> tuple:
-    """matmul_t's arguments for expert e of a stacked projection."""
-    def one(a: mx.array | None) -> mx.array | None:
-        return None if a is None else a[e]
-
-    return one(p.weight), one(p.scales), one(p.biases), p.group_size, p.bits, p.mode
+    """matmul_t's arguments for expert e of a stacked projection (numpy views where numpy
+    dequantizes it: no MLX array is made, which a training step would keep: blas.host)."""
+    return blas.stacked_parts(p.weight, p.scales, p.biases, p.group_size, p.bits, p.mode, e)
 
 
 @dataclass
@@ -176,17 +174,25 @@ def lora_swiglu_by_expert(rows: mx.array, modules: dict[str, nn.Module], groups:
 
     On the CPU this is what training costs: MLX's gather kernels dequantize an expert's
     weights again for every row, forward and backward. Here each expert's base products are
-    model/blas.py ops (its weights dequantized once, d(input) through BLAS too), and the
-    low-rank A/B products, small, stay in MLX, differentiable in the LoRA weights. Experts with
-    one row or a few together go through the gather kernels (rows sorted by expert)."""
+    model/blas.py ops (its weights dequantized once, d(input) through BLAS too). Without
+    dropout, on float32 or affine 2/4/8-bit weights, the layer's experts are one numpy op with
+    its VJP written out (`numpy_lora_swiglu`: what it keeps is a few arrays per expert, not
+    MLX's graph); otherwise the low-rank A/B products stay in MLX, differentiable in the LoRA
+    weights. Experts with one row or a few together go through the gather kernels (rows sorted
+    by expert)."""
     base = {name: Projection.of(modules[name].linear) for name in PROJECTIONS}
     ffn = modules["gate_proj"].linear.weight.shape[-2]
     # What autograd would keep of every expert until the layer's backward ends: ~22 [rows, FFN]
     # float32 arrays a row. Past BOUNDED_BACKWARD_BYTES (a long sequence), each expert is
-    # differentiated on its own (its forward recomputed: ~30% slower); below, the plain graph.
+    # differentiated on its own (its forward recomputed: ~30% slower; in numpy_lora_swiglu,
+    # the gate and up products only); below, the plain graph (numpy's: 2 [rows, FFN] a row).
     bounded = 22 * rows.shape[0] * ffn * 4 > BOUNDED_BACKWARD_BYTES
-    parts, few = [], []
-    for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:]):
+    spans = [(e, a, b) for e, a, b in zip(groups.experts, groups.bounds[:-1], groups.bounds[1:])]
+    many = [(e, a, b) for e, a, b in spans if b - a >= blas.MIN_ROWS_SMALL]
+    in_numpy = many and numpy_lora_applies(modules, base)
+    y_many = numpy_lora_swiglu(rows, modules, base, many, bounded) if in_numpy else None
+    parts, few, offset = [], [], 0
+    for e, a, b in spans:
         if b - a < blas.MIN_ROWS_SMALL:
             few.append((a, b))
             continue
@@ -195,13 +201,97 @@ def lora_swiglu_by_expert(rows: mx.array, modules: dict[str, nn.Module], groups:
             few = []
 
         weights = {n: _expert(base[n], e) for n in base}
-        if bounded:
+        if y_many is not None:
+            parts.append(y_many[offset : offset + b - a])
+            offset += b - a
+        elif bounded:
             parts.append(_one_expert(rows[a:b], modules, weights, e))
         else:
             parts.append(_plain_expert(rows[a:b], modules, weights, e))
     if few:
         parts.append(_lora_gathered(rows, modules, inds, few))
     return mx.concatenate(parts, axis=0)
+
+
+def numpy_lora_applies(modules: dict[str, nn.Module], base: dict[str, Projection]) -> bool:
+    """Whether `numpy_lora_swiglu` computes these LoRA experts: no dropout (mlx-lm's default)
+    and base weights numpy dequantizes (float32, affine 2/4/8-bit)."""
+    return all(
+        getattr(modules[n].dropout, "_p_1", 0) == 1
+        and blas.numpy_route(base[n].bits, base[n].mode, base[n].biases)
+        and base[n].weight.dtype in (mx.float32, mx.uint32)
+        for n in PROJECTIONS
+    )  # fmt: skip
+
+
+def numpy_lora_swiglu(rows: mx.array, modules: dict[str, nn.Module], base: dict[str, Projection],
+                      spans: list[tuple[int, int, int]], recompute: bool = False) -> mx.array:  # fmt: skip
+    """The LoRA swiglu of rows[a:b] through expert e for each (e, a, b) of `spans`, concatenated
+    ([sum of b - a, hidden]): one MLX op for the layer, computed in numpy (base products through
+    BLAS), with its VJP written out: d(rows) and the gradients of the six stacked lora_a/lora_b.
+
+    MLX's autograd of the same graph kept ~22 [rows, FFN] float32 arrays a row and, inside the
+    training step's transform, every array evaluated on the way (each product's input, the
+    LoRA slices, their gradients' full-size scatters) until the step ended: 0.6 GB above the
+    model on the 790M benchmark's 2 x 24 tokens. This keeps, per expert, its gate and up
+    outputs [rows, FFN] and the rank-sized LoRA products (`recompute`: those products only, the
+    gate and up outputs computed again in the backward), in numpy, freed with the op."""
+    loras = [a for n in PROJECTIONS for a in (modules[n].lora_a, modules[n].lora_b)]
+    scale = [float(modules[n].scale) for n in PROJECTIONS]
+    weights = {e: [_expert(base[n], e) for n in PROJECTIONS] for e, _, _ in spans}
+    saved: dict[int, tuple] = {}
+
+    def project(i: int, e: int, x: np.ndarray, ab: tuple) -> tuple[np.ndarray, np.ndarray]:
+        z = x @ ab[2 * i][e].T  # [n, r]
+        y = blas.matmul_t(x, *weights[e][i])
+        y += (z @ ab[2 * i + 1][e].T) * scale[i]
+        return y, z
+
+    def forward(xs: np.ndarray, *ab: np.ndarray) -> np.ndarray:
+        out = []
+        for e, a, b in spans:
+            g, zg = project(0, e, xs[a:b], ab)
+            u, zu = project(1, e, xs[a:b], ab)
+            y, zd = project(2, e, blas.silu(g) * u, ab)
+            saved[e] = (None, None, zg, zu, zd) if recompute else (g, u, zg, zu, zd)
+            out.append(y)
+        return np.concatenate(out)
+
+    def project_back(i: int, e: int, x: np.ndarray, z: np.ndarray, dy: np.ndarray,
+                     ab: tuple, grads: list) -> np.ndarray:  # fmt: skip
+        """d(x) of project(i, e, x); adds d(lora_a[e]) and d(lora_b[e]) into grads."""
+        sdy = dy * scale[i]
+        grads[2 * i + 1][e] += sdy.T @ z
+        dz = sdy @ ab[2 * i + 1][e]
+        grads[2 * i][e] += dz.T @ x
+        dx = blas.matmul(dy, *weights[e][i])
+        dx += dz @ ab[2 * i][e]
+        return dx
+
+    def backward(xs: np.ndarray, *ab_dy: np.ndarray) -> tuple[np.ndarray, ...]:
+        *ab, dys = ab_dy
+        dxs, grads = np.zeros_like(xs), [np.zeros_like(t) for t in ab]
+        offset = 0
+        for e, a, b in spans:
+            x, dy = xs[a:b], dys[offset : offset + b - a]
+            offset += b - a
+            g, u, zg, zu, zd = saved.pop(e)
+            if g is None:
+                g = blas.matmul_t(x, *weights[e][0]) + (zg @ ab[1][e].T) * scale[0]
+                u = blas.matmul_t(x, *weights[e][1]) + (zu @ ab[3][e].T) * scale[1]
+            with np.errstate(over="ignore"):
+                sig = 1.0 / (1.0 + np.exp(-g))
+            silu = g * sig
+            dh = project_back(2, e, silu * u, zd, dy, ab, grads)
+            du = dh * silu
+            dh *= u
+            dh *= sig * (1.0 + g * (1.0 - sig))  # d(gate output)
+            dx = project_back(0, e, x, zg, dh, ab, grads)
+            dx += project_back(1, e, x, zu, du, ab, grads)
+            dxs[a:b] = dx
+        return (dxs, *grads)
+
+    return blas.through_numpy(forward, backward, rows, *loras)
 
 
 def _plain_expert(xe: mx.array, modules: dict[str, nn.Module], parts: dict[str, tuple],

@@ -26,18 +26,33 @@ def _import_parts(parts: tuple[str, ...] = PARTS) -> None:
     spec = importlib.util.find_spec("mlx_lm")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
         return  # the imports below raise the ordinary ModuleNotFoundError
-    stand_in = types.ModuleType("mlx_lm", "stand-in package while mixchat imports mlx-lm parts")
-    stand_in.__path__ = list(spec.submodule_search_locations)
-    sys.modules["mlx_lm"] = stand_in
+    # mlx_lm.tuner's __init__ imports its trainer and datasets, and with them transformers
+    # and torch (~0.3 GB of a training process's memory): a stand-in too, for its LoRA layers.
+    stand_ins = {"mlx_lm": list(spec.submodule_search_locations)}
+    if any(part.startswith("tuner.") for part in parts) and "mlx_lm.tuner" not in sys.modules:
+        stand_ins["mlx_lm.tuner"] = [f"{p}/tuner" for p in spec.submodule_search_locations]
+    made = {}
+    for name, path in stand_ins.items():
+        made[name] = types.ModuleType(name, "stand-in package while mixchat imports mlx-lm parts")
+        made[name].__path__ = path
+        sys.modules[name] = made[name]
     try:
         for part in parts:
             importlib.import_module(f"mlx_lm.{part}")
     finally:
-        if sys.modules.get("mlx_lm") is stand_in:
-            del sys.modules["mlx_lm"]
+        for name, stand_in in made.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
 
 
 _import_parts()
+
+
+def tuner_lora() -> types.ModuleType:
+    """mlx_lm.tuner.lora (LoRALinear, LoRASwitchLinear, LoRAEmbedding), imported without
+    mlx-lm's package `__init__` and without mlx_lm.tuner's (which import transformers)."""
+    _import_parts(("tuner.lora",))
+    return sys.modules["mlx_lm.tuner.lora"]
 
 
 def model_module(model_type: str) -> types.ModuleType:

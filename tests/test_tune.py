@@ -385,3 +385,20 @@ def test_a_crash_loses_at_most_one_save_interval(tiny_mixtral, tokenizer, tmp_pa
     resumed.run(resume=True)
     a, b = adapter_weights(straight.model), adapter_weights(resumed.model)
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_lora_layers_do_not_import_transformers_or_torch(tiny_mixtral):
+    """apply_lora uses mlx-lm's LoRA layers without mlx_lm.tuner.utils, whose imports
+    (transformers, torch) were ~0.3 GB of a training process's memory (BENCHMARKS.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from model import load; from model.tune.lora import apply_lora, "
+            f"lora_config; m, _ = load({str(tiny_mixtral)!r}, memory_budget='none'); "
+            "before = {n.split('.')[0] for n in sys.modules}; apply_lora(m, lora_config(m, -1, 4)); "
+            "new = {n.split('.')[0] for n in sys.modules} - before; "
+            "print(sorted(new & {'torch', 'transformers'}), 'lora_a' in m.layers[0].block_sparse_moe.switch_mlp.gate_proj)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[] True"

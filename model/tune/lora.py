@@ -3,7 +3,8 @@
 `apply_lora` wraps, in the last `num_layers` layers, every linear module (attention, the
 router, the dense MLP) in mlx-lm's LoRALinear and every stacked expert projection in its
 LoRASwitchLinear (one A/B pair per expert: lora_a [E, r, in], lora_b [E, out, r]), exactly as
-`mlx_lm.tuner.utils.linear_to_lora_layers` does (it is what runs). mixtral.Experts computes
+`mlx_lm.tuner.utils.linear_to_lora_layers` does (its loop, mirrored below without its
+imports; mlx-lm's LoRA layers themselves are what runs). mixtral.Experts computes
 through the wrapped modules when they are there. The base weights (float, MLX 4-bit or
 GGUF-converted) stay frozen: only lora_a and lora_b train (QLoRA on quantized weights).
 
@@ -62,8 +63,6 @@ def lora_config(model: nn.Module, num_layers: int, rank: int, scale: float = DEF
 def apply_lora(model: nn.Module, config: dict) -> None:
     """Freeze the model and wrap the modules `config` names in mlx-lm's LoRA layers (their
     lora_a drawn from MLX's random generator: seed it first for a reproducible start)."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     check_resident(model)
     if config.get("fine_tune_type", "lora") != "lora":
         raise MixchatError(f"adapter type {config.get('fine_tune_type')!r} is not supported")
@@ -71,6 +70,46 @@ def apply_lora(model: nn.Module, config: dict) -> None:
     parameters = dict(config["lora_parameters"])
     parameters.setdefault("dropout", DEFAULT_DROPOUT)
     linear_to_lora_layers(model, config["num_layers"], parameters)
+
+
+def linear_to_lora_layers(model: nn.Module, num_layers: int, config: dict) -> None:
+    """mlx_lm.tuner.utils.linear_to_lora_layers for LoRA (not DoRA), with its layers and in its
+    order (the same random draws): importing mlx_lm.tuner.utils imports transformers and torch,
+    ~0.3 GB of a training process's memory that mlx-lm's LoRA layers do not need."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from ..mlx_lm_parts import tuner_lora
+
+    lora = tuner_lora()
+    if "scale" not in config:
+        raise MixchatError("the adapter's lora_parameters have no 'scale'")
+
+    def to_lora(layer: nn.Module) -> nn.Module:
+        if hasattr(layer, "to_lora"):
+            return layer.to_lora(r=config["rank"], scale=config["scale"],
+                                 dropout=config["dropout"])  # fmt: skip
+        if isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+            kind = lora.LoRALinear
+        elif isinstance(layer, (SwitchLinear, QuantizedSwitchLinear)):
+            kind = lora.LoRASwitchLinear
+        elif isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
+            kind = lora.LoRAEmbedding
+        else:
+            raise ValueError(f"Can't convert layer of type {type(layer).__name__} to LoRA")
+        return kind.from_base(layer, r=config["rank"], scale=config["scale"],
+                              dropout=config["dropout"])  # fmt: skip
+
+    keys = config.get("keys")
+    if keys is None:
+        kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear,
+                 nn.Embedding, nn.QuantizedEmbedding)  # fmt: skip
+        keys = {path for layer in model.layers for path, m in layer.named_modules()
+                if hasattr(m, "to_lora") or isinstance(m, kinds)}  # fmt: skip
+    for layer in model.layers[-max(num_layers, 0) :]:
+        if wrapped := [(k, to_lora(m)) for k, m in layer.named_modules() if k in keys]:
+            layer.update_modules(tree_unflatten(wrapped))
+    if wrapped := [(k, to_lora(m)) for k, m in model.named_modules() if k in keys]:
+        model.update_modules(tree_unflatten(wrapped))
 
 
 def check_resident(model: nn.Module) -> None:

@@ -62,9 +62,8 @@ class StreamedLoRAExperts(OffloadedExperts):
         out_features = p.weight.shape[-2]
         in_features = x.shape[-1]
         if blas.applies(x.shape[0], out_features, in_features, p.weight.dtype):
-            y = blas.linear(x, p.weight[0], None if p.scales is None else p.scales[0],
-                            None if p.biases is None else p.biases[0], p.group_size, p.bits,
-                            p.mode)  # fmt: skip
+            y = blas.linear(x, *blas.stacked_parts(p.weight, p.scales, p.biases, p.group_size,
+                                                   p.bits, p.mode, 0))  # fmt: skip
         else:
             y = matmul(x, p, mx.zeros((x.shape[0],), dtype=mx.uint32), sorted_inds=True)
         if bias is not None:

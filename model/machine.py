@@ -1,6 +1,7 @@
-"""This machine, measured: memory size, memory and disk bandwidth, and the speed of a model's own
-kernels on its own shapes. Measurements are kept in the data directory (`machine.json`), so
-`mixchat info` measures once per machine, disk and model shape (`--remeasure` to redo them).
+"""This machine, measured: memory size, memory and disk bandwidth, and `DecodeTiming`, the
+speed of a model's own kernels on its own shapes (timed by model/kernel_timing.py).
+Measurements are kept in the data directory (`machine.json`), so `mixchat info` measures once
+per machine, disk and model shape (`--remeasure` to redo them; the disk's last few are kept).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 A decode step costs
     compute: the model's own kernels on its own shapes, timed on this machine
-             (`machine.decode_timing`), or the memory bound if that is slower;
+             (`kernel_timing.decode_timing`): each layer's resident part, plus, when experts
+             stream, k routed experts per MoE layer at the cost the streamed decode pays for
+             each (one by one from the cache); or the memory bound if that is slower;
   + disk:    experts the cache misses, read at the measured disk bandwidth
              (misses per token = MoE layers x top-k x (1 - expected hit rate)),
 since a streamed layer must know its routing before it can read. The expected hit rate comes
@@ -14,14 +16,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .machine import (
-    Bandwidth,
-    DecodeTiming,
-    MeasurementCache,
-    decode_timing,
-    disk_bandwidth,
-    memory_bandwidth,
-)
+from .kernel_timing import decode_timing
+from .machine import Bandwidth, DecodeTiming, MeasurementCache, disk_bandwidth, memory_bandwidth
 from .memory_plan import (
     MemoryPlan,
     auto_budget,
@@ -81,7 +77,8 @@ def predict(plan: MemoryPlan, budget: int | None, timing: DecodeTiming, disk_bw:
     disk_bytes = experts_per_token * plan.expert_disk_bytes * (1.0 - hit)
     disk_seconds = disk_bytes / disk_bw if disk_bytes > 0 and disk_bw else 0.0
     memory_seconds = mem_bytes / memory_bw if memory_bw else 0.0
-    step = max(timing.step_seconds, memory_seconds) + disk_seconds
+    compute_seconds = timing.compute_seconds(plan.moe_layers)
+    step = max(compute_seconds, memory_seconds) + disk_seconds
     return Prediction(
         budget=budget,
         fits=fits,
@@ -90,7 +87,7 @@ def predict(plan: MemoryPlan, budget: int | None, timing: DecodeTiming, disk_bw:
         expected_hit_rate=hit,
         memory_bytes_per_token=mem_bytes,
         disk_bytes_per_token=disk_bytes,
-        compute_seconds=timing.step_seconds,
+        compute_seconds=compute_seconds,
         memory_seconds=memory_seconds,
         disk_seconds=disk_seconds,
         tps=1.0 / step if feasible and step > 0 else 0.0,
@@ -202,7 +199,14 @@ class FitReport:
 
     def _why(self, p: Prediction) -> str:
         ms = 1000
-        compute = f"compute {p.compute_seconds * ms:.0f} ms/token ({self.timing.method})"
+        t = self.timing
+        compute = f"compute {p.compute_seconds * ms:.0f} ms/token"
+        if t.expert_seconds and self.plan.moe_layers:
+            routed = self.plan.moe_layers * t.experts_per_layer
+            compute += (f" = {t.layers} layers {t.layers * t.layer_seconds * ms:.0f} ms + {routed} "
+                        f"streamed experts x {t.expert_seconds * ms:.2f} ms + head "
+                        f"{t.head_seconds * ms:.0f} ms")  # fmt: skip
+        compute += f" ({t.method})"
         memory = (
             f"memory {format_bytes(p.memory_bytes_per_token)} per token at "
             f"{format_bytes(self.memory_bandwidth.bytes_per_second)}/s = "

@@ -216,8 +216,9 @@ def test_prediction_arithmetic_from_a_measured_kernel_rate(mixtral, monkeypatch)
 
 
 def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path, cli):
-    """The first `info` measures disk, memory and the model's own layer, and keeps them; the
-    second reads them back, and its prediction is the arithmetic on those figures."""
+    """The first `info` measures disk, memory and the model's own layer, and keeps them (the
+    second confirms the lone disk figure with a short second measurement); then they are read
+    back, and the prediction is the arithmetic on those figures."""
     env = {"MIXCHAT_HOME": str(tmp_path)}
     model = str(mixtral_790m)
     first = mixchat("info", model, "--memory-budget", "400MB", "--json", env=env)
@@ -225,6 +226,10 @@ def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path, c
     kept = json.loads((tmp_path / CACHE_FILE).read_text())
     assert any(k.startswith("disk:") for k in kept) and "memory" in kept
     assert any(k.startswith("decode:") for k in kept)
+    first = cli("info", model, "--memory-budget", "400MB", "--json", env=env)
+    disk = next(v for k, v in json.loads((tmp_path / CACHE_FILE).read_text()).items()
+                if k.startswith("disk:"))  # fmt: skip
+    assert len(disk["history"]) == 2
     result = cli("info", model, "--memory-budget", "400MB", "--json", env=env)
     memory, measured = json.loads(result.stdout)["memory"], json.loads(first.stdout)["memory"]
     assert "(measured 20" in memory.pop("disk_method") and measured.pop("disk_method")
@@ -238,7 +243,10 @@ def test_info_predicts_from_this_machines_measurements(mixtral_790m, tmp_path, c
     assert memory["budget"] == budget and not memory["fits"] and memory["feasible"]
     assert memory["minimum_budget"] == plan.minimum_budget
     assert memory["prediction"]["tps"] == pytest.approx(expected.tps)
-    assert timing.layers == 8 and timing.synced and timing.layer_seconds > 0
+    assert timing.layers == 8 and timing.synced and timing.step_seconds > 0
+    # streamed: each of the top-2 experts timed as OffloadedExperts applies it from the cache
+    assert timing.experts_per_layer == 2 and timing.expert_seconds > 0
+    assert timing.layer_seconds >= 0 and "one by one from the expert cache" in timing.method
     options = [o["option"] for o in memory["options"]]
     assert "mixchat quantize SRC DST --expert-bits 3" in options
     text = cli("info", model, "--memory-budget", "400MB", env=env).stdout.decode()

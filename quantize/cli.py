@@ -153,6 +153,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     settings.validate()
     source = open_source(args.src)
+    if source.quantization and args.expert_bits:  # never a flag silently ignored
+        raise MixchatError(
+            f"--expert-bits: the experts of {args.src} are "
+            f"{source.quantization['mode'].upper()} as published and are kept so; dequantize "
+            "the checkpoint first to choose their bits"
+        )
     try:
         result = convert(source, args.dst, settings, force=args.force, quiet=args.quiet)
     except KeyboardInterrupt:

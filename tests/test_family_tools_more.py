@@ -135,6 +135,17 @@ def test_quantized_gpt_oss_is_mlx_lms_conversion(sources, tmp_path, form):
     assert tokens == _mlx_lm_greedy(out, "gpt_oss")[: len(tokens)] and len(tokens) >= TOKENS - 1
 
 
+def test_expert_bits_on_published_mxfp4_experts_is_one_line(sources, tmp_path, capsys):
+    """MXFP4 experts are kept as published: --expert-bits would be ignored, so it is refused."""
+    from quantize.cli import main
+
+    out = tmp_path / "q"
+    args = ["quantize", str(sources["gpt_oss_mxfp4"]), str(out), "--no-eval", "--quiet"]
+    assert main([*args, "--expert-bits", "8"]) != 0 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--expert-bits" in err[0] and "MXFP4 as published" in err[0], err
+
+
 @pytest.mark.parametrize("arch", ["DBRX"])
 def test_gguf_of_a_family_not_read_is_one_line(tmp_path, arch, capsys):
     """A llama.cpp architecture mixchat does not read (DBRX): loading or quantizing its GGUF is

@@ -160,10 +160,11 @@ async def test_thinking_part_is_folded_and_the_answer_shown_plainly(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, app, "What is 2 + 2?")
         view = app.chat_screen.chat_log.message_views[-1]
+        words = len(REPLY.split("</think>")[0].split()) - 1  # less the <think> tag
+        folded = f"Thought for {words} words (click to show)"  # one line, once it is mounted
+        await wait_for(pilot, lambda: folded in screen_text(app), what="the folded thinking")
         text = screen_text(app)
         assert "The answer is 4." in text  # the answer, as Markdown
-        words = len(REPLY.split("</think>")[0].split()) - 1  # less the <think> tag
-        assert f"Thought for {words} words (click to show)" in text  # folded: one line
         assert "That makes four" not in text and "<think>" not in text
         assert view.content == REPLY  # nothing lost: copied, edited and stored as written
         stored = app.chat_screen.store.messages(app.chat_screen.conversation.id)

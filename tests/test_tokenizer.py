@@ -372,6 +372,21 @@ def test_bpe_metadata(bpe, gguf_metadata):
     assert bpe.tok.id_to_token(2) == "<|im_end|>"
 
 
+def test_gpt_4o_pre_tokenizer_splits_as_tiktokens_o200k(gguf_metadata, monkeypatch):
+    """A GGUF whose `tokenizer.ggml.pre` is llama.cpp's "gpt-4o" (OpenAI's o200k: gpt-oss) is
+    split as tiktoken's o200k_base pattern splits text (its pattern, read from tiktoken; the
+    vocabulary is SmolLM2's, only the pre-tokenizer is under test)."""
+    import regex
+    from tiktoken_ext import openai_public
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {})  # no download
+    pattern = regex.compile(openai_public.o200k_base()["pat_str"])
+    tok = load_tokenizer({**gguf_metadata, "tokenizer.ggml.pre": "gpt-4o"})
+    for text in TEXTS:
+        pieces = tok.tok.pre_tokenizer.pre_tokenize_str(text)
+        assert [text[a:b] for _, (a, b) in pieces] == pattern.findall(text), text
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_bpe_encode_matches_transformers(bpe, hf_gguf, hf_upstream, text):
     ids = bpe.encode(text)

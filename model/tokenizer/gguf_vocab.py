@@ -143,6 +143,13 @@ _GPT4O_SPLIT = "|".join([
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
     r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
 ])  # fmt: skip
+# DeepSeek-V3's three splits, applied in turn (its tokenizer.json's Sequence of Splits).
+_DEEPSEEK3_SPLITS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
 _PRE_SPLITS = {
     # digits one by one, then GPT-2's regex
     **dict.fromkeys(
@@ -152,6 +159,7 @@ _PRE_SPLITS = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe"], _LLAMA3_SPLIT),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
     "gpt-4o": _GPT4O_SPLIT,
+    "deepseek-v3": _DEEPSEEK3_SPLITS,
 }
 # Control tokens that end a turn in the chat formats we know (llama.cpp's end-of-generation list).
 _END_OF_TURN = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"}
@@ -191,12 +199,11 @@ def bpe_from_gguf(meta: dict) -> HFTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
         )
-    else:
+    else:  # one regex, or several applied in turn
+        splits = (split,) if isinstance(split, str) else split
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     tok.decoder = decoders.ByteLevel()
     control = [i for i, t in enumerate(types) if t == 3]

@@ -125,22 +125,29 @@ def _reply(engine, prompt: str = PROMPT, n: int = TOKENS) -> tuple[str, list[int
     return text, engine.cache_state()[1][len(ids) :]
 
 
-def assert_transformers_logits_and_greedy_text(path, family: str) -> None:
-    """mixchat's logits and greedy text on the checkpoint at `path` are transformers'; the
-    experts panel's counts: each of the 2 MoE layers routed each token to 2 of 8 experts."""
+def assert_engine_is_transformers(engine: Engine, reference) -> tuple[list, np.ndarray, list]:
+    """`engine`'s logits on PROMPT and its greedy text are transformers' on the checkpoint at
+    `reference`; returns the prompt's ids, mixchat's logits and its greedy tokens."""
     import torch
 
-    engine = Engine.load(str(path))
-    assert engine.info.architecture == family and engine.info.num_experts == 8
     ids = engine.prompt_ids(prompt=PROMPT)
     with torch.no_grad():
-        expected = transformers_model(path)(torch.tensor([ids])).logits.float().numpy()
+        expected = transformers_model(reference)(torch.tensor([ids])).logits.float().numpy()
     logits = np.array(engine.model(mx.array([ids])))
     np.testing.assert_allclose(logits, expected, atol=2e-4 * np.abs(expected).max())
     text, tokens = _reply(engine)
-    reference = transformers_greedy(path, ids, TOKENS)
-    assert tokens == reference[: len(tokens)] and len(tokens) >= TOKENS - 1
-    assert text == engine.tokenizer.decode(reference[: len(tokens) + 1])
+    greedy = transformers_greedy(reference, ids, TOKENS)
+    assert tokens == greedy[: len(tokens)] and len(tokens) >= TOKENS - 1
+    assert text == engine.tokenizer.decode(greedy[: len(tokens) + 1])
+    return ids, logits, tokens
+
+
+def assert_transformers_logits_and_greedy_text(path, family: str) -> None:
+    """mixchat's logits and greedy text on the checkpoint at `path` are transformers'; the
+    experts panel's counts: each of the 2 MoE layers routed each token to 2 of 8 experts."""
+    engine = Engine.load(str(path))
+    assert engine.info.architecture == family and engine.info.num_experts == 8
+    _, _, tokens = assert_engine_is_transformers(engine, path)
     assert engine.last_routing.shape == (2, 8)
     assert (engine.last_routing.sum(axis=1) == 2 * len(tokens) + 2).all()
 

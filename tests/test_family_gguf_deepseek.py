@@ -21,7 +21,13 @@ from mlx.utils import tree_flatten
 from model import Engine
 from tests.checkpoints import mistral_tokenizer_file
 from tests.gguf_files import sentencepiece_metadata
-from tests.test_families import PROMPT, TOKENS, _reply, transformers_greedy, transformers_model
+from tests.test_families import (
+    PROMPT,
+    TOKENS,
+    _reply,
+    assert_engine_is_transformers,
+    transformers_greedy,
+)
 from tests.test_family_deepseek import FAMILIES, MLA, build_checkpoint, deepseek_config
 
 CASES = [  # (family, layout, quantized type of the matrices whose rows allow it)
@@ -204,8 +210,6 @@ def reference_dir(path, src, state: dict, layout: str):
 @pytest.mark.parametrize(("family", "layout", "qtype"), CASES)
 def test_deepseek2_gguf_gives_transformers_logits_and_greedy_text(sources, tmp_path, family,
                                                                    layout, qtype):  # fmt: skip
-    import torch
-
     path = tmp_path / "model.gguf"
     state = write_gguf(path, sources[family], layout, qtype)
     reference = reference_dir(tmp_path / "reference", sources[family], state, layout)
@@ -213,15 +217,7 @@ def test_deepseek2_gguf_gives_transformers_logits_and_greedy_text(sources, tmp_p
     assert engine.info.architecture == family and engine.info.num_experts == 8
     quantized = [k for k, _ in tree_flatten(engine.model.parameters()) if k.endswith(".scales")]
     assert bool(quantized) == (qtype is not None)  # Q8_0 runs as MLX's 8-bit affine layers
-    ids = engine.prompt_ids(prompt=PROMPT)
-    with torch.no_grad():
-        expected = transformers_model(reference)(torch.tensor([ids])).logits.float().numpy()
-    logits = np.array(engine.model(mx.array([ids])))
-    np.testing.assert_allclose(logits, expected, atol=2e-4 * np.abs(expected).max())
-    text, tokens = _reply(engine)
-    greedy = transformers_greedy(reference, ids, TOKENS)
-    assert tokens == greedy[: len(tokens)] and len(tokens) >= TOKENS - 1
-    assert text == engine.tokenizer.decode(greedy[: len(tokens) + 1])
+    ids, logits, tokens = assert_engine_is_transformers(engine, reference)
     # `mixchat quantize FILE.gguf DIR`: an MLX directory in mlx-lm's names (kv_b_proj or
     # embed_q/unembed_out) that runs as the file does and that mlx-lm loads
     from mlx_lm.utils import load_model

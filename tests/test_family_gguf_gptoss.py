@@ -17,7 +17,12 @@ import pytest
 from model import Engine
 from tests.checkpoints import mistral_tokenizer_file
 from tests.gguf_files import sentencepiece_metadata
-from tests.test_families import PROMPT, TOKENS, _reply, transformers_greedy, transformers_model
+from tests.test_families import (
+    PROMPT,
+    TOKENS,
+    _reply,
+    assert_engine_is_transformers,
+)
 from tests.test_family_gptoss import CONFIG, HARMONY, HARMONY_TOKENS, build_gptoss
 
 
@@ -192,8 +197,6 @@ def test_the_fixtures_mxfp4_is_transformers_dequantization(sources, tmp_path):
 def test_gguf_with_llama_cpp_names_gives_transformers_logits(sources, tmp_path, kind):
     """Past the sliding window (4) and through YaRN: mixchat's logits and greedy tokens on the
     file are transformers' on the values it holds; MXFP4 experts stay MXFP4 (MLX's mode)."""
-    import torch
-
     path = tmp_path / f"gpt-oss-{kind}.gguf"
     write_gptoss_gguf(path, sources["mxfp4" if kind == "mxfp4" else "float"], kind == "mxfp4")
     reference = sources["reference" if kind == "mxfp4" else "rounded"]
@@ -205,16 +208,8 @@ def test_gguf_with_llama_cpp_names_gives_transformers_logits(sources, tmp_path, 
         experts = engine.model.layers[0].mlp.experts.up_proj
         assert experts.mode == "mxfp4" and experts.weight.dtype == mx.uint32
         assert "6 MXFP4" in info.tensor_types
-    ids = engine.prompt_ids(prompt=PROMPT)
+    ids, logits, tokens = assert_engine_is_transformers(engine, reference)
     assert len(ids) > 2 * CONFIG["sliding_window"]
-    with torch.no_grad():
-        expected = transformers_model(reference)(torch.tensor([ids])).logits.float().numpy()
-    logits = np.array(engine.model(mx.array([ids])))
-    np.testing.assert_allclose(logits, expected, atol=2e-4 * np.abs(expected).max())
-    text, tokens = _reply(engine)
-    greedy = transformers_greedy(reference, ids, TOKENS)
-    assert tokens == greedy[: len(tokens)] and len(tokens) >= TOKENS - 1
-    assert text == engine.tokenizer.decode(greedy[: len(tokens) + 1])
     # `mixchat quantize FILE.gguf DIR`: an MLX directory (MXFP4 experts as mxfp4 modules) that
     # runs as the file does
     from quantize.gguf_dir import convert_gguf

@@ -12,10 +12,15 @@ import threading
 import pytest
 
 from model import Engine, GenerationSettings
+from model.memory_plan import memory_plan
+from model.offload import runtime_of
+from model.weights import locate
 from tests.test_families import family_dirs  # noqa: F401 (session fixtures, built once)
+from tests.test_family_budget import family_4bit  # noqa: F401
 from tests.test_family_deepseek import deepseek_dirs  # noqa: F401
 from tests.test_family_gptoss import gptoss_dirs  # noqa: F401
 from tests.test_family_more import more_dirs  # noqa: F401
+from tests.test_offload import tiny_q4  # noqa: F401
 
 GREEDY = GenerationSettings(max_tokens=6, temperature=0.0)
 # Longer than the first prompt chunk: the prompt is read in several passes.
@@ -64,6 +69,23 @@ def test_a_model_loaded_in_one_thread_answers_in_others_as_in_one(request, fixtu
     path = str(path if family is None else path[family])
     expected = two_turns(Engine.load(path))
     assert two_turns(in_thread(lambda: Engine.load(path)), run=in_thread) == expected
+
+
+@pytest.mark.parametrize("fixture, family", [("tiny_q4", None), ("family_4bit", "qwen3_moe")])
+def test_experts_streamed_under_a_budget_answer_from_other_threads_too(request, fixture, family):
+    """The larger-than-memory path (its expert cache filled by the reply's thread, evicted and
+    read again), loaded in one thread and answering in others: as in one thread."""
+    path = request.getfixturevalue(fixture)
+    path = path if family is None else path[family]
+    plan = memory_plan(locate(path), 4, context=512)
+    budget = plan.minimum_budget + 3 * plan.expert_bytes  # fewer experts than a token uses
+
+    def load() -> Engine:
+        engine = Engine.load(str(path), memory_budget=budget, max_context=512)
+        assert runtime_of(engine.model) is not None  # the experts stream
+        return engine
+
+    assert two_turns(in_thread(load), run=in_thread) == two_turns(load())
 
 
 def test_unseeded_replies_in_separate_threads_draw_different_tokens(default_model_path):

@@ -201,27 +201,38 @@ def test_quantized_family_is_mlx_lms_conversion(sources, tmp_path, family):
     assert tokens == _mlx_lm_greedy(out)[: len(tokens)] and len(tokens) >= TOKENS - 1
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
-def test_compare_runs_the_family_layers(sources, tmp_path, family):
-    """`mixchat compare` runs a family's own (mlx-lm) layers: the reference's perplexity is
-    transformers' on the same tokens; a model against itself agrees everywhere; a 4-bit copy
-    (`mixchat quantize`) differs, its routers mostly agreeing."""
+def assert_compare_with_itself(src: str, text: str, reference=None):
+    """`compare` of a checkpoint with itself: KL 0, every top-1 and route agreeing, and its
+    perplexity transformers' on the same tokens (of `reference`: default, the checkpoint).
+    Returns the comparison and the tokens."""
     import torch
 
-    from quantize.cli import main
     from quantize.compare import compare_models
     from quantize.report import text_ids
 
-    src = str(sources[family])
-    text = "The quick brown fox jumps over the lazy dog. " * 3
     itself = compare_models(src, src, text, max_tokens=32)
     assert itself.kl_divergence == pytest.approx(0, abs=1e-6)
     assert itself.top1_agreement == 1 and itself.router_agreement == 1
     ids = text_ids(Engine.load(src).tokenizer, text, 32)
     with torch.no_grad():
-        logits = transformers_model(src)(torch.tensor([ids])).logits[0, :-1].double()
+        logits = transformers_model(reference or src)(torch.tensor([ids])).logits[0, :-1].double()
     nll = -torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+    return itself, ids
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_compare_runs_the_family_layers(sources, tmp_path, family):
+    """`mixchat compare` runs a family's own (mlx-lm) layers: the reference's perplexity is
+    transformers' on the same tokens; a model against itself agrees everywhere; a 4-bit copy
+    (`mixchat quantize`) differs, its routers mostly agreeing."""
+
+    from quantize.cli import main
+    from quantize.compare import compare_models
+
+    src = str(sources[family])
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    itself, _ = assert_compare_with_itself(src, text)
     out = tmp_path / "q"
     assert main(["quantize", src, str(out), "--no-eval", "--quiet"]) == 0
     quantized = compare_models(src, str(out), text, max_tokens=32)

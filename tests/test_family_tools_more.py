@@ -14,6 +14,7 @@ import pytest
 
 from model import Engine
 from tests.test_families import PROMPT, TOKENS, _reply
+from tests.test_family_tools import assert_compare_with_itself
 
 COMPARE_TEXT = "The quick brown fox jumps over the lazy dog. " * 3
 
@@ -206,27 +207,25 @@ def test_compare_and_the_evaluation_after_quantize_run_the_family(sources, tmp_p
     reference's perplexity is transformers' on the same tokens; a model against itself agrees
     (its routers too: DeepSeek's first, dense, layer is not counted; DeepSeek-V3's dropped
     groups masked as the engine masks them)."""
-    import torch
 
     from quantize.cli import main
     from quantize.compare import compare_models
-    from quantize.report import text_ids
-    from tests.test_families import transformers_model
 
     src = str(sources[family])
     text = "The quick brown fox jumps over the lazy dog. " * 3
-    itself = compare_models(src, src, text, max_tokens=32)
-    assert itself.kl_divergence == pytest.approx(0, abs=1e-6)
-    assert itself.top1_agreement == 1 and itself.router_agreement == 1
-    ids = text_ids(Engine.load(src).tokenizer, text, 32)
-    with torch.no_grad():
-        logits = transformers_model(src)(torch.tensor([ids])).logits[0, :-1].double()
-    nll = -torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-    assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+    assert_compare_with_itself(src, text)
     out = tmp_path / "q"
     assert main(["quantize", src, str(out), "--quiet"]) == 0  # evaluated against the source
     quantized = compare_models(src, str(out), text, max_tokens=32)
     assert quantized.kl_divergence > 1e-4 and quantized.router_agreement < 1
+
+
+def assert_statistics_are_the_engines(result, reference: str, candidate: str, ids: list[int]):
+    """compare's `result` equals the statistics of the two models run whole by the engine (a
+    small KL's float32 rounding: its 2%)."""
+    for name, value in _engine_statistics(reference, candidate, ids).items():
+        rel = 2e-2 if name == "kl_divergence" else 1e-3
+        assert getattr(result, name) == pytest.approx(value, rel=rel), name
 
 
 def _engine_statistics(reference: str, candidate: str, ids: list[int]) -> dict:
@@ -256,22 +255,12 @@ def test_compare_runs_the_familys_own_ends(sources, tmp_path, family, capsys):
     embedding multiplier and logits_scaling, PhiMoE's LayerNorm final norm and lm_head bias):
     the reference perplexity is transformers'; quantize's quality report runs; a 4-bit copy's
     numbers (perplexities, KL, top-1, router agreement) are the engine's whole-model ones."""
-    import torch
 
     from quantize.cli import main
     from quantize.compare import compare_models
-    from quantize.report import text_ids
-    from tests.test_families import transformers_model
 
     src = str(sources[family])
-    itself = compare_models(src, src, COMPARE_TEXT, max_tokens=32)
-    assert itself.kl_divergence == pytest.approx(0, abs=1e-6)
-    assert itself.top1_agreement == 1 and itself.router_agreement == 1
-    ids = text_ids(Engine.load(src).tokenizer, COMPARE_TEXT, 32)
-    with torch.no_grad():
-        logits = transformers_model(src)(torch.tensor([ids])).logits[0, :-1].double()
-    nll = -torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-    assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+    _, ids = assert_compare_with_itself(src, COMPARE_TEXT)
 
     out = tmp_path / "q"
     assert main(["quantize", src, str(out), "--quiet"]) == 0  # evaluated against the source
@@ -279,10 +268,7 @@ def test_compare_runs_the_familys_own_ends(sources, tmp_path, family, capsys):
     quantized = compare_models(src, str(out), COMPARE_TEXT, max_tokens=32)
     assert np.isfinite(quantized.perplexity_candidate) and quantized.kl_divergence > 1e-4
     assert 0 < quantized.router_agreement < 1
-    expected = _engine_statistics(src, str(out), ids)
-    for name, value in expected.items():  # a small KL's float32 rounding: its 2%
-        rel = 2e-2 if name == "kl_divergence" else 1e-3
-        assert getattr(quantized, name) == pytest.approx(value, rel=rel), name
+    assert_statistics_are_the_engines(quantized, src, str(out), ids)
 
 
 def test_compare_runs_gpt_oss_as_published_and_converted(sources, tmp_path):
@@ -290,11 +276,8 @@ def test_compare_runs_gpt_oss_as_published_and_converted(sources, tmp_path):
     YaRN): float and MXFP4 as published give transformers' perplexity; mlx_lm.convert's MXFP4
     directory holds the same weights (KL 0); its 4-bit affine one gives the engine's numbers."""
     import mlx_lm
-    import torch
 
     from quantize.compare import compare_models
-    from quantize.report import text_ids
-    from tests.test_families import transformers_model
 
     gptoss = {"float": sources["gpt_oss"], "mxfp4": sources["gpt_oss_mxfp4"],
               "reference": sources["gpt_oss_reference"]}  # fmt: skip
@@ -303,20 +286,12 @@ def test_compare_runs_gpt_oss_as_published_and_converted(sources, tmp_path):
     mlx_lm.convert(str(tmp_path / "f"), str(tmp_path / "4bit"), quantize=True, q_bits=4,
                    q_group_size=32)  # fmt: skip
     gptoss.update(mlx_mxfp4=tmp_path / "mlx_mxfp4", **{"4bit": tmp_path / "4bit"})
-    ids = text_ids(Engine.load(str(gptoss["float"])).tokenizer, COMPARE_TEXT, 32)
-    assert len(ids) > 2 * 4  # past the sliding window
     for form, reference in (("float", "float"), ("mxfp4", "reference")):
-        itself = compare_models(str(gptoss[form]), str(gptoss[form]), COMPARE_TEXT, 32)
-        with torch.no_grad():
-            logits = transformers_model(gptoss[reference])(torch.tensor([ids])).logits[0, :-1]
-        nll = -torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), ids[1:]]
-        assert itself.perplexity_reference == pytest.approx(float(nll.mean().exp()), rel=1e-3)
+        _, ids = assert_compare_with_itself(str(gptoss[form]), COMPARE_TEXT, gptoss[reference])
+    assert len(ids) > 2 * 4  # past the sliding window
     converted = compare_models(str(gptoss["mxfp4"]), str(gptoss["mlx_mxfp4"]), COMPARE_TEXT, 32)
     assert converted.kl_divergence == pytest.approx(0, abs=1e-6)
     assert converted.top1_agreement == 1 and converted.router_agreement == 1
     quantized = compare_models(str(gptoss["float"]), str(gptoss["4bit"]), COMPARE_TEXT, 32)
     assert quantized.kl_divergence > 1e-4 and 0 < quantized.router_agreement < 1
-    expected = _engine_statistics(str(gptoss["float"]), str(gptoss["4bit"]), ids)
-    for name, value in expected.items():
-        rel = 2e-2 if name == "kl_divergence" else 1e-3
-        assert getattr(quantized, name) == pytest.approx(value, rel=rel), name
+    assert_statistics_are_the_engines(quantized, str(gptoss["float"]), str(gptoss["4bit"]), ids)
